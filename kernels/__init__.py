@@ -1,0 +1,1 @@
+"""Fused kernels (Triton on CUDA, chunked torch on CPU). Imported as optsys.kernels."""
