@@ -1,0 +1,124 @@
+"""Built-in synthetic tasks with verifiable answers.
+
+Each task makes problems (prompt, answer) for a fixed split and emits them as SFT rows, preference
+pairs (correct vs wrong answer) or RL prompts, and checks a completion. Splits are fixed by a hash
+of the problem itself, so the held-out set never leaks into training whatever the seed or size.
+`difficulty` is the number of digits (arithmetic) or the list length (sorting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+
+
+def _split_of(prompt: str) -> str:
+    """1 problem in 8 is held out, decided by the problem text alone."""
+    h = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=4).digest(), "little")
+    return "test" if h % 8 == 0 else "train"
+
+
+def _addition(rng: random.Random, difficulty: int) -> Problem:
+    hi = 10**difficulty
+    a, b = rng.randrange(hi), rng.randrange(hi)
+    return Problem(f"{a}+{b}=", str(a + b))
+
+
+def _sorting(rng: random.Random, difficulty: int) -> Problem:
+    xs = [rng.randrange(100) for _ in range(difficulty)]
+    return Problem("sort: " + " ".join(map(str, xs)), " ".join(map(str, sorted(xs))))
+
+
+def _wrong_addition(problem: Problem, rng: random.Random) -> str:
+    value = int(problem.answer)
+    delta = rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if value + d >= 0])
+    return str(value + delta)
+
+
+def _wrong_sorting(problem: Problem, rng: random.Random) -> str:
+    xs = problem.answer.split()
+    if len(set(xs)) < 2:
+        return " ".join(xs + xs[:1])  # all equal: a wrong length is the only way to be wrong
+    while True:
+        ys = xs[:]
+        i, j = rng.sample(range(len(ys)), 2)
+        ys[i], ys[j] = ys[j], ys[i]
+        if ys != xs:
+            return " ".join(ys)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    make: Callable[[random.Random, int], Problem]
+    wrong: Callable[[Problem, random.Random], str]
+    system: str | None = None
+
+    def problems(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[Problem]:
+        """`n` distinct problems of `split` ("train" or "test"); deterministic for (seed, difficulty)."""
+        if split not in ("train", "test"):
+            raise ValueError(f"task {self.name}: split must be 'train' or 'test', got {split!r}")
+        rng = random.Random(f"{self.name}-{split}-{difficulty}-{seed}")
+        seen: set[str] = set()
+        out: list[Problem] = []
+        attempts = 0
+        while len(out) < n:
+            attempts += 1
+            if attempts > 50 * n + 1000:
+                raise ValueError(
+                    f"task {self.name}: only {len(out)} distinct {split} problems exist at difficulty "
+                    f"{difficulty}; lower data.num_train/num_eval or raise data.difficulty"
+                )
+            p = self.make(rng, difficulty)
+            if p.prompt in seen or _split_of(p.prompt) != split:
+                continue
+            seen.add(p.prompt)
+            out.append(p)
+        return out
+
+    def messages(self, prompt: str) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": "user", "content": prompt}]
+
+    def sft_rows(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[dict]:
+        return [
+            {"messages": self.messages(p.prompt) + [{"role": "assistant", "content": p.answer}]}
+            for p in self.problems(split, n, difficulty=difficulty, seed=seed)
+        ]
+
+    def preference_pairs(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[dict]:
+        rng = random.Random(f"{self.name}-pairs-{split}-{seed}")
+        return [
+            {"prompt": self.messages(p.prompt), "chosen": p.answer, "rejected": self.wrong(p, rng)}
+            for p in self.problems(split, n, difficulty=difficulty, seed=seed)
+        ]
+
+    def rl_prompts(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[dict]:
+        return [{"prompt": self.messages(p.prompt), "answer": p.answer}
+                for p in self.problems(split, n, difficulty=difficulty, seed=seed)]
+
+    @staticmethod
+    def check(completion: str, answer: str) -> bool:
+        """Exact match after trimming whitespace and collapsing inner runs of spaces."""
+        return re.sub(r"\s+", " ", completion).strip() == answer
+
+
+TASKS: dict[str, Task] = {
+    "arithmetic": Task("arithmetic", _addition, _wrong_addition),
+    "sorting": Task("sorting", _sorting, _wrong_sorting),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)}")
+    return TASKS[name]

@@ -1,0 +1,63 @@
+"""Load a causal LM and its tokenizer: a tiny factory preset, a local HF folder or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from optsys.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str, seed: int = 0) -> str:
+    """`tiny:<preset>` builds (or reuses) a factory model; anything else is passed to transformers."""
+    if name_or_path.startswith("tiny:"):
+        from optsys.models.tiny import build_tiny
+
+        return str(build_tiny(name_or_path.split(":", 1)[1], seed=seed))
+    return name_or_path
+
+
+def pick_attn_implementation(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # Training packs and never pads; generation needs some pad id and eos is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device, seed: int = 0):
+    """Weights are read from safetensors only; remote code runs only if the config allows it."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.name_or_path, seed)
+    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"model folder {path} holds no *.safetensors weights; optsys reads safetensors only "
+            "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
+        )
+    tokenizer = load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=cfg.revision,
+        dtype=DTYPES[cfg.dtype],
+        attn_implementation=pick_attn_implementation(cfg.attn_implementation, device),
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+    ).to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer

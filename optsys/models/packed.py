@@ -1,0 +1,58 @@
+"""Packing-aware forward: final hidden states of packed rows, attention kept inside each sequence.
+
+Restarting position_ids alone does not separate packed sequences under sdpa or eager attention
+(logits drift by ~1.0; verified on transformers 5.19). So on those paths we pass an explicit 4D
+block-diagonal causal mask. It is O(T^2) memory: fine for CPU rows of a few thousand tokens.
+With flash_attention_2, transformers derives varlen cu_seqlens from the restarting position_ids,
+so no mask is built at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_diagonal_causal_mask(seq_lens: list[int], device, *, additive_dtype=None) -> torch.Tensor:
+    """[1, 1, T, T] mask: query i sees key j iff same sequence and j <= i.
+
+    Boolean (True = attend) for sdpa; with `additive_dtype`, 0 / -inf-like floats for eager, which
+    silently misreads a boolean mask.
+    """
+    lens = torch.as_tensor(seq_lens, device=device)
+    seg = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), lens)
+    total = int(lens.sum())
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril_()
+    mask = (seg[:, None] == seg[None, :]) & causal
+    if additive_dtype is not None:
+        mask = torch.zeros(mask.shape, dtype=additive_dtype, device=device).masked_fill_(
+            ~mask, torch.finfo(additive_dtype).min
+        )
+    return mask[None, None]
+
+
+def backbone(model):
+    """The decoder stack without the lm_head (returns final, normed hidden states)."""
+    return model.get_decoder()
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    return model.get_output_embeddings().weight
+
+
+def packed_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    """Hidden states [T, H] of a packed row input_ids [1, T]; no logits are computed."""
+    impl = model.config._attn_implementation
+    if impl == "flash_attention_2":
+        mask = None
+    elif impl == "eager":
+        mask = block_diagonal_causal_mask(seq_lens, input_ids.device, additive_dtype=model.dtype)
+    else:
+        mask = block_diagonal_causal_mask(seq_lens, input_ids.device)
+    out = backbone(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
+    return out.last_hidden_state[0]
+
+
+def padded_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B*L, H] of a right-padded batch (the baseline packing is measured against)."""
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])

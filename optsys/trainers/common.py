@@ -1,0 +1,89 @@
+"""Pieces every trainer calls: device, seeding, output folder, optimizer, schedule, precision."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from optsys.config import ConfigError, TrainConfig, dump_yaml
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def prepare_output_dir(cfg: TrainConfig) -> Path:
+    """Create the run folder and write the resolved config; refuse to mix two runs in one folder."""
+    if cfg.output_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg.output_dir = os.path.join("runs", f"{cfg.recipe}-{stamp}")
+    out = Path(cfg.output_dir)
+    resolved = dump_yaml(cfg)
+    existing = out / "config.yaml"
+    if existing.exists() and not cfg.overwrite:
+        same = existing.read_text() == resolved
+        raise ConfigError(
+            f"output_dir {out} already holds a {'run of this same config' if same else 'different run'} "
+            f"(see {existing}). Pick a new output_dir=..., or pass overwrite=true to replace it."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "summary.json"):  # overwrite=true: start the history afresh
+        (out / stale).unlink(missing_ok=True)
+    existing.write_text(resolved)
+    return out
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float):
+    """LR multiplier: linear warmup from ~0 to 1, then cosine down to min_ratio at max_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast where the device runs it fast (CUDA with bf16); fp32 elsewhere."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux

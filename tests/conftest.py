@@ -1,0 +1,18 @@
+"""Shared fixtures. The tiny-model cache lives in a per-session temp folder so tests never
+depend on what an earlier run left in ~/.cache."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tiny_cache):
+    from optsys.models.tiny import build_tiny
+
+    return build_tiny("test", seed=0, cache_dir=tiny_cache)

@@ -1,0 +1,54 @@
+"""Kernel tests run the Triton kernels on CPU through the interpreter.
+
+TRITON_INTERPRET must be set before triton is imported. optsys.kernels imports triton lazily (at the
+first Triton call), so setting it here works even if optsys was imported earlier; only a triton
+imported earlier in this process without the variable defeats it, and then the interpreter tests skip.
+"""
+
+import os
+import sys
+
+import pytest
+
+TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from optsys.kernels import _utils  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Fresh output buffers start as NaN, so an element the op forgets to write fails the comparison."""
+    monkeypatch.setattr(_utils, "_POISON", True)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 8 rows for V ~ 1000, so odd N spans several chunks and a ragged last one."""
+    monkeypatch.setattr(_utils, "CHUNK_BYTES", 8 * 4 * 1001)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, small_chunks):
+    """Each fast CPU path: the chunked torch path, and the Triton kernels under the interpreter."""
+    if request.param == "triton" and TRITON_PREIMPORTED:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set in this process")
+    return request.param
+
+
+def _assert_close(actual, expected, dtype, what=""):
+    """Elementwise tolerance from the dtype, with atol scaled by the reference's magnitude."""
+    rtol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
+    assert actual.shape == expected.shape, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * max(scale, 1e-6),
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture
+def close():
+    """assert_close(actual, expected, dtype, what): tolerance from the dtype, atol scaled by |expected|."""
+    return _assert_close

@@ -1,0 +1,44 @@
+import pytest
+
+from optsys.data.tasks import TASKS, get_task
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_splits_are_disjoint_and_deterministic(name):
+    task = get_task(name)
+    diff = 2 if name == "arithmetic" else 4
+    train = task.problems("train", 300, difficulty=diff, seed=0)
+    test = task.problems("test", 100, difficulty=diff, seed=0)
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    assert len({p.prompt for p in train}) == 300
+    assert task.problems("test", 100, difficulty=diff, seed=0) == test
+    # a different seed draws different problems, still from the same fixed split
+    other = task.problems("test", 100, difficulty=diff, seed=1)
+    assert other != test and not {p.prompt for p in other} & {p.prompt for p in train}
+
+
+def test_arithmetic_answers_and_checker():
+    task = get_task("arithmetic")
+    for p in task.problems("train", 50, difficulty=3):
+        a, b = p.prompt.rstrip("=").split("+")
+        assert int(p.answer) == int(a) + int(b)
+        assert task.check(f" {p.answer} ", p.answer)
+        assert not task.check(p.answer + "0", p.answer)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_rows_pairs_and_prompts(name):
+    task = get_task(name)
+    rows = task.sft_rows("train", 20, difficulty=3)
+    assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    pairs = task.preference_pairs("test", 50, difficulty=3)
+    for pair in pairs:
+        assert pair["chosen"] != pair["rejected"]
+        assert not task.check(pair["rejected"], pair["chosen"])
+    prompts = task.rl_prompts("test", 10, difficulty=3)
+    assert all(task.check(p["answer"], p["answer"]) for p in prompts)
+
+
+def test_too_many_problems_is_a_clear_error():
+    with pytest.raises(ValueError, match="distinct test problems"):
+        get_task("arithmetic").problems("test", 100, difficulty=1)
