@@ -1,1 +1,13 @@
 """Fused kernels (Triton on CUDA, chunked torch on CPU). Imported as optsys.kernels."""
+
+from ._utils import set_debug_checks
+from .linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+from .linear_logprobs import linear_token_logprobs, linear_token_logprobs_reference
+
+__all__ = [
+    "fused_linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "linear_token_logprobs",
+    "linear_token_logprobs_reference",
+    "set_debug_checks",
+]

@@ -28,8 +28,9 @@ def _split_of(prompt: str) -> str:
 
 
 def _addition(rng: random.Random, difficulty: int) -> Problem:
-    hi = 10**difficulty
-    a, b = rng.randrange(hi), rng.randrange(hi)
+    """Both operands have exactly `difficulty` digits (0-9 for 1), so digit positions line up."""
+    lo, hi = (0 if difficulty == 1 else 10 ** (difficulty - 1)), 10**difficulty
+    a, b = rng.randrange(lo, hi), rng.randrange(lo, hi)
     return Problem(f"{a}+{b}=", str(a + b))
 
 

@@ -9,7 +9,7 @@ import torch
 
 from optsys.data.tasks import TASKS, get_task
 from optsys.eval.accuracy import task_accuracy
-from optsys.models.load import resolve_model_path, load_tokenizer
+from optsys.models.load import load_tokenizer, resolve_model_path
 
 
 def main(argv=None) -> None:

@@ -60,8 +60,6 @@ def build_sft_data(cfg: DataConfig, tokenizer, seed: int) -> SFTData:
         train_name, eval_name = cfg.dataset, cfg.eval_dataset or ""
     common = dict(max_tokens=cfg.max_tokens, train_on_prompt=cfg.train_on_prompt, overlong=cfg.overlong)
     train, train_report = tokenize_rows(train_rows, tokenizer, source=train_name, **common)
-    if not train:
-        raise ValueError(f"{train_name}: no training examples left after tokenization ({train_report})")
     eval_examples, eval_report = (tokenize_rows(eval_rows, tokenizer, source=eval_name, **common)
                                   if eval_rows else ([], None))
     return SFTData(train, eval_examples, train_report, eval_report)
@@ -132,9 +130,7 @@ def train(cfg: TrainConfig) -> dict:
     eval_problems = (task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
                      if task else [])
     summary: dict = {
-        "data/train_examples": len(data.train),
-        "data/truncated": data.train_report.truncated,
-        "data/skipped": sum(data.train_report.skipped.values()),
+        **data.train_report.metrics("data/"),  # rows, kept, truncated, skipped_<reason>, tokens
         "data/packing_efficiency": packing_efficiency(
             packed_batches(data.train, cfg.data.max_tokens, shuffle_seed=None), cfg.data.max_tokens),
         "model/parameters": sum(p.numel() for p in model.parameters()),

@@ -13,9 +13,8 @@ import pytest
 TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-
-from optsys.kernels import _utils  # noqa: E402
+import torch
+from optsys.kernels import _utils
 
 
 @pytest.fixture(autouse=True)
@@ -33,14 +32,27 @@ def small_chunks(monkeypatch):
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, small_chunks):
     """Each fast CPU path: the chunked torch path, and the Triton kernels under the interpreter."""
-    if request.param == "triton" and TRITON_PREIMPORTED:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set in this process")
+    if request.param == "triton":
+        _skip_if_no_interpreter()
     return request.param
 
 
-def _assert_close(actual, expected, dtype, what=""):
+@pytest.fixture
+def triton_cpu():
+    """The Triton backend under the interpreter."""
+    _skip_if_no_interpreter()
+    return "triton"
+
+
+def _skip_if_no_interpreter():
+    if TRITON_PREIMPORTED:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set in this process")
+
+
+def _assert_close(actual, expected, dtype, what="", rtol=None):
     """Elementwise tolerance from the dtype, with atol scaled by the reference's magnitude."""
-    rtol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
+    if rtol is None:
+        rtol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
     assert actual.shape == expected.shape, what
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     scale = expected.abs().max().item() if expected.numel() else 0.0

@@ -1,0 +1,109 @@
+"""Shared helpers for the fused linear-softmax ops: input checks, backend choice, chunk sizing, test hooks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Target bytes of one fp32 [chunk, V] logits tile in the chunked torch path. A chunk needs two to three
+# such tiles at once (logits, softmax/grad, a temporary), so peak extra memory is ~3x this plus the
+# gradient buffers. Larger chunks run the matmuls at a better rate and amortize the read-modify-write
+# of the [V, H] fp32 grad_weight accumulator (one pass per chunk); on the 2-core CPU, 16 MiB (131 rows
+# at V = 32000) kept a training step's extra memory under 10% of the naive path's (bench/README.md).
+CHUNK_BYTES = 16 << 20
+
+_DEBUG_CHECKS = False
+# Tests set this so fresh output buffers start as NaN: an element the op forgets to write then fails.
+_POISON = False
+
+
+def set_debug_checks(enabled: bool = True) -> None:
+    """Also check target values and finiteness of hidden on CUDA (each check is a device sync).
+
+    On CPU tensors these checks are cheap and always run.
+    """
+    global _DEBUG_CHECKS
+    _DEBUG_CHECKS = bool(enabled)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 before triton's import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in fp32 whatever the input dtype; fp64 inputs (gradcheck) stay fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty, or NaN-filled under the tests' poison flag."""
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def chunk_rows(n_cols: int) -> int:
+    """Rows per chunk so that one fp32 [rows, n_cols] tile is about CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (4 * max(n_cols, 1)))
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if tensor.is_cuda else "torch"
+    if backend == "triton" and not tensor.is_cuda and not interpreting():
+        raise ValueError(
+            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return backend
+
+
+def check_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+) -> None:
+    """Raise ValueError naming the argument on bad shapes, dtypes, devices or (when cheap) values."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
+    if not hidden.is_floating_point():
+        raise ValueError(f"hidden must be floating point, got {hidden.dtype}")
+    n, h = hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(f"weight must be [V, H] with H={h} (hidden is {tuple(hidden.shape)}), "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if target.shape != (n,):
+        raise ValueError(f"target must be [N] with N={n} (hidden is {tuple(hidden.shape)}), "
+                         f"got shape {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
+        raise ValueError(f"target must be an integer tensor, got {target.dtype}")
+    v = weight.shape[0]
+    if bias is not None:
+        if bias.shape != (v,):
+            raise ValueError(f"bias must be [V] with V={v} (weight is {tuple(weight.shape)}), "
+                             f"got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+    for name, t in (("weight", weight), ("target", target), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    # Value checks read the data back: free on CPU, a device sync on CUDA (debug mode only).
+    if hidden.is_cuda and not _DEBUG_CHECKS:
+        return
+    bad = (target < 0) | (target >= v)
+    if ignore_index is not None:
+        bad &= target != ignore_index
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        allowed = f"[0, {v})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        raise ValueError(f"target[{i}] = {int(target[i])} is outside {allowed}")
+    if not torch.isfinite(hidden).all():
+        i = int((~torch.isfinite(hidden)).nonzero()[0, 0])
+        raise ValueError(f"hidden has non-finite values (first in row {i}) of shape {tuple(hidden.shape)}")

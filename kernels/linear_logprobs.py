@@ -1,0 +1,105 @@
+"""Fused linear + token log-probs (and entropy): log_softmax(hidden @ weight.T / T) at target.
+
+The thin half of the linear-softmax family: the chunk loop and the Triton kernels live in
+`linear_cross_entropy.py`; this file adds the reference, the per-row gradient coefficients and the
+autograd.Function. Per row, with s = z / T and p = softmax(s):
+    logprob = s_t - lse,   entropy = lse - sum_j p_j s_j
+    d logprob / d s_j = [j == t] - p_j,   d entropy / d s_j = -p_j (s_j - lse + entropy)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._utils import check_inputs, compute_dtype, resolve_backend
+from .linear_cross_entropy import (
+    ENTROPY,
+    LSE,
+    S_TARGET,
+    _Coefs,
+    _Xf,
+    cast_grads,
+    compute_grads,
+    compute_stats,
+)
+
+
+def linear_token_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """Naive token log-probs (and entropy): materializes the [N, V] logits."""
+    logits = (hidden @ weight.T).to(compute_dtype(hidden.dtype)) / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    logprobs = logp.gather(-1, target[:, None]).squeeze(-1)
+    if not return_entropy:
+        return logprobs
+    return logprobs, -(logp.exp() * logp).sum(-1)
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    temperature: float = 1.0
+    return_entropy: bool = False
+    backend: str = "torch"
+    needs: tuple[bool, bool, bool] = (False, False, False)  # grads for hidden, weight, (no bias)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, o: LogprobOptions):
+        xf = _Xf(inv_temp=1.0 / o.temperature)
+        stats = compute_stats(o.backend, hidden, weight, None, target, xf, entropy=o.return_entropy)
+        lse = stats[LSE]
+        logprobs = stats[S_TARGET] - lse
+        entropy = stats[ENTROPY]  # 0 (unused) unless return_entropy
+        ctx.save_for_backward(hidden, weight, target, lse, entropy)
+        ctx.o = o
+        return (logprobs, entropy) if o.return_entropy else logprobs
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent=None):
+        o = ctx.o
+        hidden, weight, target, lse, entropy = ctx.saved_tensors
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype)
+        # d/ds = g_lp ([j == t] - p) - g_ent p (s - lse + entropy): alpha p + beta [j == t] + delta p s
+        alpha, delta = -g_lp, None
+        if g_ent is not None:
+            g_ent = g_ent.to(lse.dtype)
+            alpha = alpha + g_ent * (lse - entropy)
+            delta = -g_ent
+        c = _Coefs(alpha, g_lp, None, delta)
+        grads = compute_grads(o.backend, hidden, weight, None, target, lse, c,
+                              _Xf(inv_temp=1.0 / o.temperature), o.needs)
+        gh, gw, _ = cast_grads(grads, hidden, weight, None)
+        return gh, gw, None, None
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """log_softmax(hidden @ weight.T / temperature) at target, [N] fp32, without the [N, V] logits.
+
+    With return_entropy, also the entropy of each row's distribution, [N] fp32. Both outputs are
+    differentiable with respect to hidden and weight. Every target must be in [0, V).
+    """
+    check_inputs(hidden, weight, target)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    backend = resolve_backend(backend, hidden)
+    grad = torch.is_grad_enabled()
+    o = LogprobOptions(float(temperature), bool(return_entropy), backend,
+                       (grad and hidden.requires_grad, grad and weight.requires_grad, False))
+    return _LinearTokenLogprobs.apply(hidden, weight, target.long(), o)

@@ -1,0 +1,196 @@
+"""fused_linear_cross_entropy vs its reference: every CPU path (chunked torch, Triton interpreter)."""
+
+import pytest
+import torch
+from optsys.kernels import (
+    _utils,
+    fused_linear_cross_entropy,
+    linear_cross_entropy_reference,
+    set_debug_checks,
+)
+
+# Odd sizes: not multiples of the chunk (8 rows under `small_chunks`) or of any Triton block.
+N, H, V = 37, 29, 1001
+
+
+def make_inputs(n=N, h=H, v=V, dtype=torch.float32, *, bias=True, ignore_frac=0.3, scale=1.0, seed=0,
+                device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g) * scale
+    weight = torch.randn(v, h, generator=g) / h**0.5
+    b = torch.randn(v, generator=g) if bias else None
+    target = torch.randint(0, v, (n,), generator=g)
+    target[torch.rand(n, generator=g) < ignore_frac] = -100
+    params = [t.to(device=device, dtype=dtype).requires_grad_() for t in (hidden, weight, b) if t is not None]
+    return params, target.to(device)
+
+
+def compare(close, backend, dtype=torch.float32, *, bias=True, ignore_frac=0.3, scale=1.0, n=N, h=H, v=V,
+            device="cpu", **kw):
+    """Loss and every gradient of the fused op vs the reference, with a non-unit grad_output."""
+    params, target = make_inputs(n, h, v, dtype, bias=bias, ignore_frac=ignore_frac, scale=scale, device=device)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+
+    def run(fn, ps, **extra):
+        return fn(ps[0], ps[1], target, bias=ps[2] if bias else None, **kw, **extra)
+
+    loss = run(fused_linear_cross_entropy, params, backend=backend)
+    ref = run(linear_cross_entropy_reference, ref_params)
+    assert loss.dtype == torch.float32
+    close(loss, ref, dtype, "loss")
+    g = torch.rand(loss.shape, device=device) + 0.5 if loss.dim() else torch.tensor(1.7, device=device)
+    grads = torch.autograd.grad(loss, params, g)
+    ref_grads = torch.autograd.grad(ref, ref_params, g)
+    for name, a, e in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert a.dtype == dtype, name
+        close(a, e, dtype, f"grad {name}")
+    return loss, grads
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_matches_reference(close, small_chunks, dtype, reduction):
+    compare(close, "torch", dtype, reduction=reduction)
+
+
+@pytest.mark.parametrize("opts", [{"label_smoothing": 0.1}, {"z_loss": 1e-2}, {"softcap": 3.0},
+                                  {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 5.0, "reduction": "none"}])
+def test_torch_options(close, small_chunks, opts):
+    compare(close, "torch", **opts)
+
+
+# The interpreter runs each program instance in Python (~1 s per case here): a few cases, chosen to
+# cover both dtypes, all reductions and every option between them.
+@pytest.mark.parametrize("dtype, opts", [
+    (torch.float32, {"reduction": "mean"}),
+    (torch.float32, {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}),
+    (torch.bfloat16, {"reduction": "sum", "z_loss": 1e-3}),
+])
+def test_triton_matches_reference(close, triton_cpu, dtype, opts):
+    compare(close, triton_cpu, dtype, v=301, **opts)
+
+
+def test_all_ignored(backend):
+    params, target = make_inputs(ignore_frac=1.0)
+    loss = fused_linear_cross_entropy(params[0], params[1], target, bias=params[2], backend=backend)
+    assert loss.item() == 0.0
+    for p, g in zip(params, torch.autograd.grad(loss, params)):
+        assert torch.equal(g, torch.zeros_like(p))
+
+
+def test_large_logits_no_overflow(close, backend):
+    # hidden x100: logits in the hundreds; a naive exp overflows fp32.
+    loss, grads = compare(close, backend, scale=100.0, v=301, reduction="none", z_loss=1e-4)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_noncontiguous_inputs(close, backend):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(H, N, generator=g).T.requires_grad_()  # column-major view
+    weight_full = torch.randn(301, 2 * H, generator=g) / H**0.5
+    weight = weight_full[:, ::2].detach().requires_grad_()  # strided columns
+    target = torch.randint(0, 301, (2 * N,), generator=g)[::2]
+    loss = fused_linear_cross_entropy(hidden, weight, target, backend=backend)
+    ref = linear_cross_entropy_reference(hidden, weight, target)
+    close(loss, ref, torch.float32, "loss")
+    for a, e in zip(torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
+        close(a, e, torch.float32, "grad")
+
+
+def test_frozen_weight_and_no_grad(close, small_chunks):
+    (hidden, weight, bias), target = make_inputs()
+    weight.requires_grad_(False)
+    loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias)
+    (gh,) = torch.autograd.grad(loss, hidden)
+    ref = linear_cross_entropy_reference(hidden, weight, target, bias=bias)
+    close(gh, torch.autograd.grad(ref, hidden)[0], torch.float32, "grad hidden")
+    with torch.no_grad():
+        close(fused_linear_cross_entropy(hidden, weight, target, bias=bias), ref, torch.float32, "loss")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_fp64(monkeypatch, reduction):
+    torch.manual_seed(0)
+    n, h, v = 11, 5, 13
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(v, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    target[[2, 7]] = -100
+    monkeypatch.setattr(_utils, "CHUNK_BYTES", 4 * 4 * v)  # 4-row chunks
+
+    def fn(hd, w, b):
+        return fused_linear_cross_entropy(hd, w, target, bias=b, reduction=reduction, label_smoothing=0.1,
+                                          z_loss=0.01, softcap=2.0, backend="torch")
+
+    # nondet_tol: a second backward through the retained graph recomputes (the first hands over the
+    # grads folded in during forward), so the two agree to rounding, not bit for bit.
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias), nondet_tol=1e-12)
+
+
+def test_bad_inputs():
+    (hidden, weight, bias), target = make_inputs(v=50)
+    with pytest.raises(ValueError, match=r"weight must be \[V, H\].*\(50, 28\)"):
+        fused_linear_cross_entropy(hidden, weight[:, :-1], target)
+    with pytest.raises(ValueError, match=r"target must be \[N\].*\(36,\)"):
+        fused_linear_cross_entropy(hidden, weight, target[:-1])
+    with pytest.raises(ValueError, match=r"bias must be \[V\]"):
+        fused_linear_cross_entropy(hidden, weight, target, bias=bias[:-1])
+    with pytest.raises(ValueError, match="weight dtype"):
+        fused_linear_cross_entropy(hidden, weight.double(), target)
+    with pytest.raises(ValueError, match="integer"):
+        fused_linear_cross_entropy(hidden, weight, target.float())
+    with pytest.raises(ValueError, match=r"target\[3\] = 50 is outside \[0, 50\)"):
+        fused_linear_cross_entropy(hidden, weight, target.clamp(min=0).index_fill(0, torch.tensor([3]), 50))
+    with pytest.raises(ValueError, match="non-finite"):
+        fused_linear_cross_entropy(hidden.detach().index_fill(0, torch.tensor([5]), float("nan")), weight,
+                                   target)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(hidden, weight, target, reduction="avg")
+    with pytest.raises(ValueError, match="backend"):
+        fused_linear_cross_entropy(hidden, weight, target, backend="cuda")
+    set_debug_checks(True)  # a no-op on CPU, where values are always checked
+    set_debug_checks(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestCUDA:
+    """The CPU comparisons at realistic shapes on a GPU (the interpreter tests are their CPU twin)."""
+
+    @pytest.mark.parametrize("backend", ["triton", "torch"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_matches_reference(self, close, backend, dtype):
+        compare(close, backend, dtype, n=4093, h=1024, v=32003, device="cuda", reduction="mean")
+
+    def test_options(self, close):
+        compare(close, "triton", torch.bfloat16, n=2047, h=1024, v=32003, device="cuda", reduction="none",
+                label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+
+    def test_all_ignored(self):
+        params, target = make_inputs(n=1024, h=512, v=32000, ignore_frac=1.0, device="cuda")
+        loss = fused_linear_cross_entropy(params[0], params[1], target, bias=params[2])
+        assert loss.item() == 0.0
+        assert all(torch.count_nonzero(g) == 0 for g in torch.autograd.grad(loss, params))
+
+
+def test_grad_filter_within_stated_bound(triton_cpu):
+    """grad_filter_eps skips tiles (grads change) but stays within the docstring's bound."""
+    (_, weight), target = make_inputs(v=301, bias=False)
+    # Targets only in the first vocab tile, and each hidden row points at its target's weight row: the
+    # softmax is peaked there, and the other tiles hold only p < eps.
+    target = torch.where(target == -100, target, target % 32)
+    hidden = (30.0 * weight.detach()[target.clamp(min=0)]).requires_grad_()
+    eps = 2.0**-12
+    exact = torch.autograd.grad(fused_linear_cross_entropy(hidden, weight, target, backend=triton_cpu),
+                                (hidden, weight))
+    loss = fused_linear_cross_entropy(hidden, weight, target, backend=triton_cpu, grad_filter_eps=eps)
+    filtered = torch.autograd.grad(loss, (hidden, weight))
+    a = 1.0 / (target != -100).sum()  # the row grad scale for reduction="mean", grad_output = 1
+    bound_h = eps * a * weight.detach().abs().sum(0)[None, :]
+    bound_w = eps * a * hidden.detach()[target != -100].abs().sum(0)[None, :]
+    for got, want, bound in zip(filtered, exact, (bound_h, bound_w)):
+        assert not torch.equal(got, want), "no tile was filtered: the test does not exercise the option"
+        assert ((got - want).abs() <= bound + 1e-7).all()
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fused_linear_cross_entropy(hidden, weight, target, grad_filter_eps=eps, label_smoothing=0.1)

@@ -1,0 +1,99 @@
+"""linear_token_logprobs (+ entropy) vs its reference: the chunked torch path and the Triton interpreter."""
+
+import pytest
+import torch
+from optsys.kernels import _utils, linear_token_logprobs, linear_token_logprobs_reference
+
+N, H, V = 37, 29, 1001
+
+
+def make_inputs(n=N, h=H, v=V, dtype=torch.float32, *, scale=1.0, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device=device, dtype=dtype).requires_grad_()
+    return hidden, weight, torch.randint(0, v, (n,), generator=g).to(device)
+
+
+def compare(close, backend, dtype=torch.float32, *, entropy=True, temperature=1.0, scale=1.0, n=N, h=H, v=V,
+            device="cpu", grad_outputs=("lp", "ent"), rtol=None):
+    """Outputs and grads (through the chosen outputs, random weights per row) vs the reference."""
+    hidden, weight, target = make_inputs(n, h, v, dtype, scale=scale, device=device)
+    ref_params = [hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()]
+    out = linear_token_logprobs(hidden, weight, target, temperature=temperature, return_entropy=entropy,
+                                backend=backend)
+    ref = linear_token_logprobs_reference(*ref_params, target, temperature=temperature,
+                                          return_entropy=entropy)
+    out, ref = (out, ref) if entropy else ((out,), (ref,))
+    gen = torch.Generator().manual_seed(1)
+    objective, ref_objective = 0.0, 0.0
+    for name, o, r in zip(("lp", "ent"), out, ref):
+        assert o.dtype == torch.float32
+        close(o, r, dtype, name, rtol)
+        if name in grad_outputs:
+            g = torch.randn(n, generator=gen).to(device)
+            objective, ref_objective = objective + (o * g).sum(), ref_objective + (r * g).sum()
+    grads = torch.autograd.grad(objective, (hidden, weight))
+    for name, a, e in zip(("hidden", "weight"), grads, torch.autograd.grad(ref_objective, ref_params)):
+        assert a.dtype == dtype
+        close(a, e, dtype, f"grad {name}", rtol)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_torch_matches_reference(close, small_chunks, dtype, temperature):
+    compare(close, "torch", dtype, temperature=temperature)
+
+
+@pytest.mark.parametrize("grad_outputs", [("lp",), ("ent",)])
+def test_torch_single_output_grads(close, small_chunks, grad_outputs):
+    compare(close, "torch", grad_outputs=grad_outputs)
+
+
+def test_torch_without_entropy(close, small_chunks):
+    compare(close, "torch", entropy=False, temperature=1.3)
+
+
+@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 0.7), (torch.bfloat16, 1.0)])
+def test_triton_matches_reference(close, triton_cpu, dtype, temperature):
+    compare(close, triton_cpu, dtype, temperature=temperature, v=301)
+
+
+def test_large_logits_no_overflow(close, backend):
+    # Logits ~ 1e2: their own fp32 rounding (~1e-5 absolute) bounds the agreement of any two paths.
+    out, grads = compare(close, backend, scale=100.0, v=301, rtol=1e-4)
+    assert all(torch.isfinite(t).all() for t in (*out, *grads))
+
+
+def test_gradcheck_fp64(monkeypatch):
+    monkeypatch.setattr(_utils, "CHUNK_BYTES", 4 * 4 * 13)  # 4-row chunks
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 13, (11,))
+
+    def fn(h, w):
+        return linear_token_logprobs(h, w, target, temperature=0.8, return_entropy=True, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+def test_bad_inputs():
+    hidden, weight, target = make_inputs(v=50)
+    with pytest.raises(ValueError, match=r"target\[0\] = -100 is outside \[0, 50\)"):
+        linear_token_logprobs(hidden, weight, target.index_fill(0, torch.tensor([0]), -100))
+    with pytest.raises(ValueError, match=r"weight must be \[V, H\]"):
+        linear_token_logprobs(hidden, weight.T, target)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_token_logprobs(hidden, weight, target, temperature=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestCUDA:
+    """The CPU comparisons at realistic shapes on a GPU (the interpreter tests are their CPU twin)."""
+
+    @pytest.mark.parametrize("backend", ["triton", "torch"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_matches_reference(self, close, backend, dtype):
+        compare(close, backend, dtype, temperature=0.7, n=4093, h=1024, v=32003, device="cuda")

@@ -1,0 +1,129 @@
+"""SFT trainer: a short real run, its outputs, the grad-accumulation math, and bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optsys.config import ConfigError, load_config
+from optsys.data.packing import packed_batches
+from optsys.data.tasks import get_task
+from optsys.data.tokenize import tokenize_rows
+from optsys.models.load import load_tokenizer
+from optsys.trainers import sft
+
+
+def tiny_cfg(tmp_path, tiny_path, *extra):
+    return load_config("quickstart", overrides=[
+        f"model.name_or_path={tiny_path}", f"output_dir={tmp_path / 'run'}", "data.num_train=300",
+        "data.num_eval=40", "data.max_tokens=256", "trainer.batch_tokens=512", "trainer.max_steps=12",
+        "trainer.warmup_steps=2", "trainer.log_every=3", "trainer.progress=false", "eval.batch_size=40",
+        *extra])
+
+
+def test_short_run_writes_config_metrics_summary_and_final_model(tmp_path, tiny_path):
+    cfg = tiny_cfg(tmp_path, tiny_path, "trainer.eval_every=6")
+    summary = sft.train(cfg)
+    out = tmp_path / "run"
+    assert (out / "config.yaml").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # 12 steps, logged every 3; it learns
+    assert all("throughput/tokens_per_s" in r for r in rows if "train/loss" in r)
+    assert any("eval/loss" in r for r in rows)
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("eval/accuracy_before", "eval/accuracy_after", "eval/loss", "train/loss",
+                "throughput/tokens_per_s", "memory/peak_mb", "time/total_s", "data/packing_efficiency"):
+        assert key in saved, key
+    assert saved["train/loss"] == pytest.approx(summary["train/loss"])
+    assert 0.5 < saved["data/packing_efficiency"] <= 1.0
+    model = AutoModelForCausalLM.from_pretrained(out / "final")  # a plain HF folder
+    assert (out / "final" / "model.safetensors").exists() and (out / "final" / "tokenizer.json").exists()
+    assert model.config.vocab_size == 512
+
+
+def test_existing_run_folder_is_refused(tmp_path, tiny_path):
+    cfg = tiny_cfg(tmp_path, tiny_path, "trainer.max_steps=1", "eval.before=false", "eval.after=false")
+    sft.train(cfg)
+    again = tiny_cfg(tmp_path, tiny_path, "trainer.max_steps=2")
+    with pytest.raises(ConfigError, match="already holds a different run.*overwrite=true"):
+        sft.train(again)
+    forced = tiny_cfg(tmp_path, tiny_path, "trainer.max_steps=2", "overwrite=true", "eval.before=false",
+                      "eval.after=false")
+    sft.train(forced)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+def test_packed_and_padded_losses_match(tiny_path):
+    """The padded baseline sees the same sequences as the packed row: same loss sum."""
+    tok = load_tokenizer(str(tiny_path))
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    rows = get_task("sorting").sft_rows("train", 9, difficulty=5)
+    examples, _ = tokenize_rows(rows, tok, max_tokens=512)
+    batch = packed_batches(examples, 512, shuffle_seed=None)[0]
+    kw = dict(pad_id=tok.pad_token_id, backend="torch", device=torch.device("cpu"))
+    with torch.no_grad():
+        packed = sft.micro_batch_loss_sum(model, batch, packing=True, **kw)
+        padded = sft.micro_batch_loss_sum(model, batch, packing=False, **kw)
+    assert batch.num_target_tokens > 0
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
+
+
+def test_step_groups_respect_batch_tokens(tiny_path):
+    tok = load_tokenizer(str(tiny_path))
+    examples, _ = tokenize_rows(get_task("arithmetic").sft_rows("train", 200, difficulty=2), tok, max_tokens=64)
+    groups = sft.step_groups(examples, max_tokens=64, batch_tokens=200, seed=0)
+    seen_epoch0 = 0
+    for _ in range(30):
+        epoch, group = next(groups)
+        assert 1 <= len(group) and sum(b.num_tokens for b in group) <= 200
+        seen_epoch0 += sum(len(b.seq_lens) for b in group) if epoch == 0 else 0
+    assert seen_epoch0 == len(examples)  # the first epoch covers every example exactly once
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_path):
+    """Sum-then-divide by the step's target count: two micro-batches give the one-batch gradient."""
+    tok = load_tokenizer(str(tiny_path))
+    examples, _ = tokenize_rows(get_task("arithmetic").sft_rows("train", 12, difficulty=2), tok, max_tokens=512)
+    kw = dict(packing=True, pad_id=tok.pad_token_id, backend="torch", device=torch.device("cpu"))
+
+    def grads(batches):
+        model = AutoModelForCausalLM.from_pretrained(tiny_path)
+        n = sum(b.num_target_tokens for b in batches)
+        for b in batches:
+            (sft.micro_batch_loss_sum(model, b, **kw) / n).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    one = grads(packed_batches(examples, 512, shuffle_seed=None))
+    two = grads(packed_batches(examples[:5], 512, shuffle_seed=None) + packed_batches(examples[5:], 512,
+                                                                                      shuffle_seed=None))
+    torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)
+
+
+def test_missing_dataset_file_is_a_clear_error(tmp_path, tiny_path):
+    from optsys.data.errors import DataError
+
+    cfg = tiny_cfg(tmp_path, tiny_path, "data.task=null", f"data.dataset={tmp_path / 'nope.jsonl'}")
+    with pytest.raises(DataError, match="nope.jsonl"):
+        sft.train(cfg)
+
+
+def test_dataset_file_run(tmp_path, tiny_path):
+    rows = get_task("arithmetic").sft_rows("train", 50, difficulty=2)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = tiny_cfg(tmp_path, tiny_path, "data.task=null", f"data.dataset={path}", f"data.eval_dataset={path}",
+                   "trainer.max_steps=2")
+    summary = sft.train(cfg)
+    assert summary["data/kept"] == 50 and "eval/loss" in summary
+    assert "eval/accuracy_after" not in summary  # no built-in task, so no task accuracy
+
+
+@pytest.mark.slow
+def test_quickstart_learns_addition(tmp_path):
+    """The default job: held-out accuracy from ~0 to >= 0.8."""
+    cfg = load_config("quickstart", overrides=[f"output_dir={tmp_path / 'qs'}", "trainer.progress=false"])
+    summary = sft.train(cfg)
+    assert summary["eval/accuracy_before"] < 0.1
+    assert summary["eval/accuracy_after"] >= 0.8
