@@ -24,6 +24,19 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA / QLoRA adapters through peft. r = 0 trains the full model."""
+
+    r: int = 0
+    alpha: int = 16
+    dropout: float = 0.0
+    # None: the attention and MLP projections of the architecture (see optsys.models.lora).
+    target_modules: Optional[list[str]] = None
+    quantize: Literal["none", "nf4"] = "none"  # nf4 = QLoRA: 4-bit frozen base via bitsandbytes
+    save_merged: bool = False  # also write <output_dir>/final-merged/, base + adapter as one HF model
+
+
+@dataclass
 class ModelConfig:
     # "tiny:<preset>" (built by optsys.models.tiny), a local Hugging Face folder, or a hub id.
     name_or_path: str = "tiny:quickstart"
@@ -34,6 +47,7 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -69,6 +83,8 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 0  # steps between eval-loss runs; 0 = only at the end
     progress: bool = True
+    save_every: int = 0  # steps between checkpoints (<output_dir>/checkpoints/); 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted after each save
 
 
 @dataclass
@@ -85,6 +101,7 @@ class TrainConfig:
     method: Literal["sft"] = "sft"
     output_dir: Optional[str] = None  # default ./runs/<recipe>-<timestamp>/
     overwrite: bool = False  # allow writing into a folder that holds another run
+    resume: bool = False  # continue the run in output_dir from its latest complete checkpoint
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -93,7 +110,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        d, t = self.data, self.trainer
+        d, t, lora = self.data, self.trainer, self.model.lora
+        if lora.r < 0 or (lora.quantize != "none" and lora.r == 0):
+            raise ConfigError(f"model.lora.r must be > 0 for LoRA/QLoRA (quantize={lora.quantize!r}); got {lora.r}")
         if (d.task is None) == (d.dataset is None):
             raise ConfigError(
                 "set exactly one of data.task (a built-in task) and data.dataset (a file, folder "
@@ -112,6 +131,15 @@ class TrainConfig:
             raise ConfigError(f"trainer.lr must be positive, got {t.lr}")
         if t.warmup_steps < 0 or t.eval_every < 0:
             raise ConfigError("trainer.warmup_steps and trainer.eval_every must be >= 0")
+        if t.save_every < 0:
+            raise ConfigError(f"trainer.save_every must be >= 0 (0 = checkpoint only at the end), got {t.save_every}")
+        if t.keep_last < 1:
+            raise ConfigError(f"trainer.keep_last must be >= 1 (a resume needs a checkpoint), got {t.keep_last}")
+        if self.resume and self.output_dir is None:
+            raise ConfigError("resume=true needs output_dir=<the folder of the run to continue>")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume=true continues the run in output_dir and overwrite=true replaces it; "
+                              "pass only one of them")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -137,6 +165,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
         return value
+    if origin is list:
+        if isinstance(value, str):  # "a,b" or "[a, b]" on the command line
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects a list like [q_proj, v_proj], got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if isinstance(value, str):
             value = yaml.safe_load(value)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from optsys.config import ModelConfig
+from optsys.models.lora import apply_lora, quantization_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,6 +51,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device, seed: int =
             "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
         )
     tokenizer = load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    quant = quantization_config(cfg.lora, compute_dtype=DTYPES[cfg.dtype])
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=cfg.revision,
@@ -57,7 +59,14 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device, seed: int =
         attn_implementation=pick_attn_implementation(cfg.attn_implementation, device),
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
-    ).to(device)
+        quantization_config=quant,
+        # a 4-bit model is placed at load time (bitsandbytes quantizes as it moves weights)
+        device_map={"": device} if quant is not None else None,
+    )
+    if quant is None:
+        model = model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg.lora)
     return model, tokenizer

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from optsys.config import ConfigError, TrainConfig, dump_yaml
+from optsys.config import ConfigError, TrainConfig, dump_yaml, to_dict
 
 
 def pick_device(name: str) -> torch.device:
@@ -28,7 +29,13 @@ def set_seed(seed: int) -> None:
 
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """Create the run folder and write the resolved config; refuse to mix two runs in one folder."""
+    """Create the run folder and write the resolved config; refuse to mix two runs in one folder.
+
+    resume=true instead requires the folder to hold a run whose config equals this one except `resume`,
+    and keeps its config.yaml, metrics.jsonl (rewound by the trainer) and checkpoints.
+    """
+    if cfg.resume:
+        return _check_resume_dir(cfg)
     if cfg.output_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.output_dir = os.path.join("runs", f"{cfg.recipe}-{stamp}")
@@ -45,6 +52,38 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     for stale in ("metrics.jsonl", "summary.json"):  # overwrite=true: start the history afresh
         (out / stale).unlink(missing_ok=True)
     existing.write_text(resolved)
+    return out
+
+
+def _check_resume_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    existing = out / "config.yaml"
+    if not existing.exists():
+        raise ConfigError(
+            f"resume=true, but output_dir {out} holds no run to continue (no {existing.name}). Check the "
+            "path, or drop resume=true to start a new run there.")
+    old = yaml.safe_load(existing.read_text()) or {}
+    new = to_dict(cfg)
+    old.pop("resume", None)
+    new.pop("resume", None)
+    diff = config_diff(old, new)
+    if diff:
+        raise ConfigError(
+            f"resume=true continues the run in {out} with its own config ({existing}), but this command "
+            "changes it:\n  " + "\n  ".join(diff) + "\nResume with the run's settings, or drop resume=true "
+            "and pick a new output_dir to start a new run with these.")
+    return out
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key.sub: old -> new` for every dotted key whose value differs between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
 
 

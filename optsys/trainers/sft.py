@@ -5,17 +5,22 @@ trainer.batch_tokens tokens. The loss is the sum of token cross-entropies over t
 divided by the step's number of target tokens, so every token weighs the same however the
 sequences fall into rows (a per-row mean would overweight tokens in short rows).
 The loss runs from hidden states through the fused linear cross-entropy: no [T, V] logits.
+Checkpoints (optsys/checkpoint.py) every trainer.save_every steps and at the end; resume=true continues
+from the latest one bit for bit: same weights, optimizer, schedule, RNG, data position and log windows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
+from array import array
 from dataclasses import dataclass
 from itertools import count
 
 import torch
 
+from optsys.checkpoint import load_checkpoint, resume_checkpoint, rewind_metrics, run_fingerprint, save_checkpoint
 from optsys.config import DataConfig, TrainConfig
 from optsys.data.packing import PackedBatch, collate_padded, packed_batches, packing_efficiency
 from optsys.data.sources import load_rows
@@ -65,27 +70,63 @@ def build_sft_data(cfg: DataConfig, tokenizer, seed: int) -> SFTData:
     return SFTData(train, eval_examples, train_report, eval_report)
 
 
-def step_groups(examples: list[TokenizedExample], max_tokens: int, batch_tokens: int, seed: int):
-    """Endless stream of optimizer steps, each a list of packed micro-batches.
+class StepGroups:
+    """Endless stream of optimizer steps, each (epoch, list of packed micro-batches); resumable.
 
     A step takes micro-batches while their tokens fit in batch_tokens (at least one per step).
-
     Every epoch reshuffles the examples before packing, so rows mix differently each epoch.
+
+    `position` is (epoch, index in that epoch's packed order of the next step's first batch). An
+    epoch's order is a pure function of (seed, epoch) and a step always starts fresh, so a stream
+    started at a saved position yields exactly the steps an uninterrupted one yields from there.
     """
-    for epoch in count():
-        order = list(range(len(examples)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        batches = packed_batches([examples[i] for i in order], max_tokens, shuffle_seed=seed + epoch)
-        group: list[PackedBatch] = []
-        tokens = 0
-        for batch in batches:
-            if group and tokens + batch.num_tokens > batch_tokens:
+
+    def __init__(self, examples: list[TokenizedExample], max_tokens: int, batch_tokens: int, seed: int,
+                 position: tuple[int, int] = (0, 0)):
+        self.examples, self.max_tokens, self.batch_tokens, self.seed = examples, max_tokens, batch_tokens, seed
+        self.position = (int(position[0]), int(position[1]))
+        self._steps = self._generate()
+
+    def epoch_batches(self, epoch: int) -> list[PackedBatch]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        return packed_batches([self.examples[i] for i in order], self.max_tokens, shuffle_seed=self.seed + epoch)
+
+    def _generate(self):
+        first_epoch, i = self.position
+        for epoch in count(first_epoch):
+            batches = self.epoch_batches(epoch)
+            i = i if epoch == first_epoch else 0
+            while i < len(batches):
+                group, tokens = [batches[i]], batches[i].num_tokens
+                i += 1
+                while i < len(batches) and tokens + batches[i].num_tokens <= self.batch_tokens:
+                    group.append(batches[i])
+                    tokens += batches[i].num_tokens
+                    i += 1
+                # The epoch's tail makes a smaller step rather than being dropped.
+                self.position = (epoch, i) if i < len(batches) else (epoch + 1, 0)
                 yield epoch, group
-                group, tokens = [], 0
-            group.append(batch)
-            tokens += batch.num_tokens
-        if group:  # the epoch's tail makes a smaller step rather than being dropped
-            yield epoch, group
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, list[PackedBatch]]:
+        return next(self._steps)
+
+
+def step_groups(examples: list[TokenizedExample], max_tokens: int, batch_tokens: int, seed: int,
+                position: tuple[int, int] = (0, 0)) -> StepGroups:
+    """The SFT step stream (see StepGroups), optionally starting at a saved `position`."""
+    return StepGroups(examples, max_tokens, batch_tokens, seed, position)
+
+
+def examples_sha256(examples: list[TokenizedExample]) -> str:
+    """Content hash of the tokenized training set: part of the resume fingerprint."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(array("q", [len(ex.input_ids), *ex.input_ids, *ex.targets]).tobytes())
+    return h.hexdigest()
 
 
 def micro_batch_loss_sum(model, batch: PackedBatch, *, packing: bool, pad_id: int, backend: str,
@@ -121,7 +162,7 @@ def train(cfg: TrainConfig) -> dict:
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     out_dir = prepare_output_dir(cfg)
-    log = MetricsLog(out_dir)
+    resume_from = resume_checkpoint(out_dir) if cfg.resume else None  # fail before loading anything
     tc = cfg.trainer
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
@@ -136,6 +177,20 @@ def train(cfg: TrainConfig) -> dict:
         "model/parameters": sum(p.numel() for p in model.parameters()),
     }
 
+    model.train()
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
+    fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=examples_sha256(data.train))
+    state: dict = {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "summary": {}}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                fingerprint=fingerprint)
+        rewind_metrics(out_dir / "metrics.jsonl", state["step"])  # drop rows logged after the checkpoint
+        summary.update(state["summary"])  # eval/accuracy_before is not recomputed
+        print(f"resuming {out_dir} from {resume_from.name} (step {state['step']} of {tc.max_steps})")
+    log = MetricsLog(out_dir)
+
     def accuracy(tag: str) -> None:
         t0 = time.time()
         acc, records = task_accuracy(model, tokenizer, task, eval_problems,
@@ -145,23 +200,24 @@ def train(cfg: TrainConfig) -> dict:
         log.log(step, {f"eval/accuracy_{tag}": acc})
         print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
 
-    step = 0
-    if task and cfg.eval.before:
+    step = start_step = state["step"]
+    if task and cfg.eval.before and resume_from is None:
         accuracy("before")
+        model.train()
 
-    model.train()
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
-    groups = step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed)
+    groups = step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed,
+                         position=(state["data"]["epoch"], state["data"]["index"]))
     progress = StepProgress(tc.max_steps, f"sft {cfg.recipe}", enabled=tc.progress)
     pad_id = tokenizer.pad_token_id
-    t_train = time.time()
-    window_tokens, window_loss, window_targets, window_t0 = 0, 0.0, 0, time.time()
-    total_tokens = 0
-    loss_value = float("nan")
+    # Running counters, restored on resume so the logged window means match an uninterrupted run.
+    c = {"total_tokens": 0, "window_tokens": 0, "window_loss": 0.0, "window_targets": 0, "window_s": 0.0,
+         "train_s": 0.0, "checkpoint_s": 0.0, "loss": float("nan"), **state["counters"]}
+    total_tokens, loss_value = c["total_tokens"], c["loss"]
+    window_tokens, window_loss, window_targets = c["window_tokens"], c["window_loss"], c["window_targets"]
+    t_train, window_t0 = time.time() - c["train_s"], time.time() - c["window_s"]
+    checkpoint_s = c["checkpoint_s"]
 
-    for step in range(1, tc.max_steps + 1):
+    for step in range(start_step + 1, tc.max_steps + 1):
         epoch, group = next(groups)
         n_targets = sum(b.num_target_tokens for b in group)
         step_loss = 0.0
@@ -205,6 +261,20 @@ def train(cfg: TrainConfig) -> dict:
             raise FloatingPointError(
                 f"train/loss became {loss_value} at step {step}; lower trainer.lr or check the data "
                 f"(metrics so far are in {out_dir / 'metrics.jsonl'})")
+        if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
+            t0 = time.time()
+            counters = {"total_tokens": total_tokens, "window_tokens": window_tokens, "window_loss": window_loss,
+                        "window_targets": window_targets, "window_s": t0 - window_t0, "train_s": t0 - t_train,
+                        "checkpoint_s": checkpoint_s, "loss": loss_value}
+            save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                            fingerprint=fingerprint, keep_last=tc.keep_last, trainer_state={
+                                "data": {"epoch": groups.position[0], "index": groups.position[1]},
+                                "counters": counters,
+                                "summary": {k: v for k, v in summary.items() if k.endswith("_before")
+                                            or k.endswith("before_s")}})
+            saved_s = time.time() - t0
+            checkpoint_s += saved_s
+            window_t0 += saved_s  # throughput counts training time, not checkpoint writes
     progress.close()
     train_s = time.time() - t_train
 
@@ -212,6 +282,7 @@ def train(cfg: TrainConfig) -> dict:
     summary["train/steps"] = tc.max_steps
     summary["train/tokens"] = total_tokens
     summary["time/train_s"] = train_s
+    summary["time/checkpoint_s"] = checkpoint_s
     summary["throughput/tokens_per_s"] = total_tokens / max(train_s, 1e-9)
     if data.eval:
         summary["eval/loss"] = eval_loss(model, data.eval, cfg, pad_id, device)

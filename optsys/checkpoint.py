@@ -1,0 +1,332 @@
+"""Atomic checkpoints and exact resume, shared by every trainer.
+
+A checkpoint is a folder `<out>/checkpoints/step-<step:08d>/`:
+
+    model.safetensors     model.state_dict(), tied tensors stored once (aliases in its metadata)
+    optimizer.pt          optimizer.state_dict()   (torch.save; loaded with weights_only=True)
+    scheduler.pt          scheduler.state_dict()
+    rng-rank-<r>.pt       python / torch CPU / CUDA RNG states, one file per rank
+    trainer_state.json    what the loop needs to continue: step, data position, running counters
+    manifest.json         written LAST: every file's size and sha256, plus the run fingerprint
+
+Everything is written into `step-XXXXXXXX.tmp-<pid>-<rand>/` and renamed into place, so a kill
+during a save leaves either the previous complete checkpoints or a `.tmp-` folder that
+`latest_checkpoint` ignores and the next save deletes. A folder counts as complete only if it
+holds a manifest; `load_checkpoint` re-hashes every file against it before touching the model.
+
+Sharded (FSDP2) runs will save through torch.distributed.checkpoint instead of one
+model.safetensors: see the `sharded` TODO in `save_checkpoint`. The folder layout, manifest,
+fingerprint and trainer_state stay the same, so `latest_checkpoint` and resume logic do not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_TMP_DIR = re.compile(r"^step-\d{8,}\.tmp-")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from, with the folder and what to do."""
+
+
+# ---------------------------------------------------------------------------- fingerprint
+
+
+def _model_config_sha256(model) -> str:
+    """Hash of the architecture (HF config), without fields that change with paths or versions."""
+    config = getattr(model, "config", None)
+    raw = config.to_dict() if config is not None else {}
+    keep = {k: v for k, v in raw.items()
+            if not k.startswith("_") and k not in ("transformers_version", "name_or_path", "dtype", "torch_dtype")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_fingerprint(cfg, model, *, num_rows: int | None = None, data_sha256: str | None = None) -> dict:
+    """What must not change between a run and its resume: model, method, data identity and order.
+
+    `num_rows` is the number of training examples the trainer actually uses (after tokenization and
+    skipping); `data_sha256` optionally pins their content. Both default to what the config alone says.
+    The data order also depends on data.max_tokens (packing), trainer.batch_tokens (steps) and seed.
+    """
+    d = cfg.data
+    source = f"task:{d.task} difficulty={d.difficulty}" if d.task else f"{d.dataset} split={d.split}"
+    fp = {
+        "method": cfg.method,
+        "recipe": cfg.recipe,
+        "model.name_or_path": cfg.model.name_or_path,
+        "model.config_sha256": _model_config_sha256(model),
+        "model.num_parameters": sum(p.numel() for p in model.parameters()),
+        "model.dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "data.source": source,
+        "data.num_rows": num_rows if num_rows is not None else (d.num_train if d.task else None),
+        "data.max_tokens": d.max_tokens,
+        "data.train_on_prompt": d.train_on_prompt,
+        "trainer.batch_tokens": cfg.trainer.batch_tokens,
+        "seed": cfg.seed,
+    }
+    if data_sha256 is not None:
+        fp["data.sha256"] = data_sha256
+    return fp
+
+
+def _fingerprint_diff(saved: dict, now: dict) -> list[str]:
+    return [f"{key}: checkpoint has {saved.get(key)!r}, this run has {now.get(key)!r}"
+            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+
+# ---------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):  # python's RNG state is nested tuples; make sure a round trip keeps them tuples
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _save_weights(state_dict: dict, path: Path) -> None:
+    """safetensors refuses tensors that share storage (tied embeddings): store each storage once and
+    record the other names as aliases in the file's metadata."""
+    from safetensors.torch import save_file
+
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in state_dict.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases), "format": "pt"})
+
+
+def _load_weights(path: Path) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(path), device="cpu")
+    for name, target in aliases.items():
+        state[name] = state[target]
+    return state
+
+
+def checkpoint_dir(out_dir, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def list_checkpoints(out_dir) -> list[Path]:
+    """Complete checkpoints (manifest present), oldest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / "manifest.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The newest complete checkpoint under <out_dir>/checkpoints/, or None."""
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def save_checkpoint(out_dir, step: int, *, model, optimizer, scheduler, trainer_state: dict,
+                    fingerprint: dict, keep_last: int = 2, rank: int = 0, sharded: bool = False) -> Path:
+    """Write checkpoint `step` atomically, then keep only the newest `keep_last` complete ones.
+
+    Returns the checkpoint folder. trainer_state must be JSON-serializable (floats round-trip exactly).
+    """
+    if sharded:
+        # TODO(fsdp2): every rank writes its shards with torch.distributed.checkpoint.save into
+        # <tmp>/model and <tmp>/optim (get_state_dict(model, optimizer)), plus rng-rank-<r>.pt; after a
+        # barrier rank 0 writes trainer_state.json and the manifest (hashing the .distcp files), renames
+        # and prunes. load_checkpoint mirrors it with dcp.load + set_state_dict.
+        raise NotImplementedError("sharded checkpoints (FSDP2) are not implemented yet; run on one process")
+    if rank != 0:
+        raise NotImplementedError("multi-process checkpoints arrive with the sharded path")
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    root = Path(out_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.iterdir():  # leftovers of a save that was killed
+        if _TMP_DIR.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    final = checkpoint_dir(out_dir, step)
+    tmp = root / f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    _save_weights(model.state_dict(), tmp / "model.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / f"rng-rank-{rank}.pt")
+    _write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        _fsync(path)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"format": FORMAT_VERSION, "step": step, "world_size": 1, "sharded": False,
+                "files": files, "fingerprint": fingerprint}
+    _write_json(tmp / "manifest.json", manifest)
+    _fsync(tmp / "manifest.json")
+    if final.exists():  # the same step saved again (e.g. a rerun): the new one wins
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)  # make the rename itself durable
+
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def read_manifest(path) -> dict:
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no manifest.json, so it is incomplete (a save that "
+                              f"was interrupted). Delete {path} to resume from the previous checkpoint.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        manifest = {"error": str(e)}
+    if not isinstance(manifest, dict) or not {"files", "fingerprint"} <= manifest.keys():
+        raise CheckpointError(f"{manifest_path} is unreadable or incomplete. {_fallback_hint(path)}")
+    return manifest
+
+
+def verify_checkpoint(path) -> dict:
+    """Check every file against the manifest (size, then sha256); return the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    fallback = _fallback_hint(path)
+    for name, meta in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing. {fallback}")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"checkpoint file {f} has {size} bytes, its manifest says {meta['bytes']} "
+                                  f"(truncated or overwritten). {fallback}")
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint file {f} does not match the sha256 in its manifest (corrupt). "
+                                  f"{fallback}")
+    return manifest
+
+
+def _fallback_hint(path: Path) -> str:
+    older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+    then = f"resume from {older[-1].name}" if older else "start the run again (it has no older checkpoint)"
+    return f"Delete the folder {path} to {then}."
+
+
+def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, restore_rng: bool = True) -> dict:
+    """Verify checkpoint `path` (fingerprint, then file hashes), then restore model, optimizer,
+    scheduler and RNG in place; return its trainer_state (with "step")."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    diff = _fingerprint_diff(manifest["fingerprint"], fingerprint)
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to a different run, so resuming would not continue it:\n  "
+            + "\n  ".join(diff)
+            + "\nResume only with the settings the run started with, or drop resume=true and pick a new "
+              "output_dir to start a new run.")
+    if manifest.get("sharded"):
+        raise CheckpointError(f"checkpoint {path} is sharded (FSDP2); loading it needs the distributed path")
+    verify_checkpoint(path)
+
+    state = _load_weights(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path / 'model.safetensors'} does not fit the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    if restore_rng:
+        set_rng_state(torch.load(path / "rng-rank-0.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def resume_checkpoint(out_dir) -> Path:
+    """The checkpoint a resume=true run continues from, or a CheckpointError that says what to do."""
+    found = latest_checkpoint(out_dir)
+    if found is None:
+        raise CheckpointError(
+            f"resume=true, but {Path(out_dir) / CHECKPOINTS} holds no complete checkpoint (a folder "
+            "step-XXXXXXXX with a manifest.json), so there is nothing to continue. Drop resume=true to "
+            "start the run over (with overwrite=true to reuse this output_dir), and set trainer.save_every "
+            "to checkpoint during training.")
+    return found
+
+
+def rewind_metrics(path, step: int) -> None:
+    """Keep only the metrics.jsonl rows with step <= `step` (rows a killed run wrote after its last
+    checkpoint are replaced by the resumed run's); written to a temp file and renamed, so atomic."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -1,0 +1,93 @@
+"""torchrun process groups and FSDP2 sharding, the same code path on gloo (CPU) and NCCL (GPU).
+
+A single process (no WORLD_SIZE in the environment) gets a world of one and no process group, so
+trainers call these helpers unconditionally.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device_name: str = "auto", timeout_s: int = 600) -> World:
+    """Join the torchrun group if launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu" if device_name == "auto" else device_name)
+    if size > 1 and not dist.is_initialized():
+        # A rank that dies makes the others fail at their next collective after `timeout`,
+        # with a message naming the collective, instead of hanging forever.
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                 timeout=datetime.timedelta(seconds=timeout_s))
+    return World(rank, size, local_rank, device)
+
+
+def close_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], world: World) -> list[float]:
+    """Sum a few scalars over ranks (one collective for all of them)."""
+    if not world.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shard_model(model, world: World):
+    """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, lm_head).
+
+    Per-layer units let FSDP all-gather one layer's weights at a time, so a rank holds its 1/W
+    shard of everything plus one full layer during forward/backward.
+    """
+    if not world.distributed:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model, world: World) -> dict:
+    """The whole model's weights on CPU (gathered from shards under FSDP2; every rank must call)."""
+    if not world.distributed:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
