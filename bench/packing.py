@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from optsys.kernels import fused_linear_cross_entropy
 
 from optsys.data.packing import collate_padded, packed_batches, packing_efficiency
 from optsys.data.tokenize import tokenize_rows
 from optsys.models.load import load_tokenizer, resolve_model_path
-from optsys.models.packed import lm_head_weight, packed_hidden, padded_hidden
+from optsys.models.packed import token_loss_sum
 from optsys.trainers.common import peak_memory_mb
 
 WORDS = ("the model learns to add sort reverse count numbers tokens answer question step check list value "
@@ -48,20 +47,17 @@ def run_variant(name, model_path, batches, device, steps):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa").to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    weight = lm_head_weight(model)
     times, real_tokens = [], []
     for i, batch in enumerate(batches[: steps + 1]):
         t0 = time.perf_counter()
         if name == "packed":
-            hidden = packed_hidden(model, batch.input_ids.to(device), batch.position_ids.to(device), batch.seq_lens)
-            targets = batch.targets[0].to(device)
-            real = batch.num_tokens
+            kw = {"position_ids": batch.position_ids.to(device), "seq_lens": batch.seq_lens}
+            input_ids, targets, real = batch.input_ids, batch.targets, batch.num_tokens
         else:
-            hidden = padded_hidden(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            targets = batch["targets"].reshape(-1).to(device)
-            real = int(batch["attention_mask"].sum())
+            kw = {"attention_mask": batch["attention_mask"].to(device)}
+            input_ids, targets, real = batch["input_ids"], batch["targets"], int(batch["attention_mask"].sum())
         n = int((targets != -100).sum())
-        loss = fused_linear_cross_entropy(hidden, weight, targets, reduction="sum") / max(1, n)
+        loss = token_loss_sum(model, targets.to(device), input_ids=input_ids.to(device), **kw) / max(1, n)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

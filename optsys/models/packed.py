@@ -9,7 +9,11 @@ so no mask is built at all.
 
 from __future__ import annotations
 
+import types
+
 import torch
+
+from optsys.kernels import fused_linear_cross_entropy
 
 
 def block_diagonal_causal_mask(seq_lens: list[int], device, *, additive_dtype=None) -> torch.Tensor:
@@ -56,3 +60,30 @@ def padded_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     """Hidden states [B*L, H] of a right-padded batch (the baseline packing is measured against)."""
     out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+
+
+def token_loss_sum(model, targets: torch.Tensor, *, input_ids: torch.Tensor, backend: str = "auto",
+                   position_ids: torch.Tensor | None = None, seq_lens: list[int] | None = None,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of token cross-entropies from hidden states through the fused kernel (no [T, V] logits).
+
+    Packed when `seq_lens` is given ([1, T] row), else padded ([B, L] with attention_mask).
+    Call it through `model.token_loss_sum(...)` after `attach_loss_method(model)`: under FSDP2 that
+    method is registered as a forward, so the root's parameters (embeddings, final norm, lm_head) are
+    all-gathered around it exactly as they are around `forward`.
+    """
+    if seq_lens is not None:
+        hidden = packed_hidden(model, input_ids, position_ids, seq_lens)
+    else:
+        hidden = padded_hidden(model, input_ids, attention_mask)
+    return fused_linear_cross_entropy(hidden, lm_head_weight(model), targets.reshape(-1), reduction="sum",
+                                      backend=backend)
+
+
+LOSS_METHOD = "token_loss_sum"
+
+
+def attach_loss_method(model):
+    """Bind token_loss_sum as `model.token_loss_sum` (see there); returns the model."""
+    setattr(model, LOSS_METHOD, types.MethodType(token_loss_sum, model))
+    return model

@@ -76,11 +76,17 @@ def shard_model(model, world: World):
     """
     if not world.distributed:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from optsys.models.packed import LOSS_METHOD
 
     for layer in model.get_decoder().layers:
         fully_shard(layer)
     fully_shard(model)
+    # The trainers' loss runs backbone + fused lm_head loss without calling forward: register it so
+    # FSDP unshards the root's parameters around it (and reduce-scatters their grads in backward).
+    if hasattr(model, LOSS_METHOD):
+        register_fsdp_forward_method(model, LOSS_METHOD)
     return model
 
 
@@ -91,3 +97,30 @@ def full_state_dict(model, world: World) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def broadcast_object(obj, world: World):
+    """Rank 0's value of a small picklable object on every rank (e.g. a timestamped output dir)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_share(items: list, world: World) -> list:
+    """This rank's items of a step: round-robin, so the ranks' shares are disjoint and cover all."""
+    return items[world.rank :: world.size]
+
+
+def local_steps(num_items: int, world: World) -> int:
+    """Micro-batches every rank runs for a step: the same count on all ranks, or FSDP's collectives
+    would wait forever on the rank with fewer. Ranks short of data run a zero-weighted filler."""
+    return -(-num_items // world.size)
+
+
+def scalar(value) -> float:
+    """float() of a tensor that may be a DTensor (e.g. the grad norm under FSDP2)."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)

@@ -21,15 +21,27 @@ from itertools import count
 import torch
 
 from optsys.checkpoint import load_checkpoint, resume_checkpoint, rewind_metrics, run_fingerprint, save_checkpoint
-from optsys.config import DataConfig, TrainConfig
+from optsys.config import ConfigError, DataConfig, TrainConfig
 from optsys.data.packing import PackedBatch, collate_padded, packed_batches, packing_efficiency
 from optsys.data.sources import load_rows
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
 from optsys.eval.accuracy import task_accuracy
-from optsys.kernels import fused_linear_cross_entropy
 from optsys.models.load import load_model_and_tokenizer
-from optsys.models.packed import lm_head_weight, packed_hidden, padded_hidden
+from optsys.models.lora import save_final
+from optsys.models.packed import attach_loss_method
+from optsys.parallel.dist import (
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    close_world,
+    full_state_dict,
+    init_world,
+    local_steps,
+    rank_share,
+    scalar,
+    shard_model,
+)
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
@@ -37,7 +49,6 @@ from optsys.trainers.common import (
     autocast_context,
     build_optimizer,
     peak_memory_mb,
-    pick_device,
     prepare_output_dir,
     set_seed,
     warmup_cosine,
@@ -131,17 +142,18 @@ def examples_sha256(examples: list[TokenizedExample]) -> str:
 
 def micro_batch_loss_sum(model, batch: PackedBatch, *, packing: bool, pad_id: int, backend: str,
                          device: torch.device) -> torch.Tensor:
-    """Sum of token cross-entropies of one micro-batch, packed [1, T] or padded [B, L]."""
+    """Sum of token cross-entropies of one micro-batch, packed [1, T] or padded [B, L].
+
+    `model` carries `token_loss_sum` (optsys.models.packed.attach_loss_method)."""
     if packing:
-        hidden = packed_hidden(model, batch.input_ids.to(device), batch.position_ids.to(device), batch.seq_lens)
-        targets = batch.targets[0].to(device)
-    else:
-        # The same sequences as the packed row, laid out one per padded row (the baseline).
-        pieces = zip(batch.input_ids[0].split(batch.seq_lens), batch.targets[0].split(batch.seq_lens))
-        padded = collate_padded([TokenizedExample(i.tolist(), t.tolist()) for i, t in pieces], pad_id)
-        hidden = padded_hidden(model, padded["input_ids"].to(device), padded["attention_mask"].to(device))
-        targets = padded["targets"].reshape(-1).to(device)
-    return fused_linear_cross_entropy(hidden, lm_head_weight(model), targets, reduction="sum", backend=backend)
+        return model.token_loss_sum(batch.targets.to(device), input_ids=batch.input_ids.to(device),
+                                    position_ids=batch.position_ids.to(device), seq_lens=batch.seq_lens,
+                                    backend=backend)
+    # The same sequences as the packed row, laid out one per padded row (the baseline).
+    pieces = zip(batch.input_ids[0].split(batch.seq_lens), batch.targets[0].split(batch.seq_lens))
+    padded = collate_padded([TokenizedExample(i.tolist(), t.tolist()) for i, t in pieces], pad_id)
+    return model.token_loss_sum(padded["targets"].to(device), input_ids=padded["input_ids"].to(device),
+                                attention_mask=padded["attention_mask"].to(device), backend=backend)
 
 
 @torch.no_grad()
@@ -158,12 +170,30 @@ def eval_loss(model, examples: list[TokenizedExample], cfg: TrainConfig, pad_id:
 
 
 def train(cfg: TrainConfig) -> dict:
+    """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
+    world = init_world(cfg.device)
+    try:
+        return _train(cfg, world)
+    finally:
+        close_world()
+
+
+def _train(cfg: TrainConfig, world) -> dict:
     t_start = time.time()
-    device = pick_device(cfg.device)
+    device = world.device
     set_seed(cfg.seed)
-    out_dir = prepare_output_dir(cfg)
-    resume_from = resume_checkpoint(out_dir) if cfg.resume else None  # fail before loading anything
     tc = cfg.trainer
+    if world.distributed and (cfg.resume or tc.save_every):
+        raise ConfigError(
+            f"checkpoints and resume are single-process for now (sharded checkpoints through "
+            f"torch.distributed.checkpoint are not written yet); this job has {world.size} ranks. "
+            f"Drop resume=true / trainer.save_every, or run one process.")
+    if world.distributed and world.is_main:
+        print(f"{world.size} ranks (FSDP2): no checkpoints are written under torchrun yet; the final model is.")
+    # Rank 0 owns the output folder (its default name has a timestamp): every rank uses rank 0's.
+    out_dir = prepare_output_dir(cfg) if world.is_main else None
+    out_dir = broadcast_object(out_dir, world)
+    resume_from = resume_checkpoint(out_dir) if cfg.resume else None  # fail before loading anything
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
     data = build_sft_data(cfg.data, tokenizer, cfg.seed)
@@ -175,8 +205,10 @@ def train(cfg: TrainConfig) -> dict:
         "data/packing_efficiency": packing_efficiency(
             packed_batches(data.train, cfg.data.max_tokens, shuffle_seed=None), cfg.data.max_tokens),
         "model/parameters": sum(p.numel() for p in model.parameters()),
+        "parallel/world_size": world.size,
     }
 
+    model = shard_model(attach_loss_method(model), world)  # FSDP2 under torchrun; a no-op for one process
     model.train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -189,7 +221,7 @@ def train(cfg: TrainConfig) -> dict:
         rewind_metrics(out_dir / "metrics.jsonl", state["step"])  # drop rows logged after the checkpoint
         summary.update(state["summary"])  # eval/accuracy_before is not recomputed
         print(f"resuming {out_dir} from {resume_from.name} (step {state['step']} of {tc.max_steps})")
-    log = MetricsLog(out_dir)
+    log = MetricsLog(out_dir, enabled=world.is_main)
 
     def accuracy(tag: str) -> None:
         t0 = time.time()
@@ -198,7 +230,8 @@ def train(cfg: TrainConfig) -> dict:
         summary[f"eval/accuracy_{tag}"] = acc
         summary[f"time/eval_{tag}_s"] = time.time() - t0
         log.log(step, {f"eval/accuracy_{tag}": acc})
-        print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
+        if world.is_main:
+            print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
 
     step = start_step = state["step"]
     if task and cfg.eval.before and resume_from is None:
@@ -207,7 +240,7 @@ def train(cfg: TrainConfig) -> dict:
 
     groups = step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed,
                          position=(state["data"]["epoch"], state["data"]["index"]))
-    progress = StepProgress(tc.max_steps, f"sft {cfg.recipe}", enabled=tc.progress)
+    progress = StepProgress(tc.max_steps, f"sft {cfg.recipe}", enabled=tc.progress and world.is_main)
     pad_id = tokenizer.pad_token_id
     # Running counters, restored on resume so the logged window means match an uninterrupted run.
     c = {"total_tokens": 0, "window_tokens": 0, "window_loss": 0.0, "window_targets": 0, "window_s": 0.0,
@@ -218,19 +251,24 @@ def train(cfg: TrainConfig) -> dict:
     checkpoint_s = c["checkpoint_s"]
 
     for step in range(start_step + 1, tc.max_steps + 1):
-        epoch, group = next(groups)
+        epoch, group = next(groups)  # every rank builds the same global step, then takes its share
         n_targets = sum(b.num_target_tokens for b in group)
+        mine = rank_share(group, world)
         step_loss = 0.0
         with nvtx_range(f"step {step}"):
-            for batch in group:
+            for i in range(local_steps(len(group), world)):
+                # A rank short of micro-batches reruns one with weight 0, keeping FSDP's collectives in step.
+                batch, weight = (mine[i], 1.0) if i < len(mine) else (group[0], 0.0)
                 with autocast_context(tc.precision, device):
                     loss_sum = micro_batch_loss_sum(model, batch, packing=cfg.data.packing, pad_id=pad_id,
                                                     backend=tc.kernel_backend, device=device)
-                # Normalize by the whole step's target count (see module docstring).
-                (loss_sum / max(1, n_targets)).backward()
-                step_loss += loss_sum.item()
+                # Normalize by the whole step's target count (see module docstring); FSDP averages
+                # gradients over ranks, so scaling by world size turns that average into the sum.
+                (loss_sum * (weight * world.size / max(1, n_targets))).backward()
+                step_loss += weight * loss_sum.item()
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                          if tc.grad_clip > 0 else torch.tensor(float("nan")))
+            (step_loss,) = all_reduce_sum([step_loss], world)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -246,7 +284,7 @@ def train(cfg: TrainConfig) -> dict:
             metrics = {
                 "train/loss": window_loss / max(1, window_targets),
                 "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm),
+                "train/grad_norm": scalar(grad_norm),
                 "train/epoch": epoch,
                 "train/tokens": total_tokens,
                 "throughput/tokens_per_s": window_tokens / max(elapsed, 1e-9),
@@ -261,7 +299,8 @@ def train(cfg: TrainConfig) -> dict:
             raise FloatingPointError(
                 f"train/loss became {loss_value} at step {step}; lower trainer.lr or check the data "
                 f"(metrics so far are in {out_dir / 'metrics.jsonl'})")
-        if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
+        # Under torchrun only the final model is written for now (see the check at the top of _train).
+        if not world.distributed and ((tc.save_every and step % tc.save_every == 0) or step == tc.max_steps):
             t0 = time.time()
             counters = {"total_tokens": total_tokens, "window_tokens": window_tokens, "window_loss": window_loss,
                         "window_targets": window_targets, "window_s": t0 - window_t0, "train_s": t0 - t_train,
@@ -290,9 +329,14 @@ def train(cfg: TrainConfig) -> dict:
     if task and cfg.eval.after:
         accuracy("after")
 
-    final = out_dir / "final"
-    model.save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    if world.distributed:
+        state_dict = full_state_dict(model, world)  # a collective: every rank gathers, rank 0 writes
+        if world.is_main:
+            model.save_pretrained(out_dir / "final", state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(out_dir / "final")
+        barrier(world)
+    else:
+        save_final(model, tokenizer, out_dir, cfg.model.lora)
     summary["memory/peak_mb"] = peak_memory_mb(device)
     summary["time/total_s"] = time.time() - t_start
     summary["output_dir"] = str(out_dir)
