@@ -66,6 +66,9 @@ class DataConfig:
     overlong: Literal["error", "truncate", "skip"] = "error"
     train_on_prompt: bool = False  # loss on prompt tokens too (default: assistant tokens only)
     packing: bool = True  # False: padded batches (a baseline; slower)
+    # Preference / reward data: a bad pair (chosen == rejected, empty completion, prompts that differ,
+    # a non-boolean KTO label) is an error, or with "skip" dropped and counted (data/skipped_bad_pair).
+    on_bad_pair: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -96,9 +99,34 @@ class EvalConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference optimization (method dpo | ipo | robust | simpo | orpo | cpo | kto); see optsys.losses.preference."""
+
+    beta: float = 0.1  # DPO/IPO/rDPO/CPO/KTO temperature; SimPO reward scale (its paper uses ~2)
+    label_smoothing: float = 0.0  # cDPO / rDPO label-flip rate eps, in [0, 0.5)
+    gamma: float = 1.0  # SimPO target reward margin
+    lam: float = 0.1  # ORPO odds-ratio weight
+    alpha: float = 1.0  # CPO NLL weight
+    desirable_weight: float = 1.0  # KTO lambda_D
+    undesirable_weight: float = 1.0  # KTO lambda_U
+    # Methods with a reference model: "precompute" scores the training pairs once with the initial model
+    # and caches them in <output_dir>/ref_logps.safetensors; "copy" keeps a frozen copy in memory;
+    # "adapters_off" (LoRA only) runs the same model with its adapters disabled.
+    reference: Literal["precompute", "copy", "adapters_off"] = "precompute"
+
+
+@dataclass
+class RewardConfig:
+    """Reward model (method rm): Bradley-Terry -log sigma(r_c - r_r - margin) + center_coef * (r_c + r_r)^2."""
+
+    margin: float = 0.0  # used where a row has no `margin` field
+    center_coef: float = 0.0  # keeps rewards centred at 0 (0.01 is common)
+
+
+@dataclass
 class TrainConfig:
     recipe: str = "quickstart"
-    method: Literal["sft"] = "sft"
+    method: Literal["sft", "dpo", "ipo", "robust", "simpo", "orpo", "cpo", "kto", "rm"] = "sft"
     output_dir: Optional[str] = None  # default ./runs/<recipe>-<timestamp>/
     overwrite: bool = False  # allow writing into a folder that holds another run
     resume: bool = False  # continue the run in output_dir from its latest complete checkpoint
@@ -108,6 +136,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pref: PreferenceConfig = field(default_factory=PreferenceConfig)
+    rm: RewardConfig = field(default_factory=RewardConfig)
 
     def validate(self) -> None:
         d, t, lora = self.data, self.trainer, self.model.lora
@@ -135,6 +165,9 @@ class TrainConfig:
             raise ConfigError(f"trainer.save_every must be >= 0 (0 = checkpoint only at the end), got {t.save_every}")
         if t.keep_last < 1:
             raise ConfigError(f"trainer.keep_last must be >= 1 (a resume needs a checkpoint), got {t.keep_last}")
+        if self.pref.reference == "adapters_off" and lora.r == 0 and self.method not in ("sft", "rm"):
+            raise ConfigError("pref.reference=adapters_off needs LoRA (model.lora.r > 0); use "
+                              "pref.reference=precompute or copy for full fine-tuning")
         if self.resume and self.output_dir is None:
             raise ConfigError("resume=true needs output_dir=<the folder of the run to continue>")
         if self.resume and self.overwrite:

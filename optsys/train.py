@@ -12,7 +12,8 @@ import sys
 
 from optsys.config import ConfigError, load_config
 
-TRAINERS = {"sft": "optsys.trainers.sft"}
+TRAINERS = {"sft": "optsys.trainers.sft", "rm": "optsys.trainers.reward",
+            **{m: "optsys.trainers.preference" for m in ("dpo", "ipo", "robust", "simpo", "orpo", "cpo", "kto")}}
 
 
 def parse_args(argv):
@@ -44,9 +45,17 @@ def main(argv=None) -> dict:
         sys.exit(f"config error: {e}")
     import importlib
 
+    from optsys.checkpoint import CheckpointError
+    from optsys.data.errors import DataError
+
     trainer = importlib.import_module(TRAINERS[cfg.method])
-    summary = trainer.train(cfg)
-    print_summary(summary)
+    try:
+        summary = trainer.train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        # Input problems: the message names the file/row/key and the fix; a traceback adds nothing.
+        sys.exit(f"{type(e).__name__}: {e}")
+    if summary is not None:  # ranks other than 0 under torchrun may return None
+        print_summary(summary)
     return summary
 
 

@@ -6,7 +6,7 @@ from optsys.data.tasks import TASKS, get_task
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_splits_are_disjoint_and_deterministic(name):
     task = get_task(name)
-    diff = 2 if name == "arithmetic" else 4
+    diff = 2 if name.startswith("arithmetic") else 4
     train = task.problems("train", 300, difficulty=diff, seed=0)
     test = task.problems("test", 100, difficulty=diff, seed=0)
     assert not {p.prompt for p in train} & {p.prompt for p in test}
@@ -42,3 +42,12 @@ def test_rows_pairs_and_prompts(name):
 def test_too_many_problems_is_a_clear_error():
     with pytest.raises(ValueError, match="distinct test problems"):
         get_task("arithmetic").problems("test", 100, difficulty=1)
+
+
+def test_reversed_arithmetic_writes_sums_backwards():
+    for p in get_task("arithmetic_reversed").problems("train", 30, difficulty=2, seed=3):
+        a, b = p.prompt.rstrip("=").split("+")
+        assert int(p.answer[::-1]) == int(a) + int(b)
+    for pair in get_task("arithmetic_reversed").preference_pairs("train", 20, difficulty=2):
+        a, b = pair["prompt"][-1]["content"].rstrip("=").split("+")
+        assert int(pair["chosen"][::-1]) == int(a) + int(b) != int(pair["rejected"][::-1])

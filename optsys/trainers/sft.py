@@ -169,7 +169,7 @@ def eval_loss(model, examples: list[TokenizedExample], cfg: TrainConfig, pad_id:
     return total / max(1, n)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig) -> dict | None:
     """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
     world = init_world(cfg.device)
     try:
@@ -178,7 +178,7 @@ def train(cfg: TrainConfig) -> dict:
         close_world()
 
 
-def _train(cfg: TrainConfig, world) -> dict:
+def _train(cfg: TrainConfig, world) -> dict | None:
     t_start = time.time()
     device = world.device
     set_seed(cfg.seed)
@@ -342,4 +342,4 @@ def _train(cfg: TrainConfig, world) -> dict:
     summary["output_dir"] = str(out_dir)
     log.write_summary(summary)
     log.close()
-    return summary
+    return summary if world.is_main else None  # rank 0 reports for the job

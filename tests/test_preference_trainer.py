@@ -1,0 +1,133 @@
+"""Preference trainer: short real runs of every method, the metrics, reference modes and the cache."""
+
+import json
+
+import pytest
+import torch
+
+from optsys.config import ConfigError, load_config
+from optsys.trainers import preference, sft
+
+METRICS = ("train/loss", "train/rewards_chosen", "train/rewards_rejected", "train/reward_accuracy", "train/margin",
+           "train/logps_chosen", "train/logps_rejected", "throughput/tokens_per_s")
+
+
+def pref_cfg(out, model_path, *extra, method="dpo"):
+    return load_config("dpo_tiny", overrides=[
+        f"method={method}", f"model.name_or_path={model_path}", f"output_dir={out}", "data.num_train=120",
+        "data.num_eval=40", "data.max_tokens=512", "trainer.batch_tokens=512", "trainer.max_steps=4",
+        "trainer.warmup_steps=1", "trainer.log_every=2", "trainer.progress=false", "trainer.lr=1e-3",
+        "eval.batch_size=40", "eval.max_new_tokens=4", *extra])
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_run_writes_metrics_and_learns_training_pairs(tmp_path, tiny_path):
+    out = tmp_path / "dpo"
+    summary = preference.train(pref_cfg(out, tiny_path, "trainer.max_steps=24", "trainer.log_every=4",
+                                        "trainer.eval_every=12", "data.num_train=60", "pref.beta=0.5"))
+    logged = [r for r in rows(out) if "train/loss" in r]
+    assert len(logged) == 6
+    for r in logged:
+        for key in METRICS:
+            assert key in r, key
+    assert logged[-1]["train/reward_accuracy"] > logged[0]["train/reward_accuracy"]
+    assert logged[-1]["train/reward_accuracy"] >= 0.65 and logged[-1]["train/loss"] < logged[0]["train/loss"]
+    assert any("eval/reward_accuracy" in r for r in rows(out))
+    for key in ("eval/reward_accuracy", "eval/margin", "eval/loss", "eval/accuracy_before", "eval/accuracy_after",
+                "eval/reward_accuracy_before"):
+        assert key in summary, key
+    assert (out / "ref_logps.safetensors").exists() and (out / "final" / "model.safetensors").exists()
+    assert json.loads((out / "summary.json").read_text())["data/pairs"] == 60
+
+
+def test_reference_cache_round_trip_and_mismatch(tmp_path, tiny_path):
+    path = tmp_path / "ref.safetensors"
+    fp = {"model.name_or_path": "m", "tokenizer.vocab_size": 512, "data.train_sha256": "abc"}
+    logps = {"train": torch.randn(5, 2), "eval": torch.randn(3, 2)}
+    preference.save_reference_cache(path, logps, fp)
+    back = preference.load_reference_cache(path, fp)
+    torch.testing.assert_close(back["train"], logps["train"], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="tokenizer.vocab_size: cached 512, now 1000"):
+        preference.load_reference_cache(path, {**fp, "tokenizer.vocab_size": 1000})
+    assert preference.load_reference_cache(tmp_path / "none.safetensors", fp) is None
+
+    # In a run: the same data reuses the cache; other data in the same folder is refused, naming the field.
+    out = tmp_path / "run"
+    preference.train(pref_cfg(out, tiny_path, "trainer.max_steps=1", "eval.before=false", "eval.after=false"))
+    before = (out / "ref_logps.safetensors").stat().st_mtime_ns
+    preference.train(pref_cfg(out, tiny_path, "trainer.max_steps=1", "eval.before=false", "eval.after=false",
+                              "overwrite=true"))
+    assert (out / "ref_logps.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(ConfigError, match="data.train_sha256"):
+        preference.train(pref_cfg(out, tiny_path, "trainer.max_steps=1", "data.num_train=50", "overwrite=true"))
+
+
+def test_reference_modes_agree(tmp_path, tiny_path):
+    """precompute and copy give the same losses step for step (same initial model)."""
+    extra = ("eval.before=false", "eval.after=false", "trainer.log_every=1")
+    a = preference.train(pref_cfg(tmp_path / "a", tiny_path, *extra))
+    b = preference.train(pref_cfg(tmp_path / "b", tiny_path, *extra, "pref.reference=copy"))
+    la = [r["train/loss"] for r in rows(tmp_path / "a") if "train/loss" in r]
+    lb = [r["train/loss"] for r in rows(tmp_path / "b") if "train/loss" in r]
+    assert len(la) == 4
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-4, atol=1e-5)
+    assert a["eval/reward_accuracy"] == pytest.approx(b["eval/reward_accuracy"])
+
+
+def test_lora_adapters_off_reference(tmp_path, tiny_path):
+    out = tmp_path / "lora"
+    summary = preference.train(pref_cfg(out, tiny_path, "model.lora.r=4", "pref.reference=adapters_off",
+                                        "eval.before=false", "eval.after=false"))
+    assert torch.isfinite(torch.tensor(summary["train/loss"]))
+    assert (out / "final" / "adapter_config.json").exists()
+    first = next(r for r in rows(out) if "train/loss" in r)
+    assert first["train/loss"] == pytest.approx(0.6931, abs=0.02)  # policy == reference at the start
+
+
+def test_adapters_off_needs_lora(tmp_path, tiny_path):
+    with pytest.raises(ConfigError, match="adapters_off needs LoRA"):
+        pref_cfg(tmp_path / "x", tiny_path, "pref.reference=adapters_off")
+
+
+@pytest.mark.parametrize("method, extra", [("orpo", ()), ("simpo", ("pref.beta=2.0",)), ("kto", ()),
+                                           ("cpo", ()), ("ipo", ()), ("robust", ("pref.label_smoothing=0.1",))])
+def test_other_methods_run_end_to_end(tmp_path, tiny_path, method, extra):
+    out = tmp_path / method
+    summary = preference.train(pref_cfg(out, tiny_path, *extra, "eval.before=false", "eval.after=false",
+                                        method=method))
+    assert torch.isfinite(torch.tensor(summary["train/loss"]))
+    assert "eval/reward_accuracy" in summary
+    assert (out / "ref_logps.safetensors").exists() == (method in ("kto", "ipo", "robust"))
+    logged = [r for r in rows(out) if "train/loss" in r]
+    assert all(k in logged[-1] for k in METRICS)
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory, tiny_path):
+    """The tiny test model after a short SFT on 2-digit addition (DPO starts from an SFT'd model)."""
+    out = tmp_path_factory.mktemp("sft") / "run"
+    cfg = load_config("quickstart", overrides=[
+        f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.num_train=2000", "data.num_eval=100",
+        "data.max_tokens=1024", "trainer.batch_tokens=1024", "trainer.max_steps=500", "trainer.lr=3e-3",
+        "trainer.warmup_steps=10", "trainer.progress=false", "eval.before=false", "eval.after=false"])
+    sft.train(cfg)
+    return out / "final"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="not reached yet: the 0.5M test model SFTs to ~4% addition accuracy, and "
+                   "DPO on it stayed at ~0.48 held-out reward accuracy (0.5-0.55 on training pairs); needs a "
+                   "stronger warm-start (quickstart preset) or easier pairs")
+def test_dpo_on_sft_model_raises_heldout_reward_accuracy(tmp_path, sft_model):
+    out = tmp_path / "dpo"
+    cfg = load_config("dpo_tiny", overrides=[
+        f"model.name_or_path={sft_model}", f"output_dir={out}", "data.num_train=1000", "data.num_eval=200",
+        "trainer.max_steps=100", "trainer.progress=false", "trainer.lr=5e-4", "pref.beta=0.2"])
+    s = preference.train(cfg)
+    print({k: v for k, v in s.items() if k.startswith("eval/")})
+    assert s["eval/reward_accuracy"] >= 0.9
+    assert s["eval/reward_accuracy"] > s["eval/reward_accuracy_before"]
+    assert s["eval/accuracy_after"] >= s["eval/accuracy_before"]

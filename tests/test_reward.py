@@ -1,0 +1,56 @@
+"""Reward model: the Bradley-Terry loss, a short run above chance, and a folder that reloads as HF."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from optsys.config import load_config
+from optsys.losses.reward import bradley_terry
+from optsys.models.load import load_tokenizer
+from optsys.trainers import reward
+
+
+def test_bradley_terry_margin_and_centering():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    loss, m = bradley_terry(rc, rr)
+    torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(rc - rr))
+    assert m["accuracy"].tolist() == [1.0, 0.0]
+    loss2, _ = bradley_terry(rc, rr, margin=torch.tensor([0.5, 0.5]), center_coef=0.1)
+    torch.testing.assert_close(loss2, -torch.nn.functional.logsigmoid(rc - rr - 0.5) + 0.1 * (rc + rr) ** 2)
+
+
+def test_reward_model_learns_and_reloads(tmp_path, tiny_path):
+    out = tmp_path / "rm"
+    # Sorting pairs (sorted vs two swapped numbers) are learnable from a random-init backbone in seconds.
+    cfg = load_config("rm_tiny", overrides=[
+        f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.task=sorting", "data.difficulty=3",
+        "data.num_train=400", "data.num_eval=100", "data.max_tokens=1024", "trainer.batch_tokens=1024",
+        "trainer.max_steps=60", "trainer.lr=2e-3", "trainer.warmup_steps=5", "trainer.log_every=10",
+        "trainer.progress=false"])
+    summary = reward.train(cfg)
+    print({k: v for k, v in summary.items() if k.startswith("eval/")})
+    assert summary["eval/accuracy"] >= 0.7 > summary["eval/accuracy_before"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/accuracy" in r and "throughput/tokens_per_s" in r for r in logged)
+
+    tok = load_tokenizer(str(out / "final"))
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
+    convs = [[{"role": "user", "content": "sort: 3 1 2"}, {"role": "assistant", "content": a}]
+             for a in ("1 2 3", "3 1 2", "1 2 3 4 5")]
+    ours = reward.score(model, tok, convs + ["plain text works too"])
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in convs]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        hf = model(**enc).logits[:, 0]
+    torch.testing.assert_close(ours[:3], hf, rtol=1e-5, atol=1e-5)
+    assert ours.shape == (4,)
+
+
+def test_score_rejects_other_inputs(tiny_path):
+    tok = load_tokenizer(str(tiny_path))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=1, pad_token_id=0)
+    with pytest.raises(TypeError, match="strings or conversations"):
+        reward.score(model, tok, [42])
