@@ -118,9 +118,3 @@ def local_steps(num_items: int, world: World) -> int:
     would wait forever on the rank with fewer. Ranks short of data run a zero-weighted filler."""
     return -(-num_items // world.size)
 
-
-def scalar(value) -> float:
-    """float() of a tensor that may be a DTensor (e.g. the grad norm under FSDP2)."""
-    if hasattr(value, "full_tensor"):
-        value = value.full_tensor()
-    return float(value)

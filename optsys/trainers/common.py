@@ -98,6 +98,18 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
+def clip_and_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> float:
+    """Clip the global grad norm (0 disables), step optimizer and schedule, clear grads; returns the
+    pre-clip norm (NaN when clipping is off). Works on FSDP2's DTensor parameters too."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else float("nan")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
 def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float):
     """LR multiplier: linear warmup from ~0 to 1, then cosine down to min_ratio at max_steps."""
 

@@ -48,6 +48,7 @@ from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     autocast_context,
     build_optimizer,
+    clip_and_step,
     peak_memory_mb,
     pick_device,
     prepare_output_dir,
@@ -347,18 +348,14 @@ def train(cfg: TrainConfig) -> dict:
             loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter)
             (loss_sum / n_pairs).backward()  # the step's loss is the mean over its pairs
             step_loss += loss_sum.item()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                     if tc.grad_clip > 0 else torch.tensor(float("nan")))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
         loss_value = step_loss / n_pairs
         step_tokens = sum(b.num_tokens for b in group)
         total_tokens += step_tokens
         window_tokens += step_tokens
         if step % tc.log_every == 0 or step == tc.max_steps:
             metrics = {**meter.means("train/"), "train/lr": scheduler.get_last_lr()[0],
-                       "train/grad_norm": float(grad_norm), "train/epoch": epoch, "train/tokens": total_tokens,
+                       "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": total_tokens,
                        "throughput/tokens_per_s": window_tokens / max(time.time() - window_t0, 1e-9)}
             if tc.eval_every and step % tc.eval_every == 0 and data.eval:
                 metrics.update(evaluate(model, data.eval, reference, method=method, cfg=cfg, device=device))

@@ -39,7 +39,6 @@ from optsys.parallel.dist import (
     init_world,
     local_steps,
     rank_share,
-    scalar,
     shard_model,
 )
 from optsys.telemetry.metrics import MetricsLog
@@ -48,6 +47,7 @@ from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     autocast_context,
     build_optimizer,
+    clip_and_step,
     peak_memory_mb,
     prepare_output_dir,
     set_seed,
@@ -266,12 +266,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                 # gradients over ranks, so scaling by world size turns that average into the sum.
                 (loss_sum * (weight * world.size / max(1, n_targets))).backward()
                 step_loss += weight * loss_sum.item()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                         if tc.grad_clip > 0 else torch.tensor(float("nan")))
+            grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
             (step_loss,) = all_reduce_sum([step_loss], world)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
         step_tokens = sum(b.num_tokens for b in group)
         total_tokens += step_tokens
@@ -284,7 +280,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             metrics = {
                 "train/loss": window_loss / max(1, window_targets),
                 "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": scalar(grad_norm),
+                "train/grad_norm": grad_norm,
                 "train/epoch": epoch,
                 "train/tokens": total_tokens,
                 "throughput/tokens_per_s": window_tokens / max(elapsed, 1e-9),
