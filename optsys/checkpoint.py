@@ -14,9 +14,21 @@ during a save leaves either the previous complete checkpoints or a `.tmp-` folde
 `latest_checkpoint` ignores and the next save deletes. A folder counts as complete only if it
 holds a manifest; `load_checkpoint` re-hashes every file against it before touching the model.
 
-Sharded (FSDP2) runs will save through torch.distributed.checkpoint instead of one
-model.safetensors: see the `sharded` TODO in `save_checkpoint`. The folder layout, manifest,
+Sharded (FSDP2, under torchrun) runs save model and optimizer through torch.distributed.checkpoint
+instead of model.safetensors + optimizer.pt: `dcp/` holds every rank's shards (`__<r>_0.distcp`) and
+DCP's `.metadata`; each rank writes its own `rng-rank-<r>.pt`; rank 0 writes scheduler.pt,
+trainer_state.json and, after a barrier, the manifest (which hashes the shard files too and records
+the world size). The ranks must share the output folder's filesystem. The folder layout, manifest,
 fingerprint and trainer_state stay the same, so `latest_checkpoint` and resume logic do not change.
+
+World size at resume: a sharded checkpoint may be resumed with a different number of ranks (one
+process included). DCP reshards model and optimizer state exactly, and the data position, schedule
+and counters are global, so the run continues; what cannot carry over are the per-rank RNG streams
+(rank r takes rng-rank-<r>.pt if it exists, else rank 0's) and the float reduction order, so such a
+resume matches an uninterrupted run to rounding, not bit for bit, and says so in a printed line. We
+allow it rather than refuse because losing a node should not strand a run, and nothing in the SFT
+loop draws random numbers per rank. A single-process checkpoint (model.safetensors) is refused under
+torchrun: its optimizer state is keyed by parameter index, not by name, so it cannot be resharded.
 """
 
 from __future__ import annotations
@@ -188,46 +200,95 @@ def save_checkpoint(out_dir, step: int, *, model, optimizer, scheduler, trainer_
 
     Returns the checkpoint folder. trainer_state must be JSON-serializable (floats round-trip exactly).
     """
-    if sharded:
-        # TODO(fsdp2): every rank writes its shards with torch.distributed.checkpoint.save into
-        # <tmp>/model and <tmp>/optim (get_state_dict(model, optimizer)), plus rng-rank-<r>.pt; after a
-        # barrier rank 0 writes trainer_state.json and the manifest (hashing the .distcp files), renames
-        # and prunes. load_checkpoint mirrors it with dcp.load + set_state_dict.
-        raise NotImplementedError("sharded checkpoints (FSDP2) are not implemented yet; run on one process")
-    if rank != 0:
-        raise NotImplementedError("multi-process checkpoints arrive with the sharded path")
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    root = Path(out_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.iterdir():  # leftovers of a save that was killed
-        if _TMP_DIR.match(stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
-
-    final = checkpoint_dir(out_dir, step)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    if sharded:
+        return _save_sharded(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                             trainer_state=trainer_state, fingerprint=fingerprint, keep_last=keep_last)
+    if rank != 0:
+        raise ValueError("an unsharded checkpoint is written by rank 0 alone; pass sharded=True under FSDP2")
+    tmp = _new_tmp(out_dir, step)
     _save_weights(model.state_dict(), tmp / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / f"rng-rank-{rank}.pt")
     _write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
+    return _publish(tmp, out_dir, step, world_size=1, sharded=False, fingerprint=fingerprint, keep_last=keep_last)
+
+
+def _new_tmp(out_dir, step: int) -> Path:
+    """A fresh `step-XXXXXXXX.tmp-<pid>-<rand>/` folder, after deleting leftovers of killed saves."""
+    root = Path(out_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.iterdir():
+        if _TMP_DIR.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f"{checkpoint_dir(out_dir, step).name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, out_dir, step: int, *, world_size: int, sharded: bool, fingerprint: dict,
+             keep_last: int) -> Path:
+    """Hash every file under `tmp` (subfolders too), write the manifest LAST, rename into place, prune."""
     files = {}
-    for path in sorted(tmp.iterdir()):
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync(path)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"format": FORMAT_VERSION, "step": step, "world_size": 1, "sharded": False,
+        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    for folder in [p for p in tmp.rglob("*") if p.is_dir()]:
+        _fsync(folder)  # the shard files' directory entries
+    manifest = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "sharded": sharded,
                 "files": files, "fingerprint": fingerprint}
     _write_json(tmp / "manifest.json", manifest)
     _fsync(tmp / "manifest.json")
+    final = checkpoint_dir(out_dir, step)
     if final.exists():  # the same step saved again (e.g. a rerun): the new one wins
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(root)  # make the rename itself durable
+    _fsync(final.parent)  # make the rename itself durable
 
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _dcp_state(model, optimizer) -> dict:
+    """Sharded (not gathered) model and optimizer state dicts, keyed by parameter name: DCP writes
+    each rank's shards and can reshard them at load time for another world size."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=False)
+    return {"model": get_model_state_dict(model, options=options),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+
+
+def _save_sharded(out_dir, step: int, *, model, optimizer, scheduler, trainer_state: dict, fingerprint: dict,
+                  keep_last: int) -> Path:
+    """Every rank must call. Rank 0 makes the tmp folder and tells the others its name; every rank
+    writes its DCP shards and its RNG state; after a barrier rank 0 writes the rest and the manifest,
+    renames and prunes; a last barrier keeps ranks from racing ahead of the rename."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    box = [str(_new_tmp(out_dir, step)) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
+    dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / "dcp")  # collective
+    torch.save(rng_state(), tmp / f"rng-rank-{rank}.pt")
+    if rank == 0:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
+    dist.barrier()  # every rank's files are in tmp
+    if rank == 0:
+        _publish(tmp, out_dir, step, world_size=world_size, sharded=True, fingerprint=fingerprint,
+                 keep_last=keep_last)
+    dist.barrier()
+    return checkpoint_dir(out_dir, step)
 
 
 # ---------------------------------------------------------------------------- load
@@ -275,19 +336,29 @@ def _fallback_hint(path: Path) -> str:
 
 def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, restore_rng: bool = True) -> dict:
     """Verify checkpoint `path` (fingerprint, then file hashes), then restore model, optimizer,
-    scheduler and RNG in place; return its trainer_state (with "step")."""
+    scheduler and RNG in place; return its trainer_state (with "step"). Under torchrun every rank calls
+    it: rank 0 verifies, each rank restores its own shards and RNG (see the module docstring)."""
     path = Path(path)
-    manifest = read_manifest(path)
-    diff = _fingerprint_diff(manifest["fingerprint"], fingerprint)
-    if diff:
-        raise CheckpointError(
-            f"checkpoint {path} belongs to a different run, so resuming would not continue it:\n  "
-            + "\n  ".join(diff)
-            + "\nResume only with the settings the run started with, or drop resume=true and pick a new "
-              "output_dir to start a new run.")
+    rank, world_size = _rank_and_size()
+    # Under torchrun rank 0 checks (fingerprint, then every file's sha256) and tells the others, so all
+    # ranks fail with the same message, or go on, together.
+    manifest, error = None, None
+    if rank == 0:
+        try:
+            manifest = _checked_manifest(path, fingerprint, world_size)
+        except CheckpointError as e:
+            error = str(e)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        box = [(manifest, error)]
+        dist.broadcast_object_list(box, src=0)
+        manifest, error = box[0]
+    if error is not None:
+        raise CheckpointError(error)
     if manifest.get("sharded"):
-        raise CheckpointError(f"checkpoint {path} is sharded (FSDP2); loading it needs the distributed path")
-    verify_checkpoint(path)
+        return _load_sharded(path, manifest, model=model, optimizer=optimizer, scheduler=scheduler,
+                             restore_rng=restore_rng)
 
     state = _load_weights(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -298,6 +369,59 @@ def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, res
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     if restore_rng:
         set_rng_state(torch.load(path / "rng-rank-0.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def _rank_and_size() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _checked_manifest(path: Path, fingerprint: dict, world_size: int) -> dict:
+    manifest = read_manifest(path)
+    diff = _fingerprint_diff(manifest["fingerprint"], fingerprint)
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to a different run, so resuming would not continue it:\n  "
+            + "\n  ".join(diff)
+            + "\nResume only with the settings the run started with, or drop resume=true and pick a new "
+              "output_dir to start a new run.")
+    if world_size > 1 and not manifest.get("sharded"):
+        raise CheckpointError(
+            f"checkpoint {path} was saved by a single process (model.safetensors, optimizer state keyed by "
+            f"parameter index), so it cannot be resharded over this job's {world_size} ranks. Resume it with "
+            f"one process (python -m optsys.train ... resume=true), or start a new run under torchrun.")
+    verify_checkpoint(path)
+    return manifest
+
+
+def _load_sharded(path: Path, manifest: dict, *, model, optimizer, scheduler, restore_rng: bool) -> dict:
+    """Every rank must call (DCP reads the shards it needs, resharding for another world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    rank, world_size = _rank_and_size()
+    saved = int(manifest.get("world_size", 1))
+    if saved != world_size and rank == 0:
+        print(f"checkpoint {path.name} was saved by {saved} ranks and resumes with {world_size}: model and "
+              f"optimizer state are resharded exactly, but per-rank RNG streams cannot be carried over exactly "
+              f"(rank r takes rng-rank-r.pt if present, else rank 0's) and the reduction order changes, so the "
+              f"run continues to rounding, not bit for bit.", flush=True)
+    state = _dcp_state(model, optimizer)  # this world's layout; dcp.load fills it in place
+    dcp.load(state, checkpoint_id=path / "dcp")
+    options = StateDictOptions(full_state_dict=False)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    if restore_rng:
+        own = path / f"rng-rank-{rank}.pt"
+        set_rng_state(torch.load(own if own.is_file() else path / "rng-rank-0.pt", map_location="cpu",
+                                 weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())
 
 

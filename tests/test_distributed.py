@@ -51,14 +51,6 @@ def test_two_ranks_match_one_process(tmp_path, tiny_path):
     assert summary["parallel/world_size"] == 2
 
 
-@pytest.mark.slow
-def test_checkpoints_under_torchrun_are_refused_clearly(tmp_path, tiny_path):
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "optsys.train",
-                *overrides(tiny_path, tmp_path / "ck"), "trainer.save_every=2"])
-    assert proc.returncode != 0
-    assert "checkpoints and resume are single-process for now" in proc.stderr
-
-
 @pytest.mark.parametrize("n, size", [(1, 2), (2, 2), (3, 2), (7, 3)])
 def test_rank_shares_cover_every_micro_batch_once(n, size):
     items = list(range(n))

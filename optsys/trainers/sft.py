@@ -20,8 +20,15 @@ from itertools import count
 
 import torch
 
-from optsys.checkpoint import load_checkpoint, resume_checkpoint, rewind_metrics, run_fingerprint, save_checkpoint
-from optsys.config import ConfigError, DataConfig, TrainConfig
+from optsys.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resume_checkpoint,
+    rewind_metrics,
+    run_fingerprint,
+    save_checkpoint,
+)
+from optsys.config import DataConfig, TrainConfig
 from optsys.data.packing import PackedBatch, collate_padded, packed_batches, packing_efficiency
 from optsys.data.sources import load_rows
 from optsys.data.tasks import get_task
@@ -183,17 +190,21 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     device = world.device
     set_seed(cfg.seed)
     tc = cfg.trainer
-    if world.distributed and (cfg.resume or tc.save_every):
-        raise ConfigError(
-            f"checkpoints and resume are single-process for now (sharded checkpoints through "
-            f"torch.distributed.checkpoint are not written yet); this job has {world.size} ranks. "
-            f"Drop resume=true / trainer.save_every, or run one process.")
-    if world.distributed and world.is_main:
-        print(f"{world.size} ranks (FSDP2): no checkpoints are written under torchrun yet; the final model is.")
     # Rank 0 owns the output folder (its default name has a timestamp): every rank uses rank 0's.
     out_dir = prepare_output_dir(cfg) if world.is_main else None
     out_dir = broadcast_object(out_dir, world)
-    resume_from = resume_checkpoint(out_dir) if cfg.resume else None  # fail before loading anything
+    resume_from = None
+    if cfg.resume:  # fail before loading anything; rank 0 picks, so every rank loads the same checkpoint
+        found, error = None, None
+        if world.is_main:
+            try:
+                found = resume_checkpoint(out_dir)
+            except CheckpointError as e:
+                error = str(e)
+        found, error = broadcast_object((found, error), world)
+        if error is not None:
+            raise CheckpointError(error)
+        resume_from = found
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
     data = build_sft_data(cfg.data, tokenizer, cfg.seed)
@@ -218,9 +229,10 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
                                 fingerprint=fingerprint)
-        rewind_metrics(out_dir / "metrics.jsonl", state["step"])  # drop rows logged after the checkpoint
+        if world.is_main:
+            rewind_metrics(out_dir / "metrics.jsonl", state["step"])  # drop rows logged after the checkpoint
+            print(f"resuming {out_dir} from {resume_from.name} (step {state['step']} of {tc.max_steps})")
         summary.update(state["summary"])  # eval/accuracy_before is not recomputed
-        print(f"resuming {out_dir} from {resume_from.name} (step {state['step']} of {tc.max_steps})")
     log = MetricsLog(out_dir, enabled=world.is_main)
 
     def accuracy(tag: str) -> None:
@@ -295,14 +307,15 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             raise FloatingPointError(
                 f"train/loss became {loss_value} at step {step}; lower trainer.lr or check the data "
                 f"(metrics so far are in {out_dir / 'metrics.jsonl'})")
-        # Under torchrun only the final model is written for now (see the check at the top of _train).
-        if not world.distributed and ((tc.save_every and step % tc.save_every == 0) or step == tc.max_steps):
+        # Under torchrun every rank takes part: DCP shards, per-rank RNG; rank 0 writes the rest.
+        if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
             t0 = time.time()
             counters = {"total_tokens": total_tokens, "window_tokens": window_tokens, "window_loss": window_loss,
                         "window_targets": window_targets, "window_s": t0 - window_t0, "train_s": t0 - t_train,
                         "checkpoint_s": checkpoint_s, "loss": loss_value}
             save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            fingerprint=fingerprint, keep_last=tc.keep_last, trainer_state={
+                            fingerprint=fingerprint, keep_last=tc.keep_last, sharded=world.distributed,
+                            trainer_state={
                                 "data": {"epoch": groups.position[0], "index": groups.position[1]},
                                 "counters": counters,
                                 "summary": {k: v for k, v in summary.items() if k.endswith("_before")

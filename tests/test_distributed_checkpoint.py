@@ -1,0 +1,199 @@
+"""Checkpoints under torchrun (2 processes, gloo, FSDP2): kill-and-resume bit for bit, a resume with
+another world size, and a job whose one rank dies."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from optsys.checkpoint import CheckpointError, _checked_manifest, latest_checkpoint, read_manifest
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def overrides(tiny_path, out):
+    # As in test_distributed.py (uneven rank shares, filler micro-batches), plus a checkpoint every step;
+    # keep_last=8 keeps them all, so the uninterrupted run can also serve as a run to resume.
+    return [f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.num_train=300", "data.num_eval=20",
+            "data.max_tokens=128", "trainer.batch_tokens=300", "trainer.max_steps=8", "trainer.log_every=1",
+            "trainer.save_every=1", "trainer.keep_last=8", "trainer.progress=false", "eval.before=false",
+            "eval.after=false"]
+
+
+def run(cmd, timeout=300):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def train_rows(out):
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the line being written right now
+            continue
+        if "train/loss" in row:
+            rows[row["step"]] = row
+    return rows
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_path):
+    """An uninterrupted 2-process run of 8 steps, a checkpoint after each."""
+    out = tmp_path_factory.mktemp("dist-ckpt") / "full"
+    proc = run([*TORCHRUN, "-m", "optsys.train", *overrides(tiny_path, out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, train_rows(out)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once, like a node that loses power. torchrun starts each
+    worker in a session of its own (start_new_session=True in torch.distributed.elastic), so killing
+    torchrun's process group alone leaves the workers running on as orphans: kill their groups too."""
+    workers = _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
+        assert time.time() < deadline, "workers outlived the kill"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
+
+
+@pytest.mark.slow
+def test_kill_and_resume_two_ranks_is_bit_for_bit(full_run, tmp_path, tiny_path):
+    full, a = full_run
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([*TORCHRUN, "-m", "optsys.train", *overrides(tiny_path, killed)], env=ENV,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if (killed / "metrics.jsonl").exists() and max(train_rows(killed), default=0) >= 3:
+                kill_job(proc)
+                break
+            time.sleep(0.005)
+    assert proc.returncode == -signal.SIGKILL, f"the job ended on its own (rc {proc.returncode}) before the kill"
+    assert not (killed / "summary.json").exists()
+    logged_before = max(train_rows(killed))
+    k = int(latest_checkpoint(killed).name.removeprefix("step-"))
+    assert read_manifest(latest_checkpoint(killed))["world_size"] == 2
+
+    resumed = run([*TORCHRUN, "-m", "optsys.train", *overrides(tiny_path, killed), "resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {k} of 8)" in resumed.stdout
+    assert resumed.stdout.count("resuming ") == 1  # rank 0 alone reports (and rewinds metrics.jsonl)
+
+    b = train_rows(killed)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == list(range(1, 9))  # rows after the checkpoint were rewound, then logged once
+    compared = list(range(k + 1, 9))
+    diffs = {key: max(abs(a[s][key] - b[s][key]) for s in compared)
+             for key in ("train/loss", "train/grad_norm", "train/lr")}
+    print(f"\nkill-and-resume (2 processes): killed after step {logged_before}, resumed from step {k}; "
+          f"compared steps {compared[0]}..{compared[-1]}: max |diff| = {diffs['train/loss']} "
+          f"(train/grad_norm {diffs['train/grad_norm']}, train/lr {diffs['train/lr']})")
+    assert diffs == {"train/loss": 0.0, "train/grad_norm": 0.0, "train/lr": 0.0}, (compared, diffs)
+    wa, wb = load_file(full / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_resumes_on_one_process(full_run, tmp_path, tiny_path):
+    """World-size change is allowed (see optsys/checkpoint.py): DCP reshards, the printed line says what
+    is not carried over, and the losses follow the 2-process run to rounding."""
+    full, a = full_run
+    out = tmp_path / "one"
+    shutil.copytree(full, out)
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace(str(full), str(out)))
+    for ck in (out / "checkpoints").iterdir():
+        if int(ck.name.removeprefix("step-")) > 4:
+            shutil.rmtree(ck)
+    (out / "summary.json").unlink()
+
+    proc = run([sys.executable, "-m", "optsys.train", *overrides(tiny_path, out), "resume=true"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved by 2 ranks and resumes with 1" in proc.stdout
+    assert "per-rank RNG streams cannot be carried over exactly" in proc.stdout
+    assert "(step 4 of 8)" in proc.stdout
+    b = train_rows(out)
+    assert sorted(b) == list(range(1, 9))
+    diff = max(abs(a[s]["train/loss"] - b[s]["train/loss"]) for s in range(5, 9))
+    print(f"\nworld size 2 -> 1: resumed from step 4; steps 5..8: max |train/loss diff| = {diff:.3g}")
+    assert diff < 1e-4  # the 1 vs 2 process tolerance of test_distributed.py
+
+    # The other direction is refused: a single-process checkpoint's optimizer state is keyed by index.
+    single = latest_checkpoint(out)
+    assert read_manifest(single)["sharded"] is False
+    with pytest.raises(CheckpointError, match=r"saved by a single process.*this job's 2 ranks.*one process"):
+        _checked_manifest(single, read_manifest(single)["fingerprint"], world_size=2)
+
+
+FAILING_RANK = textwrap.dedent("""
+    import os, sys
+    from optsys.trainers import sft
+
+    done = {"steps": 0}
+    clip_and_step, loss_sum = sft.clip_and_step, sft.micro_batch_loss_sum
+
+    def counting_clip_and_step(*args, **kwargs):
+        done["steps"] += 1
+        return clip_and_step(*args, **kwargs)
+
+    def failing_loss_sum(*args, **kwargs):
+        if os.environ["RANK"] == "1" and done["steps"] == 2:
+            raise RuntimeError("injected failure on rank 1 at step 3")
+        return loss_sum(*args, **kwargs)
+
+    sft.clip_and_step, sft.micro_batch_loss_sum = counting_clip_and_step, failing_loss_sum
+    from optsys.train import main
+
+    main(sys.argv[1:])
+""")
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_job(tmp_path, tiny_path):
+    """Rank 1 raises mid-step while rank 0 waits in an FSDP collective: torchrun's agent sees the
+    failed worker and SIGTERMs the other (or gloo fails rank 0's collective first), so the job exits
+    non-zero promptly with rank 1's error, instead of rank 0 hanging until the process-group timeout."""
+    script = tmp_path / "fail_rank1.py"
+    script.write_text(FAILING_RANK)
+    out = tmp_path / "fail"
+    t0 = time.time()
+    proc = run([*TORCHRUN, str(script), *overrides(tiny_path, out)], timeout=180)
+    elapsed = time.time() - t0
+    print(f"\nrank 1 raised at step 3: torchrun exited rc {proc.returncode} after {elapsed:.1f} s")
+    assert proc.returncode != 0
+    assert elapsed < 120
+    assert "RuntimeError: injected failure on rank 1 at step 3" in proc.stderr
+    assert max(train_rows(out)) == 2 and not (out / "summary.json").exists()
