@@ -6,12 +6,18 @@ import os
 
 import torch
 
-# Target bytes of one fp32 [chunk, V] logits tile in the chunked torch path. A chunk needs two to three
-# such tiles at once (logits, softmax/grad, a temporary), so peak extra memory is ~3x this plus the
-# gradient buffers. Larger chunks run the matmuls at a better rate and amortize the read-modify-write
-# of the [V, H] fp32 grad_weight accumulator (one pass per chunk); on the 2-core CPU, 16 MiB (131 rows
-# at V = 32000) kept a training step's extra memory under 10% of the naive path's (bench/README.md).
-CHUNK_BYTES = 16 << 20
+# Chunk sizing for the chunked torch path. Larger chunks run the matmuls at a better rate and amortize
+# the read-modify-write of the [V, H] fp32 grad_weight accumulator (one pass per chunk); smaller ones
+# use less memory. So the rows follow a memory budget rather than a fixed byte count: all live fp32
+# [rows, V] tiles together take at most MEM_FRACTION of the naive path's [N, V] buffers (logits,
+# log-softmax, and with grads their grad: 8 or 12 N V bytes) less the fixed gradient buffers, clamped
+# to [MIN_CHUNK_BYTES, CHUNK_BYTES] per tile (the floor keeps small problems' matmuls efficient). On
+# the 2-core CPU at N = 4096, H = 512, V = 32000 fp32 that is ~50 MiB (405 rows) for a training step
+# and 64 MiB (524 rows) in forward, and a step's peak extra memory stays under 10% of the naive
+# path's (bench/README.md). CHUNK_BYTES is also the tests' knob for forcing many small chunks.
+CHUNK_BYTES = 64 << 20
+MIN_CHUNK_BYTES = 16 << 20
+MEM_FRACTION = 0.08
 
 _DEBUG_CHECKS = False
 # Tests set this so fresh output buffers start as NaN: an element the op forgets to write then fails.
@@ -44,9 +50,16 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def chunk_rows(n_cols: int) -> int:
-    """Rows per chunk so that one fp32 [rows, n_cols] tile is about CHUNK_BYTES."""
-    return max(1, CHUNK_BYTES // (4 * max(n_cols, 1)))
+def chunk_rows(n_rows: int, n_cols: int, *, tiles: int = 1, grads: bool = False, fixed_bytes: int = 0) -> int:
+    """Rows per chunk: `tiles` fp32 [rows, n_cols] tiles within the budget described above.
+
+    grads: the pass also produces gradients (the naive path then holds 12, not 8, N V bytes);
+    fixed_bytes: the pass's own O(N H + V H) buffers (gradient accumulators), taken off the budget.
+    """
+    n_cols = max(n_cols, 1)
+    budget = (MEM_FRACTION * (12 if grads else 8) * n_rows * n_cols - fixed_bytes) / tiles
+    tile_bytes = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, int(budget)))
+    return max(1, min(n_rows, tile_bytes // (4 * n_cols)))
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:

@@ -97,9 +97,10 @@ LSE, S_TARGET, SUM_S, ENTROPY = range(4)
 # ----------------------------------------------------------------------------------------------------
 
 
-def _tile_logits(h, weight, bias, xf: _Xf, cd: torch.dtype) -> torch.Tensor:
+def _tile_logits(h, weight, bias, xf: _Xf, cd: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     # The matmul runs in the input dtype (bf16 output on CPU, fp32 accumulate on GPU), then fp32 on.
-    s = (h @ weight.T).to(cd)
+    # With `out` (input dtype == cd) it writes a reused buffer: no fresh [rows, V] allocation per chunk.
+    s = torch.mm(h, weight.T, out=out) if out is not None else (h @ weight.T).to(cd)
     if bias is not None:
         s += bias.to(cd)
     if xf.inv_temp != 1.0:
@@ -121,14 +122,26 @@ def torch_pass(
     entropy: bool = False,
     coef_fn: Callable[[torch.Tensor, torch.Tensor], _Coefs] | None = None,
     needs: tuple[bool, bool, bool] = (False, False, False),
+    has_delta: bool = False,
 ):
-    """One pass over the active rows (tgt >= 0), `chunk_rows(V)` rows at a time.
+    """One pass over the active rows (tgt >= 0), `chunk_rows` rows at a time.
 
     Forward (lse is None): returns per-row stats [4, N] (SUM_S and ENTROPY only if asked, else 0).
-    Backward (lse given): p = exp(s - lse) directly.
-    With coef_fn(rows, lse_rows) -> _Coefs, each chunk's d_logits tile is formed right away and folded
-    into the grads of (hidden, weight, bias) selected by `needs`; the tile is then dropped, so peak
-    extra memory is O(chunk x V) plus the grads. Returns (stats or None, (grad_h, grad_w, grad_b)).
+    Backward (lse given): the softmax is recomputed from the logits.
+    With coef_fn(rows, lse_rows) -> _Coefs, each chunk's d_logits is folded right away into the grads
+    of (hidden, weight, bias) selected by `needs`; has_delta says its coefficients carry a delta term.
+    Peak extra memory is O(chunk x V) plus the grads. Returns (stats or None, (grad_h, grad_w, grad_b)).
+
+    Two chunk bodies. The fast one (fp32/fp64 inputs, no softcap, entropy or delta: plain
+    cross-entropy and log-probs) keeps ONE fp32 [rows, V] tile per chunk, reused across chunks, and
+    transforms it in place: logits -> softmax (or log-softmax) with one row-wise kernel whose rows stay
+    in cache, instead of several whole-tile passes through memory. The gradient is never formed as a
+    tile: d_logits = alpha p + beta [j == t] + gamma = alpha p' + gamma with p' = p + (beta / alpha)
+    [j == t] (one element per row), so its products with W and h are alpha * (p' @ W) + gamma sum_j W_j
+    and p'^T (alpha h) (+ a rank-1 gamma term added once at the end). One tile instead of two to three
+    lets the chunk grow at the same peak (fewer, larger, faster matmuls; fewer passes over grad_weight).
+    The general body keeps the logits beside the softmax, as the softcap, entropy and delta terms need
+    both; bf16 inputs also take it, so the d_logits tile is rounded once, before its bf16 matmuls.
     """
     n, h_dim = hidden.shape
     v = weight.shape[0]
@@ -136,58 +149,142 @@ def torch_pass(
     dev = hidden.device
     active = tgt >= 0
     idx = active.nonzero().squeeze(1)  # ignored rows cost nothing (a host sync on CUDA)
+    grads = coef_fn is not None
     stats = _utils.empty((4, n), cd, dev) if lse is None else None
-    gh = _utils.empty((n, h_dim), hidden.dtype, dev) if needs[0] else None
-    gw = torch.zeros((v, h_dim), dtype=cd, device=dev) if needs[1] else None
-    gb = torch.zeros(v, dtype=cd, device=dev) if needs[2] else None
-    step = _utils.chunk_rows(v)
+    gh = _utils.empty((n, h_dim), hidden.dtype, dev) if grads and needs[0] else None
+    gw = torch.zeros((v, h_dim), dtype=cd, device=dev) if grads and needs[1] else None
+    gb = torch.zeros(v, dtype=cd, device=dev) if grads and needs[2] else None
+    fast = hidden.dtype == cd and xf.softcap is None and not entropy and not has_delta
+    fixed = sum(0 if g is None else g.numel() * g.element_size() for g in (gh, gw, gb))
+    # The general body holds the logits, the softmax and a temporary (s - m, the softcap factor) at once.
+    step = _utils.chunk_rows(idx.numel(), v, tiles=1 if fast else 3, grads=grads, fixed_bytes=fixed)
+    buf = torch.empty((min(step, idx.numel()), v), dtype=cd, device=dev) if fast else None
+    acc = {}  # fast body: the gamma terms' sums, applied once after the loop
     for i in range(0, idx.numel(), step):
         rows = idx[i : i + step]
         h = hidden.index_select(0, rows)
         t = tgt.index_select(0, rows)[:, None]
-        s = _tile_logits(h, weight, bias, xf, cd)  # [rows, V] fp32: the only O(V) buffers live
-        if lse is None:
-            m = s.amax(1, keepdim=True)
-            p = (s - m).exp_()  # unnormalized until a gradient needs it
-            norm = p.sum(1, keepdim=True)
-            lse_c = (m + norm.log()).squeeze(1)
-            zero = torch.zeros_like(lse_c)
-            ent_c = (norm.log() - torch.linalg.vecdot(p, s - m)[:, None] / norm).squeeze(1) if entropy else zero
-            stats[:, rows] = torch.stack([lse_c, s.gather(1, t).squeeze(1), s.sum(1) if sum_s else zero, ent_c])
-            if coef_fn is not None:
-                p.div_(norm)
+        if fast:
+            s = _tile_logits(h, weight, bias, xf, cd, out=buf[: rows.numel()])
+            stat_c, gh_c = _fast_chunk(s, h, weight, t, rows, xf, lse, sum_s, coef_fn, gw, gb, gh is not None,
+                                       acc)
         else:
-            lse_c = lse.index_select(0, rows)
-            p = (s - lse_c[:, None]).exp_()
-        if coef_fn is None:
-            continue
-        c = coef_fn(rows, lse_c)
-        # d out / d s, built in place in the softmax buffer.
-        ds = p.mul_(c.alpha[:, None] if c.delta is None else s * c.delta[:, None] + c.alpha[:, None])
-        ds.scatter_add_(1, t, c.beta[:, None].to(cd))
-        if c.gamma is not None:
-            ds += c.gamma[:, None]
-        if xf.softcap is not None:  # d(cap tanh(z/cap))/dz = 1 - (s/cap)^2
-            ds.mul_(1 - (s / xf.softcap).square_())
-        if xf.inv_temp != 1.0:
-            ds *= xf.inv_temp
+            s = _tile_logits(h, weight, bias, xf, cd)
+            stat_c, gh_c = _general_chunk(s, h, weight, t, rows, xf, cd, lse, sum_s, entropy, coef_fn, gw, gb,
+                                          gh is not None)
         del s
-        dz = ds.to(weight.dtype)  # low precision: bf16 operands, fp32 accumulation across chunks
-        if gh is not None:
-            gh.index_copy_(0, rows, (dz @ weight).to(gh.dtype))
-        if gw is not None:
-            if dz.dtype == cd:
-                gw.addmm_(dz.T, h)
-            else:
-                gw += dz.T @ h
-        if gb is not None:
-            gb += ds.sum(0)
+        if stat_c is not None:
+            stats[:, rows] = stat_c
+        if gh_c is not None:
+            gh.index_copy_(0, rows, gh_c.to(gh.dtype))
+    if "gamma_h" in acc:
+        gw += acc["gamma_h"]
+    if "gamma" in acc:
+        gb += acc["gamma"]
     inactive = ~active
     if stats is not None:
         stats.masked_fill_(inactive, 0)
     if gh is not None:
         gh.masked_fill_(inactive[:, None], 0)
     return stats, (gh, gw, gb)
+
+
+def _fast_chunk(s, h, weight, t, rows, xf: _Xf, lse, sum_s, coef_fn, gw, gb, need_gh, acc):
+    """One chunk of the fast body: s is the [rows, V] logits tile, overwritten in place."""
+    stat_c = gh_c = None
+    if lse is None:
+        s_t = s.gather(1, t).squeeze(1)
+        ss = s.sum(1) if sum_s else torch.zeros_like(s_t)
+        if coef_fn is None:  # stats only: log-softmax in place, lse = s_t - log p_t
+            torch._log_softmax(s, 1, False, out=s)
+            lse_c = s_t - s.gather(1, t).squeeze(1)
+        else:  # p in place; lse = m - log p_m at the row max m (p_m >= 1 / V never underflows)
+            m, arg = s.max(1, keepdim=True)
+            torch._softmax(s, 1, False, out=s)
+            lse_c = (m - s.gather(1, arg).log()).squeeze(1)
+        stat_c = torch.stack([lse_c, s_t, ss, torch.zeros_like(s_t)])
+    else:  # p = exp(s - lse), with the row's normalization recomputed in one cache-friendly kernel
+        lse_c = lse.index_select(0, rows)
+        torch._softmax(s, 1, False, out=s)
+    if coef_fn is None:
+        return stat_c, None
+    c = coef_fn(rows, lse_c)
+    k = xf.inv_temp  # d/dz = inv_temp d/ds: folded into the per-row coefficients
+    alpha, beta = k * c.alpha[:, None].to(s.dtype), k * c.beta[:, None].to(s.dtype)
+    # The target term goes into the tile as beta / alpha (one element per row; -1 for log-probs, about -1
+    # for CE), so d_logits = alpha * p'. Rows with alpha = 0 (masked tokens) take 0; their beta, if any,
+    # is added through index_put_ below (scattering [rows, H] into [V, H] costs far more than the tile's
+    # one element per row, so it is only the fallback).
+    nz = alpha != 0
+    p = s.scatter_add_(1, t, torch.where(nz, beta / torch.where(nz, alpha, 1), 0))
+    rest = torch.where(nz, 0, beta)
+    rest = rest if bool(rest.any()) else None
+    t = t.squeeze(1)
+    if need_gh:  # (alpha p' + rest [j == t] + gamma) @ W
+        gh_c = torch.mm(p, weight).mul_(alpha)
+        if rest is not None:
+            gh_c += weight.index_select(0, t) * rest
+    if gw is not None:  # (alpha p' + rest [j == t] + gamma)^T @ h
+        gw.addmm_(p.T, h * alpha)
+        if rest is not None:
+            gw.index_put_((t,), h * rest, accumulate=True)
+    if gb is not None:
+        gb.addmv_(p.T, alpha.squeeze(1))
+        if rest is not None:
+            gb.index_put_((t,), rest.squeeze(1), accumulate=True)
+    if c.gamma is not None:  # label smoothing's uniform term, gamma_i at every j
+        g = k * c.gamma[:, None].to(s.dtype)
+        if gh_c is not None:
+            if "w_sum" not in acc:
+                acc["w_sum"] = weight.sum(0)
+            gh_c.add_(g * acc["w_sum"])
+        if gw is not None:  # every row of grad_weight gets sum_i gamma_i h_i: added once, after the loop
+            acc["gamma_h"] = acc.get("gamma_h", 0) + (h * g).sum(0)
+        if gb is not None:
+            acc["gamma"] = acc.get("gamma", 0) + g.sum()
+    return stat_c, gh_c
+
+
+def _general_chunk(s, h, weight, t, rows, xf: _Xf, cd, lse, sum_s, entropy, coef_fn, gw, gb, need_gh):
+    """One chunk of the general body: any transform and coefficients, bf16 inputs; up to three tiles."""
+    stat_c = gh_c = None
+    if lse is None:
+        m = s.amax(1, keepdim=True)
+        p = (s - m).exp_()  # unnormalized until a gradient needs it
+        norm = p.sum(1, keepdim=True)
+        lse_c = (m + norm.log()).squeeze(1)
+        zero = torch.zeros_like(lse_c)
+        ent_c = (norm.log() - torch.linalg.vecdot(p, s - m)[:, None] / norm).squeeze(1) if entropy else zero
+        stat_c = torch.stack([lse_c, s.gather(1, t).squeeze(1), s.sum(1) if sum_s else zero, ent_c])
+        if coef_fn is not None:
+            p.div_(norm)
+    else:
+        lse_c = lse.index_select(0, rows)
+        p = (s - lse_c[:, None]).exp_()
+    if coef_fn is None:
+        return stat_c, None
+    c = coef_fn(rows, lse_c)
+    # d out / d s, built in place in the softmax buffer.
+    ds = p.mul_(c.alpha[:, None] if c.delta is None else s * c.delta[:, None] + c.alpha[:, None])
+    ds.scatter_add_(1, t, c.beta[:, None].to(cd))
+    if c.gamma is not None:
+        ds += c.gamma[:, None]
+    if xf.softcap is not None:  # d(cap tanh(z/cap))/dz = 1 - (s/cap)^2
+        ds.mul_(1 - (s / xf.softcap).square_())
+    if xf.inv_temp != 1.0:
+        ds *= xf.inv_temp
+    del s
+    dz = ds.to(weight.dtype)  # low precision: bf16 operands, fp32 accumulation across chunks
+    if need_gh:
+        gh_c = dz @ weight
+    if gw is not None:
+        if dz.dtype == cd:
+            gw.addmm_(dz.T, h)
+        else:
+            gw += dz.T @ h
+    if gb is not None:
+        gb += ds.sum(0)
+    return stat_c, gh_c
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -452,7 +549,7 @@ def compute_grads(backend: str, hidden, weight, bias, tgt, lse, c: _Coefs, xf: _
     if backend == "triton":
         return triton_grads(hidden, weight, bias, tgt, lse, c, xf, needs, filter_eps)
     return torch_pass(hidden, weight, bias, tgt, xf, lse=lse, coef_fn=lambda rows, _: c.take(rows),
-                      needs=needs)[1]
+                      needs=needs, has_delta=c.delta is not None)[1]
 
 
 def cast_grads(grads, hidden, weight, bias):

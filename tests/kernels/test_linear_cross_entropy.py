@@ -109,7 +109,8 @@ def test_frozen_weight_and_no_grad(close, small_chunks):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradcheck_fp64(monkeypatch, reduction):
+@pytest.mark.parametrize("softcap", [2.0, None])  # None: the torch path's one-tile fast body
+def test_gradcheck_fp64(monkeypatch, reduction, softcap):
     torch.manual_seed(0)
     n, h, v = 11, 5, 13
     hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
@@ -121,7 +122,7 @@ def test_gradcheck_fp64(monkeypatch, reduction):
 
     def fn(hd, w, b):
         return fused_linear_cross_entropy(hd, w, target, bias=b, reduction=reduction, label_smoothing=0.1,
-                                          z_loss=0.01, softcap=2.0, backend="torch")
+                                          z_loss=0.01, softcap=softcap, backend="torch")
 
     # nondet_tol: a second backward through the retained graph recomputes (the first hands over the
     # grads folded in during forward), so the two agree to rounding, not bit for bit.
@@ -194,3 +195,24 @@ def test_grad_filter_within_stated_bound(triton_cpu):
         assert ((got - want).abs() <= bound + 1e-7).all()
     with pytest.raises(ValueError, match="label_smoothing"):
         fused_linear_cross_entropy(hidden, weight, target, grad_filter_eps=eps, label_smoothing=0.1)
+
+
+def test_torch_fast_body_matches_general(small_chunks):
+    # The one-tile body folds beta into the tile as beta / alpha; rows with alpha = 0 take the index_put_
+    # fallback. Arbitrary coefficients (some alpha = 0, gamma, bias, temperature) against the general body.
+    from optsys.kernels.linear_cross_entropy import _Coefs, _Xf, torch_pass
+
+    torch.manual_seed(0)
+    n, h, v = 37, 16, 1001
+    hidden, weight, bias = torch.randn(n, h), torch.randn(v, h) / 4, torch.randn(v)
+    tgt = torch.randint(0, v, (n,))
+    tgt[[3, 20]] = -1
+    alpha, beta, gamma = torch.randn(n), torch.randn(n), torch.randn(n)
+    alpha[[0, 9, 10]] = 0
+    c = _Coefs(alpha, beta, gamma)
+    xf = _Xf(inv_temp=1 / 0.7)
+    lse = torch.logsumexp((hidden @ weight.T + bias) / 0.7, 1)
+    out = [torch_pass(hidden, weight, bias, tgt, xf, lse=lse, coef_fn=lambda rows, _: c.take(rows),
+                      needs=(True, True, True), has_delta=general)[1] for general in (False, True)]
+    for fast, ref in zip(*out, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)

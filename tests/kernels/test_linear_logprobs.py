@@ -65,7 +65,8 @@ def test_large_logits_no_overflow(close, backend):
     assert all(torch.isfinite(t).all() for t in (*out, *grads))
 
 
-def test_gradcheck_fp64(monkeypatch):
+@pytest.mark.parametrize("entropy", [True, False])  # False: the torch path's one-tile fast body
+def test_gradcheck_fp64(monkeypatch, entropy):
     monkeypatch.setattr(_utils, "CHUNK_BYTES", 4 * 4 * 13)  # 4-row chunks
     torch.manual_seed(0)
     hidden = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
@@ -73,7 +74,7 @@ def test_gradcheck_fp64(monkeypatch):
     target = torch.randint(0, 13, (11,))
 
     def fn(h, w):
-        return linear_token_logprobs(h, w, target, temperature=0.8, return_entropy=True, backend="torch")
+        return linear_token_logprobs(h, w, target, temperature=0.8, return_entropy=entropy, backend="torch")
 
     assert torch.autograd.gradcheck(fn, (hidden, weight))
 
