@@ -132,6 +132,16 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def close_run(log, summary: dict, *, device: torch.device, t_start: float, out_dir: Path) -> dict:
+    """Add peak memory, total wall time and the output dir to `summary`, write summary.json, close the log."""
+    summary["memory/peak_mb"] = peak_memory_mb(device)
+    summary["time/total_s"] = time.time() - t_start
+    summary["output_dir"] = str(out_dir)
+    log.write_summary(summary)
+    log.close()
+    return summary
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory on CUDA; peak resident set size of the process on CPU."""
     if device.type == "cuda":

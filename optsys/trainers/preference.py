@@ -49,7 +49,7 @@ from optsys.trainers.common import (
     autocast_context,
     build_optimizer,
     clip_and_step,
-    peak_memory_mb,
+    close_run,
     pick_device,
     prepare_output_dir,
     set_seed,
@@ -378,9 +378,5 @@ def train(cfg: TrainConfig) -> dict:
     if task and cfg.eval.after:
         accuracy("after")
     save_final(model, tokenizer, out_dir, cfg.model.lora)
-    summary["memory/peak_mb"] = peak_memory_mb(device)
-    summary["time/total_s"] = time.time() - t_start
-    summary["output_dir"] = str(out_dir)
-    log.write_summary(summary)
-    log.close()
+    close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
     return summary

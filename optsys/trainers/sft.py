@@ -55,7 +55,7 @@ from optsys.trainers.common import (
     autocast_context,
     build_optimizer,
     clip_and_step,
-    peak_memory_mb,
+    close_run,
     prepare_output_dir,
     set_seed,
     warmup_cosine,
@@ -346,9 +346,5 @@ def _train(cfg: TrainConfig, world) -> dict | None:
         barrier(world)
     else:
         save_final(model, tokenizer, out_dir, cfg.model.lora)
-    summary["memory/peak_mb"] = peak_memory_mb(device)
-    summary["time/total_s"] = time.time() - t_start
-    summary["output_dir"] = str(out_dir)
-    log.write_summary(summary)
-    log.close()
+    close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
     return summary if world.is_main else None  # rank 0 reports for the job
