@@ -8,7 +8,7 @@ def test_default_is_quickstart_recipe():
     assert cfg.recipe == "quickstart"
     assert cfg.method == "sft"
     assert cfg.model.name_or_path == "tiny:quickstart"
-    assert cfg.trainer.max_steps == 2000 and cfg.data.task == "arithmetic_reversed"
+    assert cfg.trainer.max_steps == 2500 and cfg.data.task == "arithmetic_reversed"
 
 
 def test_overrides_are_typed():

@@ -39,8 +39,9 @@ def _addition_reversed(rng: random.Random, difficulty: int) -> Problem:
 
     Each output digit then depends only on digits already seen plus a carry, which small models
     learn far faster than most-significant-first (Lee et al. 2023, "Teaching Arithmetic to Small
-    Transformers"): our 3.4M quickstart model reaches ~0 loss in 800 steps reversed, while plain
-    order was still at 0.8 nats/token after 740 steps of the same run.
+    Transformers"). With our 3.4M quickstart model, reversed sums went through their learning
+    transition after 0.3-0.8M training tokens in our runs (then to ~1.0 held-out accuracy), while
+    plain order was still at 0.8-1.2 nats/token after ~0.9M tokens.
     """
     p = _addition(rng, difficulty)
     return Problem(p.prompt, p.answer[::-1])
