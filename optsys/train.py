@@ -1,7 +1,7 @@
 """`python -m optsys.train [--recipe NAME | --config FILE] [key.sub=value ...]`
 
 With no arguments it runs the `quickstart` recipe: a tiny model learns 2-digit addition on CPU
-in a few minutes, with held-out accuracy measured before and after.
+in about 7 minutes on 2 cores, with held-out accuracy measured before and after.
 Under `torchrun` the same command runs one process per device.
 """
 

@@ -25,3 +25,13 @@ def test_eval_cli_scores_a_model(tiny_path):
     assert proc.returncode == 0, proc.stderr
     assert '"eval/accuracy": 0.0' in proc.stdout  # an untrained model gets none right
     assert '"eval/num_samples": 8' in proc.stdout
+
+
+def test_train_cli_data_error_is_one_clear_line(tmp_path, tiny_path):
+    missing = tmp_path / "nope.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "optsys.train", f"model.name_or_path={tiny_path}",
+                           "data.task=null", f"data.dataset={missing}", f"output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "DataError" in proc.stderr and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
