@@ -76,5 +76,9 @@ def test_config_file_errors(tmp_path):
         load_config(config_file=str(wrong))
 
 
-def test_defaults_validate():
-    TrainConfig().validate()
+def test_defaults_validate_and_a_broken_default_does_not():
+    TrainConfig().validate()  # raises ConfigError if the shipped defaults were inconsistent
+    broken = TrainConfig()
+    broken.data.dataset = "rows.jsonl"  # now both data.task and data.dataset are set
+    with pytest.raises(ConfigError, match="exactly one of data.task"):
+        broken.validate()

@@ -67,6 +67,6 @@ def _assert_close(actual, expected, dtype, what="", rtol=None):
 
 
 @pytest.fixture
-def close():
+def assert_close():
     """assert_close(actual, expected, dtype, what): tolerance from the dtype, atol scaled by |expected|."""
     return _assert_close

@@ -25,8 +25,8 @@ def make_inputs(n=N, h=H, v=V, dtype=torch.float32, *, bias=True, ignore_frac=0.
     return params, target.to(device)
 
 
-def compare(close, backend, dtype=torch.float32, *, bias=True, ignore_frac=0.3, scale=1.0, n=N, h=H, v=V,
-            device="cpu", **kw):
+def check_against_reference(assert_close, backend, dtype=torch.float32, *, bias=True, ignore_frac=0.3,
+                            scale=1.0, n=N, h=H, v=V, device="cpu", **kw):
     """Loss and every gradient of the fused op vs the reference, with a non-unit grad_output."""
     params, target = make_inputs(n, h, v, dtype, bias=bias, ignore_frac=ignore_frac, scale=scale, device=device)
     ref_params = [p.detach().clone().requires_grad_() for p in params]
@@ -37,26 +37,26 @@ def compare(close, backend, dtype=torch.float32, *, bias=True, ignore_frac=0.3, 
     loss = run(fused_linear_cross_entropy, params, backend=backend)
     ref = run(linear_cross_entropy_reference, ref_params)
     assert loss.dtype == torch.float32
-    close(loss, ref, dtype, "loss")
+    assert_close(loss, ref, dtype, "loss")
     g = torch.rand(loss.shape, device=device) + 0.5 if loss.dim() else torch.tensor(1.7, device=device)
     grads = torch.autograd.grad(loss, params, g)
     ref_grads = torch.autograd.grad(ref, ref_params, g)
     for name, a, e in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert a.dtype == dtype, name
-        close(a, e, dtype, f"grad {name}")
+        assert_close(a, e, dtype, f"grad {name}")
     return loss, grads
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_matches_reference(close, small_chunks, dtype, reduction):
-    compare(close, "torch", dtype, reduction=reduction)
+def test_torch_matches_reference(assert_close, small_chunks, dtype, reduction):
+    check_against_reference(assert_close, "torch", dtype, reduction=reduction)
 
 
 @pytest.mark.parametrize("opts", [{"label_smoothing": 0.1}, {"z_loss": 1e-2}, {"softcap": 3.0},
                                   {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 5.0, "reduction": "none"}])
-def test_torch_options(close, small_chunks, opts):
-    compare(close, "torch", **opts)
+def test_torch_options(assert_close, small_chunks, opts):
+    check_against_reference(assert_close, "torch", **opts)
 
 
 # The interpreter runs each program instance in Python (~1 s per case here): a few cases, chosen to
@@ -66,8 +66,8 @@ def test_torch_options(close, small_chunks, opts):
     (torch.float32, {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}),
     (torch.bfloat16, {"reduction": "sum", "z_loss": 1e-3}),
 ])
-def test_triton_matches_reference(close, triton_cpu, dtype, opts):
-    compare(close, triton_cpu, dtype, v=301, **opts)
+def test_triton_matches_reference(assert_close, triton_cpu, dtype, opts):
+    check_against_reference(assert_close, triton_cpu, dtype, v=301, **opts)
 
 
 def test_all_ignored(backend):
@@ -78,13 +78,13 @@ def test_all_ignored(backend):
         assert torch.equal(g, torch.zeros_like(p))
 
 
-def test_large_logits_no_overflow(close, backend):
+def test_large_logits_no_overflow(assert_close, backend):
     # hidden x100: logits in the hundreds; a naive exp overflows fp32.
-    loss, grads = compare(close, backend, scale=100.0, v=301, reduction="none", z_loss=1e-4)
+    loss, grads = check_against_reference(assert_close, backend, scale=100.0, v=301, reduction="none", z_loss=1e-4)
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_noncontiguous_inputs(close, backend):
+def test_noncontiguous_inputs(assert_close, backend):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(H, N, generator=g).T.requires_grad_()  # column-major view
     weight_full = torch.randn(301, 2 * H, generator=g) / H**0.5
@@ -92,20 +92,20 @@ def test_noncontiguous_inputs(close, backend):
     target = torch.randint(0, 301, (2 * N,), generator=g)[::2]
     loss = fused_linear_cross_entropy(hidden, weight, target, backend=backend)
     ref = linear_cross_entropy_reference(hidden, weight, target)
-    close(loss, ref, torch.float32, "loss")
+    assert_close(loss, ref, torch.float32, "loss")
     for a, e in zip(torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
-        close(a, e, torch.float32, "grad")
+        assert_close(a, e, torch.float32, "grad")
 
 
-def test_frozen_weight_and_no_grad(close, small_chunks):
+def test_frozen_weight_and_no_grad(assert_close, small_chunks):
     (hidden, weight, bias), target = make_inputs()
     weight.requires_grad_(False)
     loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias)
     (gh,) = torch.autograd.grad(loss, hidden)
     ref = linear_cross_entropy_reference(hidden, weight, target, bias=bias)
-    close(gh, torch.autograd.grad(ref, hidden)[0], torch.float32, "grad hidden")
+    assert_close(gh, torch.autograd.grad(ref, hidden)[0], torch.float32, "grad hidden")
     with torch.no_grad():
-        close(fused_linear_cross_entropy(hidden, weight, target, bias=bias), ref, torch.float32, "loss")
+        assert_close(fused_linear_cross_entropy(hidden, weight, target, bias=bias), ref, torch.float32, "loss")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -161,12 +161,12 @@ class TestCUDA:
 
     @pytest.mark.parametrize("backend", ["triton", "torch"])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    def test_matches_reference(self, close, backend, dtype):
-        compare(close, backend, dtype, n=4093, h=1024, v=32003, device="cuda", reduction="mean")
+    def test_matches_reference(self, assert_close, backend, dtype):
+        check_against_reference(assert_close, backend, dtype, n=4093, h=1024, v=32003, device="cuda", reduction="mean")
 
-    def test_options(self, close):
-        compare(close, "triton", torch.bfloat16, n=2047, h=1024, v=32003, device="cuda", reduction="none",
-                label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+    def test_options(self, assert_close):
+        check_against_reference(assert_close, "triton", torch.bfloat16, n=2047, h=1024, v=32003, device="cuda",
+                                reduction="none", label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
 
     def test_all_ignored(self):
         params, target = make_inputs(n=1024, h=512, v=32000, ignore_frac=1.0, device="cuda")

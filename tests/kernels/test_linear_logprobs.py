@@ -14,8 +14,8 @@ def make_inputs(n=N, h=H, v=V, dtype=torch.float32, *, scale=1.0, seed=0, device
     return hidden, weight, torch.randint(0, v, (n,), generator=g).to(device)
 
 
-def compare(close, backend, dtype=torch.float32, *, entropy=True, temperature=1.0, scale=1.0, n=N, h=H, v=V,
-            device="cpu", grad_outputs=("lp", "ent"), rtol=None):
+def check_against_reference(assert_close, backend, dtype=torch.float32, *, entropy=True, temperature=1.0,
+                            scale=1.0, n=N, h=H, v=V, device="cpu", grad_outputs=("lp", "ent"), rtol=None):
     """Outputs and grads (through the chosen outputs, random weights per row) vs the reference."""
     hidden, weight, target = make_inputs(n, h, v, dtype, scale=scale, device=device)
     ref_params = [hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()]
@@ -28,40 +28,40 @@ def compare(close, backend, dtype=torch.float32, *, entropy=True, temperature=1.
     objective, ref_objective = 0.0, 0.0
     for name, o, r in zip(("lp", "ent"), out, ref):
         assert o.dtype == torch.float32
-        close(o, r, dtype, name, rtol)
+        assert_close(o, r, dtype, name, rtol)
         if name in grad_outputs:
             g = torch.randn(n, generator=gen).to(device)
             objective, ref_objective = objective + (o * g).sum(), ref_objective + (r * g).sum()
     grads = torch.autograd.grad(objective, (hidden, weight))
     for name, a, e in zip(("hidden", "weight"), grads, torch.autograd.grad(ref_objective, ref_params)):
         assert a.dtype == dtype
-        close(a, e, dtype, f"grad {name}", rtol)
+        assert_close(a, e, dtype, f"grad {name}", rtol)
     return out, grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_torch_matches_reference(close, small_chunks, dtype, temperature):
-    compare(close, "torch", dtype, temperature=temperature)
+def test_torch_matches_reference(assert_close, small_chunks, dtype, temperature):
+    check_against_reference(assert_close, "torch", dtype, temperature=temperature)
 
 
 @pytest.mark.parametrize("grad_outputs", [("lp",), ("ent",)])
-def test_torch_single_output_grads(close, small_chunks, grad_outputs):
-    compare(close, "torch", grad_outputs=grad_outputs)
+def test_torch_single_output_grads(assert_close, small_chunks, grad_outputs):
+    check_against_reference(assert_close, "torch", grad_outputs=grad_outputs)
 
 
-def test_torch_without_entropy(close, small_chunks):
-    compare(close, "torch", entropy=False, temperature=1.3)
+def test_torch_without_entropy(assert_close, small_chunks):
+    check_against_reference(assert_close, "torch", entropy=False, temperature=1.3)
 
 
 @pytest.mark.parametrize("dtype, temperature", [(torch.float32, 0.7), (torch.bfloat16, 1.0)])
-def test_triton_matches_reference(close, triton_cpu, dtype, temperature):
-    compare(close, triton_cpu, dtype, temperature=temperature, v=301)
+def test_triton_matches_reference(assert_close, triton_cpu, dtype, temperature):
+    check_against_reference(assert_close, triton_cpu, dtype, temperature=temperature, v=301)
 
 
-def test_large_logits_no_overflow(close, backend):
+def test_large_logits_no_overflow(assert_close, backend):
     # Logits ~ 1e2: their own fp32 rounding (~1e-5 absolute) bounds the agreement of any two paths.
-    out, grads = compare(close, backend, scale=100.0, v=301, rtol=1e-4)
+    out, grads = check_against_reference(assert_close, backend, scale=100.0, v=301, rtol=1e-4)
     assert all(torch.isfinite(t).all() for t in (*out, *grads))
 
 
@@ -96,5 +96,5 @@ class TestCUDA:
 
     @pytest.mark.parametrize("backend", ["triton", "torch"])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    def test_matches_reference(self, close, backend, dtype):
-        compare(close, backend, dtype, temperature=0.7, n=4093, h=1024, v=32003, device="cuda")
+    def test_matches_reference(self, assert_close, backend, dtype):
+        check_against_reference(assert_close, backend, dtype, temperature=0.7, n=4093, h=1024, v=32003, device="cuda")
