@@ -47,8 +47,8 @@ def run_variant(name: str, preset: str, steps: int, max_tokens: int, device: tor
     times, tokens = [], []
     for i, b in enumerate(batches):
         t0 = time.perf_counter()
-        loss = model.token_loss_sum(b.targets.to(device), input_ids=b.input_ids.to(device),
-                                    position_ids=b.position_ids.to(device), seq_lens=b.seq_lens)
+        b = b.to(device)
+        loss = model.token_loss_sum(b.targets, input_ids=b.input_ids, position_ids=b.position_ids, seq_lens=b.seq_lens)
         (loss / b.num_target_tokens).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

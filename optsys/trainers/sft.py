@@ -153,9 +153,9 @@ def micro_batch_loss_sum(model, batch: PackedBatch, *, packing: bool, pad_id: in
 
     `model` carries `token_loss_sum` (optsys.models.packed.attach_loss_method)."""
     if packing:
-        return model.token_loss_sum(batch.targets.to(device), input_ids=batch.input_ids.to(device),
-                                    position_ids=batch.position_ids.to(device), seq_lens=batch.seq_lens,
-                                    backend=backend)
+        b = batch.to(device)
+        return model.token_loss_sum(b.targets, input_ids=b.input_ids, position_ids=b.position_ids,
+                                    seq_lens=b.seq_lens, backend=backend)
     # The same sequences as the packed row, laid out one per padded row (the baseline).
     pieces = zip(batch.input_ids[0].split(batch.seq_lens), batch.targets[0].split(batch.seq_lens))
     padded = collate_padded([TokenizedExample(i.tolist(), t.tolist()) for i, t in pieces], pad_id)
