@@ -1,7 +1,5 @@
 """Preference losses vs their papers' equations, written out independently here in fp64."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -222,55 +220,3 @@ def test_bad_input():
         kto(pw, rw, pl, rl, torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="kl_ref_logps"):
         kto(pw, rw, pl, rl[:2], torch.ones(B, dtype=torch.bool))
-
-
-# ---- TRL, when installed (it is not in the dev venv: these skip there) -----------------------------
-
-
-def _trl_call(method, **attrs):
-    """Call a TRL trainer's loss method unbound, with a stand-in `self` holding its config attributes."""
-    accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
-    fake = SimpleNamespace(accelerator=accelerator, **attrs)
-    return lambda *args, **kw: method(fake, *args, **kw)
-
-
-@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.2), ("ipo", 0.0)])
-def test_matches_trl_dpo(loss_type, eps):
-    trl = pytest.importorskip("trl")
-    pw, pl, rw, rl = (t.detach() for t in _inputs(11))
-    beta = 0.1
-    call = _trl_call(trl.DPOTrainer.dpo_loss, beta=beta, label_smoothing=eps, loss_type=loss_type,
-                     reference_free=False, f_divergence_type="reverse_kl", f_divergence_params={},
-                     use_weighting=False, args=SimpleNamespace(loss_type=[loss_type], beta=beta,
-                                                               label_smoothing=eps, reference_free=False))
-    try:
-        out = call(pw, pl, rw, rl, loss_type=loss_type)
-    except TypeError:
-        out = call(pw, pl, rw, rl)
-    name = {"sigmoid": "dpo", "robust": "robust", "ipo": "ipo"}[loss_type]
-    hyper = dict(beta=beta) if name == "ipo" else dict(beta=beta, label_smoothing=eps)
-    ours, m = PREFERENCE_LOSSES[name](pw, pl, rw, rl, **hyper)
-    torch.testing.assert_close(ours, out[0].double(), rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(m["rewards_chosen"], out[1].double(), rtol=1e-6, atol=1e-8)
-
-
-def test_matches_trl_simpo():
-    trl = pytest.importorskip("trl")
-    pw, pl, _, _ = (t.detach() for t in _inputs(12, average=True))
-    call = _trl_call(trl.CPOTrainer.cpo_loss, loss_type="simpo", beta=2.0, simpo_gamma=0.5,
-                     label_smoothing=0.0, cpo_alpha=1.0)
-    out = call(pw, pl)
-    ours, _ = simpo(pw, pl, beta=2.0, gamma=0.5)
-    torch.testing.assert_close(ours, out[0].double(), rtol=1e-6, atol=1e-8)
-
-
-def test_matches_trl_kto():
-    trl = pytest.importorskip("trl")
-    pol, ref, kl_pol, kl_ref, labels = (t.detach() for t in _kto_inputs(13, 2.0))
-    call = _trl_call(trl.KTOTrainer.kto_loss, beta=0.3, desirable_weight=1.0, undesirable_weight=1.5,
-                     loss_type="kto", calculate_KL=True)
-    out = call(pol[labels], pol[~labels], kl_pol, ref[labels], ref[~labels], kl_ref)
-    ours, m = kto(pol, ref, kl_pol, kl_ref, labels, beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
-    # TRL returns the desirable losses first, then the undesirable ones
-    torch.testing.assert_close(torch.cat([ours[labels], ours[~labels]]), out[0].double(), rtol=1e-6, atol=1e-8)
-    assert float(m["kl"]) == pytest.approx(float(out[3]), rel=1e-6)
