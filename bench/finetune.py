@@ -25,7 +25,7 @@ from optsys.data.packing import packed_batches
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import tokenize_rows
 from optsys.models.load import load_model_and_tokenizer
-from optsys.models.packed import attach_loss_method
+from optsys.models.packed import attach_forward_methods
 from optsys.trainers.common import build_optimizer, peak_memory_mb
 
 VARIANTS = {
@@ -39,7 +39,7 @@ def run_variant(name: str, preset: str, steps: int, max_tokens: int, device: tor
     torch.manual_seed(0)
     cfg = ModelConfig(name_or_path=f"tiny:{preset}", lora=VARIANTS[name])
     model, tok = load_model_and_tokenizer(cfg, device)
-    attach_loss_method(model).train()
+    attach_forward_methods(model).train()
     rows = get_task("sorting").sft_rows("train", 4000, difficulty=8)
     examples, _ = tokenize_rows(rows, tok, max_tokens=max_tokens)
     batches = packed_batches(examples, max_tokens, shuffle_seed=0)[: steps + 1]

@@ -57,7 +57,7 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------- fingerprint
 
 
-def _model_config_sha256(model) -> str:
+def model_config_sha256(model) -> str:
     """Hash of the architecture (HF config), without fields that change with paths or versions."""
     config = getattr(model, "config", None)
     raw = config.to_dict() if config is not None else {}
@@ -79,7 +79,7 @@ def run_fingerprint(cfg, model, *, num_rows: int | None = None, data_sha256: str
         "method": cfg.method,
         "recipe": cfg.recipe,
         "model.name_or_path": cfg.model.name_or_path,
-        "model.config_sha256": _model_config_sha256(model),
+        "model.config_sha256": model_config_sha256(model),
         "model.num_parameters": sum(p.numel() for p in model.parameters()),
         "model.dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "data.source": source,
@@ -261,6 +261,9 @@ def _dcp_state(model, optimizer) -> dict:
         get_optimizer_state_dict,
     )
 
+    from optsys.parallel.dist import reshard
+
+    reshard(model)  # after a no-grad forward the root may hold unsharded params, which the optimizer does not know
     options = StateDictOptions(full_state_dict=False)
     return {"model": get_model_state_dict(model, options=options),
             "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}

@@ -113,6 +113,9 @@ class PreferenceConfig:
     # and caches them in <output_dir>/ref_logps.safetensors; "copy" keeps a frozen copy in memory;
     # "adapters_off" (LoRA only) runs the same model with its adapters disabled.
     reference: Literal["precompute", "copy", "adapters_off"] = "precompute"
+    # The reference checkpoint (hub id, folder, tiny:<preset>) for precompute / copy; None = the policy's
+    # initial weights. It must share the policy's tokenizer and architecture (checked at load).
+    reference_model: str | None = None
 
 
 @dataclass
@@ -168,6 +171,15 @@ class TrainConfig:
         if self.pref.reference == "adapters_off" and lora.r == 0 and self.method not in ("sft", "rm"):
             raise ConfigError("pref.reference=adapters_off needs LoRA (model.lora.r > 0); use "
                               "pref.reference=precompute or copy for full fine-tuning")
+        if self.pref.reference_model is not None and self.method not in ("sft", "rm"):
+            if self.pref.reference == "adapters_off":
+                raise ConfigError("pref.reference_model cannot be used with pref.reference=adapters_off (the "
+                                  "reference is the policy with its adapters disabled); use precompute or copy")
+            from optsys.losses import PREFERENCE_LOSSES
+
+            spec = PREFERENCE_LOSSES.get(self.method)
+            if spec is not None and not spec.needs_reference:
+                raise ConfigError(f"method={self.method} is reference-free: drop pref.reference_model")
         if self.resume and self.output_dir is None:
             raise ConfigError("resume=true needs output_dir=<the folder of the run to continue>")
         if self.resume and self.overwrite:

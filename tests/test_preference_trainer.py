@@ -122,3 +122,30 @@ def test_dpo_on_sft_model_raises_heldout_reward_accuracy(tmp_path, quickstart_ru
     assert s["eval/reward_accuracy"] > s["eval/reward_accuracy_before"]
     assert s["eval/accuracy_before"] >= 0.8  # it really starts from a model that can add
     assert s["eval/accuracy_after"] >= s["eval/accuracy_before"] - 1 / 200 - 1e-9  # num_eval = 200
+
+
+def test_separate_reference_model_and_mismatches(tmp_path, tiny_path, tiny_cache):
+    from optsys.models.tiny import build_tiny
+    from safetensors.torch import load_file
+
+    other = build_tiny("test", seed=1, cache_dir=tiny_cache)  # same family and tokenizer, other weights
+    for mode in ("precompute", "copy"):
+        s = preference.train(pref_cfg(tmp_path / mode, tiny_path, "trainer.max_steps=1", f"pref.reference={mode}",
+                                      f"pref.reference_model={other}", "eval.before=true"))
+        # before training the policy is not its reference: the rewards are not all 0
+        assert abs(s["eval/rewards_chosen_before"]) > 1e-3, mode
+    # the cache holds the other model's log-probs: equal to scoring with it directly
+    cached = load_file(tmp_path / "precompute" / "ref_logps.safetensors")
+    own = preference.train(pref_cfg(tmp_path / "own", tiny_path, "trainer.max_steps=1"))
+    assert own["eval/rewards_chosen_before"] == 0.0
+    assert not torch.allclose(cached["train"], load_file(tmp_path / "own" / "ref_logps.safetensors")["train"])
+
+    llama = build_tiny("test-llama", seed=0, cache_dir=tiny_cache)
+    with pytest.raises(ConfigError, match=r"architecture: policy 'qwen2', reference 'llama'"):
+        preference.train(pref_cfg(tmp_path / "llama", tiny_path, f"pref.reference_model={llama}"))
+    small = build_tiny("small", seed=0, cache_dir=tiny_cache)  # vocab 32000, another tokenizer
+    with pytest.raises(ConfigError, match=r"tokenizer: the policy's has 512 tokens.*\n.*vocab \(lm_head rows\): "
+                                          r"policy 512, reference 32000"):
+        preference.train(pref_cfg(tmp_path / "small", tiny_path, f"pref.reference_model={small}"))
+    with pytest.raises(ConfigError, match="reference-free"):
+        pref_cfg(tmp_path / "simpo", tiny_path, f"pref.reference_model={other}", method="simpo")

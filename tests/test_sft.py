@@ -11,7 +11,7 @@ from optsys.data.packing import packed_batches
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import tokenize_rows
 from optsys.models.load import load_tokenizer
-from optsys.models.packed import attach_loss_method
+from optsys.models.packed import attach_forward_methods
 from optsys.trainers import sft
 
 
@@ -59,7 +59,7 @@ def test_existing_run_folder_is_refused(tmp_path, tiny_path):
 def test_packed_and_padded_losses_match(tiny_path):
     """The padded baseline sees the same sequences as the packed row: same loss sum."""
     tok = load_tokenizer(str(tiny_path))
-    model = attach_loss_method(AutoModelForCausalLM.from_pretrained(tiny_path))
+    model = attach_forward_methods(AutoModelForCausalLM.from_pretrained(tiny_path))
     rows = get_task("sorting").sft_rows("train", 9, difficulty=5)
     examples, _ = tokenize_rows(rows, tok, max_tokens=512)
     batch = packed_batches(examples, 512, shuffle_seed=None)[0]
@@ -90,7 +90,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_path):
     kw = dict(packing=True, pad_id=tok.pad_token_id, backend="torch", device=torch.device("cpu"))
 
     def grads(batches):
-        model = attach_loss_method(AutoModelForCausalLM.from_pretrained(tiny_path))
+        model = attach_forward_methods(AutoModelForCausalLM.from_pretrained(tiny_path))
         n = sum(b.num_target_tokens for b in batches)
         for b in batches:
             (sft.micro_batch_loss_sum(model, b, **kw) / n).backward()

@@ -14,6 +14,7 @@ import types
 import torch
 
 from optsys.kernels import fused_linear_cross_entropy
+from optsys.losses.sequence import sequence_logprobs
 
 
 def block_diagonal_causal_mask(seq_lens: list[int], device, *, additive_dtype=None) -> torch.Tensor:
@@ -68,7 +69,7 @@ def token_loss_sum(model, targets: torch.Tensor, *, input_ids: torch.Tensor, bac
     """Sum of token cross-entropies from hidden states through the fused kernel (no [T, V] logits).
 
     Packed when `seq_lens` is given ([1, T] row), else padded ([B, L] with attention_mask).
-    Call it through `model.token_loss_sum(...)` after `attach_loss_method(model)`: under FSDP2 that
+    Call it through `model.token_loss_sum(...)` after `attach_forward_methods(model)`: under FSDP2 that
     method is registered as a forward, so the root's parameters (embeddings, final norm, lm_head) are
     all-gathered around it exactly as they are around `forward`.
     """
@@ -80,10 +81,29 @@ def token_loss_sum(model, targets: torch.Tensor, *, input_ids: torch.Tensor, bac
                                       backend=backend)
 
 
-LOSS_METHOD = "token_loss_sum"
+def packed_sequence_logps(model, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_lens: list[int],
+                          targets: torch.Tensor, cu_seqlens: torch.Tensor, *, average: bool,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sequence log-probs [S], target counts [S]) of a packed row, through the fused log-prob kernel.
+
+    Summed over each sequence's targets, or their mean with `average`. Call it as
+    `model.packed_sequence_logps(...)` after `attach_forward_methods(model)` (FSDP2, see token_loss_sum).
+    """
+    hidden = packed_hidden(model, input_ids, position_ids, seq_lens)
+    return sequence_logprobs(hidden, lm_head_weight(model), targets, cu_seqlens=cu_seqlens, average=average,
+                             backend=backend)
 
 
-def attach_loss_method(model):
-    """Bind token_loss_sum as `model.token_loss_sum` (see there); returns the model."""
-    setattr(model, LOSS_METHOD, types.MethodType(token_loss_sum, model))
+# Methods that run (part of) the model without calling `forward`. FSDP2 unshards the root module's
+# parameters only around forward; optsys.parallel.dist.shard_model registers each of these that a model
+# carries, so they get the same all-gather / reduce-scatter treatment.
+FORWARD_METHODS = {"token_loss_sum": token_loss_sum, "packed_sequence_logps": packed_sequence_logps}
+
+
+def attach_forward_methods(model, methods: dict | None = None):
+    """Bind `methods` (name -> fn(model, ...); default FORWARD_METHODS) as methods of this model; returns it."""
+    methods = FORWARD_METHODS if methods is None else methods
+    for name, fn in methods.items():
+        setattr(model, name, types.MethodType(fn, model))
+    model.optsys_forward_methods = tuple(methods)  # read by shard_model
     return model

@@ -63,6 +63,15 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_sum_tensor(t: torch.Tensor, world: World) -> torch.Tensor:
+    """Elementwise sum of a tensor over ranks (a CPU tensor in, a CPU tensor out)."""
+    if not world.distributed:
+        return t
+    moved = t.to(world.device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    return moved.to(t.device)
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
@@ -78,22 +87,34 @@ def shard_model(model, world: World):
         return model
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from optsys.models.packed import LOSS_METHOD
-
     for layer in model.get_decoder().layers:
         fully_shard(layer)
     fully_shard(model)
-    # The trainers' loss runs backbone + fused lm_head loss without calling forward: register it so
-    # FSDP unshards the root's parameters around it (and reduce-scatters their grads in backward).
-    if hasattr(model, LOSS_METHOD):
-        register_fsdp_forward_method(model, LOSS_METHOD)
+    # The trainers' losses run backbone + fused lm_head loss (or the reward head) without calling forward:
+    # register those methods so FSDP unshards the root's parameters around them (and reduce-scatters
+    # their grads in backward). See optsys.models.packed.attach_forward_methods.
+    for name in getattr(model, "optsys_forward_methods", ()):
+        register_fsdp_forward_method(model, name)
     return model
+
+
+def reshard(model) -> None:
+    """Put an FSDP2 model's parameters back into their sharded form (a no-op otherwise).
+
+    FSDP2 keeps the root's parameters unsharded after a forward that no backward follows (an eval, a
+    reference pass, generation); while they are, `model.parameters()` yields the unsharded tensors, which
+    an optimizer built or a state dict taken then would not match. Call it before either."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def full_state_dict(model, world: World) -> dict:
     """The whole model's weights on CPU (gathered from shards under FSDP2; every rank must call)."""
     if not world.distributed:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    reshard(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

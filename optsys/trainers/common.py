@@ -1,4 +1,5 @@
-"""Pieces every trainer calls: device, seeding, output folder, optimizer, schedule, precision."""
+"""Pieces every trainer calls: device, seeding, output folder, optimizer, schedule, precision,
+the resumable step stream, metric windows, and finding / restoring the checkpoint to resume from."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import random
 import resource
 import sys
 import time
+from itertools import count
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
 
+from optsys.checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, rewind_metrics
 from optsys.config import ConfigError, TrainConfig, dump_yaml, to_dict
+from optsys.parallel.dist import World, all_reduce_sum, broadcast_object
 
 
 def pick_device(name: str) -> torch.device:
@@ -143,8 +148,141 @@ def close_run(log, summary: dict, *, device: torch.device, t_start: float, out_d
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory on CUDA; peak resident set size of the process on CPU."""
+    """Peak accelerator memory on CUDA; peak resident set size of the process on CPU.
+
+    On Linux this reads VmHWM (this process's own high-water mark): getrusage's ru_maxrss is not reset by
+    exec, so a process started by a bigger one would report its parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+# ---------------------------------------------------------------------------- steps, metrics, resume
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a pure function of (seed, epoch), so a resumed run replays it."""
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+class StepStream:
+    """Endless stream of optimizer steps, each (epoch, list of micro-batches); resumable.
+
+    `epoch_batches(epoch)` gives that epoch's micro-batches (packed rows with `.num_tokens`) and must be a
+    pure function of the epoch. A step takes micro-batches while their tokens fit in batch_tokens (at
+    least one per step); the epoch's tail makes a smaller step rather than being dropped.
+
+    `position` is (epoch, index in that epoch's batches of the next step's first batch). A step always
+    starts fresh, so a stream started at a saved position yields exactly the steps an uninterrupted one
+    yields from there.
+    """
+
+    def __init__(self, epoch_batches: Callable[[int], list], batch_tokens: int, position: tuple[int, int] = (0, 0)):
+        self.epoch_batches, self.batch_tokens = epoch_batches, batch_tokens
+        self.position = (int(position[0]), int(position[1]))
+        self._steps = self._generate()
+
+    def _generate(self):
+        first_epoch, i = self.position
+        for epoch in count(first_epoch):
+            batches = self.epoch_batches(epoch)
+            i = i if epoch == first_epoch else 0
+            while i < len(batches):
+                group, tokens = [batches[i]], batches[i].num_tokens
+                i += 1
+                while i < len(batches) and tokens + batches[i].num_tokens <= self.batch_tokens:
+                    group.append(batches[i])
+                    tokens += batches[i].num_tokens
+                    i += 1
+                self.position = (epoch, i) if i < len(batches) else (epoch + 1, 0)
+                yield epoch, group
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, list]:
+        return next(self._steps)
+
+
+class MetricWindow:
+    """Sums and counts of per-example metrics over a logging window; means on read.
+
+    Under torchrun each rank adds its own examples; `all_reduce` sums the window over ranks (every rank
+    must call it) before the means are logged. `state` / `from_state` carry a window through a checkpoint.
+    """
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+        self.sums = dict.fromkeys(keys, 0.0)
+        self.counts = dict.fromkeys(keys, 0)
+
+    def add(self, name: str, values) -> None:
+        values = torch.as_tensor(values).detach().float().reshape(-1)
+        self.sums[name] += float(values.sum())
+        self.counts[name] += values.numel()
+
+    def means(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}{k}": self.sums[k] / self.counts[k] for k in self.keys if self.counts[k]}
+
+    def all_reduce(self, world: World) -> MetricWindow:
+        if world.distributed:
+            flat = all_reduce_sum([self.sums[k] for k in self.keys] + [float(self.counts[k]) for k in self.keys],
+                                  world)
+            n = len(self.keys)
+            self.sums = dict(zip(self.keys, flat[:n]))
+            self.counts = {k: int(round(c)) for k, c in zip(self.keys, flat[n:])}
+        return self
+
+    def state(self) -> dict:
+        return {"sums": self.sums, "counts": self.counts}
+
+    @classmethod
+    def from_state(cls, keys: tuple[str, ...], state: dict | None) -> MetricWindow:
+        window = cls(keys)
+        if state:
+            window.sums.update(state["sums"])
+            window.counts.update(state["counts"])
+        return window
+
+
+def locate_resume(cfg: TrainConfig, out_dir: Path, world: World) -> Path | None:
+    """The checkpoint a resume=true run continues from (None without resume), or a CheckpointError.
+
+    Call it before loading anything. Rank 0 picks, so every rank loads the same checkpoint."""
+    if not cfg.resume:
+        return None
+    found, error = None, None
+    if world.is_main:
+        try:
+            found = resume_checkpoint(out_dir)
+        except CheckpointError as e:
+            error = str(e)
+    found, error = broadcast_object((found, error), world)
+    if error is not None:
+        raise CheckpointError(error)
+    return found
+
+
+def restore_run(path: Path, out_dir: Path, world: World, *, model, optimizer, scheduler, fingerprint: dict,
+                max_steps: int) -> dict:
+    """Load checkpoint `path` into model / optimizer / scheduler (after its fingerprint and hashes check),
+    drop the metrics rows a killed run logged after it, and return its trainer state."""
+    state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint)
+    if world.is_main:
+        rewind_metrics(out_dir / "metrics.jsonl", state["step"])
+        print(f"resuming {out_dir} from {path.name} (step {state['step']} of {max_steps})")
+    return state
+
+
+def before_summary(summary: dict) -> dict:
+    """The summary entries measured before training (kept through a resume, not measured again)."""
+    return {k: v for k, v in summary.items() if k.endswith("_before") or k.endswith("before_s")}

@@ -10,22 +10,25 @@ completion, and its policy/reference log-ratio is the KL baseline z0 (estimated 
 Reference log-probs (methods that need them): pref.reference=precompute scores the train and eval
 pairs once with the initial model and caches them, fingerprinted, in <output_dir>/ref_logps.safetensors;
 copy keeps a frozen in-memory copy; adapters_off runs the LoRA model with its adapters disabled.
+
+Like SFT: FSDP2 under torchrun (every rank builds the same step and runs its round-robin share of the
+rows; the reference cache is scored the same way), checkpoints every trainer.save_every steps, and
+resume=true continues bit for bit (weights, optimizer, schedule, RNG, data position, metric window).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from itertools import count
 from pathlib import Path
 
 import torch
 
-from optsys.checkpoint import _model_config_sha256
+from optsys.checkpoint import model_config_sha256, run_fingerprint, save_checkpoint
 from optsys.config import ConfigError, TrainConfig
 from optsys.data.preference import (
     PairBatch,
@@ -39,19 +42,37 @@ from optsys.data.sources import load_rows
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import DataReport
 from optsys.eval.accuracy import task_accuracy
-from optsys.losses import PREFERENCE_LOSSES, sequence_logprobs
+from optsys.losses import PREFERENCE_LOSSES
 from optsys.models.load import load_model_and_tokenizer
 from optsys.models.lora import is_peft, save_final
-from optsys.models.packed import lm_head_weight, packed_hidden
+from optsys.models.packed import attach_forward_methods, packed_sequence_logps
+from optsys.parallel.dist import (
+    World,
+    all_reduce_sum,
+    all_reduce_sum_tensor,
+    barrier,
+    broadcast_object,
+    close_world,
+    full_state_dict,
+    init_world,
+    local_steps,
+    rank_share,
+    shard_model,
+)
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
+    MetricWindow,
+    StepStream,
     autocast_context,
+    before_summary,
     build_optimizer,
     clip_and_step,
     close_run,
-    pick_device,
+    epoch_order,
+    locate_resume,
     prepare_output_dir,
+    restore_run,
     set_seed,
     warmup_cosine,
 )
@@ -99,11 +120,13 @@ def build_preference_data(cfg: TrainConfig, tokenizer, *, kto: bool) -> Preferen
 
 
 def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device) -> tuple[torch.Tensor, ...]:
-    """One packed forward -> (chosen logps [P], rejected logps [P], chosen token counts [P])."""
+    """One packed forward -> (chosen logps [P], rejected logps [P], chosen token counts [P]).
+
+    Goes through `model.packed_sequence_logps` when attached (what FSDP2 registers as a forward)."""
     b = batch.packed
-    hidden = packed_hidden(model, b.input_ids.to(device), b.position_ids.to(device), b.seq_lens)
-    logps, counts = sequence_logprobs(hidden, lm_head_weight(model), b.targets.to(device),
-                                      cu_seqlens=b.cu_seqlens().to(device), average=average, backend=backend)
+    fn = getattr(model, "packed_sequence_logps", None) or (lambda *a, **k: packed_sequence_logps(model, *a, **k))
+    logps, counts = fn(b.input_ids.to(device), b.position_ids.to(device), b.seq_lens, b.targets.to(device),
+                       b.cu_seqlens().to(device), average=average, backend=backend)
     return logps[0::2], logps[1::2], counts[0::2]
 
 
@@ -111,10 +134,13 @@ def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device) 
 
 
 def reference_fingerprint(cfg: TrainConfig, model, tokenizer, data: PreferenceData, average: bool) -> dict:
-    """What the cached reference log-probs depend on; a cache whose fingerprint differs is refused."""
+    """What the cached reference log-probs depend on; a cache whose fingerprint differs is refused.
+
+    Checkpoints are named by path, not hashed: a different checkpoint written to the same path is not seen."""
     return {
         "model.name_or_path": cfg.model.name_or_path,
-        "model.config_sha256": _model_config_sha256(model),
+        "model.config_sha256": model_config_sha256(model),
+        "pref.reference_model": cfg.pref.reference_model,
         "tokenizer.vocab_size": len(tokenizer),
         "data.train_sha256": pairs_sha256(data.train),
         "data.eval_sha256": pairs_sha256(data.eval),
@@ -124,18 +150,30 @@ def reference_fingerprint(cfg: TrainConfig, model, tokenizer, data: PreferenceDa
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[PreferencePair], *, max_tokens: int, average: bool, backend: str, device,
-                precision: str = "fp32") -> torch.Tensor:
-    """[N, 2] (chosen, rejected) log-probs of every pair, in dataset order (eval mode, no grad)."""
-    out = torch.zeros(len(pairs), 2)
+                precision: str = "fp32", world: World | None = None) -> torch.Tensor:
+    """[N, 2] (chosen, rejected) log-probs of every pair, in dataset order (eval mode, no grad).
+
+    Under torchrun each rank scores its share of the rows and the results are summed over ranks."""
+    world = world or World(0, 1, 0, device)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    for batch in packed_pair_batches(pairs, max_tokens, shuffle_seed=None):
+    for batch, real in shared_batches(packed_pair_batches(pairs, max_tokens, shuffle_seed=None), world):
         with autocast_context(precision, device):
             c, r, _ = pair_logps(model, batch, average=average, backend=backend, device=device)
-        idx = torch.tensor(batch.pair_index)
-        out[idx, 0], out[idx, 1] = c.float().cpu(), r.float().cpu()
+        if real:
+            idx = torch.tensor(batch.pair_index)
+            out[idx, 0], out[idx, 1] = c.double().cpu(), r.double().cpu()
     model.train(was_training)
-    return out
+    return all_reduce_sum_tensor(out, world).float()
+
+
+def shared_batches(batches: list, world: World):
+    """(batch, real) for this rank's round-robin share of `batches`; ranks short of batches get fillers
+    (real=False: run for FSDP's collectives, weight 0, not counted), so every rank runs as many."""
+    mine = rank_share(batches, world)
+    for i in range(local_steps(len(batches), world)):
+        yield (mine[i], True) if i < len(mine) else (batches[0], False)
 
 
 def save_reference_cache(path: Path, logps: dict[str, torch.Tensor], fingerprint: dict) -> None:
@@ -168,48 +206,29 @@ def load_reference_cache(path: Path, fingerprint: dict) -> dict[str, torch.Tenso
 # ---------------------------------------------------------------------------- steps and metrics
 
 
-def pair_steps(pairs: list[PreferencePair], max_tokens: int, batch_tokens: int, seed: int):
-    """Endless (epoch, [PairBatch, ...]) optimizer steps; pairs reshuffled and repacked every epoch."""
-    for epoch in count():
-        order = list(range(len(pairs)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        batches = packed_pair_batches(pairs, max_tokens, shuffle_seed=seed + epoch, order=order)
-        i = 0
-        while i < len(batches):
-            group, tokens = [batches[i]], batches[i].num_tokens
-            i += 1
-            while i < len(batches) and tokens + batches[i].num_tokens <= batch_tokens:
-                group.append(batches[i])
-                tokens += batches[i].num_tokens
-                i += 1
-            yield epoch, group
+def pair_steps(pairs: list[PreferencePair], max_tokens: int, batch_tokens: int, seed: int,
+               position: tuple[int, int] = (0, 0)) -> StepStream:
+    """Endless (epoch, [PairBatch, ...]) optimizer steps; pairs reshuffled and repacked every epoch;
+    resumable at a saved `position` (see StepStream)."""
 
+    def epoch_batches(epoch: int) -> list[PairBatch]:
+        return packed_pair_batches(pairs, max_tokens, shuffle_seed=seed + epoch,
+                                   order=epoch_order(len(pairs), seed, epoch))
 
-class Meter:
-    """Sums of per-pair metrics over a window; means on read."""
-
-    def __init__(self):
-        self.sums = dict.fromkeys(METRIC_KEYS, 0.0)
-        self.counts = dict.fromkeys(METRIC_KEYS, 0)
-
-    def add(self, name: str, values: torch.Tensor) -> None:
-        values = values.detach().float().reshape(-1)
-        self.sums[name] += float(values.sum())
-        self.counts[name] += values.numel()
-
-    def means(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}{k}": self.sums[k] / self.counts[k] for k in METRIC_KEYS if self.counts[k]}
+    return StepStream(epoch_batches, batch_tokens, position)
 
 
 def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str, cfg: TrainConfig,
-               device, meter: Meter) -> torch.Tensor:
-    """Sum over the row's pairs of the per-pair loss; metrics go to `meter`. ref: [P, 2] or None."""
+               device, meter: MetricWindow | None) -> torch.Tensor:
+    """Sum over the row's pairs of the per-pair loss; metrics go to `meter` (None: not counted, a
+    filler row). ref: [P, 2] or None."""
     spec = PREFERENCE_LOSSES[method]
     hyper = {k: getattr(cfg.pref, k) for k in HYPER[method]}
     with autocast_context(cfg.trainer.precision, device):
         chosen, rejected, chosen_counts = pair_logps(model, batch, average=spec.average_logps,
                                                      backend=cfg.trainer.kernel_backend, device=device)
     chosen, rejected = chosen.float(), rejected.float()
+    meter = meter if meter is not None else MetricWindow(METRIC_KEYS)  # a filler's metrics are dropped
     if method == "kto":
         ref_c, ref_r = ref[:, 0].to(device), ref[:, 1].to(device)
         labels = torch.tensor(batch.labels, dtype=torch.bool, device=device)
@@ -260,123 +279,246 @@ class Reference:
 
 @torch.no_grad()
 def evaluate(model, pairs: list[PreferencePair], reference: Reference | None, *, method: str, cfg: TrainConfig,
-             device) -> dict[str, float]:
-    """eval/<metric> means over held-out pairs (eval mode)."""
-    meter = Meter()
+             device, world: World | None = None) -> dict[str, float]:
+    """eval/<metric> means over held-out pairs (eval mode; under torchrun each rank takes a share)."""
+    world = world or World(0, 1, 0, device)
+    meter = MetricWindow(METRIC_KEYS)
     was_training = model.training
     model.eval()
-    for batch in packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None):
+    for batch, real in shared_batches(packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None), world):
         ref = reference(batch, "eval") if reference is not None else None
-        batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter)
+        batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter if real else None)
     model.train(was_training)
-    return meter.means("eval/")
+    return meter.all_reduce(world).means("eval/")
 
 
-def train(cfg: TrainConfig) -> dict:
+def load_reference_model(cfg: TrainConfig, policy, tokenizer, device):
+    """pref.reference_model, loaded frozen; a ConfigError if its tokenizer or architecture is not the policy's
+    (log-probs under another vocabulary are not comparable token for token)."""
+    path = cfg.pref.reference_model
+    ref_cfg = dataclasses.replace(cfg.model, name_or_path=path, gradient_checkpointing=False,
+                                  lora=dataclasses.replace(cfg.model.lora, r=0, quantize="none"))
+    ref, ref_tokenizer = load_model_and_tokenizer(ref_cfg, device, seed=cfg.seed)
+    problems = []
+    vocab, ref_vocab = tokenizer.get_vocab(), ref_tokenizer.get_vocab()
+    if vocab != ref_vocab:
+        differing = sorted(set(vocab.items()) ^ set(ref_vocab.items()))[:3]
+        problems.append(f"tokenizer: the policy's has {len(vocab)} tokens, the reference's {len(ref_vocab)}"
+                        f" (e.g. differing entries {differing})")
+    rows, ref_rows = lm_head_rows(policy), lm_head_rows(ref)
+    if rows != ref_rows:
+        problems.append(f"vocab (lm_head rows): policy {rows}, reference {ref_rows}")
+    kind, ref_kind = policy.config.model_type, ref.config.model_type
+    if kind != ref_kind:
+        problems.append(f"architecture: policy {kind!r}, reference {ref_kind!r}")
+    if problems:
+        raise ConfigError(f"pref.reference_model={path} does not match the policy {cfg.model.name_or_path}:\n  "
+                          + "\n  ".join(problems) + "\nUse a reference of the policy's family and tokenizer (e.g. "
+                          "the SFT checkpoint the policy starts from), or drop pref.reference_model to use the "
+                          "policy's initial weights.")
+    return attach_forward_methods(ref.eval().requires_grad_(False))
+
+
+def lm_head_rows(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: PreferenceData, out_dir: Path,
+                    world: World, *, average: bool, summary: dict) -> Reference:
+    """The reference log-prob source for `mode`: pref.reference_model if set, else the policy as loaded
+    (built before any resume, and for `copy` before the policy is sharded).
+
+    precompute: read the fingerprinted cache in out_dir, or score every pair once and write it (rank 0)."""
+    tc = cfg.trainer
+    common = dict(average=average, backend=tc.kernel_backend, device=world.device, precision=tc.precision)
+    if mode == "adapters_off" and not is_peft(model):
+        raise ConfigError("pref.reference=adapters_off needs LoRA (model.lora.r > 0)")
+
+    def separate_reference():
+        return shard_model(load_reference_model(cfg, model, tokenizer, world.device), world)
+
+    if mode == "copy":
+        frozen = (separate_reference() if cfg.pref.reference_model
+                  else shard_model(copy.deepcopy(model).eval().requires_grad_(False), world))
+        return Reference(mode, frozen=frozen, **common)
+    if mode == "adapters_off":
+        return Reference(mode, model=model, **common)
+    t0 = time.time()
+    path = out_dir / REF_CACHE
+    fingerprint = reference_fingerprint(cfg, model, tokenizer, data, average)
+    found = None
+    if world.is_main:  # a mismatched cache is an error on rank 0; the others learn whether one exists
+        found = load_reference_cache(path, fingerprint) is not None
+    if broadcast_object(found, world):
+        cached = load_reference_cache(path, fingerprint)
+    else:
+        scorer = separate_reference() if cfg.pref.reference_model else model
+        cached = {split: score_pairs(scorer, pairs, max_tokens=cfg.data.max_tokens, world=world, **common)
+                  for split, pairs in (("train", data.train), ("eval", data.eval))}
+        del scorer  # a separate reference leaves memory before training starts
+        if world.is_main:
+            save_reference_cache(path, cached, fingerprint)
+        barrier(world)
+    summary["time/reference_s"] = time.time() - t0
+    return Reference(mode, cached=cached, **common)
+
+
+def train(cfg: TrainConfig) -> dict | None:
+    """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs, cache and the model)."""
+    if cfg.method not in PREFERENCE_LOSSES:
+        raise ConfigError(f"method={cfg.method!r} is not a preference method; choose one of "
+                          f"{sorted(PREFERENCE_LOSSES)}")
+    world = init_world(cfg.device)
+    try:
+        return _train(cfg, world)
+    finally:
+        close_world()
+
+
+def _train(cfg: TrainConfig, world: World) -> dict | None:
     t_start = time.time()
     method, tc = cfg.method, cfg.trainer
-    if method not in PREFERENCE_LOSSES:
-        raise ConfigError(f"method={method!r} is not a preference method; choose one of {sorted(PREFERENCE_LOSSES)}")
-    if cfg.resume:
-        raise ConfigError("resume=true is not supported by preference training yet; start a new run")
     spec = PREFERENCE_LOSSES[method]
-    device = pick_device(cfg.device)
+    device = world.device
     set_seed(cfg.seed)
-    out_dir = prepare_output_dir(cfg)
+    out_dir = broadcast_object(prepare_output_dir(cfg) if world.is_main else None, world)
+    resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+    if world.distributed and is_peft(model):
+        raise ConfigError("LoRA (model.lora.r > 0) is not supported under torchrun by the preference trainer yet; "
+                          "train full weights, or run LoRA in one process")
+    attach_forward_methods(model)
     data = build_preference_data(cfg, tokenizer, kto=not spec.paired)
     task = get_task(cfg.data.task) if cfg.data.task else None
     eval_problems = (task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
                      if task else [])
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
-                     "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters())}
-    log = MetricsLog(out_dir)
+                     "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
+                     "parallel/world_size": world.size}
 
+    # The reference is the model as loaded: build it (copy, or the precomputed cache) before any resume.
     reference = None
-    if spec.needs_reference:
-        mode = cfg.pref.reference
-        if mode == "adapters_off" and not is_peft(model):
-            raise ConfigError("pref.reference=adapters_off needs LoRA (model.lora.r > 0)")
-        common = dict(average=spec.average_logps, backend=tc.kernel_backend, device=device, precision=tc.precision)
-        if mode == "precompute":
-            t0 = time.time()
-            path = out_dir / REF_CACHE
-            fingerprint = reference_fingerprint(cfg, model, tokenizer, data, spec.average_logps)
-            cached = load_reference_cache(path, fingerprint)
-            if cached is None:
-                cached = {split: score_pairs(model, pairs, max_tokens=cfg.data.max_tokens, **common)
-                          for split, pairs in (("train", data.train), ("eval", data.eval))}
-                save_reference_cache(path, cached, fingerprint)
-            summary["time/reference_s"] = time.time() - t0
-            reference = Reference(mode, cached=cached, **common)
-        elif mode == "copy":
-            frozen = copy.deepcopy(model).eval().requires_grad_(False)
-            reference = Reference(mode, frozen=frozen, **common)
-        else:
-            reference = Reference(mode, model=model, **common)
+    if spec.needs_reference and cfg.pref.reference == "copy":
+        reference = build_reference("copy", cfg, model, tokenizer, data, out_dir, world,
+                                    average=spec.average_logps, summary=summary)
+    model = shard_model(model, world)  # FSDP2 under torchrun; a no-op for one process
+    # The optimizer takes the parameters now, while they are all in sharded form (see dist.reshard).
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps,
+                                                                           tc.min_lr_ratio))
+    if spec.needs_reference and reference is None:
+        reference = build_reference(cfg.pref.reference, cfg, model, tokenizer, data, out_dir, world,
+                                    average=spec.average_logps, summary=summary)
+
+    fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=pairs_sha256(data.train))
+    state: dict = {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "window": None, "summary": {}}
+    if resume_from is not None:
+        state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
+                            fingerprint=fingerprint, max_steps=tc.max_steps)
+        summary.update(state["summary"])  # the before-training evals are not measured again
+    log = MetricsLog(out_dir, enabled=world.is_main)  # opened after a resume rewound metrics.jsonl
 
     def accuracy(tag: str) -> None:
         acc, records = task_accuracy(model, tokenizer, task, eval_problems,
                                      max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
         summary[f"eval/accuracy_{tag}"] = acc
         log.log(step, {f"eval/accuracy_{tag}": acc})
-        print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
+        if world.is_main:
+            print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
 
-    step = 0
-    if task and cfg.eval.before:
-        accuracy("before")
-    if data.eval and cfg.eval.before:
-        before = evaluate(model, data.eval, reference, method=method, cfg=cfg, device=device)
-        summary.update({f"{k}_before": v for k, v in before.items()})
-        log.log(step, {f"{k}_before": v for k, v in before.items()})
+    def evaluate_pairs() -> dict[str, float]:
+        return evaluate(model, data.eval, reference, method=method, cfg=cfg, device=device, world=world)
+
+    step = start_step = state["step"]
+    if resume_from is None:
+        if task and cfg.eval.before:
+            accuracy("before")
+        if data.eval and cfg.eval.before:
+            before = {f"{k}_before": v for k, v in evaluate_pairs().items()}
+            summary.update(before)
+            log.log(step, before)
 
     model.train()
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps,
-                                                                           tc.min_lr_ratio))
-    steps = pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed)
-    progress = StepProgress(tc.max_steps, f"{method} {cfg.recipe}", enabled=tc.progress)
-    meter, window_tokens, total_tokens, window_t0, t_train = Meter(), 0, 0, time.time(), time.time()
-    loss_value = float("nan")
-    for step in range(1, tc.max_steps + 1):
-        epoch, group = next(steps)
+    steps = pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed,
+                       position=(state["data"]["epoch"], state["data"]["index"]))
+    progress = StepProgress(tc.max_steps, f"{method} {cfg.recipe}", enabled=tc.progress and world.is_main)
+    # Running counters and the open metric window, restored on resume so logged means match an uninterrupted
+    # run. A saved window holds every rank's sums: rank 0 takes it back, the others start empty.
+    c = {"total_tokens": 0, "window_tokens": 0, "window_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0,
+         "loss": float("nan"), **state["counters"]}
+    meter = MetricWindow.from_state(METRIC_KEYS, state["window"] if world.is_main else None)
+    total_tokens, window_tokens, loss_value, checkpoint_s = c["total_tokens"], c["window_tokens"], c["loss"], \
+        c["checkpoint_s"]
+    t_train, window_t0 = time.time() - c["train_s"], time.time() - c["window_s"]
+    for step in range(start_step + 1, tc.max_steps + 1):
+        epoch, group = next(steps)  # every rank builds the same global step, then takes its share
         n_pairs = sum(b.num_pairs for b in group)
         step_loss = 0.0
-        for batch in group:
+        for batch, real in shared_batches(group, world):
             ref = reference(batch, "train") if reference is not None else None
-            loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter)
-            (loss_sum / n_pairs).backward()  # the step's loss is the mean over its pairs
-            step_loss += loss_sum.item()
+            loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device,
+                                  meter=meter if real else None)
+            # The step's loss is the mean over its pairs; FSDP averages gradients over ranks, so scaling by
+            # the world size turns that average into the sum. A filler row runs with weight 0.
+            (loss_sum * (float(real) * world.size / n_pairs)).backward()
+            step_loss += float(real) * loss_sum.item()
         grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
+        (step_loss,) = all_reduce_sum([step_loss], world)
         loss_value = step_loss / n_pairs
         step_tokens = sum(b.num_tokens for b in group)
         total_tokens += step_tokens
         window_tokens += step_tokens
         if step % tc.log_every == 0 or step == tc.max_steps:
-            metrics = {**meter.means("train/"), "train/lr": scheduler.get_last_lr()[0],
+            metrics = {**meter.all_reduce(world).means("train/"), "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": total_tokens,
                        "throughput/tokens_per_s": window_tokens / max(time.time() - window_t0, 1e-9)}
             if tc.eval_every and step % tc.eval_every == 0 and data.eval:
-                metrics.update(evaluate(model, data.eval, reference, method=method, cfg=cfg, device=device))
+                metrics.update(evaluate_pairs())
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/reward_accuracy']:.2f}")
-            meter, window_tokens, window_t0 = Meter(), 0, time.time()
+            meter, window_tokens, window_t0 = MetricWindow(METRIC_KEYS), 0, time.time()
         if not torch.isfinite(torch.tensor(loss_value)):
             progress.close()
             raise FloatingPointError(f"train/loss became {loss_value} at step {step}; lower trainer.lr or "
                                      f"pref.beta (metrics so far are in {out_dir / 'metrics.jsonl'})")
+        if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
+            t0 = time.time()
+            counters = {"total_tokens": total_tokens, "window_tokens": window_tokens, "window_s": t0 - window_t0,
+                        "train_s": t0 - t_train, "checkpoint_s": checkpoint_s, "loss": loss_value}
+            window = MetricWindow.from_state(METRIC_KEYS, meter.state()).all_reduce(world).state()
+            save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                            fingerprint=fingerprint, keep_last=tc.keep_last, sharded=world.distributed,
+                            trainer_state={"data": {"epoch": steps.position[0], "index": steps.position[1]},
+                                           "counters": counters, "window": window,
+                                           "summary": before_summary(summary)})
+            saved_s = time.time() - t0
+            checkpoint_s += saved_s
+            window_t0 += saved_s  # throughput counts training time, not checkpoint writes
     progress.close()
     train_s = time.time() - t_train
 
     summary.update({"train/loss": loss_value, "train/steps": tc.max_steps, "train/tokens": total_tokens,
-                    "time/train_s": train_s, "throughput/tokens_per_s": total_tokens / max(train_s, 1e-9)})
+                    "time/train_s": train_s, "time/checkpoint_s": checkpoint_s,
+                    "throughput/tokens_per_s": total_tokens / max(train_s, 1e-9)})
     if data.eval:
-        final_eval = evaluate(model, data.eval, reference, method=method, cfg=cfg, device=device)
+        final_eval = evaluate_pairs()
         summary.update(final_eval)
         log.log(step, final_eval)
     if task and cfg.eval.after:
         accuracy("after")
-    save_final(model, tokenizer, out_dir, cfg.model.lora)
+    save_model(model, tokenizer, out_dir, cfg, world)
     close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
-    return summary
+    return summary if world.is_main else None  # rank 0 reports for the job
+
+
+def save_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, world: World) -> None:
+    """<out_dir>/final: gathered from the shards under torchrun (every rank calls; rank 0 writes)."""
+    if not world.distributed:
+        save_final(model, tokenizer, out_dir, cfg.model.lora)
+        return
+    state_dict = full_state_dict(model, world)
+    if world.is_main:
+        model.save_pretrained(out_dir / "final", state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir / "final")
+    barrier(world)

@@ -5,129 +5,189 @@ per row of whole pairs, the head on each sequence's last token, loss
 -log sigma(r_c - r_r - margin) + rm.center_coef * (r_c + r_r)^2, mean over the step's pairs.
 Held-out pair accuracy is `eval/accuracy`. The final folder is a Hugging Face sequence-classification
 model (AutoModelForSequenceClassification reloads it); `score` scores texts or conversations.
+Like SFT: FSDP2 under torchrun (ranks share each step's rows), checkpoints every trainer.save_every
+steps, and resume=true continues bit for bit (optsys/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
+from optsys.checkpoint import run_fingerprint, save_checkpoint
 from optsys.config import ConfigError, TrainConfig
-from optsys.data.preference import PairBatch, PreferencePair, packed_pair_batches
+from optsys.data.preference import PairBatch, PreferencePair, packed_pair_batches, pairs_sha256
 from optsys.losses.reward import bradley_terry
+from optsys.models.packed import attach_forward_methods
 from optsys.models.reward import load_reward_model, packed_rewards
 from optsys.models.reward import score as score  # re-exported: `from optsys.trainers.reward import score`
+from optsys.parallel.dist import (
+    World,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    close_world,
+    full_state_dict,
+    init_world,
+    shard_model,
+)
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
+    MetricWindow,
     autocast_context,
+    before_summary,
     build_optimizer,
     clip_and_step,
     close_run,
-    pick_device,
+    locate_resume,
     prepare_output_dir,
+    restore_run,
     set_seed,
     warmup_cosine,
 )
-from optsys.trainers.preference import build_preference_data, pair_steps
+from optsys.trainers.preference import build_preference_data, pair_steps, shared_batches
 
 KEYS = ("loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin")
 
 
-def batch_loss(model, batch: PairBatch, cfg: TrainConfig, device, sums: dict) -> torch.Tensor:
-    """Sum of the row's per-pair losses; metric sums accumulate in `sums` (key -> [sum, count])."""
+def batch_loss(model, batch: PairBatch, cfg: TrainConfig, device, meter: MetricWindow | None) -> torch.Tensor:
+    """Sum of the row's per-pair losses; metrics go to `meter` (None: a filler row, not counted)."""
     b = batch.packed
+    fn = getattr(model, "packed_rewards", None) or (lambda *a: packed_rewards(model, *a))
     with autocast_context(cfg.trainer.precision, device):
-        rewards = packed_rewards(model, b.input_ids.to(device), b.position_ids.to(device), b.seq_lens)
+        rewards = fn(b.input_ids.to(device), b.position_ids.to(device), b.seq_lens)
     margin = torch.tensor([cfg.rm.margin if m is None else m for m in batch.margins], device=device)
     loss, metrics = bradley_terry(rewards[0::2], rewards[1::2], margin=margin, center_coef=cfg.rm.center_coef)
-    for k, v in {"loss": loss.detach(), **metrics}.items():
-        s = sums.setdefault(k, [0.0, 0])
-        s[0] += float(v.sum())
-        s[1] += v.numel()
+    if meter is not None:
+        for k, v in {"loss": loss.detach(), **metrics}.items():
+            meter.add(k, v)
     return loss.sum()
 
 
-def means(sums: dict, prefix: str) -> dict[str, float]:
-    return {f"{prefix}{k}": sums[k][0] / sums[k][1] for k in KEYS if k in sums and sums[k][1]}
-
-
 @torch.no_grad()
-def evaluate(model, pairs: list[PreferencePair], cfg: TrainConfig, device) -> dict[str, float]:
-    sums: dict = {}
+def evaluate(model, pairs: list[PreferencePair], cfg: TrainConfig, world: World) -> dict[str, float]:
+    """eval/<metric> means over held-out pairs (eval/accuracy = pair accuracy); ranks share the rows."""
+    meter = MetricWindow(KEYS)
     was_training = model.training
     model.eval()
-    for batch in packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None):
-        batch_loss(model, batch, cfg, device, sums)
+    for batch, real in shared_batches(packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None), world):
+        batch_loss(model, batch, cfg, world.device, meter if real else None)
     model.train(was_training)
-    return means(sums, "eval/")
+    return meter.all_reduce(world).means("eval/")
 
 
-def train(cfg: TrainConfig) -> dict:
-    t_start = time.time()
-    tc = cfg.trainer
-    if cfg.resume:
-        raise ConfigError("resume=true is not supported by reward-model training yet; start a new run")
+def train(cfg: TrainConfig) -> dict | None:
+    """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
     if cfg.model.lora.r > 0:
         raise ConfigError("method=rm trains the full model for now; set model.lora.r=0")
-    device = pick_device(cfg.device)
+    world = init_world(cfg.device)
+    try:
+        return _train(cfg, world)
+    finally:
+        close_world()
+
+
+def _train(cfg: TrainConfig, world: World) -> dict | None:
+    t_start = time.time()
+    tc = cfg.trainer
+    device = world.device
     set_seed(cfg.seed)
-    out_dir = prepare_output_dir(cfg)
+    out_dir = broadcast_object(prepare_output_dir(cfg) if world.is_main else None, world)
+    resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
     model, tokenizer = load_reward_model(cfg.model, device, seed=cfg.seed)
     data = build_preference_data(cfg, tokenizer, kto=False)
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
-                     "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters())}
-    log = MetricsLog(out_dir)
-    step = 0
-    if data.eval and cfg.eval.before:
-        before = {f"{k}_before": v for k, v in evaluate(model, data.eval, cfg, device).items()}
-        summary.update(before)
-        log.log(step, before)
-
+                     "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
+                     "parallel/world_size": world.size}
+    model = shard_model(attach_forward_methods(model, {"packed_rewards": packed_rewards}), world)
     model.train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps,
                                                                            tc.min_lr_ratio))
-    steps = pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed)
-    progress = StepProgress(tc.max_steps, f"rm {cfg.recipe}", enabled=tc.progress)
-    sums: dict = {}
-    window_tokens, total_tokens, window_t0, t_train, loss_value = 0, 0, time.time(), time.time(), float("nan")
-    for step in range(1, tc.max_steps + 1):
+    fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=pairs_sha256(data.train))
+    state: dict = {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "window": None, "summary": {}}
+    if resume_from is not None:
+        state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
+                            fingerprint=fingerprint, max_steps=tc.max_steps)
+        summary.update(state["summary"])
+    log = MetricsLog(out_dir, enabled=world.is_main)  # opened after a resume rewound metrics.jsonl
+    step = start_step = state["step"]
+    if data.eval and cfg.eval.before and resume_from is None:
+        before = {f"{k}_before": v for k, v in evaluate(model, data.eval, cfg, world).items()}
+        summary.update(before)
+        log.log(step, before)
+
+    model.train()
+    steps = pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed,
+                       position=(state["data"]["epoch"], state["data"]["index"]))
+    progress = StepProgress(tc.max_steps, f"rm {cfg.recipe}", enabled=tc.progress and world.is_main)
+    # Counters and the open metric window survive a resume (see the preference trainer).
+    c = {"total_tokens": 0, "window_tokens": 0, "window_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0,
+         "loss": float("nan"), **state["counters"]}
+    meter = MetricWindow.from_state(KEYS, state["window"] if world.is_main else None)
+    total_tokens, window_tokens, loss_value, checkpoint_s = c["total_tokens"], c["window_tokens"], c["loss"], \
+        c["checkpoint_s"]
+    t_train, window_t0 = time.time() - c["train_s"], time.time() - c["window_s"]
+    for step in range(start_step + 1, tc.max_steps + 1):
         epoch, group = next(steps)
         n_pairs = sum(b.num_pairs for b in group)
         step_loss = 0.0
-        for batch in group:
-            loss_sum = batch_loss(model, batch, cfg, device, sums)
-            (loss_sum / n_pairs).backward()
-            step_loss += loss_sum.item()
+        for batch, real in shared_batches(group, world):
+            loss_sum = batch_loss(model, batch, cfg, device, meter if real else None)
+            (loss_sum * (float(real) * world.size / n_pairs)).backward()  # mean over the step's pairs
+            step_loss += float(real) * loss_sum.item()
         grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
+        (step_loss,) = all_reduce_sum([step_loss], world)
         loss_value = step_loss / n_pairs
         step_tokens = sum(b.num_tokens for b in group)
         total_tokens += step_tokens
         window_tokens += step_tokens
         if step % tc.log_every == 0 or step == tc.max_steps:
-            metrics = {**means(sums, "train/"), "train/lr": scheduler.get_last_lr()[0],
+            metrics = {**meter.all_reduce(world).means("train/"), "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": total_tokens,
                        "throughput/tokens_per_s": window_tokens / max(time.time() - window_t0, 1e-9)}
             if tc.eval_every and step % tc.eval_every == 0 and data.eval:
-                metrics.update(evaluate(model, data.eval, cfg, device))
+                metrics.update(evaluate(model, data.eval, cfg, world))
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/accuracy']:.2f}")
-            sums, window_tokens, window_t0 = {}, 0, time.time()
+            meter, window_tokens, window_t0 = MetricWindow(KEYS), 0, time.time()
         if not torch.isfinite(torch.tensor(loss_value)):
             progress.close()
             raise FloatingPointError(f"train/loss became {loss_value} at step {step}; lower trainer.lr")
+        if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
+            t0 = time.time()
+            counters = {"total_tokens": total_tokens, "window_tokens": window_tokens, "window_s": t0 - window_t0,
+                        "train_s": t0 - t_train, "checkpoint_s": checkpoint_s, "loss": loss_value}
+            window = MetricWindow.from_state(KEYS, meter.state()).all_reduce(world).state()
+            save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                            fingerprint=fingerprint, keep_last=tc.keep_last, sharded=world.distributed,
+                            trainer_state={"data": {"epoch": steps.position[0], "index": steps.position[1]},
+                                           "counters": counters, "window": window,
+                                           "summary": before_summary(summary)})
+            saved_s = time.time() - t0
+            checkpoint_s += saved_s
+            window_t0 += saved_s
     progress.close()
     train_s = time.time() - t_train
     summary.update({"train/loss": loss_value, "train/steps": tc.max_steps, "train/tokens": total_tokens,
-                    "time/train_s": train_s, "throughput/tokens_per_s": total_tokens / max(train_s, 1e-9)})
+                    "time/train_s": train_s, "time/checkpoint_s": checkpoint_s,
+                    "throughput/tokens_per_s": total_tokens / max(train_s, 1e-9)})
     if data.eval:
-        final_eval = evaluate(model, data.eval, cfg, device)
+        final_eval = evaluate(model, data.eval, cfg, world)
         summary.update(final_eval)
         log.log(step, final_eval)
-    final = out_dir / "final"
-    model.save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    save_reward_model(model, tokenizer, out_dir / "final", world)
     close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
-    return summary
+    return summary if world.is_main else None
+
+
+def save_reward_model(model, tokenizer, path: Path, world: World) -> None:
+    """A Hugging Face sequence-classification folder (gathered from the shards under torchrun)."""
+    state_dict = full_state_dict(model, world) if world.distributed else None
+    if world.is_main:
+        model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    barrier(world)

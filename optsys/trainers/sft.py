@@ -12,22 +12,13 @@ from the latest one bit for bit: same weights, optimizer, schedule, RNG, data po
 from __future__ import annotations
 
 import hashlib
-import random
 import time
 from array import array
 from dataclasses import dataclass
-from itertools import count
 
 import torch
 
-from optsys.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    resume_checkpoint,
-    rewind_metrics,
-    run_fingerprint,
-    save_checkpoint,
-)
+from optsys.checkpoint import run_fingerprint, save_checkpoint
 from optsys.config import DataConfig, TrainConfig
 from optsys.data.packing import PackedBatch, collate_padded, packed_batches, packing_efficiency
 from optsys.data.sources import load_rows
@@ -36,7 +27,7 @@ from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
 from optsys.eval.accuracy import task_accuracy
 from optsys.models.load import load_model_and_tokenizer
 from optsys.models.lora import save_final
-from optsys.models.packed import attach_loss_method
+from optsys.models.packed import attach_forward_methods
 from optsys.parallel.dist import (
     all_reduce_sum,
     barrier,
@@ -52,11 +43,16 @@ from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
+    StepStream,
     autocast_context,
+    before_summary,
     build_optimizer,
     clip_and_step,
     close_run,
+    epoch_order,
+    locate_resume,
     prepare_output_dir,
+    restore_run,
     set_seed,
     warmup_cosine,
 )
@@ -88,55 +84,17 @@ def build_sft_data(cfg: DataConfig, tokenizer, seed: int) -> SFTData:
     return SFTData(train, eval_examples, train_report, eval_report)
 
 
-class StepGroups:
-    """Endless stream of optimizer steps, each (epoch, list of packed micro-batches); resumable.
-
-    A step takes micro-batches while their tokens fit in batch_tokens (at least one per step).
-    Every epoch reshuffles the examples before packing, so rows mix differently each epoch.
-
-    `position` is (epoch, index in that epoch's packed order of the next step's first batch). An
-    epoch's order is a pure function of (seed, epoch) and a step always starts fresh, so a stream
-    started at a saved position yields exactly the steps an uninterrupted one yields from there.
-    """
-
-    def __init__(self, examples: list[TokenizedExample], max_tokens: int, batch_tokens: int, seed: int,
-                 position: tuple[int, int] = (0, 0)):
-        self.examples, self.max_tokens, self.batch_tokens, self.seed = examples, max_tokens, batch_tokens, seed
-        self.position = (int(position[0]), int(position[1]))
-        self._steps = self._generate()
-
-    def epoch_batches(self, epoch: int) -> list[PackedBatch]:
-        order = list(range(len(self.examples)))
-        random.Random(self.seed * 100_003 + epoch).shuffle(order)
-        return packed_batches([self.examples[i] for i in order], self.max_tokens, shuffle_seed=self.seed + epoch)
-
-    def _generate(self):
-        first_epoch, i = self.position
-        for epoch in count(first_epoch):
-            batches = self.epoch_batches(epoch)
-            i = i if epoch == first_epoch else 0
-            while i < len(batches):
-                group, tokens = [batches[i]], batches[i].num_tokens
-                i += 1
-                while i < len(batches) and tokens + batches[i].num_tokens <= self.batch_tokens:
-                    group.append(batches[i])
-                    tokens += batches[i].num_tokens
-                    i += 1
-                # The epoch's tail makes a smaller step rather than being dropped.
-                self.position = (epoch, i) if i < len(batches) else (epoch + 1, 0)
-                yield epoch, group
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[int, list[PackedBatch]]:
-        return next(self._steps)
-
-
 def step_groups(examples: list[TokenizedExample], max_tokens: int, batch_tokens: int, seed: int,
-                position: tuple[int, int] = (0, 0)) -> StepGroups:
-    """The SFT step stream (see StepGroups), optionally starting at a saved `position`."""
-    return StepGroups(examples, max_tokens, batch_tokens, seed, position)
+                position: tuple[int, int] = (0, 0)) -> StepStream:
+    """The SFT step stream, optionally starting at a saved `position` (see StepStream).
+
+    Every epoch reshuffles the examples before packing, so rows mix differently each epoch."""
+
+    def epoch_batches(epoch: int) -> list[PackedBatch]:
+        order = epoch_order(len(examples), seed, epoch)
+        return packed_batches([examples[i] for i in order], max_tokens, shuffle_seed=seed + epoch)
+
+    return StepStream(epoch_batches, batch_tokens, position)
 
 
 def examples_sha256(examples: list[TokenizedExample]) -> str:
@@ -151,7 +109,7 @@ def micro_batch_loss_sum(model, batch: PackedBatch, *, packing: bool, pad_id: in
                          device: torch.device) -> torch.Tensor:
     """Sum of token cross-entropies of one micro-batch, packed [1, T] or padded [B, L].
 
-    `model` carries `token_loss_sum` (optsys.models.packed.attach_loss_method)."""
+    `model` carries `token_loss_sum` (optsys.models.packed.attach_forward_methods)."""
     if packing:
         b = batch.to(device)
         return model.token_loss_sum(b.targets, input_ids=b.input_ids, position_ids=b.position_ids,
@@ -193,18 +151,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     # Rank 0 owns the output folder (its default name has a timestamp): every rank uses rank 0's.
     out_dir = prepare_output_dir(cfg) if world.is_main else None
     out_dir = broadcast_object(out_dir, world)
-    resume_from = None
-    if cfg.resume:  # fail before loading anything; rank 0 picks, so every rank loads the same checkpoint
-        found, error = None, None
-        if world.is_main:
-            try:
-                found = resume_checkpoint(out_dir)
-            except CheckpointError as e:
-                error = str(e)
-        found, error = broadcast_object((found, error), world)
-        if error is not None:
-            raise CheckpointError(error)
-        resume_from = found
+    resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
     data = build_sft_data(cfg.data, tokenizer, cfg.seed)
@@ -219,7 +166,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
         "parallel/world_size": world.size,
     }
 
-    model = shard_model(attach_loss_method(model), world)  # FSDP2 under torchrun; a no-op for one process
+    model = shard_model(attach_forward_methods(model), world)  # FSDP2 under torchrun; a no-op for one process
     model.train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -227,11 +174,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=examples_sha256(data.train))
     state: dict = {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "summary": {}}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                fingerprint=fingerprint)
-        if world.is_main:
-            rewind_metrics(out_dir / "metrics.jsonl", state["step"])  # drop rows logged after the checkpoint
-            print(f"resuming {out_dir} from {resume_from.name} (step {state['step']} of {tc.max_steps})")
+        state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
+                            fingerprint=fingerprint, max_steps=tc.max_steps)
         summary.update(state["summary"])  # eval/accuracy_before is not recomputed
     log = MetricsLog(out_dir, enabled=world.is_main)
 
@@ -318,8 +262,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                             trainer_state={
                                 "data": {"epoch": groups.position[0], "index": groups.position[1]},
                                 "counters": counters,
-                                "summary": {k: v for k, v in summary.items() if k.endswith("_before")
-                                            or k.endswith("before_s")}})
+                                "summary": before_summary(summary)})
             saved_s = time.time() - t0
             checkpoint_s += saved_s
             window_t0 += saved_s  # throughput counts training time, not checkpoint writes
