@@ -62,6 +62,18 @@ def chunk_rows(n_rows: int, n_cols: int, *, tiles: int = 1, grads: bool = False,
     return max(1, min(n_rows, tile_bytes // (4 * n_cols)))
 
 
+def autocast_inputs(*tensors):
+    """Cast floating-point inputs to the autocast dtype when autocast is on for their device, as F.linear
+    would: a custom autograd.Function is not autocast itself, so under bf16 autocast the fp32 hidden
+    states of a final norm and an fp32 lm_head would otherwise run the fused kernel in fp32."""
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")

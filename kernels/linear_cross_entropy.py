@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _utils
-from ._utils import check_inputs, compute_dtype, resolve_backend
+from ._utils import autocast_inputs, check_inputs, compute_dtype, resolve_backend
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -671,7 +671,9 @@ def fused_linear_cross_entropy(
     |d grad_weight[j, :]| <= eps sum_i |a_i| |hidden[i, :]| (elementwise), and is 0 for the loss itself.
     In bf16 training, eps around 2**-12 drops only terms far below the grads' own rounding when the
     softmax is peaked. Refused with label_smoothing (its eps/V term makes every gradient entry dense).
+    Under autocast, hidden / weight / bias are cast to the autocast dtype first (as F.linear is).
     """
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_inputs(hidden, weight, target, bias, ignore_index)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._utils import check_inputs, compute_dtype, resolve_backend
+from ._utils import autocast_inputs, check_inputs, compute_dtype, resolve_backend
 from .linear_cross_entropy import (
     ENTROPY,
     LSE,
@@ -94,7 +94,9 @@ def linear_token_logprobs(
 
     With return_entropy, also the entropy of each row's distribution, [N] fp32. Both outputs are
     differentiable with respect to hidden and weight. Every target must be in [0, V).
+    Under autocast, hidden and weight are cast to the autocast dtype first (as F.linear is).
     """
+    hidden, weight = autocast_inputs(hidden, weight)
     check_inputs(hidden, weight, target)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
