@@ -7,7 +7,7 @@ Prints a table and writes bench/results/kernels-<device>.json. Every ratio is ag
 measured in the same run. "fwd" runs under torch.no_grad(); "fwd+bwd" is a full training step for the
 loss (grads of hidden and weight). Peak extra memory is the peak above the inputs:
 torch.cuda.max_memory_allocated on CUDA; on CPU, each case runs in a fresh subprocess and reports the
-growth of its peak resident set (getrusage ru_maxrss) over one step, after a tiny warm-up of the same
+growth of its peak resident set (VmHWM) over one step, after a tiny warm-up of the same
 code path and with glibc's mmap threshold pinned so freed buffers go back to the OS.
 See bench/README.md.
 """
@@ -86,6 +86,12 @@ def _sync(device):
 
 
 def _maxrss_bytes() -> int:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: exec does not reset it, so a child
+    process would start from its parent's peak and a smaller growth would read as zero."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
