@@ -109,19 +109,18 @@ def test_other_methods_run_end_to_end(tmp_path, tiny_path, method, extra):
 def test_dpo_on_sft_model_raises_heldout_reward_accuracy(tmp_path, quickstart_run):
     """DPO from the quickstart's SFT'd model (the shared session fixture) with the dpo_tiny recipe.
 
-    The recipe measured 0.94 held-out reward accuracy with task accuracy 1.0 -> 1.0 (the issue asks for
-    >= 0.9 and no drop); the test allows some run-to-run spread of the SFT model it starts from: >= 0.85
-    and a drop of at most one held-out problem in 200.
+    The issue's bar: held-out reward accuracy >= 0.9 and no drop in task accuracy. Measured with the recipe:
+    0.94 (task 1.0 -> 1.0) from one quickstart model, 1.0 (task 1.0 -> 1.0, 109 s) from another.
     """
     _, sft_out = quickstart_run
     cfg = load_config("dpo_tiny", overrides=[f"model.name_or_path={sft_out / 'final'}",
                                              f"output_dir={tmp_path / 'dpo'}", "trainer.progress=false"])
     s = preference.train(cfg)
     print({k: v for k, v in s.items() if k.startswith("eval/")})
-    assert s["eval/reward_accuracy"] >= 0.85
+    assert s["eval/reward_accuracy"] >= 0.9
     assert s["eval/reward_accuracy"] > s["eval/reward_accuracy_before"]
     assert s["eval/accuracy_before"] >= 0.8  # it really starts from a model that can add
-    assert s["eval/accuracy_after"] >= s["eval/accuracy_before"] - 1 / 200 - 1e-9  # num_eval = 200
+    assert s["eval/accuracy_after"] >= s["eval/accuracy_before"]
 
 
 def test_separate_reference_model_and_mismatches(tmp_path, tiny_path, tiny_cache):
