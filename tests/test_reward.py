@@ -1,4 +1,4 @@
-"""Reward model: the Bradley-Terry loss, a short run above chance, and a folder that reloads as HF."""
+"""Reward model: the Bradley-Terry loss, a short run to >= 0.9 held-out pair accuracy, an HF reload."""
 
 import json
 
@@ -23,15 +23,16 @@ def test_bradley_terry_margin_and_centering():
 
 def test_reward_model_learns_and_reloads(tmp_path, tiny_path):
     out = tmp_path / "rm"
-    # Sorting pairs (sorted vs two swapped numbers) are learnable from a random-init backbone in seconds.
+    # Sorting pairs of two numbers (sorted vs swapped: the head must compare them) are learnable from the
+    # random-init 0.5M backbone in 150 steps: held-out 0.49-0.54 -> 0.975-0.98 over seeds 0-2 (~18 s, 1 thread).
     cfg = load_config("rm_tiny", overrides=[
-        f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.task=sorting", "data.difficulty=3",
-        "data.num_train=400", "data.num_eval=100", "data.max_tokens=1024", "trainer.batch_tokens=1024",
-        "trainer.max_steps=60", "trainer.lr=2e-3", "trainer.warmup_steps=5", "trainer.log_every=10",
-        "trainer.progress=false"])
+        f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.task=sorting", "data.difficulty=2",
+        "data.num_train=800", "data.num_eval=200", "data.max_tokens=1024", "trainer.batch_tokens=1024",
+        "trainer.max_steps=150", "trainer.lr=2e-3", "trainer.warmup_steps=5", "trainer.log_every=10",
+        "trainer.eval_every=0", "trainer.progress=false"])
     summary = reward.train(cfg)
     print({k: v for k, v in summary.items() if k.startswith("eval/")})
-    assert summary["eval/accuracy"] >= 0.7 > summary["eval/accuracy_before"]
+    assert summary["eval/accuracy_before"] < 0.9 <= summary["eval/accuracy"]
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("train/accuracy" in r and "throughput/tokens_per_s" in r for r in logged)
 
