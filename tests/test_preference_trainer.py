@@ -124,8 +124,9 @@ def test_dpo_on_sft_model_raises_heldout_reward_accuracy(tmp_path, quickstart_ru
 
 
 def test_separate_reference_model_and_mismatches(tmp_path, tiny_path, tiny_cache):
-    from optsys.models.tiny import build_tiny
     from safetensors.torch import load_file
+
+    from optsys.models.tiny import build_tiny
 
     other = build_tiny("test", seed=1, cache_dir=tiny_cache)  # same family and tokenizer, other weights
     for mode in ("precompute", "copy"):

@@ -236,9 +236,11 @@ def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str
         r = m["rewards"]
         meter.add("rewards_chosen", m["rewards_chosen"])
         meter.add("rewards_rejected", m["rewards_rejected"])
-        # KTO has no pairs: accuracy = the reward's sign agrees with the label.
-        meter.add("reward_accuracy", ((r > 0) == labels).float())
-        if labels.any() and (~labels).any():  # unpaired: margin of the desirable and undesirable means
+        if labels.any() and (~labels).any():
+            # KTO has no pairs: accuracy = how often a desirable row's reward beats an undesirable one's, over
+            # all such couples of the micro-batch (the ranking AUC of the implicit reward; ties count as wrong,
+            # as in DPO's accuracy); margin = the desirable mean minus the undesirable mean.
+            meter.add("reward_accuracy", (r[labels][:, None] > r[~labels][None, :]).float())
             meter.add("margin", (r[labels].mean() - r[~labels].mean()).reshape(1))
         meter.add("logps_chosen", chosen[labels])
         meter.add("logps_rejected", chosen[~labels])
@@ -473,8 +475,8 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
             metrics = {**meter.all_reduce(world).means("train/"), "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": total_tokens,
                        "throughput/tokens_per_s": window_tokens / max(time.time() - window_t0, 1e-9)}
-            if tc.eval_every and step % tc.eval_every == 0 and data.eval:
-                metrics.update(evaluate_pairs())
+            if tc.eval_every and step % tc.eval_every == 0 and data.eval and step < tc.max_steps:
+                metrics.update(evaluate_pairs())  # the last step's eval is the final one below
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/reward_accuracy']:.2f}")
             meter, window_tokens, window_t0 = MetricWindow(METRIC_KEYS), 0, time.time()

@@ -149,8 +149,8 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
             metrics = {**meter.all_reduce(world).means("train/"), "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": total_tokens,
                        "throughput/tokens_per_s": window_tokens / max(time.time() - window_t0, 1e-9)}
-            if tc.eval_every and step % tc.eval_every == 0 and data.eval:
-                metrics.update(evaluate(model, data.eval, cfg, world))
+            if tc.eval_every and step % tc.eval_every == 0 and data.eval and step < tc.max_steps:
+                metrics.update(evaluate(model, data.eval, cfg, world))  # the last step's eval is the final one below
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/accuracy']:.2f}")
             meter, window_tokens, window_t0 = MetricWindow(KEYS), 0, time.time()

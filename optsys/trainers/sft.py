@@ -241,7 +241,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                 "train/tokens": total_tokens,
                 "throughput/tokens_per_s": window_tokens / max(elapsed, 1e-9),
             }
-            if tc.eval_every and step % tc.eval_every == 0 and data.eval:
+            if tc.eval_every and step % tc.eval_every == 0 and data.eval and step < tc.max_steps:
                 metrics["eval/loss"] = eval_loss(model, data.eval, cfg, pad_id, device)
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  {metrics['throughput/tokens_per_s']:.0f} tok/s")
