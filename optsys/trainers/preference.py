@@ -60,6 +60,7 @@ from optsys.parallel.dist import (
     shard_model,
 )
 from optsys.telemetry.metrics import MetricsLog
+from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     MetricWindow,
@@ -457,15 +458,20 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
         epoch, group = next(steps)  # every rank builds the same global step, then takes its share
         n_pairs = sum(b.num_pairs for b in group)
         step_loss = 0.0
-        for batch, real in shared_batches(group, world):
-            ref = reference(batch, "train") if reference is not None else None
-            loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device,
-                                  meter=meter if real else None)
-            # The step's loss is the mean over its pairs; FSDP averages gradients over ranks, so scaling by
-            # the world size turns that average into the sum. A filler row runs with weight 0.
-            (loss_sum * (float(real) * world.size / n_pairs)).backward()
-            step_loss += float(real) * loss_sum.item()
-        grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
+        with nvtx_range(f"step {step}"):
+            for batch, real in shared_batches(group, world):
+                with nvtx_range("reference"):
+                    ref = reference(batch, "train") if reference is not None else None
+                with nvtx_range("forward + loss"):
+                    loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device,
+                                          meter=meter if real else None)
+                # The step's loss is the mean over its pairs; FSDP averages gradients over ranks, so scaling by
+                # the world size turns that average into the sum. A filler row runs with weight 0.
+                with nvtx_range("backward"):
+                    (loss_sum * (float(real) * world.size / n_pairs)).backward()
+                step_loss += float(real) * loss_sum.item()
+            with nvtx_range("optimizer"):
+                grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
         (step_loss,) = all_reduce_sum([step_loss], world)
         loss_value = step_loss / n_pairs
         step_tokens = sum(b.num_tokens for b in group)

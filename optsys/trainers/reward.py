@@ -34,6 +34,7 @@ from optsys.parallel.dist import (
     shard_model,
 )
 from optsys.telemetry.metrics import MetricsLog
+from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     MetricWindow,
@@ -135,11 +136,12 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
         epoch, group = next(steps)
         n_pairs = sum(b.num_pairs for b in group)
         step_loss = 0.0
-        for batch, real in shared_batches(group, world):
-            loss_sum = batch_loss(model, batch, cfg, device, meter if real else None)
-            (loss_sum * (float(real) * world.size / n_pairs)).backward()  # mean over the step's pairs
-            step_loss += float(real) * loss_sum.item()
-        grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
+        with nvtx_range(f"step {step}"):
+            for batch, real in shared_batches(group, world):
+                loss_sum = batch_loss(model, batch, cfg, device, meter if real else None)
+                (loss_sum * (float(real) * world.size / n_pairs)).backward()  # mean over the step's pairs
+                step_loss += float(real) * loss_sum.item()
+            grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
         (step_loss,) = all_reduce_sum([step_loss], world)
         loss_value = step_loss / n_pairs
         step_tokens = sum(b.num_tokens for b in group)
