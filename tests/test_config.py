@@ -82,3 +82,17 @@ def test_defaults_validate_and_a_broken_default_does_not():
     broken.data.dataset = "rows.jsonl"  # now both data.task and data.dataset are set
     with pytest.raises(ConfigError, match="exactly one of data.task"):
         broken.validate()
+
+
+def test_every_shipped_recipe_loads_and_validates():
+    """Each YAML in optsys/recipes fills the dataclasses without unknown keys or bad values (full-size
+    ones need only their dataset named)."""
+    from optsys.config import RECIPES_DIR
+
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    assert {"quickstart", "dpo_tiny", "orpo_tiny", "simpo_tiny", "kto_tiny", "rm_tiny", "dpo_llama3_8b",
+            "rm_llama3_8b"} <= set(names)
+    for name in names:
+        full_size = "tiny" not in name and name != "quickstart"
+        cfg = load_config(name, overrides=["data.dataset=pairs.jsonl"] if full_size else [])
+        assert cfg.recipe == name
