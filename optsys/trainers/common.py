@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import yaml
 
-from optsys.checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, rewind_metrics
+from optsys.checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, rewind_metrics, save_checkpoint
 from optsys.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from optsys.parallel.dist import World, all_reduce_sum, broadcast_object
 
@@ -281,6 +281,62 @@ def restore_run(path: Path, out_dir: Path, world: World, *, model, optimizer, sc
         rewind_metrics(out_dir / "metrics.jsonl", state["step"])
         print(f"resuming {out_dir} from {path.name} (step {state['step']} of {max_steps})")
     return state
+
+
+class RunClock:
+    """Tokens and wall-clock time of a training loop. Its state rides in every checkpoint, so a resumed run's
+    totals and logged throughput continue where the killed run left them; checkpoint writes are not counted
+    as training time."""
+
+    def __init__(self, saved: dict | None = None):
+        saved, now = saved or {}, time.time()
+        self.total_tokens = int(saved.get("total_tokens", 0))
+        self.window_tokens = int(saved.get("window_tokens", 0))
+        self.checkpoint_s = float(saved.get("checkpoint_s", 0.0))
+        self.t_train = now - float(saved.get("train_s", 0.0))
+        self.window_t0 = now - float(saved.get("window_s", 0.0))
+
+    def add(self, tokens: int) -> None:
+        self.total_tokens += tokens
+        self.window_tokens += tokens
+
+    def window_tokens_per_s(self) -> float:
+        return self.window_tokens / max(time.time() - self.window_t0, 1e-9)
+
+    def new_window(self) -> None:
+        self.window_tokens, self.window_t0 = 0, time.time()
+
+    def train_s(self) -> float:
+        return time.time() - self.t_train
+
+    def state(self) -> dict:
+        now = time.time()
+        return {"total_tokens": self.total_tokens, "window_tokens": self.window_tokens,
+                "window_s": now - self.window_t0, "train_s": now - self.t_train, "checkpoint_s": self.checkpoint_s}
+
+    def pause(self, seconds: float) -> None:
+        self.checkpoint_s += seconds
+        self.window_t0 += seconds
+
+
+def checkpoint_due(tc, step: int) -> bool:
+    """Every trainer.save_every steps, and at the last step."""
+    return bool(tc.save_every and step % tc.save_every == 0) or step == tc.max_steps
+
+
+def save_training_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, world: World, *, model, optimizer,
+                             scheduler, fingerprint: dict, clock: RunClock, position: tuple[int, int],
+                             counters: dict, summary: dict, window: dict | None = None) -> None:
+    """Checkpoint `step` with what the loop needs to continue: data position, the clock plus `counters`
+    (JSON), an open metric window, the before-training summary. Every rank calls under torchrun (DCP shards,
+    per-rank RNG; rank 0 writes the rest). The write's time is taken out of the training time."""
+    t0 = time.time()
+    save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint,
+                    keep_last=cfg.trainer.keep_last, sharded=world.distributed,
+                    trainer_state={"data": {"epoch": position[0], "index": position[1]},
+                                   "counters": {**clock.state(), **counters}, "window": window,
+                                   "summary": before_summary(summary)})
+    clock.pause(time.time() - t0)
 
 
 def before_summary(summary: dict) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from optsys.checkpoint import model_config_sha256, run_fingerprint, save_checkpoint
+from optsys.checkpoint import model_config_sha256, run_fingerprint
 from optsys.config import ConfigError, TrainConfig
 from optsys.data.preference import (
     PairBatch,
@@ -64,16 +64,18 @@ from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     MetricWindow,
+    RunClock,
     StepStream,
     autocast_context,
-    before_summary,
     build_optimizer,
+    checkpoint_due,
     clip_and_step,
     close_run,
     epoch_order,
     locate_resume,
     prepare_output_dir,
     restore_run,
+    save_training_checkpoint,
     set_seed,
     warmup_cosine,
 )
@@ -448,12 +450,9 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     progress = StepProgress(tc.max_steps, f"{method} {cfg.recipe}", enabled=tc.progress and world.is_main)
     # Running counters and the open metric window, restored on resume so logged means match an uninterrupted
     # run. A saved window holds every rank's sums: rank 0 takes it back, the others start empty.
-    c = {"total_tokens": 0, "window_tokens": 0, "window_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0,
-         "loss": float("nan"), **state["counters"]}
+    clock = RunClock(state["counters"])
+    loss_value = state["counters"].get("loss", float("nan"))
     meter = MetricWindow.from_state(METRIC_KEYS, state["window"] if world.is_main else None)
-    total_tokens, window_tokens, loss_value, checkpoint_s = c["total_tokens"], c["window_tokens"], c["loss"], \
-        c["checkpoint_s"]
-    t_train, window_t0 = time.time() - c["train_s"], time.time() - c["window_s"]
     for step in range(start_step + 1, tc.max_steps + 1):
         epoch, group = next(steps)  # every rank builds the same global step, then takes its share
         n_pairs = sum(b.num_pairs for b in group)
@@ -474,41 +473,34 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
                 grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
         (step_loss,) = all_reduce_sum([step_loss], world)
         loss_value = step_loss / n_pairs
-        step_tokens = sum(b.num_tokens for b in group)
-        total_tokens += step_tokens
-        window_tokens += step_tokens
+        clock.add(sum(b.num_tokens for b in group))
         if step % tc.log_every == 0 or step == tc.max_steps:
             metrics = {**meter.all_reduce(world).means("train/"), "train/lr": scheduler.get_last_lr()[0],
-                       "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": total_tokens,
-                       "throughput/tokens_per_s": window_tokens / max(time.time() - window_t0, 1e-9)}
+                       "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": clock.total_tokens,
+                       "throughput/tokens_per_s": clock.window_tokens_per_s()}
             if tc.eval_every and step % tc.eval_every == 0 and data.eval and step < tc.max_steps:
                 metrics.update(evaluate_pairs())  # the last step's eval is the final one below
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/reward_accuracy']:.2f}")
-            meter, window_tokens, window_t0 = MetricWindow(METRIC_KEYS), 0, time.time()
+            meter = MetricWindow(METRIC_KEYS)
+            clock.new_window()
         if not torch.isfinite(torch.tensor(loss_value)):
             progress.close()
             raise FloatingPointError(f"train/loss became {loss_value} at step {step}; lower trainer.lr or "
                                      f"pref.beta (metrics so far are in {out_dir / 'metrics.jsonl'})")
-        if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
-            t0 = time.time()
-            counters = {"total_tokens": total_tokens, "window_tokens": window_tokens, "window_s": t0 - window_t0,
-                        "train_s": t0 - t_train, "checkpoint_s": checkpoint_s, "loss": loss_value}
+        if checkpoint_due(tc, step):
+            # A saved window holds every rank's sums: on resume rank 0 takes it back, the others start empty.
             window = MetricWindow.from_state(METRIC_KEYS, meter.state()).all_reduce(world).state()
-            save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            fingerprint=fingerprint, keep_last=tc.keep_last, sharded=world.distributed,
-                            trainer_state={"data": {"epoch": steps.position[0], "index": steps.position[1]},
-                                           "counters": counters, "window": window,
-                                           "summary": before_summary(summary)})
-            saved_s = time.time() - t0
-            checkpoint_s += saved_s
-            window_t0 += saved_s  # throughput counts training time, not checkpoint writes
+            save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer,
+                                     scheduler=scheduler, fingerprint=fingerprint, clock=clock,
+                                     position=steps.position, summary=summary, counters={"loss": loss_value},
+                                     window=window)
     progress.close()
-    train_s = time.time() - t_train
+    train_s = clock.train_s()
 
-    summary.update({"train/loss": loss_value, "train/steps": tc.max_steps, "train/tokens": total_tokens,
-                    "time/train_s": train_s, "time/checkpoint_s": checkpoint_s,
-                    "throughput/tokens_per_s": total_tokens / max(train_s, 1e-9)})
+    summary.update({"train/loss": loss_value, "train/steps": tc.max_steps, "train/tokens": clock.total_tokens,
+                    "time/train_s": train_s, "time/checkpoint_s": clock.checkpoint_s,
+                    "throughput/tokens_per_s": clock.total_tokens / max(train_s, 1e-9)})
     if data.eval:
         final_eval = evaluate_pairs()
         summary.update(final_eval)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from optsys.checkpoint import run_fingerprint, save_checkpoint
+from optsys.checkpoint import run_fingerprint
 from optsys.config import DataConfig, TrainConfig
 from optsys.data.packing import PackedBatch, collate_padded, packed_batches, packing_efficiency
 from optsys.data.sources import load_rows
@@ -43,16 +43,18 @@ from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
+    RunClock,
     StepStream,
     autocast_context,
-    before_summary,
     build_optimizer,
+    checkpoint_due,
     clip_and_step,
     close_run,
     epoch_order,
     locate_resume,
     prepare_output_dir,
     restore_run,
+    save_training_checkpoint,
     set_seed,
     warmup_cosine,
 )
@@ -199,12 +201,9 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     progress = StepProgress(tc.max_steps, f"sft {cfg.recipe}", enabled=tc.progress and world.is_main)
     pad_id = tokenizer.pad_token_id
     # Running counters, restored on resume so the logged window means match an uninterrupted run.
-    c = {"total_tokens": 0, "window_tokens": 0, "window_loss": 0.0, "window_targets": 0, "window_s": 0.0,
-         "train_s": 0.0, "checkpoint_s": 0.0, "loss": float("nan"), **state["counters"]}
-    total_tokens, loss_value = c["total_tokens"], c["loss"]
-    window_tokens, window_loss, window_targets = c["window_tokens"], c["window_loss"], c["window_targets"]
-    t_train, window_t0 = time.time() - c["train_s"], time.time() - c["window_s"]
-    checkpoint_s = c["checkpoint_s"]
+    c = {"window_loss": 0.0, "window_targets": 0, "loss": float("nan"), **state["counters"]}
+    clock = RunClock(state["counters"])
+    loss_value, window_loss, window_targets = c["loss"], c["window_loss"], c["window_targets"]
 
     for step in range(start_step + 1, tc.max_steps + 1):
         epoch, group = next(groups)  # every rank builds the same global step, then takes its share
@@ -225,56 +224,45 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
             (step_loss,) = all_reduce_sum([step_loss], world)
 
-        step_tokens = sum(b.num_tokens for b in group)
-        total_tokens += step_tokens
-        window_tokens += step_tokens
+        clock.add(sum(b.num_tokens for b in group))
         window_loss += step_loss
         window_targets += n_targets
         loss_value = step_loss / max(1, n_targets)
         if step % tc.log_every == 0 or step == tc.max_steps:
-            elapsed = time.time() - window_t0
             metrics = {
                 "train/loss": window_loss / max(1, window_targets),
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/grad_norm": grad_norm,
                 "train/epoch": epoch,
-                "train/tokens": total_tokens,
-                "throughput/tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                "train/tokens": clock.total_tokens,
+                "throughput/tokens_per_s": clock.window_tokens_per_s(),
             }
             if tc.eval_every and step % tc.eval_every == 0 and data.eval and step < tc.max_steps:
                 metrics["eval/loss"] = eval_loss(model, data.eval, cfg, pad_id, device)
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  {metrics['throughput/tokens_per_s']:.0f} tok/s")
-            window_tokens, window_loss, window_targets, window_t0 = 0, 0.0, 0, time.time()
+            window_loss, window_targets = 0.0, 0
+            clock.new_window()
         if not torch.isfinite(torch.tensor(loss_value)):
             progress.close()
             raise FloatingPointError(
                 f"train/loss became {loss_value} at step {step}; lower trainer.lr or check the data "
                 f"(metrics so far are in {out_dir / 'metrics.jsonl'})")
-        # Under torchrun every rank takes part: DCP shards, per-rank RNG; rank 0 writes the rest.
-        if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
-            t0 = time.time()
-            counters = {"total_tokens": total_tokens, "window_tokens": window_tokens, "window_loss": window_loss,
-                        "window_targets": window_targets, "window_s": t0 - window_t0, "train_s": t0 - t_train,
-                        "checkpoint_s": checkpoint_s, "loss": loss_value}
-            save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            fingerprint=fingerprint, keep_last=tc.keep_last, sharded=world.distributed,
-                            trainer_state={
-                                "data": {"epoch": groups.position[0], "index": groups.position[1]},
-                                "counters": counters,
-                                "summary": before_summary(summary)})
-            saved_s = time.time() - t0
-            checkpoint_s += saved_s
-            window_t0 += saved_s  # throughput counts training time, not checkpoint writes
+        if checkpoint_due(tc, step):
+            save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer,
+                                     scheduler=scheduler, fingerprint=fingerprint, clock=clock,
+                                     position=groups.position, summary=summary,
+                                     counters={"window_loss": window_loss, "window_targets": window_targets,
+                                               "loss": loss_value})
     progress.close()
-    train_s = time.time() - t_train
+    train_s = clock.train_s()
 
     summary["train/loss"] = loss_value
     summary["train/steps"] = tc.max_steps
-    summary["train/tokens"] = total_tokens
+    summary["train/tokens"] = clock.total_tokens
     summary["time/train_s"] = train_s
-    summary["time/checkpoint_s"] = checkpoint_s
-    summary["throughput/tokens_per_s"] = total_tokens / max(train_s, 1e-9)
+    summary["time/checkpoint_s"] = clock.checkpoint_s
+    summary["throughput/tokens_per_s"] = clock.total_tokens / max(train_s, 1e-9)
     if data.eval:
         summary["eval/loss"] = eval_loss(model, data.eval, cfg, pad_id, device)
         log.log(step, {"eval/loss": summary["eval/loss"]})
