@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from optsys.config import load_config
+from optsys.config import ConfigError, load_config
 from optsys.losses.reward import bradley_terry
 from optsys.models.load import load_tokenizer
 from optsys.trainers import reward
@@ -55,3 +55,41 @@ def test_score_rejects_other_inputs(tiny_path):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=1, pad_token_id=0)
     with pytest.raises(TypeError, match="strings or conversations"):
         reward.score(model, tok, [42])
+
+
+def test_lora_reward_model_trains_adapters_and_head_and_saves_merged(tmp_path, tiny_path):
+    """LoRA on the backbone + a trainable head: only those change; final/ is merged and reloads as a plain HF
+    sequence-classification model scoring exactly as the trained adapter model did; final-adapter/ is peft's."""
+    from peft import AutoPeftModelForSequenceClassification
+    from safetensors.torch import load_file
+
+    out = tmp_path / "rm-lora"
+    cfg = load_config("rm_tiny", overrides=[
+        f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.task=sorting", "data.difficulty=2",
+        "data.num_train=200", "data.num_eval=100", "trainer.batch_tokens=1024", "trainer.max_steps=30",
+        "trainer.lr=3e-3", "trainer.warmup_steps=2", "trainer.eval_every=0", "trainer.progress=false",
+        "model.lora.r=8", "model.lora.alpha=16"])
+    summary = reward.train(cfg)
+    assert summary["eval/accuracy"] > summary["eval/accuracy_before"]
+    assert summary["model/parameters"] > 0
+
+    base = load_file(tiny_path / "model.safetensors")
+    merged = load_file(out / "final" / "model.safetensors")
+    assert not any("lora_" in k for k in merged) and "score.weight" in merged
+    changed = [k for k in base if k in merged and not torch.equal(base[k], merged[k])]
+    # the merged projections differ from the base (adapters folded in); embeddings and norms do not
+    assert changed and all(any(t in k for t in ("proj",)) for k in changed), changed
+
+    tok = load_tokenizer(str(out / "final"))
+    plain = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
+    adapter = AutoPeftModelForSequenceClassification.from_pretrained(out / "final-adapter", num_labels=1).eval()
+    texts = ["<|im_start|>user\nsort: 3 1<|im_end|>\n<|im_start|>assistant\n1 3<|im_end|>\n", "plain text"]
+    torch.testing.assert_close(reward.score(plain, tok, texts), reward.score(adapter, tok, texts), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_qlora_reward_model_is_refused(tmp_path, tiny_path):
+    cfg = load_config("rm_tiny", overrides=[f"model.name_or_path={tiny_path}", f"output_dir={tmp_path / 'q'}",
+                                            "model.lora.r=8", "model.lora.quantize=nf4"])
+    with pytest.raises(ConfigError, match="not QLoRA"):
+        reward.train(cfg)

@@ -61,8 +61,10 @@ def target_modules(model, cfg: LoraConfig) -> list[str]:
     return list(targets)
 
 
-def apply_lora(model, cfg: LoraConfig):
-    """Wrap `model` with trainable LoRA adapters; every base weight is frozen."""
+def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with trainable LoRA adapters; every base weight is frozen.
+
+    task_type "SEQ_CLS" (reward models): peft also keeps a trainable copy of the scalar head (`score`)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -71,7 +73,7 @@ def apply_lora(model, cfg: LoraConfig):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=target_modules(model, cfg),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     if cfg.quantize != "none":
         # Norms and other small fp weights stay trainable=False; inputs need grads so that

@@ -14,6 +14,7 @@ from optsys.config import ModelConfig
 from optsys.data.packing import collate_packed, pack_best_fit_decreasing
 from optsys.data.tokenize import IGNORE, TokenizedExample
 from optsys.models.load import DTYPES, load_tokenizer, pick_attn_implementation, resolve_model_path
+from optsys.models.lora import apply_lora
 from optsys.models.packed import packed_hidden
 
 
@@ -30,6 +31,8 @@ def load_reward_model(cfg: ModelConfig, device: torch.device, seed: int = 0):
         trust_remote_code=cfg.trust_remote_code, use_safetensors=True).to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.lora.r > 0:  # adapters on the backbone; peft keeps the head itself fully trainable
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     return model, tokenizer
 
 

@@ -20,6 +20,7 @@ from optsys.checkpoint import run_fingerprint
 from optsys.config import ConfigError, TrainConfig
 from optsys.data.preference import PairBatch, PreferencePair, packed_pair_batches, pairs_sha256
 from optsys.losses.reward import bradley_terry
+from optsys.models.lora import is_peft, merged_model
 from optsys.models.packed import attach_forward_methods
 from optsys.models.reward import load_reward_model, packed_rewards
 from optsys.models.reward import score as score  # re-exported: `from optsys.trainers.reward import score`
@@ -84,8 +85,8 @@ def evaluate(model, pairs: list[PreferencePair], cfg: TrainConfig, world: World)
 
 def train(cfg: TrainConfig) -> dict | None:
     """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
-    if cfg.model.lora.r > 0:
-        raise ConfigError("method=rm trains the full model for now; set model.lora.r=0")
+    if cfg.model.lora.quantize != "none":
+        raise ConfigError("method=rm supports LoRA but not QLoRA yet; set model.lora.quantize=none")
     world = init_world(cfg.device)
     try:
         return _train(cfg, world)
@@ -101,6 +102,9 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     out_dir = broadcast_object(prepare_output_dir(cfg) if world.is_main else None, world)
     resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
     model, tokenizer = load_reward_model(cfg.model, device, seed=cfg.seed)
+    if world.distributed and is_peft(model):
+        raise ConfigError("LoRA (model.lora.r > 0) is not supported under torchrun by the reward trainer yet; "
+                          "train full weights, or run LoRA in one process")
     data = build_preference_data(cfg, tokenizer, kto=False)
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
                      "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
@@ -179,7 +183,16 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
 
 
 def save_reward_model(model, tokenizer, path: Path, world: World) -> None:
-    """A Hugging Face sequence-classification folder (gathered from the shards under torchrun)."""
+    """A Hugging Face sequence-classification folder (gathered from the shards under torchrun).
+
+    With LoRA, `path` holds base + adapters merged into plain weights (so AutoModelForSequenceClassification
+    loads it like any reward model), and `<path>-adapter` the peft adapter (with the trained head)."""
+    if is_peft(model):
+        model.save_pretrained(f"{path}-adapter", safe_serialization=True)
+        tokenizer.save_pretrained(f"{path}-adapter")
+        merged_model(model).save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+        return
     state_dict = full_state_dict(model, world) if world.distributed else None
     if world.is_main:
         model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
