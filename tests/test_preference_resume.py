@@ -20,6 +20,7 @@ COMMON = ["data.num_train=60", "data.num_eval=24", "data.max_tokens=256", "train
 CASES = {  # name -> (trainer module, recipe, overrides)
     "dpo": (preference, "dpo_tiny", []),
     "dpo-copy": (preference, "dpo_tiny", ["pref.reference=copy"]),
+    "dpo-lora": (preference, "dpo_tiny", ["model.lora.r=8", "pref.reference=adapters_off"]),
     "kto": (preference, "kto_tiny", []),
     "rm": (reward, "rm_tiny", ["data.task=sorting", "data.difficulty=3"]),
 }
@@ -29,6 +30,12 @@ def cfg_for(case, out, model_path, *extra):
     _, recipe, case_overrides = CASES[case]
     return load_config(recipe, overrides=[f"model.name_or_path={model_path}", f"output_dir={out}", *COMMON,
                                           *case_overrides, *extra])
+
+
+def final_weights(out):
+    """The final folder's weights: the full model, or the peft adapter for LoRA."""
+    full = out / "final" / "model.safetensors"
+    return load_file(full if full.exists() else out / "final" / "adapter_model.safetensors")
 
 
 def metric_rows(out):
@@ -69,8 +76,7 @@ def test_crash_and_resume_equals_uninterrupted(case, tmp_path, tiny_path, monkey
     for key in ("train/loss", "train/tokens", "eval/accuracy" if case == "rm" else "eval/reward_accuracy"):
         assert full[key] == resumed[key], key
     assert any(k.endswith("_before") for k in resumed)  # kept from the first attempt, not re-measured
-    wa = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    wb = load_file(killed / "final" / "model.safetensors")
+    wa, wb = final_weights(tmp_path / "full"), final_weights(killed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -90,7 +96,7 @@ def _run(cmd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["dpo", "dpo-copy", "rm"])
+@pytest.mark.parametrize("case", ["dpo", "dpo-copy", "dpo-lora", "rm"])
 def test_two_ranks_match_one_process(case, tmp_path, tiny_path):
     _, recipe, case_overrides = CASES[case]
     # max_tokens 256 with batch_tokens 600: steps of 2-4 rows, so the ranks' shares are uneven and the
@@ -109,8 +115,7 @@ def test_two_ranks_match_one_process(case, tmp_path, tiny_path):
     print(f"{case}: 1 vs 2 processes, max |diff| per metric: " + ", ".join(f"{k} {v:.2g}" for k, v in
                                                                           sorted(diffs.items())))
     assert max(diffs.values()) < 1e-4, diffs
-    w1, w2 = load_file(tmp_path / "one" / "final" / "model.safetensors"), \
-        load_file(tmp_path / "two" / "final" / "model.safetensors")
+    w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)

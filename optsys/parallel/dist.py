@@ -95,6 +95,9 @@ def shard_model(model, world: World):
     # their grads in backward). See optsys.models.packed.attach_forward_methods.
     for name in getattr(model, "optsys_forward_methods", ()):
         register_fsdp_forward_method(model, name)
+    if hasattr(model, "peft_config"):
+        # A peft model's generate calls the wrapped model's forward, not its own: same treatment.
+        register_fsdp_forward_method(model, "generate")
     return model
 
 

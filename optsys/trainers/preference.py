@@ -390,9 +390,6 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
-    if world.distributed and is_peft(model):
-        raise ConfigError("LoRA (model.lora.r > 0) is not supported under torchrun by the preference trainer yet; "
-                          "train full weights, or run LoRA in one process")
     attach_forward_methods(model)
     data = build_preference_data(cfg, tokenizer, kto=not spec.paired)
     task = get_task(cfg.data.task) if cfg.data.task else None
