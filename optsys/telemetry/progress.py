@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 
 class StepProgress:
     def __init__(self, total: int, description: str, enabled: bool = True):
         self.enabled = enabled
         if not enabled:
             return
+        # imported here: benchmarks import the trainers on machines (the GPU box) that may lack rich
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
         self.bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
