@@ -149,3 +149,25 @@ def test_separate_reference_model_and_mismatches(tmp_path, tiny_path, tiny_cache
         preference.train(pref_cfg(tmp_path / "small", tiny_path, f"pref.reference_model={small}"))
     with pytest.raises(ConfigError, match="reference-free"):
         pref_cfg(tmp_path / "simpo", tiny_path, f"pref.reference_model={other}", method="simpo")
+
+
+def test_kto_reward_accuracy_is_the_ranking_auc(monkeypatch):
+    """KTO rows are unpaired: reward_accuracy counts desirable-over-undesirable reward orderings in a micro-batch."""
+    from types import SimpleNamespace
+
+    from optsys.trainers.common import MetricWindow
+
+    policy = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0])
+    ref = torch.tensor([[-1.5, -1.0], [-2.0, -1.0], [-2.0, -1.0], [-4.5, -1.0], [-5.0, -1.0]])
+    labels = [True, False, True, False, True]  # rewards beta * (policy - ref): 0.5b, 0, -1b, 0.5b, 0
+    monkeypatch.setattr(preference, "pair_logps",
+                        lambda *a, **k: (policy, torch.full((5,), -1.0), torch.ones(5)))
+    meter = MetricWindow(preference.METRIC_KEYS)
+    cfg = load_config("kto_tiny")
+    preference.batch_loss(None, SimpleNamespace(labels=labels), ref, method="kto", cfg=cfg, device=torch.device("cpu"),
+                          meter=meter)
+    m = meter.means("")
+    # desirable rewards (0.5, -1, 0) vs undesirable (0, 0.5): wins 0.5>0; -1 none; 0 none -> 1 of 6
+    assert m["reward_accuracy"] == pytest.approx(1 / 6)
+    beta = cfg.pref.beta
+    assert m["margin"] == pytest.approx(beta * ((0.5 - 1 + 0) / 3 - (0 + 0.5) / 2))
