@@ -318,6 +318,13 @@ class RunClock:
         self.checkpoint_s += seconds
         self.window_t0 += seconds
 
+    def totals(self, *, loss: float, steps: int) -> dict:
+        """The run's end-of-training summary entries (the last step's loss, tokens, time, tokens/s)."""
+        train_s = self.train_s()
+        return {"train/loss": loss, "train/steps": steps, "train/tokens": self.total_tokens,
+                "time/train_s": train_s, "time/checkpoint_s": self.checkpoint_s,
+                "throughput/tokens_per_s": self.total_tokens / max(train_s, 1e-9)}
+
 
 def checkpoint_due(tc, step: int) -> bool:
     """Every trainer.save_every steps, and at the last step."""

@@ -169,10 +169,7 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
                                      position=steps.position, summary=summary, counters={"loss": loss_value},
                                      window=window)
     progress.close()
-    train_s = clock.train_s()
-    summary.update({"train/loss": loss_value, "train/steps": tc.max_steps, "train/tokens": clock.total_tokens,
-                    "time/train_s": train_s, "time/checkpoint_s": clock.checkpoint_s,
-                    "throughput/tokens_per_s": clock.total_tokens / max(train_s, 1e-9)})
+    summary.update(clock.totals(loss=loss_value, steps=tc.max_steps))
     if data.eval:
         final_eval = evaluate(model, data.eval, cfg, world)
         summary.update(final_eval)

@@ -255,14 +255,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                                      counters={"window_loss": window_loss, "window_targets": window_targets,
                                                "loss": loss_value})
     progress.close()
-    train_s = clock.train_s()
-
-    summary["train/loss"] = loss_value
-    summary["train/steps"] = tc.max_steps
-    summary["train/tokens"] = clock.total_tokens
-    summary["time/train_s"] = train_s
-    summary["time/checkpoint_s"] = clock.checkpoint_s
-    summary["throughput/tokens_per_s"] = clock.total_tokens / max(train_s, 1e-9)
+    summary.update(clock.totals(loss=loss_value, steps=tc.max_steps))
     if data.eval:
         summary["eval/loss"] = eval_loss(model, data.eval, cfg, pad_id, device)
         log.log(step, {"eval/loss": summary["eval/loss"]})
