@@ -142,3 +142,12 @@ def local_steps(num_items: int, world: World) -> int:
     would wait forever on the rank with fewer. Ranks short of data run a zero-weighted filler."""
     return -(-num_items // world.size)
 
+
+def shared_batches(batches: list, world: World):
+    """(batch, real) for this rank's round-robin share of `batches`. Ranks short of batches get fillers
+    (real=False: run with weight 0 and not counted, only to keep FSDP's collectives in step), so every rank
+    runs local_steps(len(batches)) of them."""
+    mine = rank_share(batches, world)
+    for i in range(local_steps(len(batches), world)):
+        yield (mine[i], True) if i < len(mine) else (batches[0], False)
+

@@ -245,6 +245,10 @@ class MetricWindow:
     def state(self) -> dict:
         return {"sums": self.sums, "counts": self.counts}
 
+    def summed_state(self, world: World) -> dict:
+        """The window's state summed over ranks, for a checkpoint; this window is left as it is."""
+        return MetricWindow.from_state(self.keys, self.state()).all_reduce(world).state()
+
     @classmethod
     def from_state(cls, keys: tuple[str, ...], state: dict | None) -> MetricWindow:
         window = cls(keys)
@@ -272,10 +276,13 @@ def locate_resume(cfg: TrainConfig, out_dir: Path, world: World) -> Path | None:
     return found
 
 
-def restore_run(path: Path, out_dir: Path, world: World, *, model, optimizer, scheduler, fingerprint: dict,
-                max_steps: int) -> dict:
-    """Load checkpoint `path` into model / optimizer / scheduler (after its fingerprint and hashes check),
-    drop the metrics rows a killed run logged after it, and return its trainer state."""
+def restore_run(path: Path | None, out_dir: Path, world: World, *, model, optimizer, scheduler,
+                fingerprint: dict, max_steps: int) -> dict:
+    """The trainer state to start from: a fresh one when `path` is None; else load checkpoint `path` into
+    model / optimizer / scheduler (after its fingerprint and hashes check), drop the metrics rows a killed
+    run logged after it, and return its trainer state."""
+    if path is None:
+        return {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "window": None, "summary": {}}
     state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint)
     if world.is_main:
         rewind_metrics(out_dir / "metrics.jsonl", state["step"])

@@ -55,9 +55,8 @@ from optsys.parallel.dist import (
     close_world,
     full_state_dict,
     init_world,
-    local_steps,
-    rank_share,
     shard_model,
+    shared_batches,
 )
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
@@ -169,14 +168,6 @@ def score_pairs(model, pairs: list[PreferencePair], *, max_tokens: int, average:
             out[idx, 0], out[idx, 1] = c.double().cpu(), r.double().cpu()
     model.train(was_training)
     return all_reduce_sum_tensor(out, world).float()
-
-
-def shared_batches(batches: list, world: World):
-    """(batch, real) for this rank's round-robin share of `batches`; ranks short of batches get fillers
-    (real=False: run for FSDP's collectives, weight 0, not counted), so every rank runs as many."""
-    mine = rank_share(batches, world)
-    for i in range(local_steps(len(batches), world)):
-        yield (mine[i], True) if i < len(mine) else (batches[0], False)
 
 
 def save_reference_cache(path: Path, logps: dict[str, torch.Tensor], fingerprint: dict) -> None:
@@ -414,11 +405,9 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
                                     average=spec.average_logps, summary=summary)
 
     fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=pairs_sha256(data.train))
-    state: dict = {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "window": None, "summary": {}}
-    if resume_from is not None:
-        state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
-                            fingerprint=fingerprint, max_steps=tc.max_steps)
-        summary.update(state["summary"])  # the before-training evals are not measured again
+    state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
+                        fingerprint=fingerprint, max_steps=tc.max_steps)
+    summary.update(state["summary"])  # the before-training evals are not measured again
     log = MetricsLog(out_dir, enabled=world.is_main)  # opened after a resume rewound metrics.jsonl
 
     def accuracy(tag: str) -> None:
@@ -487,11 +476,10 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
                                      f"pref.beta (metrics so far are in {out_dir / 'metrics.jsonl'})")
         if checkpoint_due(tc, step):
             # A saved window holds every rank's sums: on resume rank 0 takes it back, the others start empty.
-            window = MetricWindow.from_state(METRIC_KEYS, meter.state()).all_reduce(world).state()
             save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer,
                                      scheduler=scheduler, fingerprint=fingerprint, clock=clock,
                                      position=steps.position, summary=summary, counters={"loss": loss_value},
-                                     window=window)
+                                     window=meter.summed_state(world))
     progress.close()
     summary.update(clock.totals(loss=loss_value, steps=tc.max_steps))
     if data.eval:

@@ -33,6 +33,7 @@ from optsys.parallel.dist import (
     full_state_dict,
     init_world,
     shard_model,
+    shared_batches,
 )
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
@@ -52,7 +53,7 @@ from optsys.trainers.common import (
     set_seed,
     warmup_cosine,
 )
-from optsys.trainers.preference import build_preference_data, pair_steps, shared_batches
+from optsys.trainers.preference import build_preference_data, pair_steps
 
 KEYS = ("loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin")
 
@@ -115,11 +116,9 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps,
                                                                            tc.min_lr_ratio))
     fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=pairs_sha256(data.train))
-    state: dict = {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "window": None, "summary": {}}
-    if resume_from is not None:
-        state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
-                            fingerprint=fingerprint, max_steps=tc.max_steps)
-        summary.update(state["summary"])
+    state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
+                        fingerprint=fingerprint, max_steps=tc.max_steps)
+    summary.update(state["summary"])
     log = MetricsLog(out_dir, enabled=world.is_main)  # opened after a resume rewound metrics.jsonl
     step = start_step = state["step"]
     if data.eval and cfg.eval.before and resume_from is None:
@@ -163,11 +162,10 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
             raise FloatingPointError(f"train/loss became {loss_value} at step {step}; lower trainer.lr")
         if checkpoint_due(tc, step):
             # A saved window holds every rank's sums: on resume rank 0 takes it back, the others start empty.
-            window = MetricWindow.from_state(KEYS, meter.state()).all_reduce(world).state()
             save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer,
                                      scheduler=scheduler, fingerprint=fingerprint, clock=clock,
                                      position=steps.position, summary=summary, counters={"loss": loss_value},
-                                     window=window)
+                                     window=meter.summed_state(world))
     progress.close()
     summary.update(clock.totals(loss=loss_value, steps=tc.max_steps))
     if data.eval:

@@ -35,9 +35,8 @@ from optsys.parallel.dist import (
     close_world,
     full_state_dict,
     init_world,
-    local_steps,
-    rank_share,
     shard_model,
+    shared_batches,
 )
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
@@ -174,11 +173,9 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
     fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=examples_sha256(data.train))
-    state: dict = {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "summary": {}}
-    if resume_from is not None:
-        state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
-                            fingerprint=fingerprint, max_steps=tc.max_steps)
-        summary.update(state["summary"])  # eval/accuracy_before is not recomputed
+    state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
+                        fingerprint=fingerprint, max_steps=tc.max_steps)
+    summary.update(state["summary"])  # eval/accuracy_before is not recomputed
     log = MetricsLog(out_dir, enabled=world.is_main)
 
     def accuracy(tag: str) -> None:
@@ -208,12 +205,11 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     for step in range(start_step + 1, tc.max_steps + 1):
         epoch, group = next(groups)  # every rank builds the same global step, then takes its share
         n_targets = sum(b.num_target_tokens for b in group)
-        mine = rank_share(group, world)
         step_loss = 0.0
         with nvtx_range(f"step {step}"):
-            for i in range(local_steps(len(group), world)):
-                # A rank short of micro-batches reruns one with weight 0, keeping FSDP's collectives in step.
-                batch, weight = (mine[i], 1.0) if i < len(mine) else (group[0], 0.0)
+            # A rank short of micro-batches reruns one with weight 0, keeping FSDP's collectives in step.
+            for batch, real in shared_batches(group, world):
+                weight = float(real)
                 with autocast_context(tc.precision, device):
                     loss_sum = micro_batch_loss_sum(model, batch, packing=cfg.data.packing, pad_id=pad_id,
                                                     backend=tc.kernel_backend, device=device)
