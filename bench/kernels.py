@@ -5,7 +5,8 @@
 Prints a table and writes bench/results/kernels-<device>.json. Every ratio is against the naive path
 (the reference in the op's file: materialize the logits, then F.cross_entropy / log_softmax.gather)
 measured in the same run. "fwd" runs under torch.no_grad(); "fwd+bwd" is a full training step for the
-loss (grads of hidden and weight). Peak extra memory is the peak above the inputs:
+loss (grads of hidden and weight). On CUDA the fused rows are each backend (hybrid = what "auto"
+takes, triton, torch). Peak extra memory is the peak above the inputs (workspace: less the outputs):
 torch.cuda.max_memory_allocated on CUDA; on CPU, each case runs in a fresh subprocess and reports the
 growth of its peak resident set (VmHWM) over one step, after a tiny warm-up of the same
 code path and with glibc's mmap threshold pinned so freed buffers go back to the OS.
@@ -15,6 +16,7 @@ See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -53,13 +55,18 @@ def _liger_loss():
 
 
 def impls(op: str, device: str) -> dict:
-    if op == "linear_ce":
-        out = {"naive": linear_cross_entropy_reference, "fused": fused_linear_cross_entropy}
-        liger = _liger_loss() if device == "cuda" else None
-        if liger is not None:
-            out["liger"] = liger
-        return out
-    return {"naive": linear_token_logprobs_reference, "fused": linear_token_logprobs}
+    """naive first (the baseline); on CUDA every fused backend, so one GPU run compares them all."""
+    naive, fused = ((linear_cross_entropy_reference, fused_linear_cross_entropy) if op == "linear_ce"
+                    else (linear_token_logprobs_reference, linear_token_logprobs))
+    if device != "cuda":
+        return {"naive": naive, "fused": fused}  # backend "auto": the chunked torch path
+    out = {"naive": naive}
+    for backend in ("hybrid", "triton", "torch"):  # hybrid: what "auto" takes on CUDA
+        out[f"fused-{backend}"] = functools.partial(fused, backend=backend)
+    liger = _liger_loss() if op == "linear_ce" else None
+    if liger is not None:
+        out["liger"] = liger
+    return out
 
 
 def make_inputs(n, h, v, dtype, device, seed=0):
@@ -119,6 +126,7 @@ def run_case(op, impl, mode, shape, device, repeats) -> dict:
     out = step(fn, mode, *inputs)  # measured step (also the warm-up at this shape)
     _sync(device)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _maxrss_bytes()) - base
+    out_bytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
     del out
     times = []
     for _ in range(repeats):
@@ -127,7 +135,10 @@ def run_case(op, impl, mode, shape, device, repeats) -> dict:
         step(fn, mode, *inputs)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    res = {"time_ms": 1e3 * statistics.median(times), "peak_extra_mb": peak / 2**20}
+    # workspace: the peak less the returned outputs (grads of hidden and weight in fwd+bwd), which every
+    # impl must hold: what the op itself costs on top.
+    res = {"time_ms": 1e3 * statistics.median(times), "peak_extra_mb": peak / 2**20,
+           "workspace_mb": (peak - out_bytes) / 2**20}
     if device == "cpu":
         res["rss_peak_before_step_mb"] = earlier_peak_gap / 2**20  # must stay << peak_extra_mb
     return res
@@ -207,7 +218,8 @@ def main():
 
 
 def print_row(r, header=False):
-    cols = ["shape", "op", "mode", "impl", "time_ms", "time_vs_naive", "peak_extra_mb", "mem_vs_naive"]
+    cols = ["shape", "op", "mode", "impl", "time_ms", "time_vs_naive", "peak_extra_mb", "mem_vs_naive",
+            "workspace_mb"]
     cols += [c for c in ("tflops", "roofline_frac") if c in r]
     if header:
         print(" | ".join(f"{c:>13}" for c in cols))

@@ -1,4 +1,4 @@
-"""Fused kernels (Triton on CUDA, chunked torch on CPU). Imported as optsys.kernels."""
+"""Fused kernels (cuBLAS matmuls + Triton row kernels on CUDA, chunked torch on CPU). Imported as optsys.kernels."""
 
 from ._utils import set_debug_checks
 from .linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference

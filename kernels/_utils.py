@@ -18,6 +18,11 @@ import torch
 CHUNK_BYTES = 64 << 20
 MIN_CHUNK_BYTES = 16 << 20
 MEM_FRACTION = 0.08
+# On a GPU the matmuls want many rows (a [rows, H] @ [H, V] product runs near the cuBLAS peak only from
+# ~1-2k rows) and the budget is absolute: all live [rows, V] tiles together take at most CUDA_TILE_BYTES,
+# whatever N is. At Llama-3-8B's V = 128256 in bf16 that is 2048 rows per chunk for the hybrid path's one
+# tile; the [V, H] fp32 grad_weight accumulator (2 GiB there) comes on top, as it does for any exact path.
+CUDA_TILE_BYTES = 512 << 20
 
 _DEBUG_CHECKS = False
 # Tests set this so fresh output buffers start as NaN: an element the op forgets to write then fails.
@@ -50,16 +55,21 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def chunk_rows(n_rows: int, n_cols: int, *, tiles: int = 1, grads: bool = False, fixed_bytes: int = 0) -> int:
-    """Rows per chunk: `tiles` fp32 [rows, n_cols] tiles within the budget described above.
+def chunk_rows(n_rows: int, n_cols: int, *, tiles: int = 1, grads: bool = False, fixed_bytes: int = 0,
+               elem_bytes: int = 4, cuda: bool = False) -> int:
+    """Rows per chunk: `tiles` [rows, n_cols] tiles of `elem_bytes` elements within the budget above.
 
     grads: the pass also produces gradients (the naive path then holds 12, not 8, N V bytes);
     fixed_bytes: the pass's own O(N H + V H) buffers (gradient accumulators), taken off the budget.
+    cuda: the GPU rule instead (CUDA_TILE_BYTES over all tiles, rows a multiple of 128 when there are many).
     """
     n_cols = max(n_cols, 1)
+    if cuda:
+        rows = CUDA_TILE_BYTES // (tiles * elem_bytes * n_cols)
+        return max(1, min(n_rows, rows - rows % 128 if rows >= 256 else rows))
     budget = (MEM_FRACTION * (12 if grads else 8) * n_rows * n_cols - fixed_bytes) / tiles
     tile_bytes = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, int(budget)))
-    return max(1, min(n_rows, tile_bytes // (4 * n_cols)))
+    return max(1, min(n_rows, tile_bytes // (elem_bytes * n_cols)))
 
 
 def autocast_inputs(*tensors):
@@ -74,14 +84,25 @@ def autocast_inputs(*tensors):
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+BACKENDS = ("auto", "torch", "hybrid", "triton")
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    """auto: the hybrid path on CUDA (library matmuls + Triton row kernels), the chunked torch path on CPU.
+
+    Why hybrid and not the all-Triton tiles on CUDA: the tile kernels' backward adds its [BLOCK, D]
+    products into grad_hidden and grad_weight with fp32 atomics, N D V (1 / BLOCK_V + 1 / BLOCK_N) of
+    them: ~1e11 at Llama-3-8B's shape, more time than the 6 N H V matmul FLOPs take at the cuBLAS rate.
+    The hybrid path runs the three matmuls in cuBLAS on [~2048, V] chunks and only the memory-bound
+    softmax math in Triton (three passes over a bf16 tile). Both are measured by bench/kernels.py.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if tensor.is_cuda else "torch"
-    if backend == "triton" and not tensor.is_cuda and not interpreting():
+        return "hybrid" if tensor.is_cuda else "torch"
+    if backend in ("triton", "hybrid") and not tensor.is_cuda and not interpreting():
         raise ValueError(
-            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            f"backend={backend!r} on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
         )
     return backend
 

@@ -1,8 +1,13 @@
 """Fused linear + cross-entropy: loss(hidden @ weight.T + bias, target) without the [N, V] logits.
 
-One op family: the readable reference, a chunked torch path (CPU, or backend="torch"), and Triton
-kernels (CUDA, or the CPU interpreter in tests), all behind `fused_linear_cross_entropy`. The shared
-machinery (chunk loop, kernels) also serves `linear_logprobs.py`, which only adds its own per-row math.
+One op family, all behind `fused_linear_cross_entropy`: the readable reference, and three fused paths.
+- backend="torch" (CPU default): chunks of rows, each a [rows, V] fp32 logits tile, all math in torch.
+- backend="hybrid" (CUDA default): the same chunks with the tile in the input dtype; the three matmuls
+  are the library's (cuBLAS), the memory-bound softmax math two Triton row kernels.
+- backend="triton": all-Triton tiles (logits only ever in registers; fp32 atomics for the grads), and
+  the only path with Cut Cross-Entropy's gradient filter.
+Triton kernels run on CUDA, or in the CPU interpreter in tests. The shared machinery (chunk loop,
+kernels) also serves `linear_logprobs.py`, which only adds its own per-row math.
 
 The math, per row i with scaled logits s = cap * tanh(z / cap) (or just z), z = h_i W^T + b:
     lse   = logsumexp_j s_j,   p_j = exp(s_j - lse)
@@ -123,6 +128,7 @@ def torch_pass(
     coef_fn: Callable[[torch.Tensor, torch.Tensor], _Coefs] | None = None,
     needs: tuple[bool, bool, bool] = (False, False, False),
     has_delta: bool = False,
+    row_math: str = "torch",
 ):
     """One pass over the active rows (tgt >= 0), `chunk_rows` rows at a time.
 
@@ -142,6 +148,11 @@ def torch_pass(
     lets the chunk grow at the same peak (fewer, larger, faster matmuls; fewer passes over grad_weight).
     The general body keeps the logits beside the softmax, as the softcap, entropy and delta terms need
     both; bf16 inputs also take it, so the d_logits tile is rounded once, before its bf16 matmuls.
+
+    row_math="triton" (the hybrid backend) is a third body for GPUs: the tile stays in the input dtype
+    (bf16: the logits rounded as a bf16 lm_head rounds them), and all its per-row math is two Triton
+    kernels that stream each row through registers in fp32: one for the stats, one that overwrites the
+    tile with d_logits. Only the matmuls touch the tile besides them.
     """
     n, h_dim = hidden.shape
     v = weight.shape[0]
@@ -154,17 +165,25 @@ def torch_pass(
     gh = _utils.empty((n, h_dim), hidden.dtype, dev) if grads and needs[0] else None
     gw = torch.zeros((v, h_dim), dtype=cd, device=dev) if grads and needs[1] else None
     gb = torch.zeros(v, dtype=cd, device=dev) if grads and needs[2] else None
-    fast = hidden.dtype == cd and xf.softcap is None and not entropy and not has_delta
+    rowk = row_math == "triton"
+    if rowk:
+        _check_triton_dtype(hidden)
+    fast = hidden.dtype == cd and xf.softcap is None and not entropy and not has_delta and not rowk
     fixed = sum(0 if g is None else g.numel() * g.element_size() for g in (gh, gw, gb))
     # The general body holds the logits, the softmax and a temporary (s - m, the softcap factor) at once.
-    step = _utils.chunk_rows(idx.numel(), v, tiles=1 if fast else 3, grads=grads, fixed_bytes=fixed)
-    buf = torch.empty((min(step, idx.numel()), v), dtype=cd, device=dev) if fast else None
+    step = _utils.chunk_rows(idx.numel(), v, tiles=1 if fast or rowk else 3, grads=grads, fixed_bytes=fixed,
+                             elem_bytes=hidden.element_size() if rowk else 4, cuda=hidden.is_cuda)
+    tile_dtype = hidden.dtype if rowk else cd
+    buf = torch.empty((min(step, idx.numel()), v), dtype=tile_dtype, device=dev) if fast or rowk else None
     acc = {}  # fast body: the gamma terms' sums, applied once after the loop
     for i in range(0, idx.numel(), step):
         rows = idx[i : i + step]
         h = hidden.index_select(0, rows)
         t = tgt.index_select(0, rows)[:, None]
-        if fast:
+        if rowk:
+            s = torch.mm(h, weight.T, out=buf[: rows.numel()])  # bias and transform: in the row kernels
+            stat_c, gh_c = _rows_chunk(s, h, weight, bias, t, rows, xf, lse, coef_fn, gw, gb, gh is not None)
+        elif fast:
             s = _tile_logits(h, weight, bias, xf, cd, out=buf[: rows.numel()])
             stat_c, gh_c = _fast_chunk(s, h, weight, t, rows, xf, lse, sum_s, coef_fn, gw, gb, gh is not None,
                                        acc)
@@ -287,6 +306,45 @@ def _general_chunk(s, h, weight, t, rows, xf: _Xf, cd, lse, sum_s, entropy, coef
     return stat_c, gh_c
 
 
+def _rows_chunk(s, h, weight, bias, t, rows, xf: _Xf, lse, coef_fn, gw, gb, need_gh):
+    """One chunk of the hybrid body: s is the [rows, V] tile of z = h @ W.T in the input dtype, no bias.
+
+    The Triton row kernels compute the stats and then overwrite s with d_logits (bias, temperature and
+    softcap applied on the fly, all in fp32 registers); the three products with the tile are library
+    matmuls (cuBLAS on a GPU)."""
+    stat_c = gh_c = None
+    if lse is None:
+        stat_c = triton_row_stats(s, bias, t.squeeze(1), xf)
+        lse_c = stat_c[LSE]
+    else:
+        lse_c = lse.index_select(0, rows)
+    if coef_fn is None:
+        return stat_c, None
+    dz = triton_row_grads(s, bias, t.squeeze(1), lse_c, coef_fn(rows, lse_c), xf)  # s, overwritten
+    if need_gh:
+        gh_c = torch.mm(dz, weight)
+    if gw is not None:
+        _addmm_into(gw, dz.T, h)
+    if gb is not None:
+        gb += dz.sum(0, dtype=gb.dtype)
+    return stat_c, gh_c
+
+
+def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc fp32 and a, b possibly bf16: cuBLAS writes the fp32 sum directly (torch >= 2.8,
+    CUDA), so no [V, H] low-precision product is materialized. Elsewhere, through a temporary."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):  # an older torch: no out_dtype overload
+            pass
+    acc += (a @ b).to(acc.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Triton path
 # ----------------------------------------------------------------------------------------------------
@@ -296,7 +354,7 @@ def _general_chunk(s, h, weight, t, rows, xf: _Xf, cd, lse, sum_s, entropy, coef
 # strings (`from __future__ import annotations`), which triton reads as "constexpr".
 
 tl = None  # triton.language, bound by _triton()
-_JIT = ("_logits_tile", "_stats_kernel", "_grad_kernel")
+_JIT = ("_logits_tile", "_stats_kernel", "_grad_kernel", "_row_logits", "_row_stats_kernel", "_row_grad_kernel")
 
 
 @functools.cache
@@ -459,6 +517,78 @@ def _grad_kernel(H, W, B, T, LSE, A, BETA, G, DELTA, GH, GW, GB, N, V, D, inv_te
                                   mask=col_mask[:, None] & d_mask[None, :])
 
 
+def _row_logits(S, B, cols, col_mask, inv_temp, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Scaled logits s (fp32) of one row at `cols`, from the row's tile entries z at S (any float dtype)."""
+    z = tl.load(S + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+    s = z * inv_temp
+    if SOFTCAP:
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+    return s
+
+
+def _row_stats_kernel(S, B, T, OUT, R, V, stride, inv_temp, softcap,
+                      HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One program per tile row: online max m, l = sum exp(s - m), a = sum exp(s - m) (s - m), sum s and
+    the target's s over V in BLOCK_V steps; writes lse, s_t, sum s, entropy to OUT [4, R] (fp32)."""
+    row = tl.program_id(0).to(tl.int64)
+    S += row * stride
+    tgt = tl.load(T + row)
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), tl.float32)
+    a = tl.zeros((), tl.float32)
+    ss = tl.zeros((), tl.float32)
+    st = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        s = _row_logits(S, B, cols, col_mask, inv_temp, softcap, HAS_BIAS, SOFTCAP)
+        ss += tl.sum(tl.where(col_mask, s, 0.0), axis=0)
+        st += tl.sum(tl.where(cols == tgt, s, 0.0), axis=0)
+        s = tl.where(col_mask, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))  # finite: every block has >= 1 column
+        rescale = tl.exp(m - m_new)
+        e = tl.exp(s - m_new)
+        # a is relative to the running max: moving it from m to m_new adds (m - m_new) l (0 at the first
+        # block, where m = -inf and l = 0).
+        a = rescale * (a + tl.where(l > 0, m - m_new, 0.0) * l)
+        a += tl.sum(e * tl.where(col_mask, s - m_new, 0.0), axis=0)  # e = 0 at padding columns
+        l = l * rescale + tl.sum(e, axis=0)
+        m = m_new
+    tl.store(OUT + row, m + tl.log(l))
+    tl.store(OUT + R + row, st)
+    tl.store(OUT + 2 * R + row, ss)
+    tl.store(OUT + 3 * R + row, tl.log(l) - a / l)
+
+
+def _row_grad_kernel(S, B, T, LSE, A, BETA, G, DELTA, V, stride, inv_temp, softcap,
+                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                     HAS_DELTA: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One program per tile row: d out / d z = inv_temp (alpha p + beta [j == t] + gamma + delta p s)
+    (times the softcap's 1 - (s / cap)^2), written over the row's logits in the tile's dtype. Each
+    block is read before it is written, by the same program: the in-place update is safe."""
+    row = tl.program_id(0).to(tl.int64)
+    S += row * stride
+    tgt = tl.load(T + row)
+    lse = tl.load(LSE + row)
+    alpha = tl.load(A + row)
+    beta = tl.load(BETA + row)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        s = _row_logits(S, B, cols, col_mask, inv_temp, softcap, HAS_BIAS, SOFTCAP)
+        p = tl.exp(tl.minimum(s - lse, 0.0))  # s <= lse up to rounding
+        ds = alpha * p + tl.where(cols == tgt, beta, 0.0)
+        if HAS_GAMMA:
+            ds += tl.load(G + row)
+        if HAS_DELTA:
+            ds += tl.load(DELTA + row) * p * s
+        if SOFTCAP:
+            ds = ds * (1.0 - (s / softcap) * (s / softcap))
+        tl.store(S + cols, (ds * inv_temp).to(S.dtype.element_ty), mask=col_mask)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -476,7 +606,7 @@ def _kernel_cfg(hidden: torch.Tensor) -> dict:
 
 def _check_triton_dtype(hidden: torch.Tensor) -> None:
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"backend='triton' supports fp32/bf16/fp16 hidden, got {hidden.dtype}")
+        raise ValueError(f"backends 'triton' and 'hybrid' support fp32/bf16/fp16 hidden, got {hidden.dtype}")
 
 
 def triton_stats(hidden, weight, bias, tgt, xf: _Xf) -> torch.Tensor:
@@ -538,18 +668,54 @@ def triton_grads(hidden, weight, bias, tgt, lse, c: _Coefs, xf: _Xf, needs, filt
     return gh, gw, gb
 
 
+def _row_block(v: int, on_gpu: bool) -> dict:
+    # GPU: 4096 columns per step (a bf16 row is 256 KB at V = 128256: ~32 steps, each 8 KB per warp
+    # group); the interpreter: small blocks, so test shapes cover several steps and a ragged last one.
+    return {"BLOCK_V": 4096, "num_warps": 8} if on_gpu else {"BLOCK_V": 64}
+
+
+def triton_row_stats(s: torch.Tensor, bias, tgt: torch.Tensor, xf: _Xf) -> torch.Tensor:
+    """Per-row stats [4, R] (lse, s_target, sum s, entropy) of a materialized [R, V] logits tile."""
+    _triton()
+    r, v = s.shape
+    out = _utils.empty((4, r), torch.float32, s.device)
+    _row_stats_kernel[(r,)](s, s if bias is None else bias, tgt, out, r, v, s.stride(0), xf.inv_temp,
+                            xf.softcap or 1.0, HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None,
+                            **_row_block(v, s.is_cuda))
+    return out
+
+
+def triton_row_grads(s: torch.Tensor, bias, tgt: torch.Tensor, lse: torch.Tensor, c: _Coefs, xf: _Xf):
+    """Overwrite the [R, V] logits tile s with d out / d z for the per-row coefficients c; returns s."""
+    _triton()
+    r, v = s.shape
+    coef = [x.float().contiguous() if x is not None else None for x in c]
+    dummy = coef[0]
+    _row_grad_kernel[(r,)](s, s if bias is None else bias, tgt, lse.float().contiguous(), coef[0], coef[1],
+                           dummy if coef[2] is None else coef[2], dummy if coef[3] is None else coef[3],
+                           v, s.stride(0), xf.inv_temp, xf.softcap or 1.0,
+                           HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None,
+                           HAS_GAMMA=c.gamma is not None, HAS_DELTA=c.delta is not None, **_row_block(v, s.is_cuda))
+    return s
+
+
 def compute_stats(backend: str, hidden, weight, bias, tgt, xf: _Xf, *, sum_s=False, entropy=False):
     """Per-row stats [4, N]; the torch path computes SUM_S and ENTROPY only when asked."""
     if backend == "triton":
         return triton_stats(hidden, weight, bias, tgt, xf)
-    return torch_pass(hidden, weight, bias, tgt, xf, sum_s=sum_s, entropy=entropy)[0]
+    return torch_pass(hidden, weight, bias, tgt, xf, sum_s=sum_s, entropy=entropy, row_math=_row_math(backend))[0]
 
 
 def compute_grads(backend: str, hidden, weight, bias, tgt, lse, c: _Coefs, xf: _Xf, needs, filter_eps=None):
     if backend == "triton":
         return triton_grads(hidden, weight, bias, tgt, lse, c, xf, needs, filter_eps)
     return torch_pass(hidden, weight, bias, tgt, xf, lse=lse, coef_fn=lambda rows, _: c.take(rows),
-                      needs=needs, has_delta=c.delta is not None)[1]
+                      needs=needs, has_delta=c.delta is not None, row_math=_row_math(backend))[1]
+
+
+def _row_math(backend: str) -> str:
+    """The chunked backends: "torch" does its row math in torch, "hybrid" in the Triton row kernels."""
+    return "triton" if backend == "hybrid" else "torch"
 
 
 def cast_grads(grads, hidden, weight, bias):
@@ -590,15 +756,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         active = tgt >= 0
         n_valid = active.sum()
         xf = _Xf(softcap=o.softcap)
-        # The torch path folds each chunk's gradient in right away when the loss is a scalar: backward
-        # then only scales by grad_output, so logits are computed once. reduction="none" (per-row grad
-        # scales unknown until backward) and the Triton path recompute the logits in backward instead.
-        ctx.eager = o.backend == "torch" and o.reduction != "none" and any(o.needs)
+        # The chunked paths (torch, hybrid) fold each chunk's gradient in right away when the loss is a
+        # scalar: backward then only scales by grad_output, so logits are computed once. reduction="none"
+        # (per-row grad scales unknown until backward) and the Triton tiles recompute them in backward.
+        ctx.eager = o.backend in ("torch", "hybrid") and o.reduction != "none" and any(o.needs)
         if ctx.eager:
             r = 1.0 / max(int(n_valid), 1) if o.reduction == "mean" else 1.0
             stats, grads = torch_pass(
                 hidden, weight, bias, tgt, xf, sum_s=bool(o.label_smoothing), needs=o.needs,
-                coef_fn=lambda rows, lse_c: _ce_coefs(torch.full_like(lse_c, r), lse_c, o, v))
+                coef_fn=lambda rows, lse_c: _ce_coefs(torch.full_like(lse_c, r), lse_c, o, v),
+                row_math=_row_math(o.backend))
             ctx.grads = cast_grads(grads, hidden, weight, bias)
         else:
             stats = compute_stats(o.backend, hidden, weight, bias, tgt, xf, sum_s=bool(o.label_smoothing))
@@ -663,8 +830,12 @@ def fused_linear_cross_entropy(
     (Gemma 2); label_smoothing as in F.cross_entropy. Accumulates in fp32; the loss is fp32 (fp64 for
     fp64 inputs). Gradients flow to hidden, weight and bias.
 
-    grad_filter_eps (None = exact): Cut Cross-Entropy's trick, Triton backend only (the torch path
-    ignores it and stays exact). The backward skips every [BLOCK_N, BLOCK_V] tile in which all softmax
+    backend: "auto" (hybrid on CUDA, torch on CPU), "torch", "hybrid" or "triton" (module docstring).
+    The hybrid path rounds the logits to the input dtype (fp32-accumulated matmul, bf16 out for bf16
+    inputs, as a bf16 lm_head does) and does all the softmax math on them in fp32.
+
+    grad_filter_eps (None = exact): Cut Cross-Entropy's trick, Triton backend only (the chunked paths
+    ignore it and stay exact). The backward skips every [BLOCK_N, BLOCK_V] tile in which all softmax
     values are below eps and no row's target falls. A dropped entry has |dloss_i/dz_ij| <= eps * |a_i|,
     a_i the row's grad scale (grad_output / n_valid for "mean", times 1 + 2 z_loss lse), so the error is
     bounded by |d grad_hidden[i, :]| <= eps |a_i| sum_j |weight[j, :]| and

@@ -94,6 +94,8 @@ def linear_token_logprobs(
 
     With return_entropy, also the entropy of each row's distribution, [N] fp32. Both outputs are
     differentiable with respect to hidden and weight. Every target must be in [0, V).
+    backend: "auto" (hybrid on CUDA, torch on CPU), "torch", "hybrid" or "triton" (see
+    `linear_cross_entropy.py`).
     Under autocast, hidden and weight are cast to the autocast dtype first (as F.linear is).
     """
     hidden, weight = autocast_inputs(hidden, weight)

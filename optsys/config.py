@@ -82,7 +82,7 @@ class TrainerConfig:
     batch_tokens: int = 4096  # max tokens per optimizer step; micro-batches accumulate up to it
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    kernel_backend: Literal["auto", "torch", "triton"] = "auto"
+    kernel_backend: Literal["auto", "torch", "hybrid", "triton"] = "auto"
     log_every: int = 10
     eval_every: int = 0  # steps between eval-loss runs; 0 = only at the end
     progress: bool = True

@@ -33,10 +33,10 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(_utils, "CHUNK_BYTES", 8 * 4 * 1001)
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "hybrid", "triton"])
 def backend(request, small_chunks):
-    """Each fast CPU path: the chunked torch path, and the Triton kernels under the interpreter."""
-    if request.param == "triton":
+    """Each fast CPU path: the chunked torch path, and the hybrid and Triton paths under the interpreter."""
+    if request.param != "torch":
         _skip_if_no_interpreter()
     return request.param
 
@@ -46,6 +46,15 @@ def triton_cpu():
     """The Triton backend under the interpreter."""
     _skip_if_no_interpreter()
     return "triton"
+
+
+@pytest.fixture
+def hybrid_cpu(monkeypatch):
+    """The hybrid backend (torch matmuls + Triton row kernels) under the interpreter, in chunks of 8 rows
+    of a bf16 tile at V = 301 (4 rows in fp32): odd N spans several chunks and a ragged last one."""
+    _skip_if_no_interpreter()
+    monkeypatch.setattr(_utils, "CHUNK_BYTES", 8 * 2 * 301)
+    return "hybrid"
 
 
 def _skip_if_no_interpreter():

@@ -70,6 +70,46 @@ def test_triton_matches_reference(assert_close, triton_cpu, dtype, opts):
     check_against_reference(assert_close, triton_cpu, dtype, v=301, **opts)
 
 
+@pytest.mark.parametrize("dtype, opts", [
+    (torch.float32, {"reduction": "mean"}),
+    (torch.float32, {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}),
+    (torch.bfloat16, {"reduction": "sum", "z_loss": 1e-3, "label_smoothing": 0.05}),
+    (torch.bfloat16, {"reduction": "none", "softcap": 5.0}),
+])
+def test_hybrid_matches_reference(assert_close, hybrid_cpu, dtype, opts):
+    check_against_reference(assert_close, hybrid_cpu, dtype, v=301, **opts)
+
+
+def test_hybrid_row_kernels_match_torch_body(hybrid_cpu):
+    # Arbitrary per-row coefficients (alpha = 0 rows, gamma, delta), bias, temperature and softcap: the
+    # hybrid body's stats and grads against the torch path's general body, which forms the same math.
+    from optsys.kernels.linear_cross_entropy import _Coefs, _Xf, torch_pass
+
+    torch.manual_seed(0)
+    n, h, v = 37, 16, 301
+    hidden, weight, bias = torch.randn(n, h), torch.randn(v, h) / 4, torch.randn(v)
+    tgt = torch.randint(0, v, (n,))
+    tgt[[3, 20]] = -1
+    c = _Coefs(*torch.randn(4, n))
+    c.alpha[[0, 9, 10]] = 0
+    xf = _Xf(inv_temp=1 / 0.7, softcap=4.0)
+    stats = [torch_pass(hidden, weight, bias, tgt, xf, sum_s=True, entropy=True, row_math=m)[0]
+             for m in ("triton", "torch")]
+    torch.testing.assert_close(*stats, rtol=1e-5, atol=1e-5)
+    grads = [torch_pass(hidden, weight, bias, tgt, xf, lse=stats[1][0], coef_fn=lambda rows, _: c.take(rows),
+                        needs=(True, True, True), has_delta=True, row_math=m)[1] for m in ("triton", "torch")]
+    for hyb, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(hyb, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_rows_gpu_rule():
+    # The GPU rule: one bf16 [rows, V] tile of CUDA_TILE_BYTES (512 MiB), rows a multiple of 128.
+    assert _utils.chunk_rows(8192, 128256, elem_bytes=2, cuda=True) == 2048
+    assert _utils.chunk_rows(8192, 152064, elem_bytes=2, cuda=True) == 1664
+    assert _utils.chunk_rows(300, 32000, elem_bytes=2, cuda=True) == 300  # never more than N
+    assert _utils.chunk_rows(8192, 128256, tiles=3, cuda=True) == 256  # the torch body's three fp32 tiles
+
+
 def test_all_ignored(backend):
     params, target = make_inputs(ignore_frac=1.0)
     loss = fused_linear_cross_entropy(params[0], params[1], target, bias=params[2], backend=backend)
@@ -159,14 +199,19 @@ def test_bad_inputs():
 class TestCUDA:
     """The CPU comparisons at realistic shapes on a GPU (the interpreter tests are their CPU twin)."""
 
-    @pytest.mark.parametrize("backend", ["triton", "torch"])
+    @pytest.mark.parametrize("backend", ["hybrid", "triton", "torch"])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_matches_reference(self, assert_close, backend, dtype):
         check_against_reference(assert_close, backend, dtype, n=4093, h=1024, v=32003, device="cuda", reduction="mean")
 
-    def test_options(self, assert_close):
-        check_against_reference(assert_close, "triton", torch.bfloat16, n=2047, h=1024, v=32003, device="cuda",
+    @pytest.mark.parametrize("backend", ["hybrid", "triton"])
+    def test_options(self, assert_close, backend):
+        check_against_reference(assert_close, backend, torch.bfloat16, n=2047, h=1024, v=32003, device="cuda",
                                 reduction="none", label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+
+    def test_hybrid_several_chunks(self, assert_close, monkeypatch):
+        monkeypatch.setattr(_utils, "CUDA_TILE_BYTES", 300 * 2 * 32003)  # 300-row chunks, a ragged last one
+        check_against_reference(assert_close, "hybrid", torch.bfloat16, n=1000, h=512, v=32003, device="cuda")
 
     def test_all_ignored(self):
         params, target = make_inputs(n=1024, h=512, v=32000, ignore_frac=1.0, device="cuda")

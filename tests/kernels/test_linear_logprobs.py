@@ -59,6 +59,13 @@ def test_triton_matches_reference(assert_close, triton_cpu, dtype, temperature):
     check_against_reference(assert_close, triton_cpu, dtype, temperature=temperature, v=301)
 
 
+@pytest.mark.parametrize("dtype, temperature, grad_outputs", [
+    (torch.float32, 0.7, ("lp", "ent")), (torch.bfloat16, 1.0, ("lp", "ent")), (torch.float32, 1.3, ("ent",))])
+def test_hybrid_matches_reference(assert_close, hybrid_cpu, dtype, temperature, grad_outputs):
+    check_against_reference(assert_close, hybrid_cpu, dtype, temperature=temperature, v=301,
+                            grad_outputs=grad_outputs)
+
+
 def test_large_logits_no_overflow(assert_close, backend):
     # Logits ~ 1e2: their own fp32 rounding (~1e-5 absolute) bounds the agreement of any two paths.
     out, grads = check_against_reference(assert_close, backend, scale=100.0, v=301, rtol=1e-4)
@@ -94,7 +101,7 @@ def test_bad_inputs():
 class TestCUDA:
     """The CPU comparisons at realistic shapes on a GPU (the interpreter tests are their CPU twin)."""
 
-    @pytest.mark.parametrize("backend", ["triton", "torch"])
+    @pytest.mark.parametrize("backend", ["hybrid", "triton", "torch"])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_matches_reference(self, assert_close, backend, dtype):
         check_against_reference(assert_close, backend, dtype, temperature=0.7, n=4093, h=1024, v=32003, device="cuda")
