@@ -1,19 +1,39 @@
 #!/usr/bin/env bash
-# The one-command GPU suite, for a session lent an H100/H200 (torch, triton and transformers preinstalled,
-# no registry): the CUDA kernel tests, the kernel benchmark at the Llama-3-8B / Qwen2.5-7B shapes, and one DPO
-# step fused + padding-free vs materialized logits + padded (bf16 autocast, 50.9M tiny model, vocab 32k).
+# The one-command GPU suite, for a session lent an H100/H200 (torch, triton, transformers and pytest
+# preinstalled, no registry): the CUDA kernel tests, the kernel benchmark at the Llama-3-8B / Qwen2.5-7B
+# shapes (every fused backend vs naive, and Liger when its wheel was carried), and one DPO step fused +
+# padding-free vs materialized logits + padded (bf16 autocast, 50.9M tiny model, vocab 32k).
 # Results land in $OUT (the device tool's output folder) when set, else in bench/results/.
-#   bash profiling/gpu_suite.sh
+#   bash profiling/gpu_suite.sh                 # all stages
+#   bash profiling/gpu_suite.sh tests bench     # some: tests | bench | preference (each fits a 10-minute call)
+# Liger-Kernel, optional: here, `pip download --no-deps liger-kernel -d .whl` (pure Python), carry `.whl`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
 mkdir -p "$out"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests bench preference)
+export PYTHONUNBUFFERED=1
 nvidia-smi | tee "$out/nvidia-smi.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$out/versions.txt"
+if ls .whl/liger_kernel*.whl >/dev/null 2>&1; then
+  python -m pip install -q --no-index --no-deps --target /tmp/site .whl/liger_kernel*.whl && export PYTHONPATH=/tmp/site
+fi
 # optsys.kernels is kernels/ mapped by setuptools: install in place (no registry there: no build isolation).
-python -m pip install -q --no-deps --no-build-isolation -e . || { echo "pip install -e . failed (setuptools >= 68 needed)"; exit 1; }
-python -m pytest -q -m gpu tests/kernels 2>&1 | tee "$out/gpu-tests.txt"
-python bench/kernels.py --device cuda 2>&1 | tee "$out/bench-kernels-cuda.txt"
-python bench/preference.py --device cuda --pairs 32 --steps 5 --json "$out/preference-cuda.json" 2>&1 \
-  | tee "$out/bench-preference-cuda.txt"
-cp bench/results/kernels-*.json "$out/" 2>/dev/null || true
+# If that fails (an old setuptools), a link makes kernels/ importable as optsys.kernels from the checkout.
+if ! python -m pip install -q --no-deps --no-build-isolation -e .; then
+  echo "pip install -e . failed: importing from the checkout through optsys/kernels -> ../kernels"
+  ln -sfn ../kernels optsys/kernels
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python -c "import optsys.kernels as k; print('optsys.kernels from', k.__file__)" || exit 1
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    tests) python -m pytest -q -m gpu tests/kernels 2>&1 | tee "$out/gpu-tests.txt" ;;
+    bench) python bench/kernels.py --device cuda 2>&1 | tee "$out/bench-kernels-cuda.txt"
+           cp bench/results/kernels-cuda.json "$out/" 2>/dev/null ;;
+    preference) python bench/preference.py --device cuda --pairs 32 --steps 5 --json "$out/preference-cuda.json" 2>&1 \
+                  | tee "$out/bench-preference-cuda.txt" ;;
+    *) echo "unknown stage $stage (tests | bench | preference)"; exit 2 ;;
+  esac
+done
