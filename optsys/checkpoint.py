@@ -66,6 +66,24 @@ def model_config_sha256(model) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_stamp(name_or_path: str | None) -> str | None:
+    """Identity of the weight files in a local model folder: sha256 over each file's relative name, size
+    and mtime (cheap: nothing is read), so a checkpoint retrained into the same path no longer matches.
+    None for anything that is not a local folder (hub ids are named by id and revision; `tiny:` models
+    are rebuilt deterministically)."""
+    if not name_or_path or not Path(name_or_path).is_dir():
+        return None
+    root = Path(name_or_path)
+    h = hashlib.sha256()
+    for f in sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def run_fingerprint(cfg, model, *, num_rows: int | None = None, data_sha256: str | None = None) -> dict:
     """What must not change between a run and its resume: model, method, data identity and order.
 

@@ -65,6 +65,24 @@ def test_reference_cache_round_trip_and_mismatch(tmp_path, tiny_path):
         preference.train(pref_cfg(out, tiny_path, "trainer.max_steps=1", "data.num_train=50", "overwrite=true"))
 
 
+def test_reference_cache_sees_a_checkpoint_retrained_in_place(tmp_path, tiny_path):
+    """The same model path with new weights (an SFT run re-written into the same folder) refuses the cache."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "sft-final"
+    shutil.copytree(tiny_path, model)
+    out = tmp_path / "run"
+    quick = ("trainer.max_steps=1", "eval.before=false", "eval.after=false")
+    preference.train(pref_cfg(out, model, *quick))
+    weights = next(model.glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({k: v + 0.01 for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="model.weights_stamp: cached '[0-9a-f]{64}', now '[0-9a-f]{64}'"):
+        preference.train(pref_cfg(out, model, *quick, "overwrite=true"))
+
+
 def test_reference_modes_agree(tmp_path, tiny_path):
     """precompute and copy give the same losses step for step (same initial model)."""
     extra = ("eval.before=false", "eval.after=false", "trainer.log_every=1")

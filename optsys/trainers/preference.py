@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from optsys.checkpoint import model_config_sha256, run_fingerprint
+from optsys.checkpoint import model_config_sha256, run_fingerprint, weights_stamp
 from optsys.config import ConfigError, TrainConfig
 from optsys.data.preference import (
     PairBatch,
@@ -138,11 +138,15 @@ def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device) 
 def reference_fingerprint(cfg: TrainConfig, model, tokenizer, data: PreferenceData, average: bool) -> dict:
     """What the cached reference log-probs depend on; a cache whose fingerprint differs is refused.
 
-    Checkpoints are named by path, not hashed: a different checkpoint written to the same path is not seen."""
+    Local checkpoints are identified by path plus their weight files' names, sizes and mtimes
+    (`weights_stamp`): one retrained into the same folder is seen. Hub ids are named by id and revision."""
     return {
         "model.name_or_path": cfg.model.name_or_path,
+        "model.revision": cfg.model.revision,
+        "model.weights_stamp": weights_stamp(cfg.model.name_or_path),
         "model.config_sha256": model_config_sha256(model),
         "pref.reference_model": cfg.pref.reference_model,
+        "pref.reference_model.weights_stamp": weights_stamp(cfg.pref.reference_model),
         "tokenizer.vocab_size": len(tokenizer),
         "data.train_sha256": pairs_sha256(data.train),
         "data.eval_sha256": pairs_sha256(data.eval),
