@@ -593,12 +593,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The Triton tiles on CUDA: untuned first guesses for H100-class GPUs (bench/README.md);
+# profiling/compile_check.py compiles exactly these for sm_90 on any machine.
+GPU_TILE_CFG = {"fwd": {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
+                "bwd": {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}}
+
+
 def _kernel_cfg(hidden: torch.Tensor) -> dict:
     if hidden.is_cuda:
-        # Untuned first guesses for H100-class GPUs; see bench/README.md.
-        return {"fwd": {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
-                    "bwd": {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
-                    "programs": 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count}
+        return {**GPU_TILE_CFG, "programs": 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count}
     # Interpreter: small tiles so odd test shapes exercise partial blocks and several vocab splits.
     return {"fwd": {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_D": 16}, "bwd": {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_D": 16},
                 "programs": 1}
