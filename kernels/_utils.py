@@ -43,6 +43,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def patch_interpreter() -> None:
+    """Make the Triton interpreter's tensor -> int (`range()` over runtime bounds) work on numpy >= 2.4.
+
+    triton 3.6's interpreter (the GPU machines' version) does int(data) on a shape-[1] array, which numpy
+    2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); triton 3.9 squeezes
+    first, and so does this. Idempotent; the interpreter only runs on CPU (tests, bench --device cpu)."""
+    from triton.runtime import interpreter
+
+    orig = getattr(interpreter, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_optsys_squeeze", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._optsys_squeeze = True
+    interpreter._patch_lang_tensor = patched
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate in fp32 whatever the input dtype; fp64 inputs (gradcheck) stay fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _utils
-from ._utils import autocast_inputs, check_inputs, compute_dtype, resolve_backend
+from ._utils import autocast_inputs, check_inputs, compute_dtype, interpreting, patch_interpreter, resolve_backend
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -364,6 +364,8 @@ def _triton():
     import triton.language
 
     tl = triton.language
+    if interpreting():
+        patch_interpreter()
     g = globals()
     for name in _JIT:
         g[name] = triton.jit(g[name])

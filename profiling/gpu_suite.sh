@@ -20,7 +20,8 @@ if ls .whl/liger_kernel*.whl >/dev/null 2>&1; then
   python -m pip install -q --no-index --no-deps --target /tmp/site .whl/liger_kernel*.whl && export PYTHONPATH=/tmp/site
 fi
 # optsys.kernels is kernels/ mapped by setuptools: install in place (no registry there: no build isolation).
-# If that fails (an old setuptools), a link makes kernels/ importable as optsys.kernels from the checkout.
+# If that fails (setuptools < 77 cannot read the SPDX license field), a link makes kernels/ importable as
+# optsys.kernels from the checkout.
 if ! python -m pip install -q --no-deps --no-build-isolation -e .; then
   echo "pip install -e . failed: importing from the checkout through optsys/kernels -> ../kernels"
   ln -sfn ../kernels optsys/kernels

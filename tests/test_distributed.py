@@ -54,6 +54,10 @@ def test_two_ranks_match_one_process(tmp_path, tiny_path, lora):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["parallel/world_size"] == 2
+    if lora:  # the ranks split the eval problems (optsys.eval.accuracy): the same accuracy as one process
+        summary_one = json.loads((tmp_path / "one" / "summary.json").read_text())
+        for key in ("eval/accuracy_before", "eval/accuracy_after"):
+            assert summary[key] == summary_one[key], key
 
 
 @pytest.mark.parametrize("n, size", [(1, 2), (2, 2), (3, 2), (7, 3)])

@@ -7,8 +7,11 @@ import torch
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
-                    batch_size: int) -> list[str]:
-    """Completions (special tokens stripped) for chat prompts, in order."""
+                    batch_size: int, synced_gpus: bool = False) -> list[str]:
+    """Completions (special tokens stripped) for chat prompts, in order.
+
+    synced_gpus: keep stepping until every rank's batch is done (ranks of an FSDP model generating
+    different prompts must run the same number of forwards)."""
     if tokenizer.chat_template is None:
         raise ValueError(
             "the tokenizer has no chat template, so chat prompts cannot be rendered; set "
@@ -30,6 +33,7 @@ def generate_greedy(model, tokenizer, conversations: list[list[dict]], *, max_ne
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced_gpus,
             )
             new = out[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))

@@ -132,6 +132,15 @@ def broadcast_object(obj, world: World):
     return box[0]
 
 
+def all_gather_objects(obj, world: World) -> list:
+    """Every rank's value of a small picklable object, in rank order (one process: [obj])."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def rank_share(items: list, world: World) -> list:
     """This rank's items of a step: round-robin, so the ranks' shares are disjoint and cover all."""
     return items[world.rank :: world.size]

@@ -415,8 +415,8 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     log = MetricsLog(out_dir, enabled=world.is_main)  # opened after a resume rewound metrics.jsonl
 
     def accuracy(tag: str) -> None:
-        acc, records = task_accuracy(model, tokenizer, task, eval_problems,
-                                     max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        acc, records = task_accuracy(model, tokenizer, task, eval_problems, max_new_tokens=cfg.eval.max_new_tokens,
+                                     batch_size=cfg.eval.batch_size, world=world)
         summary[f"eval/accuracy_{tag}"] = acc
         log.log(step, {f"eval/accuracy_{tag}": acc})
         if world.is_main:

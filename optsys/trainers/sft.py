@@ -180,8 +180,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
 
     def accuracy(tag: str) -> None:
         t0 = time.time()
-        acc, records = task_accuracy(model, tokenizer, task, eval_problems,
-                                     max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        acc, records = task_accuracy(model, tokenizer, task, eval_problems, max_new_tokens=cfg.eval.max_new_tokens,
+                                     batch_size=cfg.eval.batch_size, world=world)
         summary[f"eval/accuracy_{tag}"] = acc
         summary[f"time/eval_{tag}_s"] = time.time() - t0
         log.log(step, {f"eval/accuracy_{tag}": acc})

@@ -1,0 +1,44 @@
+"""Task accuracy under torchrun: each rank generates its share, every rank gets the same records as one
+process, in order; uneven shares (7 problems on 2 ranks, batches of 3) take the padded path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+NUM, BATCH = 7, 3  # shares of 4 and 3: without padding, 2 generate calls on rank 0 and 1 on rank 1
+
+
+def accuracy_records(model_path, world=None):
+    from optsys.data.tasks import get_task
+    from optsys.eval.accuracy import task_accuracy
+    from optsys.models.load import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(model_path))
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), use_safetensors=True)
+    task = get_task("arithmetic_reversed")
+    problems = task.problems("test", NUM, difficulty=2)
+    return task_accuracy(model, tok, task, problems, max_new_tokens=5, batch_size=BATCH, world=world)
+
+
+def test_two_ranks_give_one_process_records(tmp_path, tiny_path):
+    acc, records = accuracy_records(tiny_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", __file__,
+                          str(tiny_path), str(tmp_path)], capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["records"] == records
+        assert got["accuracy"] == acc
+
+
+if __name__ == "__main__":  # one torchrun rank
+    from optsys.parallel.dist import close_world, init_world
+
+    world = init_world("cpu")
+    acc, records = accuracy_records(sys.argv[1], world)
+    Path(sys.argv[2], f"rank{world.rank}.json").write_text(json.dumps({"accuracy": acc, "records": records}))
+    close_world()
