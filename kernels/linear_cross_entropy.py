@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from . import _utils
 from ._utils import autocast_inputs, check_inputs, compute_dtype, interpreting, patch_interpreter, resolve_backend
@@ -176,21 +177,25 @@ def torch_pass(
     tile_dtype = hidden.dtype if rowk else cd
     buf = torch.empty((min(step, idx.numel()), v), dtype=tile_dtype, device=dev) if fast or rowk else None
     acc = {}  # fast body: the gamma terms' sums, applied once after the loop
+    # Named ranges for torch.profiler traces (and Nsight, under torch.autograd.profiler.emit_nvtx).
+    label = f"optsys.{'hybrid' if rowk else 'torch'}_{'grads' if lse is not None else 'stats'}"
+    label += "+grads" if lse is None and grads else ""
     for i in range(0, idx.numel(), step):
         rows = idx[i : i + step]
         h = hidden.index_select(0, rows)
         t = tgt.index_select(0, rows)[:, None]
-        if rowk:
-            s = torch.mm(h, weight.T, out=buf[: rows.numel()])  # bias and transform: in the row kernels
-            stat_c, gh_c = _rows_chunk(s, h, weight, bias, t, rows, xf, lse, coef_fn, gw, gb, gh is not None)
-        elif fast:
-            s = _tile_logits(h, weight, bias, xf, cd, out=buf[: rows.numel()])
-            stat_c, gh_c = _fast_chunk(s, h, weight, t, rows, xf, lse, sum_s, coef_fn, gw, gb, gh is not None,
-                                       acc)
-        else:
-            s = _tile_logits(h, weight, bias, xf, cd)
-            stat_c, gh_c = _general_chunk(s, h, weight, t, rows, xf, cd, lse, sum_s, entropy, coef_fn, gw, gb,
-                                          gh is not None)
+        with record_function(f"{label} chunk {i // step}"):
+            if rowk:
+                s = torch.mm(h, weight.T, out=buf[: rows.numel()])  # bias and transform: in the row kernels
+                stat_c, gh_c = _rows_chunk(s, h, weight, bias, t, rows, xf, lse, coef_fn, gw, gb, gh is not None)
+            elif fast:
+                s = _tile_logits(h, weight, bias, xf, cd, out=buf[: rows.numel()])
+                stat_c, gh_c = _fast_chunk(s, h, weight, t, rows, xf, lse, sum_s, coef_fn, gw, gb,
+                                           gh is not None, acc)
+            else:
+                s = _tile_logits(h, weight, bias, xf, cd)
+                stat_c, gh_c = _general_chunk(s, h, weight, t, rows, xf, cd, lse, sum_s, entropy, coef_fn, gw,
+                                              gb, gh is not None)
         del s
         if stat_c is not None:
             stats[:, rows] = stat_c
@@ -628,11 +633,12 @@ def triton_stats(hidden, weight, bias, tgt, xf: _Xf) -> torch.Tensor:
     per_split = _cdiv(v_blocks, splits)
     splits = _cdiv(v_blocks, per_split)  # no empty split
     part = _utils.empty((5, splits, n), torch.float32, hidden.device)
-    _stats_kernel[(_cdiv(n, bn), splits)](
-        hidden, weight, hidden if bias is None else bias, tgt, part[0], part[1], part[2], part[3], part[4],
-        n, v, d, per_split * bv, xf.inv_temp, xf.softcap or 1.0,
-        HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, UPCAST=_utils.interpreting(),
-        IEEE=hidden.dtype == torch.float32, **cfg["fwd"])
+    with record_function("optsys.triton_stats"):
+        _stats_kernel[(_cdiv(n, bn), splits)](
+            hidden, weight, hidden if bias is None else bias, tgt, part[0], part[1], part[2], part[3], part[4],
+            n, v, d, per_split * bv, xf.inv_temp, xf.softcap or 1.0,
+            HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, UPCAST=_utils.interpreting(),
+            IEEE=hidden.dtype == torch.float32, **cfg["fwd"])
     m, l, ss, a, st = part
     # Merge the splits' online softmax states at the common max M: l_k, a_k are relative to m_k.
     m_max = m.amax(0)
@@ -661,15 +667,16 @@ def triton_grads(hidden, weight, bias, tgt, lse, c: _Coefs, xf: _Xf, needs, filt
     coef = [x.float().contiguous() if x is not None else None for x in c]
     dummy = coef[0]
     grid = (_cdiv(v, cfg["BLOCK_V"]), _cdiv(n, cfg["BLOCK_N"]))
-    _grad_kernel[grid](
-        hidden, weight, hidden if bias is None else bias, tgt, lse.float().contiguous(),
-        coef[0], coef[1], coef[2] if coef[2] is not None else dummy, coef[3] if coef[3] is not None else dummy,
-        gh if gh is not None else dummy, gw if gw is not None else dummy, gb if gb is not None else dummy,
-        n, v, d, xf.inv_temp, xf.softcap or 1.0, filter_eps or 0.0,
-        HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, HAS_GAMMA=c.gamma is not None,
-        HAS_DELTA=c.delta is not None, NEED_GH=needs[0], NEED_GW=needs[1], NEED_GB=needs[2],
-        FILTER=filter_eps is not None, UPCAST=_utils.interpreting(), IEEE=hidden.dtype == torch.float32,
-        **cfg)
+    with record_function("optsys.triton_grads"):
+        _grad_kernel[grid](
+            hidden, weight, hidden if bias is None else bias, tgt, lse.float().contiguous(),
+            coef[0], coef[1], coef[2] if coef[2] is not None else dummy, coef[3] if coef[3] is not None else dummy,
+            gh if gh is not None else dummy, gw if gw is not None else dummy, gb if gb is not None else dummy,
+            n, v, d, xf.inv_temp, xf.softcap or 1.0, filter_eps or 0.0,
+            HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, HAS_GAMMA=c.gamma is not None,
+            HAS_DELTA=c.delta is not None, NEED_GH=needs[0], NEED_GW=needs[1], NEED_GB=needs[2],
+            FILTER=filter_eps is not None, UPCAST=_utils.interpreting(), IEEE=hidden.dtype == torch.float32,
+            **cfg)
     return gh, gw, gb
 
 

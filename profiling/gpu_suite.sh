@@ -5,14 +5,16 @@
 # padding-free vs materialized logits + padded (bf16 autocast, 50.9M tiny model, vocab 32k).
 # Results land in $OUT (the device tool's output folder) when set, else in bench/results/.
 #   bash profiling/gpu_suite.sh                 # all stages
-#   bash profiling/gpu_suite.sh tests bench     # some: tests | bench | preference (each fits a 10-minute call)
+#   bash profiling/gpu_suite.sh bench           # one: tests | bench | preference | profile
+# With the device tool, run one stage per call: each fits its 10-minute limit, and a call brings back at
+# most 8 files from $OUT (a stage writes at most 6, besides nvidia-smi.txt and versions.txt).
 # Liger-Kernel, optional: here, `pip download --no-deps liger-kernel -d .whl` (pure Python), carry `.whl`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
 mkdir -p "$out"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests bench preference)
+[ ${#stages[@]} -eq 0 ] && stages=(tests bench preference profile)
 export PYTHONUNBUFFERED=1
 nvidia-smi | tee "$out/nvidia-smi.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$out/versions.txt"
@@ -35,6 +37,12 @@ for stage in "${stages[@]}"; do
            cp bench/results/kernels-cuda.json "$out/" 2>/dev/null ;;
     preference) python bench/preference.py --device cuda --pairs 32 --steps 5 --json "$out/preference-cuda.json" 2>&1 \
                   | tee "$out/bench-preference-cuda.txt" ;;
-    *) echo "unknown stage $stage (tests | bench | preference)"; exit 2 ;;
+    profile) for impl in fused-hybrid fused-triton; do  # kernel-by-kernel time of one CE training step
+               python profiling/profile_kernels.py --op linear_ce --impl $impl --shape llama3-8b --out "$out" 2>&1 \
+                 | tail -40
+             done
+             python profiling/profile_kernels.py --op logprobs --impl fused-hybrid --shape llama3-8b --out "$out" 2>&1 \
+               | tail -40 ;;
+    *) echo "unknown stage $stage (tests | bench | preference | profile)"; exit 2 ;;
   esac
 done
