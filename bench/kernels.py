@@ -5,9 +5,10 @@
 Prints a table and writes bench/results/kernels-<device>.json. Every ratio is against the naive path
 (the reference in the op's file: materialize the logits, then F.cross_entropy / log_softmax.gather)
 measured in the same run. "fwd" runs under torch.no_grad(); "fwd+bwd" is a full training step for the
-loss (grads of hidden and weight). On CUDA the fused rows are each backend (hybrid = what "auto"
-takes, triton, torch). Peak extra memory is the peak above the inputs (workspace: less the outputs):
-torch.cuda.max_memory_allocated on CUDA; on CPU, each case runs in a fresh subprocess and reports the
+loss (grads of hidden and weight); "fwd+bwd-frozen-w" the grad of hidden only (a frozen lm_head: LoRA).
+On CUDA the fused rows are each backend (hybrid = what "auto" takes, triton, torch). Peak extra memory
+is the peak above the inputs (workspace: less the outputs): torch.cuda.max_memory_allocated on CUDA;
+on CPU, each case runs in a fresh subprocess and reports the
 growth of its peak resident set (VmHWM) over one step, after a tiny warm-up of the same
 code path and with glibc's mmap threshold pinned so freed buffers go back to the OS.
 See bench/README.md.
@@ -78,13 +79,21 @@ def make_inputs(n, h, v, dtype, device, seed=0):
     return hidden, weight, target
 
 
+MODES = ("fwd", "fwd+bwd", "fwd+bwd-frozen-w")
+FLOPS_PER_NHV = {"fwd": 2, "fwd+bwd": 6, "fwd+bwd-frozen-w": 4}  # the dense matmul work of each mode
+
+
 def step(fn, mode, hidden, weight, target):
+    """fwd: no grad; fwd+bwd: grads of hidden and weight; fwd+bwd-frozen-w: of hidden only (a frozen
+    lm_head, as under LoRA)."""
     if mode == "fwd":
         with torch.no_grad():
             return fn(hidden, weight, target)
+    wrt = (hidden,) if mode == "fwd+bwd-frozen-w" else (hidden, weight)
+    weight.requires_grad_(mode != "fwd+bwd-frozen-w")
     out = fn(hidden, weight, target)
     grad_out = None if out.dim() == 0 else torch.ones_like(out)
-    return torch.autograd.grad(out, (hidden, weight), grad_out)
+    return torch.autograd.grad(out, wrt, grad_out)
 
 
 def _sync(device):
@@ -173,8 +182,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every impl of a case K times, interleaved, and keep each one's fastest "
                          "round (a shared machine's load then hits naive and fused alike)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: one isolated CPU case
     args = ap.parse_args()
+    if not set(args.modes.split(",")) <= set(MODES):
+        ap.error(f"--modes: comma-separated, of {MODES}")
     if args.case:
         c = json.loads(args.case)
         print(json.dumps(run_case(c["op"], c["impl"], c["mode"], c["shape"], c["device"], c["repeats"])))
@@ -190,7 +202,7 @@ def main():
     rows = []
     for shape in shapes:
         for op in ("linear_ce", "logprobs"):
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in args.modes.split(","):
                 runner = run_case_isolated if dev == "cpu" else run_case
                 best = {}
                 for _ in range(args.rounds):
@@ -206,7 +218,7 @@ def main():
                              time_vs_naive=r["time_ms"] / base["time_ms"],
                              mem_vs_naive=r["peak_extra_mb"] / max(base["peak_extra_mb"], 1e-9))
                     if dev == "cuda":
-                        flops = (2 if mode == "fwd" else 6) * shape["n"] * shape["h"] * shape["v"]
+                        flops = FLOPS_PER_NHV[mode] * shape["n"] * shape["h"] * shape["v"]
                         r["tflops"] = flops / (r["time_ms"] / 1e3) / 1e12
                         r["roofline_frac"] = r["tflops"] / meta["bf16_matmul_tflops"]
                     rows.append(r)

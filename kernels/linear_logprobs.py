@@ -23,6 +23,7 @@ from .linear_cross_entropy import (
     cast_grads,
     compute_grads,
     compute_stats,
+    torch_pass,
 )
 
 
@@ -55,7 +56,20 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, o: LogprobOptions):
         xf = _Xf(inv_temp=1.0 / o.temperature)
-        stats = compute_stats(o.backend, hidden, weight, None, target, xf, entropy=o.return_entropy)
+        # A frozen lm_head (LoRA, or a policy's frozen head) and no entropy: the only gradient is
+        # d logprob_i / d h_i = (W[t_i] - p_i @ W) / T times a per-row scale, so the chunked paths form
+        # that [N, H] vector in the forward pass (one matmul more there) and backward only scales it,
+        # instead of recomputing the logits (two matmuls). With weight grads no such fold exists:
+        # grad_W = sum_i g_i (e_t - p_i)^T h_i needs each row's g_i inside the sum.
+        ctx.eager = o.backend in ("torch", "hybrid") and not o.return_entropy and o.needs == (True, False, False)
+        if ctx.eager:
+            ones = torch.ones(target.shape[0], dtype=compute_dtype(hidden.dtype), device=hidden.device)
+            stats, (u, _, _) = torch_pass(hidden, weight, None, target, xf, needs=o.needs,
+                                          coef_fn=lambda rows, _: _Coefs(-ones[rows], ones[rows]),
+                                          row_math="triton" if o.backend == "hybrid" else "torch")
+            ctx.dlogprob_dhidden = u
+        else:
+            stats = compute_stats(o.backend, hidden, weight, None, target, xf, entropy=o.return_entropy)
         lse = stats[LSE]
         logprobs = stats[S_TARGET] - lse
         entropy = stats[ENTROPY]  # 0 (unused) unless return_entropy
@@ -66,6 +80,9 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent=None):
         o = ctx.o
+        if ctx.eager:  # out of place: a second backward through a retained graph reuses it
+            u = ctx.dlogprob_dhidden
+            return (u * g_lp.to(u.dtype)[:, None]), None, None, None
         hidden, weight, target, lse, entropy = ctx.saved_tensors
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype)
         # d/ds = g_lp ([j == t] - p) - g_ent p (s - lse + entropy): alpha p + beta [j == t] + delta p s

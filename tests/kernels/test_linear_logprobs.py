@@ -66,6 +66,34 @@ def test_hybrid_matches_reference(assert_close, hybrid_cpu, dtype, temperature, 
                             grad_outputs=grad_outputs)
 
 
+@pytest.mark.parametrize("backend_name", ["torch", "hybrid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_weight_grad_folded_into_forward(assert_close, small_chunks, monkeypatch, request, backend_name,
+                                                dtype):
+    """A frozen lm_head and no entropy: one pass over the logits in forward, none in backward."""
+    if backend_name == "hybrid":
+        request.getfixturevalue("hybrid_cpu")
+    from optsys.kernels import linear_cross_entropy as lce
+    from optsys.kernels import linear_logprobs as llp
+
+    passes = []
+    real = lce.torch_pass
+    for mod in (lce, llp):
+        monkeypatch.setattr(mod, "torch_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    hidden, weight, target = make_inputs(v=301, dtype=dtype)
+    weight.requires_grad_(False)
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    out = linear_token_logprobs(hidden, weight, target, temperature=0.8, backend=backend_name)
+    ref = linear_token_logprobs_reference(ref_hidden, weight, target, temperature=0.8)
+    assert_close(out, ref, dtype, "logprobs")
+    g = torch.randn(N, generator=torch.Generator().manual_seed(2))
+    (gh,) = torch.autograd.grad(out, hidden, g, retain_graph=True)
+    assert_close(gh, torch.autograd.grad(ref, ref_hidden, g)[0], dtype, "grad hidden")
+    assert len(passes) == 1, "the backward recomputed the logits"
+    (again,) = torch.autograd.grad(out, hidden, 2 * g)  # a retained graph's second backward
+    assert_close(again, 2 * gh, dtype, "second backward")
+
+
 def test_large_logits_no_overflow(assert_close, backend):
     # Logits ~ 1e2: their own fp32 rounding (~1e-5 absolute) bounds the agreement of any two paths.
     out, grads = check_against_reference(assert_close, backend, scale=100.0, v=301, rtol=1e-4)
