@@ -19,10 +19,11 @@ CHUNK_BYTES = 64 << 20
 MIN_CHUNK_BYTES = 16 << 20
 MEM_FRACTION = 0.08
 # On a GPU the matmuls want many rows (a [rows, H] @ [H, V] product runs near the cuBLAS peak only from
-# ~1-2k rows) and the budget is absolute: all live [rows, V] tiles together take at most CUDA_TILE_BYTES,
-# whatever N is. At Llama-3-8B's V = 128256 in bf16 that is 2048 rows per chunk for the hybrid path's one
-# tile; the [V, H] fp32 grad_weight accumulator (2 GiB there) comes on top, as it does for any exact path.
-CUDA_TILE_BYTES = 512 << 20
+# ~1k rows) and the budget is absolute: all live [rows, V] tiles together take at most CUDA_TILE_BYTES,
+# whatever N is. At Llama-3-8B's V = 128256 that is 1024 rows per chunk for the hybrid path's fp32
+# logits tile plus its bf16 d_logits tile (6 bytes an element); the [V, H] fp32 grad_weight accumulator
+# (2 GiB there) comes on top, as it does for any path that accumulates it in fp32.
+CUDA_TILE_BYTES = 768 << 20
 
 _DEBUG_CHECKS = False
 # Tests set this so fresh output buffers start as NaN: an element the op forgets to write then fails.
@@ -113,8 +114,9 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     Why hybrid and not the all-Triton tiles on CUDA: the tile kernels' backward adds its [BLOCK, D]
     products into grad_hidden and grad_weight with fp32 atomics, N D V (1 / BLOCK_V + 1 / BLOCK_N) of
     them: ~1e11 at Llama-3-8B's shape, more time than the 6 N H V matmul FLOPs take at the cuBLAS rate.
-    The hybrid path runs the three matmuls in cuBLAS on [~2048, V] chunks and only the memory-bound
-    softmax math in Triton (three passes over a bf16 tile). Both are measured by bench/kernels.py.
+    The hybrid path runs the three matmuls in cuBLAS on [~1024, V] chunks and only the memory-bound
+    softmax math in Triton (two reads of an fp32 tile, one bf16 write). Both are measured by
+    bench/kernels.py.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

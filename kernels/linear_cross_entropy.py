@@ -2,7 +2,8 @@
 
 One op family, all behind `fused_linear_cross_entropy`: the readable reference, and three fused paths.
 - backend="torch" (CPU default): chunks of rows, each a [rows, V] fp32 logits tile, all math in torch.
-- backend="hybrid" (CUDA default): the same chunks with the tile in the input dtype; the three matmuls
+  (Every path keeps the logits in fp32, for bf16 inputs too; only the reference rounds them to bf16.)
+- backend="hybrid" (CUDA default): the same chunks, fp32 tiles written by the matmul; the three matmuls
   are the library's (cuBLAS), the memory-bound softmax math two Triton row kernels.
 - backend="triton": all-Triton tiles (logits only ever in registers; fp32 atomics for the grads), and
   the only path with Cut Cross-Entropy's gradient filter.
@@ -104,9 +105,11 @@ LSE, S_TARGET, SUM_S, ENTROPY = range(4)
 
 
 def _tile_logits(h, weight, bias, xf: _Xf, cd: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    # The matmul runs in the input dtype (bf16 output on CPU, fp32 accumulate on GPU), then fp32 on.
-    # With `out` (input dtype == cd) it writes a reused buffer: no fresh [rows, V] allocation per chunk.
-    s = torch.mm(h, weight.T, out=out) if out is not None else (h @ weight.T).to(cd)
+    # fp32 logits whatever the input dtype (`_mm_into`: bf16 operands, fp32 sums and output). With `out`
+    # it writes a reused buffer: no fresh [rows, V] allocation per chunk.
+    if out is None:
+        out = torch.empty((h.shape[0], weight.shape[0]), dtype=cd, device=h.device)
+    s = _mm_into(h, weight.T, out)
     if bias is not None:
         s += bias.to(cd)
     if xf.inv_temp != 1.0:
@@ -150,10 +153,11 @@ def torch_pass(
     The general body keeps the logits beside the softmax, as the softcap, entropy and delta terms need
     both; bf16 inputs also take it, so the d_logits tile is rounded once, before its bf16 matmuls.
 
-    row_math="triton" (the hybrid backend) is a third body for GPUs: the tile stays in the input dtype
-    (bf16: the logits rounded as a bf16 lm_head rounds them), and all its per-row math is two Triton
-    kernels that stream each row through registers in fp32: one for the stats, one that overwrites the
-    tile with d_logits. Only the matmuls touch the tile besides them.
+    row_math="triton" (the hybrid backend) is a third body for GPUs: one fp32 logits tile, written by the
+    matmul itself (bf16 operands, fp32 accumulate and output: no bf16 rounding of the logits), and all its
+    per-row math in two Triton kernels that stream each row through registers: one for the stats, one
+    that writes d_logits (into a second, input-dtype tile for bf16 inputs, the grad matmuls' operand; in
+    place for fp32). Only the matmuls touch the tiles besides them.
     """
     n, h_dim = hidden.shape
     v = weight.shape[0]
@@ -172,10 +176,13 @@ def torch_pass(
     fast = hidden.dtype == cd and xf.softcap is None and not entropy and not has_delta and not rowk
     fixed = sum(0 if g is None else g.numel() * g.element_size() for g in (gh, gw, gb))
     # The general body holds the logits, the softmax and a temporary (s - m, the softcap factor) at once.
+    # The hybrid body's fp32 logits tile, plus its input-dtype d_logits tile when the grads need one.
+    dz_bytes = hidden.element_size() if rowk and grads and hidden.dtype != cd else 0
     step = _utils.chunk_rows(idx.numel(), v, tiles=1 if fast or rowk else 3, grads=grads, fixed_bytes=fixed,
-                             elem_bytes=hidden.element_size() if rowk else 4, cuda=hidden.is_cuda)
-    tile_dtype = hidden.dtype if rowk else cd
-    buf = torch.empty((min(step, idx.numel()), v), dtype=tile_dtype, device=dev) if fast or rowk else None
+                             elem_bytes=4 + dz_bytes, cuda=hidden.is_cuda)
+    rows_max = min(step, idx.numel())
+    buf = torch.empty((rows_max, v), dtype=cd, device=dev) if fast or rowk else None
+    dz_buf = torch.empty((rows_max, v), dtype=hidden.dtype, device=dev) if dz_bytes else None
     acc = {}  # fast body: the gamma terms' sums, applied once after the loop
     # Named ranges for torch.profiler traces (and Nsight, under torch.autograd.profiler.emit_nvtx).
     label = f"optsys.{'hybrid' if rowk else 'torch'}_{'grads' if lse is not None else 'stats'}"
@@ -186,8 +193,10 @@ def torch_pass(
         t = tgt.index_select(0, rows)[:, None]
         with record_function(f"{label} chunk {i // step}"):
             if rowk:
-                s = torch.mm(h, weight.T, out=buf[: rows.numel()])  # bias and transform: in the row kernels
-                stat_c, gh_c = _rows_chunk(s, h, weight, bias, t, rows, xf, lse, coef_fn, gw, gb, gh is not None)
+                s = _mm_into(h, weight.T, buf[: rows.numel()])  # bias and transform: in the row kernels
+                dz = s if dz_buf is None else dz_buf[: rows.numel()]
+                stat_c, gh_c = _rows_chunk(s, dz, h, weight, bias, t, rows, xf, lse, coef_fn, gw, gb,
+                                           gh is not None)
             elif fast:
                 s = _tile_logits(h, weight, bias, xf, cd, out=buf[: rows.numel()])
                 stat_c, gh_c = _fast_chunk(s, h, weight, t, rows, xf, lse, sum_s, coef_fn, gw, gb,
@@ -311,12 +320,13 @@ def _general_chunk(s, h, weight, t, rows, xf: _Xf, cd, lse, sum_s, entropy, coef
     return stat_c, gh_c
 
 
-def _rows_chunk(s, h, weight, bias, t, rows, xf: _Xf, lse, coef_fn, gw, gb, need_gh):
-    """One chunk of the hybrid body: s is the [rows, V] tile of z = h @ W.T in the input dtype, no bias.
+def _rows_chunk(s, dz, h, weight, bias, t, rows, xf: _Xf, lse, coef_fn, gw, gb, need_gh):
+    """One chunk of the hybrid body: s is the fp32 [rows, V] tile of z = h @ W.T (no bias yet), dz the
+    [rows, V] buffer for d_logits in the input dtype (s itself for fp32 inputs).
 
-    The Triton row kernels compute the stats and then overwrite s with d_logits (bias, temperature and
-    softcap applied on the fly, all in fp32 registers); the three products with the tile are library
-    matmuls (cuBLAS on a GPU)."""
+    The Triton row kernels compute the stats and then d_logits (bias, temperature and softcap applied
+    on the fly, in fp32 registers); the three products with the tiles are library matmuls (cuBLAS on a
+    GPU)."""
     stat_c = gh_c = None
     if lse is None:
         stat_c = triton_row_stats(s, bias, t.squeeze(1), xf)
@@ -325,7 +335,7 @@ def _rows_chunk(s, h, weight, bias, t, rows, xf: _Xf, lse, coef_fn, gw, gb, need
         lse_c = lse.index_select(0, rows)
     if coef_fn is None:
         return stat_c, None
-    dz = triton_row_grads(s, bias, t.squeeze(1), lse_c, coef_fn(rows, lse_c), xf)  # s, overwritten
+    dz = triton_row_grads(s, dz, bias, t.squeeze(1), lse_c, coef_fn(rows, lse_c), xf)
     if need_gh:
         gh_c = torch.mm(dz, weight)
     if gw is not None:
@@ -333,6 +343,20 @@ def _rows_chunk(s, h, weight, bias, t, rows, xf: _Xf, lse, coef_fn, gw, gb, need
     if gb is not None:
         gb += dz.sum(0, dtype=gb.dtype)
     return stat_c, gh_c
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = a @ b in out's dtype (fp32, or fp64 for gradcheck) for a, b in it or in bf16/fp16. On CUDA
+    cuBLAS writes its fp32 accumulator out directly (torch >= 2.8); on CPU the operands are upcast, which
+    is the same math: products of bf16 values are exact in fp32, and the sums are fp32 in both."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=out.dtype, out=out)
+        except (TypeError, RuntimeError, NotImplementedError):  # an older torch: bf16 logits, then fp32
+            return out.copy_(torch.mm(a, b))
+    return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
 def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -569,14 +593,15 @@ def _row_stats_kernel(S, B, T, OUT, R, V, stride, inv_temp, softcap,
     tl.store(OUT + 3 * R + row, tl.log(l) - a / l)
 
 
-def _row_grad_kernel(S, B, T, LSE, A, BETA, G, DELTA, V, stride, inv_temp, softcap,
+def _row_grad_kernel(S, DZ, B, T, LSE, A, BETA, G, DELTA, V, stride, dz_stride, inv_temp, softcap,
                      HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr,
                      HAS_DELTA: tl.constexpr, BLOCK_V: tl.constexpr):
     """One program per tile row: d out / d z = inv_temp (alpha p + beta [j == t] + gamma + delta p s)
-    (times the softcap's 1 - (s / cap)^2), written over the row's logits in the tile's dtype. Each
-    block is read before it is written, by the same program: the in-place update is safe."""
+    (times the softcap's 1 - (s / cap)^2), written to the row of DZ in DZ's dtype. DZ may be S itself:
+    each block is read before it is written, by the same program, so the in-place update is safe."""
     row = tl.program_id(0).to(tl.int64)
     S += row * stride
+    DZ += row * dz_stride
     tgt = tl.load(T + row)
     lse = tl.load(LSE + row)
     alpha = tl.load(A + row)
@@ -593,7 +618,7 @@ def _row_grad_kernel(S, B, T, LSE, A, BETA, G, DELTA, V, stride, inv_temp, softc
             ds += tl.load(DELTA + row) * p * s
         if SOFTCAP:
             ds = ds * (1.0 - (s / softcap) * (s / softcap))
-        tl.store(S + cols, (ds * inv_temp).to(S.dtype.element_ty), mask=col_mask)
+        tl.store(DZ + cols, (ds * inv_temp).to(DZ.dtype.element_ty), mask=col_mask)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -697,18 +722,19 @@ def triton_row_stats(s: torch.Tensor, bias, tgt: torch.Tensor, xf: _Xf) -> torch
     return out
 
 
-def triton_row_grads(s: torch.Tensor, bias, tgt: torch.Tensor, lse: torch.Tensor, c: _Coefs, xf: _Xf):
-    """Overwrite the [R, V] logits tile s with d out / d z for the per-row coefficients c; returns s."""
+def triton_row_grads(s: torch.Tensor, dz: torch.Tensor, bias, tgt: torch.Tensor, lse: torch.Tensor, c: _Coefs,
+                     xf: _Xf) -> torch.Tensor:
+    """Write d out / d z of the [R, V] logits tile s, for the per-row coefficients c, into dz (may be s)."""
     _triton()
     r, v = s.shape
     coef = [x.float().contiguous() if x is not None else None for x in c]
     dummy = coef[0]
-    _row_grad_kernel[(r,)](s, s if bias is None else bias, tgt, lse.float().contiguous(), coef[0], coef[1],
+    _row_grad_kernel[(r,)](s, dz, s if bias is None else bias, tgt, lse.float().contiguous(), coef[0], coef[1],
                            dummy if coef[2] is None else coef[2], dummy if coef[3] is None else coef[3],
-                           v, s.stride(0), xf.inv_temp, xf.softcap or 1.0,
+                           v, s.stride(0), dz.stride(0), xf.inv_temp, xf.softcap or 1.0,
                            HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None,
                            HAS_GAMMA=c.gamma is not None, HAS_DELTA=c.delta is not None, **_row_block(v, s.is_cuda))
-    return s
+    return dz
 
 
 def compute_stats(backend: str, hidden, weight, bias, tgt, xf: _Xf, *, sum_s=False, entropy=False):
@@ -843,8 +869,8 @@ def fused_linear_cross_entropy(
     fp64 inputs). Gradients flow to hidden, weight and bias.
 
     backend: "auto" (hybrid on CUDA, torch on CPU), "torch", "hybrid" or "triton" (module docstring).
-    The hybrid path rounds the logits to the input dtype (fp32-accumulated matmul, bf16 out for bf16
-    inputs, as a bf16 lm_head does) and does all the softmax math on them in fp32.
+    Every fused path keeps the logits in fp32 (the reference, like a bf16 lm_head, rounds them to bf16
+    first) and hands the grad matmuls d_logits in the input dtype.
 
     grad_filter_eps (None = exact): Cut Cross-Entropy's trick, Triton backend only (the chunked paths
     ignore it and stay exact). The backward skips every [BLOCK_N, BLOCK_V] tile in which all softmax

@@ -50,16 +50,17 @@ def _specs(cfg_tile: dict, cfg_row: dict) -> list[dict]:
                 "constexprs": {**flags, "HAS_GAMMA": full, "HAS_DELTA": full, "NEED_GH": True, "NEED_GW": True,
                                "NEED_GB": full, "FILTER": full, "UPCAST": False, "IEEE": ieee, **tile}})
             row_opts = {"num_warps": cfg_row["num_warps"]}
+            # The hybrid body's logits tile is fp32 whatever the inputs; its d_logits tile is in their dtype.
             out.append({
                 "kernel": "_row_stats_kernel", "dtype": dt, "full": full, "options": row_opts,
-                "types": {"S": f"*{dt}", "B": f"*{dt}", "T": "*i64", "OUT": "*fp32", "R": "i32", "V": "i32",
+                "types": {"S": "*fp32", "B": f"*{dt}", "T": "*i64", "OUT": "*fp32", "R": "i32", "V": "i32",
                           "stride": "i32", "inv_temp": "fp32", "softcap": "fp32"},
                 "constexprs": {**flags, "BLOCK_V": cfg_row["BLOCK_V"]}})
             out.append({
                 "kernel": "_row_grad_kernel", "dtype": dt, "full": full, "options": row_opts,
-                "types": {"S": f"*{dt}", "B": f"*{dt}", "T": "*i64", "LSE": "*fp32", "A": "*fp32", "BETA": "*fp32",
-                          "G": "*fp32", "DELTA": "*fp32", "V": "i32", "stride": "i32", "inv_temp": "fp32",
-                          "softcap": "fp32"},
+                "types": {"S": "*fp32", "DZ": f"*{dt}", "B": f"*{dt}", "T": "*i64", "LSE": "*fp32", "A": "*fp32",
+                          "BETA": "*fp32", "G": "*fp32", "DELTA": "*fp32", "V": "i32", "stride": "i32",
+                          "dz_stride": "i32", "inv_temp": "fp32", "softcap": "fp32"},
                 "constexprs": {**flags, "HAS_GAMMA": full, "HAS_DELTA": full, "BLOCK_V": cfg_row["BLOCK_V"]}})
     return out
 

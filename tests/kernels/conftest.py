@@ -51,9 +51,10 @@ def triton_cpu():
 @pytest.fixture
 def hybrid_cpu(monkeypatch):
     """The hybrid backend (torch matmuls + Triton row kernels) under the interpreter, in chunks of 8 rows
-    of a bf16 tile at V = 301 (4 rows in fp32): odd N spans several chunks and a ragged last one."""
+    at V = 301 for bf16 inputs (fp32 logits + bf16 d_logits tiles, 6 bytes an element; 12 rows for fp32):
+    odd N spans several chunks and a ragged last one."""
     _skip_if_no_interpreter()
-    monkeypatch.setattr(_utils, "CHUNK_BYTES", 8 * 2 * 301)
+    monkeypatch.setattr(_utils, "CHUNK_BYTES", 8 * 6 * 301)
     return "hybrid"
 
 

@@ -111,11 +111,24 @@ def test_hybrid_row_kernels_match_torch_body(hybrid_cpu):
 
 
 def test_chunk_rows_gpu_rule():
-    # The GPU rule: one bf16 [rows, V] tile of CUDA_TILE_BYTES (512 MiB), rows a multiple of 128.
-    assert _utils.chunk_rows(8192, 128256, elem_bytes=2, cuda=True) == 2048
-    assert _utils.chunk_rows(8192, 152064, elem_bytes=2, cuda=True) == 1664
-    assert _utils.chunk_rows(300, 32000, elem_bytes=2, cuda=True) == 300  # never more than N
-    assert _utils.chunk_rows(8192, 128256, tiles=3, cuda=True) == 256  # the torch body's three fp32 tiles
+    # The GPU rule: CUDA_TILE_BYTES (768 MiB) over all tiles, rows a multiple of 128. The hybrid body's
+    # fp32 logits + bf16 d_logits tiles are 6 bytes an element.
+    assert _utils.chunk_rows(8192, 128256, elem_bytes=6, cuda=True) == 1024
+    assert _utils.chunk_rows(8192, 152064, elem_bytes=6, cuda=True) == 768
+    assert _utils.chunk_rows(300, 32000, elem_bytes=6, cuda=True) == 300  # never more than N
+    assert _utils.chunk_rows(8192, 128256, tiles=3, cuda=True) == 512  # the torch body's three fp32 tiles
+
+
+def test_bf16_inputs_keep_fp32_logits(backend):
+    # Every fused path forms the logits of bf16 inputs in fp32 (exact products, fp32 sums): per-token
+    # losses match the fp32 computation on the upcast inputs, where the bf16-rounded logits of a bf16
+    # lm_head (the reference) are off by ~1e-2 at logits of this size.
+    (hidden, weight, _), target = make_inputs(v=301, dtype=torch.bfloat16, scale=3.0, ignore_frac=0.0)
+    exact = linear_cross_entropy_reference(hidden.float(), weight.float(), target, reduction="none")
+    rounded = linear_cross_entropy_reference(hidden, weight, target, reduction="none")
+    assert (rounded - exact).abs().max() > 1e-3  # the test can tell the two apart
+    out = fused_linear_cross_entropy(hidden, weight, target, reduction="none", backend=backend)
+    torch.testing.assert_close(out, exact.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_all_ignored(backend):
@@ -218,7 +231,7 @@ class TestCUDA:
                                 reduction="none", label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
 
     def test_hybrid_several_chunks(self, assert_close, monkeypatch):
-        monkeypatch.setattr(_utils, "CUDA_TILE_BYTES", 300 * 2 * 32003)  # 300-row chunks, a ragged last one
+        monkeypatch.setattr(_utils, "CUDA_TILE_BYTES", 300 * 6 * 32003)  # 300-row chunks, a ragged last one
         check_against_reference(assert_close, "hybrid", torch.bfloat16, n=1000, h=512, v=32003, device="cuda")
 
     def test_all_ignored(self):
