@@ -1,6 +1,6 @@
 """Fused linear cross-entropy / token log-probs vs naive torch (and Liger on CUDA): time and peak memory.
 
-    python bench/kernels.py [--device cpu|cuda] [--quick] [--rounds K]
+    python bench/kernels.py [--device cpu|cuda] [--quick] [--rounds K] [--modes fwd,fwd+bwd] [--json PATH]
 
 Prints a table and writes bench/results/kernels-<device>.json. Every ratio is against the naive path
 (the reference in the op's file: materialize the logits, then F.cross_entropy / log_softmax.gather)
@@ -183,6 +183,7 @@ def main():
                     help="measure every impl of a case K times, interleaved, and keep each one's fastest "
                          "round (a shared machine's load then hits naive and fused alike)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
+    ap.add_argument("--json", help="where to write the results (default: bench/results/kernels-<device>.json)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: one isolated CPU case
     args = ap.parse_args()
     if not set(args.modes.split(",")) <= set(MODES):
@@ -223,7 +224,7 @@ def main():
                         r["roofline_frac"] = r["tflops"] / meta["bf16_matmul_tflops"]
                     rows.append(r)
                     print_row(r, header=len(rows) == 1)
-    out = Path(__file__).parent / "results" / f"kernels-{dev}.json"
+    out = Path(args.json) if args.json else Path(__file__).parent / "results" / f"kernels-{dev}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "shapes": shapes, "rows": rows}, indent=2))
     print(f"\n{json.dumps(meta)}\nwrote {out}")

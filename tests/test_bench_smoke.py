@@ -1,0 +1,43 @@
+"""The benchmark scripts run end to end on CPU at their smallest settings (numbers are not checked here:
+bench/README.md holds them; these tests only keep the scripts working)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_script(*args):
+    res = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=900, env=ENV)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+def test_kernel_bench_quick(tmp_path):
+    out = tmp_path / "kernels.json"
+    run_script(ROOT / "bench" / "kernels.py", "--device", "cpu", "--quick", "--modes", "fwd+bwd-frozen-w",
+               "--json", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["op"], r["impl"]) for r in rows} == {(op, impl) for op in ("linear_ce", "logprobs")
+                                                   for impl in ("naive", "fused")}
+    for r in rows:
+        assert r["mode"] == "fwd+bwd-frozen-w" and r["time_ms"] > 0 and r["peak_extra_mb"] > 0
+        if r["impl"] == "naive":
+            assert r["time_vs_naive"] == 1.0
+
+
+@pytest.mark.slow
+def test_preference_bench_quick(tmp_path):
+    # The script itself exits 1 when the fused and naive steps disagree (loss, log-probs, grad norm).
+    out = tmp_path / "preference.json"
+    run_script(ROOT / "bench" / "preference.py", "--model", "quickstart", "--pairs", "2", "--steps", "1",
+               "--json", out)
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"naive", "fused"}
+    assert result["results"]["fused"]["slot_efficiency"] == 1.0  # packed: no padding slots
