@@ -354,9 +354,18 @@ def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tenso
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=out.dtype, out=out)
-        except (TypeError, RuntimeError, NotImplementedError):  # an older torch: bf16 logits, then fp32
+        except (TypeError, RuntimeError, NotImplementedError) as e:  # an older torch: bf16 logits, then fp32
+            _warn_once(f"torch.mm(..., out_dtype={out.dtype}) failed ({type(e).__name__}: {e}); the logits of "
+                       f"{a.dtype} inputs are rounded to {a.dtype} before the fp32 softmax math")
             return out.copy_(torch.mm(a, b))
     return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

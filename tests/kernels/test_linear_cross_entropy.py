@@ -230,6 +230,15 @@ class TestCUDA:
         check_against_reference(assert_close, backend, torch.bfloat16, n=2047, h=1024, v=32003, device="cuda",
                                 reduction="none", label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
 
+    @pytest.mark.parametrize("backend", ["hybrid", "triton", "torch"])
+    def test_bf16_inputs_keep_fp32_logits(self, backend):
+        # On CUDA the chunked paths rely on cuBLAS writing fp32 logits from bf16 operands (out_dtype).
+        (hidden, weight, _), target = make_inputs(n=2047, h=1024, v=32003, dtype=torch.bfloat16, scale=3.0,
+                                                  ignore_frac=0.0, device="cuda")
+        exact = linear_cross_entropy_reference(hidden.float(), weight.float(), target, reduction="none")
+        out = fused_linear_cross_entropy(hidden, weight, target, reduction="none", backend=backend)
+        torch.testing.assert_close(out, exact.detach(), rtol=1e-4, atol=1e-4)
+
     def test_hybrid_several_chunks(self, assert_close, monkeypatch):
         monkeypatch.setattr(_utils, "CUDA_TILE_BYTES", 300 * 6 * 32003)  # 300-row chunks, a ragged last one
         check_against_reference(assert_close, "hybrid", torch.bfloat16, n=1000, h=512, v=32003, device="cuda")
