@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from optsys.data.tasks import Problem, Task
 from optsys.eval.generate import generate_greedy
-from optsys.parallel.dist import World, all_gather_objects
+from optsys.parallel.dist import World, all_gather_objects, local_steps, rank_share
 
 
 def task_accuracy(model, tokenizer, task: Task, problems: list[Problem], *, max_new_tokens: int = 16,
@@ -20,8 +20,8 @@ def task_accuracy(model, tokenizer, task: Task, problems: list[Problem], *, max_
         completions = generate_greedy(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
                                       batch_size=batch_size)
     else:
-        mine = list(range(world.rank, len(problems), world.size))
-        longest = -(-len(problems) // world.size)
+        mine = rank_share(list(range(len(problems))), world)
+        longest = local_steps(len(problems), world)
         padded = mine + mine[:1] * (longest - len(mine)) if mine else [0] * longest
         local = generate_greedy(model, tokenizer, [conversations[i] for i in padded],
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, synced_gpus=True)
