@@ -113,10 +113,10 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 
     Why hybrid and not the all-Triton tiles on CUDA: the tile kernels' backward adds its [BLOCK, D]
     products into grad_hidden and grad_weight with fp32 atomics, N D V (1 / BLOCK_V + 1 / BLOCK_N) of
-    them: ~1e11 at Llama-3-8B's shape, more time than the 6 N H V matmul FLOPs take at the cuBLAS rate.
-    The hybrid path runs the three matmuls in cuBLAS on [~1024, V] chunks and only the memory-bound
-    softmax math in Triton (two reads of an fp32 tile, one bf16 write). Both are measured by
-    bench/kernels.py.
+    them: ~1e11 at Llama-3-8B's shape, by our estimate more time than the 6 N H V matmul FLOPs take at the
+    cuBLAS rate. The hybrid path runs the three matmuls in cuBLAS on [~1024, V] chunks and only the
+    memory-bound softmax math in Triton (two reads of an fp32 tile, one bf16 write). Neither is measured
+    on a GPU yet: bench/kernels.py times both there, and this default should follow its numbers.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
