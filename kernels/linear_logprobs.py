@@ -19,6 +19,7 @@ from .linear_cross_entropy import (
     LSE,
     S_TARGET,
     _Coefs,
+    _row_math,
     _Xf,
     cast_grads,
     compute_grads,
@@ -66,7 +67,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             ones = torch.ones(target.shape[0], dtype=compute_dtype(hidden.dtype), device=hidden.device)
             stats, (u, _, _) = torch_pass(hidden, weight, None, target, xf, needs=o.needs,
                                           coef_fn=lambda rows, _: _Coefs(-ones[rows], ones[rows]),
-                                          row_math="triton" if o.backend == "hybrid" else "torch")
+                                          row_math=_row_math(o.backend))
             ctx.dlogprob_dhidden = u
         else:
             stats = compute_stats(o.backend, hidden, weight, None, target, xf, entropy=o.return_entropy)

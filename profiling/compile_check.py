@@ -95,10 +95,9 @@ def main() -> int:
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
         return 2
     import triton
+    from optsys.kernels import linear_cross_entropy as lce
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from optsys.kernels import linear_cross_entropy as lce
 
     lce._triton()
     tile_cfg = {**lce.GPU_TILE_CFG["bwd"]}

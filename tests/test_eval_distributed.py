@@ -11,10 +11,11 @@ NUM, BATCH = 7, 3  # shares of 4 and 3: without padding, 2 generate calls on ran
 
 
 def accuracy_records(model_path, world=None):
+    from transformers import AutoModelForCausalLM
+
     from optsys.data.tasks import get_task
     from optsys.eval.accuracy import task_accuracy
     from optsys.models.load import load_tokenizer
-    from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(str(model_path))
     model = AutoModelForCausalLM.from_pretrained(str(model_path), use_safetensors=True)
