@@ -698,13 +698,12 @@ def triton_grads(hidden, weight, bias, tgt, lse, c: _Coefs, xf: _Xf, needs, filt
     gh = torch.zeros((n, d), **f32) if needs[0] else None
     gw = torch.zeros((v, d), **f32) if needs[1] else None
     gb = torch.zeros(v, **f32) if needs[2] else None
-    coef = [x.float().contiguous() if x is not None else None for x in c]
+    coef = _coef_args(c)
     dummy = coef[0]
     grid = (_cdiv(v, cfg["BLOCK_V"]), _cdiv(n, cfg["BLOCK_N"]))
     with record_function("optsys.triton_grads"):
         _grad_kernel[grid](
-            hidden, weight, hidden if bias is None else bias, tgt, lse.float().contiguous(),
-            coef[0], coef[1], coef[2] if coef[2] is not None else dummy, coef[3] if coef[3] is not None else dummy,
+            hidden, weight, hidden if bias is None else bias, tgt, lse.float().contiguous(), *coef,
             gh if gh is not None else dummy, gw if gw is not None else dummy, gb if gb is not None else dummy,
             n, v, d, xf.inv_temp, xf.softcap or 1.0, filter_eps or 0.0,
             HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, HAS_GAMMA=c.gamma is not None,
@@ -712,6 +711,13 @@ def triton_grads(hidden, weight, bias, tgt, lse, c: _Coefs, xf: _Xf, needs, filt
             FILTER=filter_eps is not None, UPCAST=_utils.interpreting(), IEEE=hidden.dtype == torch.float32,
             **cfg)
     return gh, gw, gb
+
+
+def _coef_args(c: _Coefs) -> list[torch.Tensor]:
+    """The four per-row coefficient pointers a grad kernel takes: fp32, contiguous; an absent gamma or delta
+    is alpha in its place (never read: HAS_GAMMA / HAS_DELTA are off)."""
+    coef = [x.float().contiguous() if x is not None else None for x in c]
+    return [coef[0] if x is None else x for x in coef]
 
 
 def _row_block(v: int, on_gpu: bool) -> dict:
@@ -736,10 +742,7 @@ def triton_row_grads(s: torch.Tensor, dz: torch.Tensor, bias, tgt: torch.Tensor,
     """Write d out / d z of the [R, V] logits tile s, for the per-row coefficients c, into dz (may be s)."""
     _triton()
     r, v = s.shape
-    coef = [x.float().contiguous() if x is not None else None for x in c]
-    dummy = coef[0]
-    _row_grad_kernel[(r,)](s, dz, s if bias is None else bias, tgt, lse.float().contiguous(), coef[0], coef[1],
-                           dummy if coef[2] is None else coef[2], dummy if coef[3] is None else coef[3],
+    _row_grad_kernel[(r,)](s, dz, s if bias is None else bias, tgt, lse.float().contiguous(), *_coef_args(c),
                            v, s.stride(0), dz.stride(0), xf.inv_temp, xf.softcap or 1.0,
                            HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None,
                            HAS_GAMMA=c.gamma is not None, HAS_DELTA=c.delta is not None, **_row_block(v, s.is_cuda))
