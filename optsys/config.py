@@ -41,7 +41,9 @@ class ModelConfig:
     # "tiny:<preset>" (built by optsys.models.tiny), a local Hugging Face folder, or a hub id.
     name_or_path: str = "tiny:quickstart"
     revision: Optional[str] = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the stored weights
+    # How weights are stored: loaded in this dtype and final/ written in it. Training keeps fp32 master weights
+    # and optimizer state whatever it is; trainer.precision says what the matmuls run in.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # "auto": flash_attention_2 on CUDA when installed (varlen, packing by position_ids), else sdpa
     # with a block-diagonal mask. "eager" works too (additive mask).
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
@@ -62,7 +64,9 @@ class DataConfig:
     num_train: int = 5000  # built-in tasks: rows generated for training
     num_eval: int = 200  # built-in tasks: held-out rows for accuracy / eval loss
     difficulty: int = 2  # built-in tasks: digits (arithmetic) or list length (sorting)
-    max_tokens: int = 2048  # tokens per packed micro-batch row; also the per-sequence limit
+    # Tokens per packed micro-batch row, the unit a rank runs forward+backward on (the per-rank micro-batch);
+    # also the per-sequence (per-pair, for preference data) limit.
+    max_tokens: int = 2048
     overlong: Literal["error", "truncate", "skip"] = "error"
     train_on_prompt: bool = False  # loss on prompt tokens too (default: assistant tokens only)
     packing: bool = True  # False: padded batches (a baseline; slower)
@@ -79,9 +83,15 @@ class TrainerConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
-    batch_tokens: int = 4096  # max tokens per optimizer step; micro-batches accumulate up to it
+    # GLOBAL tokens per optimizer step, all ranks together: each step packs micro-batches of <= data.max_tokens
+    # up to this many tokens, and each rank runs its round-robin share of them (so about batch_tokens /
+    # world_size tokens per rank). The measured numbers are printed at start and written as batch/* in summary.
+    batch_tokens: int = 4096
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # Compute dtype (optsys/trainers/precision.py): bf16 = mixed precision (fp32 master weights and AdamW state,
+    # bf16 matmuls: autocast on one device, FSDP2 bf16 all-gathers + fp32 reduce-scatter under torchrun);
+    # fp32 = all fp32; auto = bf16 on a CUDA device with bf16, else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     kernel_backend: Literal["auto", "torch", "hybrid", "triton"] = "auto"
     log_every: int = 10
     eval_every: int = 0  # steps between eval-loss runs; 0 = only at the end

@@ -86,14 +86,15 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_final(model, tokenizer, out_dir, cfg: LoraConfig) -> None:
-    """<out_dir>/final/: the full HF model, or the peft adapter folder for LoRA;
-    with save_merged, also <out_dir>/final-merged/ (base + adapter folded into plain weights)."""
+def save_final(model, tokenizer, out_dir, cfg: LoraConfig, dtype: torch.dtype | None = None) -> None:
+    """<out_dir>/final/: the full HF model, or the peft adapter folder for LoRA; with save_merged, also
+    <out_dir>/final-merged/ (base + adapter folded into plain weights, in `dtype` when given)."""
     final = out_dir / "final"
     model.save_pretrained(final, safe_serialization=True)
     tokenizer.save_pretrained(final)
     if is_peft(model) and cfg.save_merged:
         merged = merged_model(model)
+        merged = merged.to(dtype) if dtype is not None else merged
         merged.save_pretrained(out_dir / "final-merged", safe_serialization=True)
         tokenizer.save_pretrained(out_dir / "final-merged")
 

@@ -77,19 +77,22 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def shard_model(model, world: World):
+def shard_model(model, world: World, param_dtype: torch.dtype | None = None):
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, lm_head).
 
     Per-layer units let FSDP all-gather one layer's weights at a time, so a rank holds its 1/W
-    shard of everything plus one full layer during forward/backward.
+    shard of everything plus one full layer during forward/backward. With `param_dtype` (bf16 mixed
+    precision) the shards stay as they are (fp32 master weights) while the all-gathered copies used
+    for compute are `param_dtype`, and gradients are reduce-scattered in fp32.
     """
     if not world.distributed:
         return model
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in model.get_decoder().layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     # The trainers' losses run backbone + fused lm_head loss (or the reward head) without calling forward:
     # register those methods so FSDP unshards the root's parameters around them (and reduce-scatters
     # their grads in backward). See optsys.models.packed.attach_forward_methods.

@@ -19,7 +19,25 @@ import yaml
 
 from optsys.checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, rewind_metrics, save_checkpoint
 from optsys.config import ConfigError, TrainConfig, dump_yaml, to_dict
-from optsys.parallel.dist import World, all_reduce_sum, broadcast_object
+from optsys.models.lora import is_peft, save_final
+from optsys.models.packed import attach_forward_methods
+from optsys.parallel.dist import (
+    World,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    full_state_dict,
+    local_steps,
+    shard_model,
+)
+from optsys.trainers.precision import (
+    Precision,
+    fsdp_param_dtype,
+    mark_storage_dtype,
+    resolve_precision,
+    storage_state_dict,
+    to_master,
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -128,13 +146,36 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float):
 
 
 def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast where the device runs it fast (CUDA with bf16); fp32 elsewhere."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if not use_bf16:
+    """bf16 autocast when trainer.precision resolves to bf16 (see optsys.trainers.precision); fp32 otherwise."""
+    if not resolve_precision(precision, "float32", device).mixed:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def ready_for_training(model, world: World, p: Precision, methods: dict | None = None):
+    """fp32 master weights, the fused-loss forward methods attached, and FSDP2 shards under torchrun
+    (all-gathered in the compute dtype under mixed precision)."""
+    model = attach_forward_methods(to_master(model, p), methods)
+    return shard_model(model, world, fsdp_param_dtype(p))
+
+
+def save_final_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, world: World, p: Precision) -> None:
+    """<out_dir>/final/: a Hugging Face folder with the weights in model.dtype, gathered from the shards under
+    torchrun (every rank calls; rank 0 writes). LoRA: peft's adapter folder, adapters as trained (fp32);
+    in one process also final-merged/ with model.lora.save_merged."""
+    final = out_dir / "final"
+    if not world.distributed and is_peft(model):
+        save_final(model, tokenizer, out_dir, cfg.model.lora, dtype=p.storage)
+        return
+    state_dict = full_state_dict(model, world)  # a collective under torchrun
+    if world.is_main:
+        if not is_peft(model):
+            state_dict = storage_state_dict(state_dict, p)
+        model.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+        if not is_peft(model):
+            mark_storage_dtype(final, p)
+        tokenizer.save_pretrained(final)
+    barrier(world)
 
 
 def close_run(log, summary: dict, *, device: torch.device, t_start: float, out_dir: Path) -> dict:
@@ -211,6 +252,50 @@ class StepStream:
 
     def __next__(self) -> tuple[int, list]:
         return next(self._steps)
+
+
+def describe_batches(stream: StepStream, world: World, *, unit: str, count: Callable[[object], int],
+                     batch_tokens: int, max_tokens: int) -> dict:
+    """The effective batch of a run, measured over the first epoch's steps of a fresh `stream`: printed at
+    start (rank 0) and written to summary.json as batch/*.
+
+    trainer.batch_tokens is the GLOBAL step (all ranks together): every rank builds the same step of packed
+    micro-batches (each <= data.max_tokens tokens) and runs its round-robin share of them, so per rank a step
+    is about batch_tokens / world_size tokens. A rank short of micro-batches runs a zero-weight filler to keep
+    FSDP's collectives in step; when most slots are fillers the ranks mostly wait, and this warns."""
+    steps = []
+    for epoch, group in stream:
+        if epoch > 0:
+            break
+        steps.append(group)
+    n = max(1, len(steps))
+    micro = [len(g) for g in steps]
+    per_rank = [local_steps(m, world) for m in micro]
+    slots = sum(per_rank) * world.size
+    tokens = sum(b.num_tokens for g in steps for b in g)
+    out = {
+        "batch/world_size": world.size,
+        "batch/steps_per_epoch": len(steps),
+        "batch/tokens_per_step": tokens / n,
+        "batch/tokens_per_rank_per_step": tokens / n / world.size,
+        f"batch/{unit}_per_step": sum(count(b) for g in steps for b in g) / n,
+        "batch/micro_batches_per_step": sum(micro) / n,
+        "batch/micro_batches_per_rank_per_step": sum(per_rank) / n,
+        "batch/filler_fraction": (slots - sum(micro)) / max(1, slots),
+    }
+    if world.is_main:
+        print(f"batch: trainer.batch_tokens={batch_tokens} tokens per optimizer step over all {world.size} rank(s); "
+              f"measured over epoch 0: {out['batch/tokens_per_step']:.0f} tokens, "
+              f"{out[f'batch/{unit}_per_step']:.1f} {unit}, {out['batch/micro_batches_per_step']:.1f} micro-batches "
+              f"(packed rows of <= data.max_tokens={max_tokens}) per step; per rank "
+              f"{out['batch/micro_batches_per_rank_per_step']:.1f} micro-batches, "
+              f"{out['batch/tokens_per_rank_per_step']:.0f} tokens; {len(steps)} steps per epoch")
+        if out["batch/filler_fraction"] > 0.5:
+            print(f"warning: {100 * out['batch/filler_fraction']:.0f}% of the ranks' micro-batch slots are "
+                  f"zero-weight fillers (a step has {out['batch/micro_batches_per_step']:.1f} micro-batches for "
+                  f"{world.size} ranks): the ranks mostly wait. Raise trainer.batch_tokens to at least "
+                  f"{world.size * max_tokens} (world size x data.max_tokens), or lower data.max_tokens.")
+    return out
 
 
 class MetricWindow:
@@ -331,6 +416,11 @@ class RunClock:
         return {"train/loss": loss, "train/steps": steps, "train/tokens": self.total_tokens,
                 "time/train_s": train_s, "time/checkpoint_s": self.checkpoint_s,
                 "throughput/tokens_per_s": self.total_tokens / max(train_s, 1e-9)}
+
+
+def eval_due(tc, step: int) -> bool:
+    """Every trainer.eval_every steps, whatever log_every is; not at the last step (the final eval runs there)."""
+    return bool(tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps)
 
 
 def checkpoint_due(tc, step: int) -> bool:

@@ -44,7 +44,7 @@ from optsys.data.tokenize import DataReport
 from optsys.eval.accuracy import task_accuracy
 from optsys.losses import PREFERENCE_LOSSES
 from optsys.models.load import load_model_and_tokenizer
-from optsys.models.lora import is_peft, save_final
+from optsys.models.lora import is_peft
 from optsys.models.packed import attach_forward_methods, packed_sequence_logps
 from optsys.parallel.dist import (
     World,
@@ -53,7 +53,6 @@ from optsys.parallel.dist import (
     barrier,
     broadcast_object,
     close_world,
-    full_state_dict,
     init_world,
     shard_model,
     shared_batches,
@@ -70,14 +69,19 @@ from optsys.trainers.common import (
     checkpoint_due,
     clip_and_step,
     close_run,
+    describe_batches,
     epoch_order,
+    eval_due,
     locate_resume,
     prepare_output_dir,
+    ready_for_training,
     restore_run,
+    save_final_model,
     save_training_checkpoint,
     set_seed,
     warmup_cosine,
 )
+from optsys.trainers.precision import Precision, frozen_for_compute, fsdp_param_dtype, resolve_precision, to_master
 
 # Hyper-parameters each loss takes, by name, from cfg.pref.
 HYPER = {
@@ -292,7 +296,7 @@ def evaluate(model, pairs: list[PreferencePair], reference: Reference | None, *,
     return meter.all_reduce(world).means("eval/")
 
 
-def load_reference_model(cfg: TrainConfig, policy, tokenizer, device):
+def load_reference_model(cfg: TrainConfig, policy, tokenizer, device, precision: Precision):
     """pref.reference_model, loaded frozen; a ConfigError if its tokenizer or architecture is not the policy's
     (log-probs under another vocabulary are not comparable token for token)."""
     path = cfg.pref.reference_model
@@ -316,7 +320,7 @@ def load_reference_model(cfg: TrainConfig, policy, tokenizer, device):
                           + "\n  ".join(problems) + "\nUse a reference of the policy's family and tokenizer (e.g. "
                           "the SFT checkpoint the policy starts from), or drop pref.reference_model to use the "
                           "policy's initial weights.")
-    return attach_forward_methods(ref.eval().requires_grad_(False))
+    return attach_forward_methods(frozen_for_compute(ref.eval().requires_grad_(False), precision))
 
 
 def lm_head_rows(model) -> int:
@@ -324,7 +328,7 @@ def lm_head_rows(model) -> int:
 
 
 def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: PreferenceData, out_dir: Path,
-                    world: World, *, average: bool, summary: dict) -> Reference:
+                    world: World, *, average: bool, summary: dict, precision: Precision) -> Reference:
     """The reference log-prob source for `mode`: pref.reference_model if set, else the policy as loaded
     (built before any resume, and for `copy` before the policy is sharded).
 
@@ -334,12 +338,15 @@ def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: Prefere
     if mode == "adapters_off" and not is_peft(model):
         raise ConfigError("pref.reference=adapters_off needs LoRA (model.lora.r > 0)")
 
-    def separate_reference():
-        return shard_model(load_reference_model(cfg, model, tokenizer, world.device), world)
+    def shard_frozen(ref):
+        return shard_model(ref, world, fsdp_param_dtype(precision))
 
-    if mode == "copy":
-        frozen = (separate_reference() if cfg.pref.reference_model
-                  else shard_model(copy.deepcopy(model).eval().requires_grad_(False), world))
+    def separate_reference():
+        return shard_frozen(load_reference_model(cfg, model, tokenizer, world.device, precision))
+
+    if mode == "copy":  # the policy's master weights, frozen in the dtype they were loaded in
+        frozen = (separate_reference() if cfg.pref.reference_model else
+                  shard_frozen(frozen_for_compute(copy.deepcopy(model).eval().requires_grad_(False), precision)))
         return Reference(mode, frozen=frozen, **common)
     if mode == "adapters_off":
         return Reference(mode, model=model, **common)
@@ -384,29 +391,35 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     out_dir = broadcast_object(prepare_output_dir(cfg) if world.is_main else None, world)
     resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
 
+    precision = resolve_precision(tc.precision, cfg.model.dtype, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
-    attach_forward_methods(model)
+    attach_forward_methods(to_master(model, precision))  # master weights before a reference copies them
     data = build_preference_data(cfg, tokenizer, kto=not spec.paired)
     task = get_task(cfg.data.task) if cfg.data.task else None
     eval_problems = (task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
                      if task else [])
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
                      "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
-                     "parallel/world_size": world.size}
+                     "parallel/world_size": world.size,
+                     **describe_batches(pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
+                                        unit="pairs", count=lambda b: b.num_pairs, batch_tokens=tc.batch_tokens,
+                                        max_tokens=cfg.data.max_tokens)}
+    if world.is_main:
+        print(precision.describe())
 
     # The reference is the model as loaded: build it (copy, or the precomputed cache) before any resume.
     reference = None
     if spec.needs_reference and cfg.pref.reference == "copy":
         reference = build_reference("copy", cfg, model, tokenizer, data, out_dir, world,
-                                    average=spec.average_logps, summary=summary)
-    model = shard_model(model, world)  # FSDP2 under torchrun; a no-op for one process
+                                    average=spec.average_logps, summary=summary, precision=precision)
+    model = ready_for_training(model, world, precision)  # FSDP2 under torchrun; a no-op for one process
     # The optimizer takes the parameters now, while they are all in sharded form (see dist.reshard).
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps,
                                                                            tc.min_lr_ratio))
     if spec.needs_reference and reference is None:
         reference = build_reference(cfg.pref.reference, cfg, model, tokenizer, data, out_dir, world,
-                                    average=spec.average_logps, summary=summary)
+                                    average=spec.average_logps, summary=summary, precision=precision)
 
     fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=pairs_sha256(data.train))
     state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -468,12 +481,12 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
             metrics = {**meter.all_reduce(world).means("train/"), "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": clock.total_tokens,
                        "throughput/tokens_per_s": clock.window_tokens_per_s()}
-            if tc.eval_every and step % tc.eval_every == 0 and data.eval and step < tc.max_steps:
-                metrics.update(evaluate_pairs())  # the last step's eval is the final one below
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/reward_accuracy']:.2f}")
             meter = MetricWindow(METRIC_KEYS)
             clock.new_window()
+        if eval_due(tc, step) and data.eval:  # the last step's eval is the final one below
+            log.log(step, evaluate_pairs())
         if not torch.isfinite(torch.tensor(loss_value)):
             progress.close()
             raise FloatingPointError(f"train/loss became {loss_value} at step {step}; lower trainer.lr or "
@@ -492,18 +505,7 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
         log.log(step, final_eval)
     if task and cfg.eval.after:
         accuracy("after")
-    save_model(model, tokenizer, out_dir, cfg, world)
+    save_final_model(model, tokenizer, out_dir, cfg, world, precision)
     close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
     return summary if world.is_main else None  # rank 0 reports for the job
 
-
-def save_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, world: World) -> None:
-    """<out_dir>/final: gathered from the shards under torchrun (every rank calls; rank 0 writes)."""
-    if not world.distributed:
-        save_final(model, tokenizer, out_dir, cfg.model.lora)
-        return
-    state_dict = full_state_dict(model, world)
-    if world.is_main:
-        model.save_pretrained(out_dir / "final", state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir / "final")
-    barrier(world)

@@ -21,7 +21,6 @@ from optsys.config import ConfigError, TrainConfig
 from optsys.data.preference import PairBatch, PreferencePair, packed_pair_batches, pairs_sha256
 from optsys.losses.reward import bradley_terry
 from optsys.models.lora import is_peft, merged_model
-from optsys.models.packed import attach_forward_methods
 from optsys.models.reward import load_reward_model, packed_rewards
 from optsys.models.reward import score as score  # re-exported: `from optsys.trainers.reward import score`
 from optsys.parallel.dist import (
@@ -32,7 +31,6 @@ from optsys.parallel.dist import (
     close_world,
     full_state_dict,
     init_world,
-    shard_model,
     shared_batches,
 )
 from optsys.telemetry.metrics import MetricsLog
@@ -46,13 +44,17 @@ from optsys.trainers.common import (
     checkpoint_due,
     clip_and_step,
     close_run,
+    describe_batches,
+    eval_due,
     locate_resume,
     prepare_output_dir,
+    ready_for_training,
     restore_run,
     save_training_checkpoint,
     set_seed,
     warmup_cosine,
 )
+from optsys.trainers.precision import Precision, mark_storage_dtype, resolve_precision, storage_state_dict
 from optsys.trainers.preference import build_preference_data, pair_steps
 
 KEYS = ("loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin")
@@ -102,6 +104,7 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     set_seed(cfg.seed)
     out_dir = broadcast_object(prepare_output_dir(cfg) if world.is_main else None, world)
     resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
+    precision = resolve_precision(tc.precision, cfg.model.dtype, device)
     model, tokenizer = load_reward_model(cfg.model, device, seed=cfg.seed)
     if world.distributed and is_peft(model):
         raise ConfigError("LoRA (model.lora.r > 0) is not supported under torchrun by the reward trainer yet; "
@@ -109,8 +112,13 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     data = build_preference_data(cfg, tokenizer, kto=False)
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
                      "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
-                     "parallel/world_size": world.size}
-    model = shard_model(attach_forward_methods(model, {"packed_rewards": packed_rewards}), world)
+                     "parallel/world_size": world.size,
+                     **describe_batches(pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
+                                        unit="pairs", count=lambda b: b.num_pairs, batch_tokens=tc.batch_tokens,
+                                        max_tokens=cfg.data.max_tokens)}
+    if world.is_main:
+        print(precision.describe())
+    model = ready_for_training(model, world, precision, {"packed_rewards": packed_rewards})
     model.train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps,
@@ -151,12 +159,12 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
             metrics = {**meter.all_reduce(world).means("train/"), "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": clock.total_tokens,
                        "throughput/tokens_per_s": clock.window_tokens_per_s()}
-            if tc.eval_every and step % tc.eval_every == 0 and data.eval and step < tc.max_steps:
-                metrics.update(evaluate(model, data.eval, cfg, world))  # the last step's eval is the final one below
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/accuracy']:.2f}")
             meter = MetricWindow(KEYS)
             clock.new_window()
+        if eval_due(tc, step) and data.eval:  # the last step's eval is the final one below
+            log.log(step, evaluate(model, data.eval, cfg, world))
         if not torch.isfinite(torch.tensor(loss_value)):
             progress.close()
             raise FloatingPointError(f"train/loss became {loss_value} at step {step}; lower trainer.lr")
@@ -172,24 +180,25 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
         final_eval = evaluate(model, data.eval, cfg, world)
         summary.update(final_eval)
         log.log(step, final_eval)
-    save_reward_model(model, tokenizer, out_dir / "final", world)
+    save_reward_model(model, tokenizer, out_dir / "final", world, precision)
     close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
     return summary if world.is_main else None
 
 
-def save_reward_model(model, tokenizer, path: Path, world: World) -> None:
-    """A Hugging Face sequence-classification folder (gathered from the shards under torchrun).
+def save_reward_model(model, tokenizer, path: Path, world: World, precision: Precision) -> None:
+    """A Hugging Face sequence-classification folder in model.dtype (gathered from the shards under torchrun).
 
     With LoRA, `path` holds base + adapters merged into plain weights (so AutoModelForSequenceClassification
     loads it like any reward model), and `<path>-adapter` the peft adapter (with the trained head)."""
     if is_peft(model):
         model.save_pretrained(f"{path}-adapter", safe_serialization=True)
         tokenizer.save_pretrained(f"{path}-adapter")
-        merged_model(model).save_pretrained(path, safe_serialization=True)
+        merged_model(model).to(precision.storage).save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
         return
-    state_dict = full_state_dict(model, world) if world.distributed else None
+    state_dict = full_state_dict(model, world)  # a collective under torchrun
     if world.is_main:
-        model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(path, state_dict=storage_state_dict(state_dict, precision), safe_serialization=True)
+        mark_storage_dtype(path, precision)
         tokenizer.save_pretrained(path)
     barrier(world)

@@ -26,18 +26,7 @@ from optsys.data.tasks import get_task
 from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
 from optsys.eval.accuracy import task_accuracy
 from optsys.models.load import load_model_and_tokenizer
-from optsys.models.lora import save_final
-from optsys.models.packed import attach_forward_methods
-from optsys.parallel.dist import (
-    all_reduce_sum,
-    barrier,
-    broadcast_object,
-    close_world,
-    full_state_dict,
-    init_world,
-    shard_model,
-    shared_batches,
-)
+from optsys.parallel.dist import all_reduce_sum, broadcast_object, close_world, init_world, shared_batches
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
@@ -49,14 +38,19 @@ from optsys.trainers.common import (
     checkpoint_due,
     clip_and_step,
     close_run,
+    describe_batches,
     epoch_order,
+    eval_due,
     locate_resume,
     prepare_output_dir,
+    ready_for_training,
     restore_run,
+    save_final_model,
     save_training_checkpoint,
     set_seed,
     warmup_cosine,
 )
+from optsys.trainers.precision import resolve_precision
 
 
 @dataclass
@@ -154,6 +148,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     out_dir = broadcast_object(out_dir, world)
     resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
 
+    precision = resolve_precision(tc.precision, cfg.model.dtype, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
     data = build_sft_data(cfg.data, tokenizer, cfg.seed)
     task = get_task(cfg.data.task) if cfg.data.task else None
@@ -165,9 +160,13 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             packed_batches(data.train, cfg.data.max_tokens, shuffle_seed=None), cfg.data.max_tokens),
         "model/parameters": sum(p.numel() for p in model.parameters()),
         "parallel/world_size": world.size,
+        **describe_batches(step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
+                           unit="sequences", count=lambda b: len(b.seq_lens), batch_tokens=tc.batch_tokens,
+                           max_tokens=cfg.data.max_tokens),
     }
-
-    model = shard_model(attach_forward_methods(model), world)  # FSDP2 under torchrun; a no-op for one process
+    if world.is_main:
+        print(precision.describe())
+    model = ready_for_training(model, world, precision)  # fp32 master weights; FSDP2 under torchrun
     model.train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -233,12 +232,12 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                 "train/tokens": clock.total_tokens,
                 "throughput/tokens_per_s": clock.window_tokens_per_s(),
             }
-            if tc.eval_every and step % tc.eval_every == 0 and data.eval and step < tc.max_steps:
-                metrics["eval/loss"] = eval_loss(model, data.eval, cfg, pad_id, device)
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  {metrics['throughput/tokens_per_s']:.0f} tok/s")
             window_loss, window_targets = 0.0, 0
             clock.new_window()
+        if eval_due(tc, step) and data.eval:
+            log.log(step, {"eval/loss": eval_loss(model, data.eval, cfg, pad_id, device)})
         if not torch.isfinite(torch.tensor(loss_value)):
             progress.close()
             raise FloatingPointError(
@@ -258,13 +257,6 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     if task and cfg.eval.after:
         accuracy("after")
 
-    if world.distributed:
-        state_dict = full_state_dict(model, world)  # a collective: every rank gathers, rank 0 writes
-        if world.is_main:
-            model.save_pretrained(out_dir / "final", state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(out_dir / "final")
-        barrier(world)
-    else:
-        save_final(model, tokenizer, out_dir, cfg.model.lora)
+    save_final_model(model, tokenizer, out_dir, cfg, world, precision)
     close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
     return summary if world.is_main else None  # rank 0 reports for the job
