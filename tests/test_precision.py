@@ -18,7 +18,8 @@ from optsys.trainers import sft
 from optsys.trainers.precision import resolve_precision, to_master
 
 # lr 1e-6: an AdamW step moves a weight by ~lr, under half a bf16 ulp of nearly every weight of the tiny model
-# (|w| ~ 0.02 -> half-ulp ~ 4e-5; only |w| < 2.6e-4 and zero-init biases can move), so in-place bf16 updates round away while fp32 master weights move.
+# (|w| ~ 0.02 -> half-ulp ~ 4e-5; only |w| < 2.6e-4 and zero-init biases can move), so in-place bf16 updates
+# round away while fp32 master weights move.
 SMALL_LR = 1e-6
 
 
@@ -44,7 +45,7 @@ def test_resolve_precision():
 
 
 def test_master_weights_for_trainable_only(tiny_path):
-    from optsys.config import ModelConfig, LoraConfig
+    from optsys.config import LoraConfig, ModelConfig
 
     cpu = torch.device("cpu")
     full, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_path), dtype="bfloat16"), cpu)
