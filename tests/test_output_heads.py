@@ -12,7 +12,7 @@ import transformers
 
 from optsys.config import ConfigError
 from optsys.models.heads import output_head
-from optsys.models.packed import packed_sequence_logps, token_loss_sum
+from optsys.models.packed import attach_forward_methods, packed_sequence_logps, token_loss_sum
 
 TINY = dict(vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, tie_word_embeddings=False)
@@ -113,6 +113,8 @@ def test_unknown_head_attribute_is_refused():
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(ConfigError, match="logits_scaling=4.0.*'qwen2'"):
         output_head(model)
+    with pytest.raises(ConfigError, match="logits_scaling"):  # the trainers' setup, before any step
+        attach_forward_methods(model)
     cfg.logits_scaling = 1.0  # neutral: accepted
     assert output_head(model).scale == 1.0
 
@@ -123,3 +125,33 @@ def test_lora_on_lm_head_is_refused():
     model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ConfigError, match="lm_head"):
         output_head(model)
+
+
+@pytest.mark.parametrize("bias, scale, softcap, temperature", [
+    (False, 0.37, None, 0.8), (True, 1.0, None, 1.0), (True, 0.37, None, 0.8), (False, 2.0, 1.5, 1.0),
+    (True, 0.37, 1.5, 1.0),
+])
+def test_sequence_logprobs_with_head_options_equal_reference(bias, scale, softcap, temperature):
+    from optsys.losses.sequence import sequence_logprobs
+
+    gen = torch.Generator().manual_seed(2)
+    h, w = torch.randn(23, 17, generator=gen), torch.randn(37, 17, generator=gen)
+    b = torch.randn(37, generator=gen) if bias else None
+    t = torch.randint(0, 37, (23,), generator=gen)
+    t[[0, 9]] = -100
+    cu = torch.tensor([0, 6, 7, 23])
+    z = scale * (h @ w.T + (0 if b is None else b))
+    z = z if softcap is None else softcap * torch.tanh(z / softcap)
+    lp = torch.log_softmax(z / temperature, -1).gather(-1, t.clamp(min=0)[:, None])[:, 0] * (t != -100)
+    ref = torch.stack([lp[:6].sum(), lp[6:7].sum(), lp[7:].sum()])
+    got, _ = sequence_logprobs(h, w, t, cu_seqlens=cu, bias=b, scale=scale, softcap=softcap,
+                               temperature=temperature)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_logprobs_refuses_temperature_after_softcap():
+    from optsys.losses.sequence import sequence_logprobs
+
+    h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="temperature=0.7 with a softcapped"):
+        sequence_logprobs(h, w, t, cu_seqlens=torch.tensor([0, 3]), softcap=2.0, temperature=0.7)

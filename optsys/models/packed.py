@@ -108,7 +108,11 @@ FORWARD_METHODS = {"token_loss_sum": token_loss_sum, "packed_sequence_logps": pa
 
 
 def attach_forward_methods(model, methods: dict | None = None):
-    """Bind `methods` (name -> fn(model, ...); default FORWARD_METHODS) as methods of this model; returns it."""
+    """Bind `methods` (name -> fn(model, ...); default FORWARD_METHODS) as methods of this model; returns it.
+
+    With the default (the LM losses), an output layer they cannot represent is refused here, before training."""
+    if methods is None:
+        output_head(model)
     methods = FORWARD_METHODS if methods is None else methods
     for name, fn in methods.items():
         setattr(model, name, types.MethodType(fn, model))
