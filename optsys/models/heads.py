@@ -44,11 +44,12 @@ class OutputHead:
 # An attribute listed with {} is known to change the logits somewhere but is not represented here.
 HEAD_ATTRIBUTES: dict[str, dict[str, str]] = {
     "final_logit_softcapping": dict.fromkeys(
-        ["gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "vaultgemma", "nanochat"], "softcap"),
-    "logit_scale": dict.fromkeys(["cohere", "cohere2", "cohere2_moe"], "multiply"),
+        ["gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "gemma4_unified_text", "vaultgemma", "nanochat"],
+        "softcap"),
+    "logit_scale": dict.fromkeys(["cohere", "cohere2", "cohere2_moe", "cohere_compass_text"], "multiply"),
     "logits_scaling": {
         **dict.fromkeys(["granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid",
-                         "granitemoeshared", "minicpm3"], "divide"),
+                         "granitemoeshared", "granite4_vision_text", "minicpm3"], "divide"),
         "hyperclovax": "multiply",
     },
     "lm_head_multiplier": {"falcon_h1": "multiply"},
