@@ -3,13 +3,15 @@
 A preference trainer runs ONE packed forward over chosen and rejected completions, then needs
 log pi(y|x) per sequence: the fused token log-prob kernel on the target positions, segment-summed
 per sequence. Positions whose target is -100 (prompt, padding) are dropped before the kernel.
+An output layer with a bias or a final softcap (Phi, Gemma 2) goes through the fused cross-entropy
+instead, which takes both: log p(t) = -CE(t) exactly when there is no smoothing or z-loss.
 """
 
 from __future__ import annotations
 
 import torch
 
-from optsys.kernels import linear_token_logprobs
+from optsys.kernels import fused_linear_cross_entropy, linear_token_logprobs
 
 IGNORE_INDEX = -100
 
@@ -22,6 +24,9 @@ def sequence_logprobs(
     *,
     cu_seqlens: torch.Tensor | None = None,
     num_seqs: int | None = None,
+    bias: torch.Tensor | None = None,
+    scale: float = 1.0,
+    softcap: float | None = None,
     temperature: float = 1.0,
     average: bool = False,
     backend: str = "auto",
@@ -33,6 +38,8 @@ def sequence_logprobs(
     S = num_seqs or max + 1) or as cu_seqlens [S + 1] (0, l0, l0 + l1, ..., T). Targets equal to
     -100 are excluded. average=True divides by the sequence's target count (SimPO / IPO / ORPO
     length normalization); a sequence with no targets then gets 0, visible as num_tokens == 0.
+    The logits are softcap(scale * (hidden @ weight.T + bias)) / temperature, softcap(x) = cap tanh(x / cap)
+    (the model's output layer, optsys.models.heads.OutputHead).
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
@@ -42,13 +49,30 @@ def sequence_logprobs(
     sid, num_seqs = _segment_ids(t.shape[0], seq_ids, cu_seqlens, num_seqs, t.device)
     keep = t != IGNORE_INDEX
     # The kernel rejects -100, so select the target rows first: a [N_valid, H] gather, not logits.
-    lp = linear_token_logprobs(h[keep], weight, t[keep], temperature=temperature, backend=backend)
+    lp = _token_logprobs(h[keep], weight, t[keep], bias, scale, softcap, temperature, backend)
     sid = sid[keep]
     sums = lp.new_zeros(num_seqs).index_add(0, sid, lp)
     counts = torch.zeros(num_seqs, dtype=torch.long, device=t.device).index_add(0, sid, torch.ones_like(sid))
     if average:
         sums = sums / counts.clamp(min=1)
     return sums, counts
+
+
+def _token_logprobs(h, weight, t, bias, scale, softcap, temperature, backend) -> torch.Tensor:
+    """[N] fp32 log p(t) under logits softcap(scale * (h W^T + b)) / temperature."""
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if bias is None and softcap is None:
+        # the kernel multiplies the fp32 logits by 1 / temperature: the scale rides along, unrounded
+        return linear_token_logprobs(h, weight, t, temperature=temperature / scale, backend=backend)
+    if softcap is not None and temperature != 1.0:
+        # the kernels scale inside the cap (cap tanh(s z / cap)); sampling divides after it
+        raise ValueError(f"temperature={temperature} with a softcapped output layer (softcap={softcap}) is not "
+                         "supported: the fused kernels apply a scale before the cap, not after it")
+    s = scale / temperature
+    if s != 1.0:  # s (h W^T + b) = (s h) W^T + s b: the CE op takes no scale
+        h, bias = h * s, None if bias is None else bias * s
+    return -fused_linear_cross_entropy(h, weight, t, bias=bias, softcap=softcap, reduction="none", backend=backend)
 
 
 def _segment_ids(n, seq_ids, cu_seqlens, num_seqs, device) -> tuple[torch.Tensor, int]:

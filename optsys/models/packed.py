@@ -15,6 +15,7 @@ import torch
 
 from optsys.kernels import fused_linear_cross_entropy
 from optsys.losses.sequence import sequence_logprobs
+from optsys.models.heads import output_head
 
 
 def block_diagonal_causal_mask(seq_lens: list[int], device, *, additive_dtype=None) -> torch.Tensor:
@@ -41,6 +42,7 @@ def backbone(model):
 
 
 def lm_head_weight(model) -> torch.Tensor:
+    """The lm_head matrix alone; losses use `output_head(model)`, which also carries bias, scale and softcap."""
     return model.get_output_embeddings().weight
 
 
@@ -65,10 +67,12 @@ def padded_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 def token_loss_sum(model, targets: torch.Tensor, *, input_ids: torch.Tensor, backend: str = "auto",
                    position_ids: torch.Tensor | None = None, seq_lens: list[int] | None = None,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   attention_mask: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
     """Sum of token cross-entropies from hidden states through the fused kernel (no [T, V] logits).
 
     Packed when `seq_lens` is given ([1, T] row), else padded ([B, L] with attention_mask).
+    reduction="none" gives the per-position losses [T] instead (0 where the target is -100).
+    The logits are the model's own: its output layer's bias, scale and softcap included (output_head).
     Call it through `model.token_loss_sum(...)` after `attach_forward_methods(model)`: under FSDP2 that
     method is registered as a forward, so the root's parameters (embeddings, final norm, lm_head) are
     all-gathered around it exactly as they are around `forward`.
@@ -77,8 +81,10 @@ def token_loss_sum(model, targets: torch.Tensor, *, input_ids: torch.Tensor, bac
         hidden = packed_hidden(model, input_ids, position_ids, seq_lens)
     else:
         hidden = padded_hidden(model, input_ids, attention_mask)
-    return fused_linear_cross_entropy(hidden, lm_head_weight(model), targets.reshape(-1), reduction="sum",
-                                      backend=backend)
+    head = output_head(model)
+    hidden, bias = head.scaled(hidden)  # the CE op takes no scale
+    return fused_linear_cross_entropy(hidden, head.weight, targets.reshape(-1), bias=bias, softcap=head.softcap,
+                                      reduction=reduction, backend=backend)
 
 
 def packed_sequence_logps(model, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_lens: list[int],
@@ -90,8 +96,9 @@ def packed_sequence_logps(model, input_ids: torch.Tensor, position_ids: torch.Te
     `model.packed_sequence_logps(...)` after `attach_forward_methods(model)` (FSDP2, see token_loss_sum).
     """
     hidden = packed_hidden(model, input_ids, position_ids, seq_lens)
-    return sequence_logprobs(hidden, lm_head_weight(model), targets, cu_seqlens=cu_seqlens, average=average,
-                             backend=backend)
+    head = output_head(model)
+    return sequence_logprobs(hidden, head.weight, targets, cu_seqlens=cu_seqlens, bias=head.bias, scale=head.scale,
+                             softcap=head.softcap, average=average, backend=backend)
 
 
 # Methods that run (part of) the model without calling `forward`. FSDP2 unshards the root module's
@@ -101,7 +108,11 @@ FORWARD_METHODS = {"token_loss_sum": token_loss_sum, "packed_sequence_logps": pa
 
 
 def attach_forward_methods(model, methods: dict | None = None):
-    """Bind `methods` (name -> fn(model, ...); default FORWARD_METHODS) as methods of this model; returns it."""
+    """Bind `methods` (name -> fn(model, ...); default FORWARD_METHODS) as methods of this model; returns it.
+
+    With the default (the LM losses), an output layer they cannot represent is refused here, before training."""
+    if methods is None:
+        output_head(model)
     methods = FORWARD_METHODS if methods is None else methods
     for name, fn in methods.items():
         setattr(model, name, types.MethodType(fn, model))
