@@ -139,7 +139,7 @@ class RewardConfig:
 @dataclass
 class TrainConfig:
     recipe: str = "quickstart"
-    method: Literal["sft", "dpo", "ipo", "robust", "simpo", "orpo", "cpo", "kto", "rm"] = "sft"
+    method: str = "sft"  # a name in optsys.methods.METHODS: sft, dpo, ipo, robust, simpo, orpo, cpo, kto, rm
     output_dir: Optional[str] = None  # default ./runs/<recipe>-<timestamp>/
     overwrite: bool = False  # allow writing into a folder that holds another run
     resume: bool = False  # continue the run in output_dir from its latest complete checkpoint
@@ -153,6 +153,12 @@ class TrainConfig:
     rm: RewardConfig = field(default_factory=RewardConfig)
 
     def validate(self) -> None:
+        from optsys.methods import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not a training method{_did_you_mean(self.method, METHODS)}")
+        method = METHODS[self.method]
+        self._refuse_unused_settings(method, METHODS)
         d, t, lora = self.data, self.trainer, self.model.lora
         if lora.r < 0 or (lora.quantize != "none" and lora.r == 0):
             raise ConfigError(f"model.lora.r must be > 0 for LoRA/QLoRA (quantize={lora.quantize!r}); got {lora.r}")
@@ -178,23 +184,49 @@ class TrainConfig:
             raise ConfigError(f"trainer.save_every must be >= 0 (0 = checkpoint only at the end), got {t.save_every}")
         if t.keep_last < 1:
             raise ConfigError(f"trainer.keep_last must be >= 1 (a resume needs a checkpoint), got {t.keep_last}")
-        if self.pref.reference == "adapters_off" and lora.r == 0 and self.method not in ("sft", "rm"):
+        if self.pref.reference == "adapters_off" and lora.r == 0 and method.section == "pref":
             raise ConfigError("pref.reference=adapters_off needs LoRA (model.lora.r > 0); use "
                               "pref.reference=precompute or copy for full fine-tuning")
-        if self.pref.reference_model is not None and self.method not in ("sft", "rm"):
+        if self.pref.reference_model is not None and method.section == "pref":
             if self.pref.reference == "adapters_off":
                 raise ConfigError("pref.reference_model cannot be used with pref.reference=adapters_off (the "
                                   "reference is the policy with its adapters disabled); use precompute or copy")
-            from optsys.losses import PREFERENCE_LOSSES
-
-            spec = PREFERENCE_LOSSES.get(self.method)
-            if spec is not None and not spec.needs_reference:
+            if not method.reference:
                 raise ConfigError(f"method={self.method} is reference-free: drop pref.reference_model")
         if self.resume and self.output_dir is None:
             raise ConfigError("resume=true needs output_dir=<the folder of the run to continue>")
         if self.resume and self.overwrite:
             raise ConfigError("resume=true continues the run in output_dir and overwrite=true replaces it; "
                               "pass only one of them")
+
+
+    def _refuse_unused_settings(self, method, methods) -> None:
+        """A family setting the chosen method would ignore is an error naming the key: another family's section
+        changed from its defaults (rm.margin with method=dpo), or a loss hyper-parameter of its own family that
+        its loss does not take (pref.label_smoothing with method=ipo, pref.gamma with method=dpo)."""
+        from optsys.methods import FAMILY_SECTIONS
+
+        for name in FAMILY_SECTIONS:
+            section = getattr(self, name)
+            default = type(section)()
+            changed = [f"{name}.{f.name}={getattr(section, f.name)!r}" for f in dataclasses.fields(section)
+                       if getattr(section, f.name) != getattr(default, f.name)]
+            if not changed:
+                continue
+            if name != method.section:
+                users = sorted(m for m, spec in methods.items() if spec.section == name)
+                raise ConfigError(f"{', '.join(changed)}: method={self.method} does not read the {name} section "
+                                  f"(its methods: {', '.join(users)}); drop the setting or pick one of those methods")
+            family_hyper = {k for spec in methods.values() if spec.section == name for k in spec.hyper}
+            for key in sorted(family_hyper - set(method.hyper)):
+                if getattr(section, key) != getattr(default, key):
+                    users = [m for m, spec in methods.items() if key in spec.hyper]
+                    raise ConfigError(
+                        f"{name}.{key}={getattr(section, key)!r} is not used by method={self.method} (methods whose "
+                        f"loss takes it: {', '.join(users)}); drop it, or pick one of those methods")
+            if not method.reference and (section is self.pref) and self.pref.reference != default.reference:
+                raise ConfigError(f"pref.reference={self.pref.reference} has no effect: method={self.method} is "
+                                  "reference-free; drop pref.reference")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -328,7 +360,11 @@ def load_config(recipe: str | None = None, config_file: str | None = None,
 
 
 def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts; a TrainConfig keeps only its own method family's section (a DPO run's
+    config.yaml has `pref`, not `rm`)."""
     out = dataclasses.asdict(cfg)
+    if isinstance(cfg, TrainConfig):
+        out = drop_other_sections(out)
 
     def fix(x):  # tuples -> lists so YAML stays plain
         if isinstance(x, dict):
@@ -336,6 +372,15 @@ def to_dict(cfg: Any) -> dict:
         return list(x) if isinstance(x, tuple) else x
 
     return fix(out)
+
+
+def drop_other_sections(data: dict) -> dict:
+    """A config dict without the family sections its `method` does not read."""
+    from optsys.methods import FAMILY_SECTIONS, METHODS
+
+    method = METHODS.get(data.get("method", "sft"))
+    own = method.section if method else None
+    return {k: v for k, v in data.items() if k not in FAMILY_SECTIONS or k == own}
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -11,9 +11,7 @@ import argparse
 import sys
 
 from optsys.config import ConfigError, load_config
-
-TRAINERS = {"sft": "optsys.trainers.sft", "rm": "optsys.trainers.reward",
-            **{m: "optsys.trainers.preference" for m in ("dpo", "ipo", "robust", "simpo", "orpo", "cpo", "kto")}}
+from optsys.methods import METHODS
 
 
 def parse_args(argv):
@@ -48,7 +46,7 @@ def main(argv=None) -> dict:
     from optsys.checkpoint import CheckpointError
     from optsys.data.errors import DataError
 
-    trainer = importlib.import_module(TRAINERS[cfg.method])
+    trainer = importlib.import_module(METHODS[cfg.method].trainer)
     try:
         summary = trainer.train(cfg)
     except (ConfigError, DataError, CheckpointError) as e:

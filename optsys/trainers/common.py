@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from optsys.checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, rewind_metrics, save_checkpoint
-from optsys.config import ConfigError, TrainConfig, dump_yaml, to_dict
+from optsys.config import ConfigError, TrainConfig, drop_other_sections, dump_yaml, to_dict
 from optsys.models.lora import is_peft, save_final
 from optsys.models.packed import attach_forward_methods
 from optsys.parallel.dist import (
@@ -85,7 +85,7 @@ def _check_resume_dir(cfg: TrainConfig) -> Path:
         raise ConfigError(
             f"resume=true, but output_dir {out} holds no run to continue (no {existing.name}). Check the "
             "path, or drop resume=true to start a new run there.")
-    old = yaml.safe_load(existing.read_text()) or {}
+    old = drop_other_sections(yaml.safe_load(existing.read_text()) or {})  # runs from before sections were dropped
     new = to_dict(cfg)
     old.pop("resume", None)
     new.pop("resume", None)

@@ -43,6 +43,7 @@ from optsys.data.tasks import get_task
 from optsys.data.tokenize import DataReport
 from optsys.eval.accuracy import task_accuracy
 from optsys.losses import PREFERENCE_LOSSES
+from optsys.methods import METHODS, methods_of
 from optsys.models.load import load_model_and_tokenizer
 from optsys.models.lora import is_peft
 from optsys.models.packed import attach_forward_methods, packed_sequence_logps
@@ -83,16 +84,6 @@ from optsys.trainers.common import (
 )
 from optsys.trainers.precision import Precision, frozen_for_compute, fsdp_param_dtype, resolve_precision, to_master
 
-# Hyper-parameters each loss takes, by name, from cfg.pref.
-HYPER = {
-    "dpo": ("beta", "label_smoothing"),
-    "robust": ("beta", "label_smoothing"),
-    "ipo": ("beta",),
-    "simpo": ("beta", "gamma", "label_smoothing"),
-    "orpo": ("lam",),
-    "cpo": ("beta", "alpha", "label_smoothing"),
-    "kto": ("beta", "desirable_weight", "undesirable_weight"),
-}
 REF_CACHE = "ref_logps.safetensors"
 METRIC_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin", "logps_chosen",
                "logps_rejected")
@@ -225,7 +216,7 @@ def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str
     """Sum over the row's pairs of the per-pair loss; metrics go to `meter` (None: not counted, a
     filler row). ref: [P, 2] or None."""
     spec = PREFERENCE_LOSSES[method]
-    hyper = {k: getattr(cfg.pref, k) for k in HYPER[method]}
+    hyper = {k: getattr(cfg.pref, k) for k in METHODS[method].hyper}
     with autocast_context(cfg.trainer.precision, device):
         chosen, rejected, chosen_counts = pair_logps(model, batch, average=spec.average_logps,
                                                      backend=cfg.trainer.kernel_backend, device=device)
@@ -372,9 +363,9 @@ def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: Prefere
 
 def train(cfg: TrainConfig) -> dict | None:
     """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs, cache and the model)."""
-    if cfg.method not in PREFERENCE_LOSSES:
+    if METHODS[cfg.method].trainer != __name__:
         raise ConfigError(f"method={cfg.method!r} is not a preference method; choose one of "
-                          f"{sorted(PREFERENCE_LOSSES)}")
+                          f"{methods_of(__name__)}")
     world = init_world(cfg.device)
     try:
         return _train(cfg, world)
