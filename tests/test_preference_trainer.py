@@ -178,14 +178,87 @@ def test_kto_reward_accuracy_is_the_ranking_auc(monkeypatch):
     policy = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0])
     ref = torch.tensor([[-1.5, -1.0], [-2.0, -1.0], [-2.0, -1.0], [-4.5, -1.0], [-5.0, -1.0]])
     labels = [True, False, True, False, True]  # rewards beta * (policy - ref): 0.5b, 0, -1b, 0.5b, 0
-    monkeypatch.setattr(preference, "pair_logps",
-                        lambda *a, **k: (policy, torch.full((5,), -1.0), torch.ones(5)))
+    monkeypatch.setattr(preference, "row_logps", lambda *a, **k: (policy, torch.ones(5)))
     meter = MetricWindow(preference.METRIC_KEYS)
     cfg = load_config("kto_tiny")
-    preference.batch_loss(None, SimpleNamespace(labels=labels), ref, method="kto", cfg=cfg, device=torch.device("cpu"),
-                          meter=meter)
+    preference.batch_loss(None, SimpleNamespace(labels=labels, half=lambda which: None), ref, method="kto", cfg=cfg,
+                          device=torch.device("cpu"), meter=meter, z0=0.0)
     m = meter.means("")
     # desirable rewards (0.5, -1, 0) vs undesirable (0, 0.5): wins 0.5>0; -1 none; 0 none -> 1 of 6
     assert m["reward_accuracy"] == pytest.approx(1 / 6)
     beta = cfg.pref.beta
     assert m["margin"] == pytest.approx(beta * ((0.5 - 1 + 0) / 3 - (0 + 0.5) / 2))
+
+
+def test_kto_z0_is_the_mean_over_all_the_steps_partners(tiny_path):
+    """z0 of a step of several micro-batches: the mean log-ratio over ALL its KL partners (each scored here by a
+    separate forward), not a micro-batch's; every micro-batch's loss uses it."""
+    from transformers import AutoModelForCausalLM
+
+    from optsys.data.preference import packed_pair_batches, tokenize_pairs, unpaired_rows
+    from optsys.data.tasks import get_task
+    from optsys.losses import kto, sequence_logprobs
+    from optsys.models.load import load_tokenizer
+    from optsys.models.packed import lm_head_weight
+    from optsys.parallel.dist import World
+    from optsys.trainers.common import MetricWindow
+
+    cpu = torch.device("cpu")
+    cfg = load_config("kto_tiny", overrides=[f"model.name_or_path={tiny_path}", "trainer.kernel_backend=torch"])
+    tok = load_tokenizer(str(tiny_path))
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
+    pairs, _ = tokenize_pairs(unpaired_rows(get_task("arithmetic").preference_pairs("train", 5, difficulty=2)), tok,
+                              max_tokens=128, kto=True)
+    group = packed_pair_batches(pairs, 100, shuffle_seed=None)
+    assert len(group) >= 3  # a step of several micro-batches
+
+    def direct_logp(ex):  # one sequence, its own forward
+        with torch.no_grad():
+            hidden = model.get_decoder()(input_ids=torch.tensor([ex.input_ids])).last_hidden_state[0]
+            out, _ = sequence_logprobs(hidden, lm_head_weight(model), torch.tensor(ex.targets),
+                                       seq_ids=torch.zeros(len(ex.targets), dtype=torch.long), backend="torch")
+        return out[0]
+
+    # Reference log-probs chosen so the log-ratio is row r's own ((r - 1)^2 + noise): per-row means differ.
+    g = torch.Generator().manual_seed(0)
+    refs, ratios = [], []
+    for r, b in enumerate(group):
+        pol = torch.stack([direct_logp(pairs[i].rejected) for i in b.pair_index])
+        ratio = (r - 1) ** 2 + 0.1 * torch.randn(len(pol), generator=g)
+        refs.append(torch.stack([torch.full_like(pol, -30.0), pol - ratio], 1))
+        ratios.append(ratio)
+    want = torch.cat(ratios).mean()
+    assert want > 0 and all(abs(float(x.mean() - want)) > 0.2 for x in ratios)
+    rows = [(b, True) for b in group]
+    z0 = preference.kto_z0(model, rows, refs, cfg=cfg, device=cpu, world=World(0, 1, 0, cpu))
+    assert z0 == pytest.approx(float(want), abs=1e-4)
+
+    for (b, _), ref in zip(rows, refs):
+        meter = MetricWindow(preference.METRIC_KEYS)
+        got = preference.batch_loss(model, b, ref, method="kto", cfg=cfg, device=cpu, meter=meter, z0=z0)
+        pol = torch.stack([direct_logp(pairs[i].chosen) for i in b.pair_index])
+        loss, _ = kto(pol, ref[:, 0], None, None, torch.tensor(b.labels), beta=cfg.pref.beta, z0=float(want))
+        torch.testing.assert_close(got, loss.sum(), rtol=1e-4, atol=1e-5)
+        assert meter.means("")["kl"] == pytest.approx(float(want), abs=1e-4)
+
+
+def test_kto_log_window_with_one_label_logs(tmp_path, tiny_path, monkeypatch):
+    """One example per step (data.max_tokens fits a single (example, partner) row) and log_every=1: a window with
+    one label has no desirable-vs-undesirable couple, so train/reward_accuracy is absent from its row (not a
+    KeyError); z0 is logged as train/kl. With several rows per step, z0 is estimated over the whole step."""
+    out = tmp_path / "kto1"
+    cfg = pref_cfg(out, tiny_path, "data.max_tokens=48", "trainer.batch_tokens=48", "trainer.max_steps=3",
+                   "trainer.log_every=1", "data.num_train=8", "data.num_eval=4", "eval.before=false",
+                   "eval.after=false", method="kto")
+    preference.train(cfg)
+    logged = [r for r in rows(out) if "train/loss" in r]
+    assert len(logged) == 3
+    assert all("train/reward_accuracy" not in r and "train/kl" in r for r in logged)
+
+    seen, real = [], preference.kto_z0
+    monkeypatch.setattr(preference, "kto_z0", lambda model, rows, *a, **k: seen.append(len(rows)) or real(
+        model, rows, *a, **k))
+    preference.train(pref_cfg(tmp_path / "kto2", tiny_path, "data.max_tokens=48", "trainer.batch_tokens=200",
+                              "trainer.max_steps=2", "data.num_train=8", "data.num_eval=4", "eval.before=false",
+                              "eval.after=false", method="kto"))
+    assert seen[0] >= 2 and len(seen) == 2 + 1  # a step of several micro-batches, then the final eval's split

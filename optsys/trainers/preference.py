@@ -4,8 +4,10 @@ One micro-batch = a packed row of whole pairs (chosen_i, rejected_i adjacent); O
 hidden states, `sequence_logprobs` gives every sequence's log-prob (summed or length-averaged, as the
 loss's registry record asks), and `PREFERENCE_LOSSES[method]` gives the per-pair loss. An optimizer
 step accumulates rows up to trainer.batch_tokens tokens; its loss is the mean over the step's pairs.
-KTO rows hold (example_i, KL partner_i): the partner is the same prompt with another example's
-completion, and its policy/reference log-ratio is the KL baseline z0 (estimated per micro-batch).
+KTO rows hold (example_i, KL partner_i): the partner is the same prompt with the completion of an example
+of another prompt, and the partners' policy/reference log-ratio is the KL baseline z0, estimated over the
+whole optimizer step and all ranks by a no-grad pass over the step's partners before its micro-batches
+(`kto_z0`); the micro-batches then run forward and backward on the examples only.
 
 Reference log-probs (methods that need them): pref.reference=precompute scores the train and eval
 pairs once with the initial model and caches them, fingerprinted, in <output_dir>/ref_logps.safetensors;
@@ -30,6 +32,7 @@ import torch
 
 from optsys.checkpoint import model_config_sha256, run_fingerprint, weights_stamp
 from optsys.config import ConfigError, TrainConfig
+from optsys.data.packing import PackedBatch
 from optsys.data.preference import (
     PairBatch,
     PreferencePair,
@@ -91,7 +94,7 @@ HYPER = {
 }
 REF_CACHE = "ref_logps.safetensors"
 METRIC_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin", "logps_chosen",
-               "logps_rejected")
+               "logps_rejected", "kl")  # kl: KTO's z0 only
 
 
 @dataclass
@@ -121,14 +124,18 @@ def build_preference_data(cfg: TrainConfig, tokenizer, *, kto: bool) -> Preferen
     return PreferenceData(train, evals, report)
 
 
-def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device) -> tuple[torch.Tensor, ...]:
-    """One packed forward -> (chosen logps [P], rejected logps [P], chosen token counts [P]).
+def row_logps(model, b: PackedBatch, *, average: bool, backend: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed forward -> (per-sequence logps [S], target counts [S]).
 
     Goes through `model.packed_sequence_logps` when attached (what FSDP2 registers as a forward)."""
-    b = batch.packed
     fn = getattr(model, "packed_sequence_logps", None) or (lambda *a, **k: packed_sequence_logps(model, *a, **k))
-    logps, counts = fn(b.input_ids.to(device), b.position_ids.to(device), b.seq_lens, b.targets.to(device),
-                       b.cu_seqlens().to(device), average=average, backend=backend)
+    return fn(b.input_ids.to(device), b.position_ids.to(device), b.seq_lens, b.targets.to(device),
+              b.cu_seqlens().to(device), average=average, backend=backend)
+
+
+def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device) -> tuple[torch.Tensor, ...]:
+    """One packed forward -> (chosen logps [P], rejected logps [P], chosen token counts [P])."""
+    logps, counts = row_logps(model, batch.packed, average=average, backend=backend, device=device)
     return logps[0::2], logps[1::2], counts[0::2]
 
 
@@ -216,22 +223,44 @@ def pair_steps(pairs: list[PreferencePair], max_tokens: int, batch_tokens: int, 
     return StepStream(epoch_batches, batch_tokens, position)
 
 
+@torch.no_grad()
+def kto_z0(model, rows: list[tuple[PairBatch, bool]], refs: list[torch.Tensor], *, cfg: TrainConfig, device,
+           world: World) -> float:
+    """KTO's KL estimate for one optimizer step (or an eval split): the mean of log pi - log ref over ALL its
+    KL partners on all ranks, before the clamp at 0 (kto applies it). `rows` is this rank's
+    shared_batches share, `refs` their reference log-probs [P, 2] (column 1: the partners').
+
+    z0 carries no gradient, so this pass runs without one, on the partner sequences only (fillers too, to keep
+    FSDP's collectives in step), and the micro-batches then run forward and backward on the examples only:
+    per step one extra no-grad forward of the partners' tokens, and no backward through them."""
+    total, count = 0.0, 0
+    for (batch, real), ref in zip(rows, refs):
+        with autocast_context(cfg.trainer.precision, device):
+            logps, _ = row_logps(model, batch.half(1), average=False, backend=cfg.trainer.kernel_backend,
+                                 device=device)
+        if real:
+            total += float((logps.double() - ref[:, 1].to(device).double()).sum())
+            count += len(logps)
+    total, count = all_reduce_sum([total, float(count)], world)  # one collective for both
+    return total / count
+
+
 def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str, cfg: TrainConfig,
-               device, meter: MetricWindow | None) -> torch.Tensor:
+               device, meter: MetricWindow | None, z0: float | None = None) -> torch.Tensor:
     """Sum over the row's pairs of the per-pair loss; metrics go to `meter` (None: not counted, a
-    filler row). ref: [P, 2] or None."""
+    filler row). ref: [P, 2] or None. KTO: z0 from `kto_z0`; only the row's examples are run."""
     spec = PREFERENCE_LOSSES[method]
     hyper = {k: getattr(cfg.pref, k) for k in HYPER[method]}
-    with autocast_context(cfg.trainer.precision, device):
-        chosen, rejected, chosen_counts = pair_logps(model, batch, average=spec.average_logps,
-                                                     backend=cfg.trainer.kernel_backend, device=device)
-    chosen, rejected = chosen.float(), rejected.float()
     meter = meter if meter is not None else MetricWindow(METRIC_KEYS)  # a filler's metrics are dropped
     if method == "kto":
-        ref_c, ref_r = ref[:, 0].to(device), ref[:, 1].to(device)
+        with autocast_context(cfg.trainer.precision, device):
+            chosen, _ = row_logps(model, batch.half(0), average=spec.average_logps,
+                                  backend=cfg.trainer.kernel_backend, device=device)
+        chosen = chosen.float()
         labels = torch.tensor(batch.labels, dtype=torch.bool, device=device)
-        loss, m = spec(chosen, ref_c, rejected, ref_r, labels, **hyper)
+        loss, m = spec(chosen, ref[:, 0].to(device), None, None, labels, z0=z0, **hyper)
         r = m["rewards"]
+        meter.add("kl", m["kl"].expand(len(chosen)))  # a per-example mean, like the other metrics
         meter.add("rewards_chosen", m["rewards_chosen"])
         meter.add("rewards_rejected", m["rewards_rejected"])
         if labels.any() and (~labels).any():
@@ -243,6 +272,10 @@ def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str
         meter.add("logps_chosen", chosen[labels])
         meter.add("logps_rejected", chosen[~labels])
     else:
+        with autocast_context(cfg.trainer.precision, device):
+            chosen, rejected, chosen_counts = pair_logps(model, batch, average=spec.average_logps,
+                                                         backend=cfg.trainer.kernel_backend, device=device)
+        chosen, rejected = chosen.float(), rejected.float()
         ref_c, ref_r = (ref[:, 0].to(device), ref[:, 1].to(device)) if spec.needs_reference else (None, None)
         if method == "cpo":
             hyper["chosen_num_tokens"] = chosen_counts
@@ -285,9 +318,11 @@ def evaluate(model, pairs: list[PreferencePair], reference: Reference | None, *,
     meter = MetricWindow(METRIC_KEYS)
     was_training = model.training
     model.eval()
-    for batch, real in shared_batches(packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None), world):
-        ref = reference(batch, "eval") if reference is not None else None
-        batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter if real else None)
+    rows = list(shared_batches(packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None), world))
+    refs = [reference(batch, "eval") if reference is not None else None for batch, _ in rows]
+    z0 = kto_z0(model, rows, refs, cfg=cfg, device=device, world=world) if method == "kto" else None  # the split's
+    for (batch, real), ref in zip(rows, refs):
+        batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter if real else None, z0=z0)
     model.train(was_training)
     return meter.all_reduce(world).means("eval/")
 
@@ -448,12 +483,17 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
         n_pairs = sum(b.num_pairs for b in group)
         step_loss = 0.0
         with nvtx_range(f"step {step}"):
-            for batch, real in shared_batches(group, world):
-                with nvtx_range("reference"):
-                    ref = reference(batch, "train") if reference is not None else None
+            rows = list(shared_batches(group, world))
+            with nvtx_range("reference"):
+                refs = [reference(batch, "train") if reference is not None else None for batch, _ in rows]
+            z0 = None
+            if method == "kto":
+                with nvtx_range("kto z0"):
+                    z0 = kto_z0(model, rows, refs, cfg=cfg, device=device, world=world)
+            for (batch, real), ref in zip(rows, refs):
                 with nvtx_range("forward + loss"):
                     loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device,
-                                          meter=meter if real else None)
+                                          meter=meter if real else None, z0=z0)
                 # The step's loss is the mean over its pairs; FSDP averages gradients over ranks, so scaling by
                 # the world size turns that average into the sum. A filler row runs with weight 0.
                 with nvtx_range("backward"):
@@ -471,7 +511,9 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
             if tc.eval_every and step % tc.eval_every == 0 and data.eval and step < tc.max_steps:
                 metrics.update(evaluate_pairs())  # the last step's eval is the final one below
             log.log(step, metrics)
-            progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/reward_accuracy']:.2f}")
+            # KTO's reward_accuracy needs both labels in a micro-batch; a window without such a row logs none.
+            acc = metrics.get("train/reward_accuracy", float("nan"))
+            progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {acc:.2f}")
             meter = MetricWindow(METRIC_KEYS)
             clock.new_window()
         if not torch.isfinite(torch.tensor(loss_value)):
