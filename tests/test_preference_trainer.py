@@ -190,9 +190,9 @@ def test_kto_reward_accuracy_is_the_ranking_auc(monkeypatch):
     assert m["margin"] == pytest.approx(beta * ((0.5 - 1 + 0) / 3 - (0 + 0.5) / 2))
 
 
-def test_kto_z0_is_the_mean_over_all_the_steps_partners(tiny_path):
+def test_kto_z0_is_the_mean_over_all_the_steps_partners(tiny_path, monkeypatch):
     """z0 of a step of several micro-batches: the mean log-ratio over ALL its KL partners (each scored here by a
-    separate forward), not a micro-batch's; every micro-batch's loss uses it."""
+    separate forward), not a micro-batch's, nor a rank's; every micro-batch's loss uses it."""
     from transformers import AutoModelForCausalLM
 
     from optsys.data.preference import packed_pair_batches, tokenize_pairs, unpaired_rows
@@ -232,6 +232,25 @@ def test_kto_z0_is_the_mean_over_all_the_steps_partners(tiny_path):
     rows = [(b, True) for b in group]
     z0 = preference.kto_z0(model, rows, refs, cfg=cfg, device=cpu, world=World(0, 1, 0, cpu))
     assert z0 == pytest.approx(float(want), abs=1e-4)
+
+    # Two ranks, faked: each takes its round-robin share (3 rows and 2 + a filler); the all-reduce is replayed
+    # from what each rank contributed. Both get the global mean (not the mean of their means; fillers not counted).
+    from optsys.parallel.dist import shared_batches
+
+    def run_rank(rank, reduce):
+        world = World(rank, 2, rank, cpu)
+        share = list(shared_batches(group, world))
+        share_refs = [next(r for g, r in zip(group, refs) if g is b) for b, _ in share]
+        monkeypatch.setattr(preference, "all_reduce_sum", reduce)
+        return preference.kto_z0(model, share, share_refs, cfg=cfg, device=cpu, world=world)
+
+    sent = []
+    for rank in (0, 1):
+        run_rank(rank, lambda values, world: sent.append(values) or values)
+    total = [a + b for a, b in zip(*sent)]
+    means = [run_rank(rank, lambda values, world: total) for rank in (0, 1)]
+    assert means == pytest.approx([float(want)] * 2, abs=1e-4)
+    assert abs(sum(x[0] / x[1] for x in sent) / 2 - float(want)) > 0.05  # a mean of the ranks' means differs
 
     for (b, _), ref in zip(rows, refs):
         meter = MetricWindow(preference.METRIC_KEYS)
