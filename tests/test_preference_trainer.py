@@ -113,11 +113,22 @@ def test_adapters_off_needs_lora(tmp_path, tiny_path):
 @pytest.mark.parametrize("method, extra", [("orpo", ()), ("simpo", ("pref.beta=2.0",)), ("kto", ()),
                                            ("cpo", ()), ("ipo", ()), ("robust", ("pref.label_smoothing=0.1",))])
 def test_other_methods_run_end_to_end(tmp_path, tiny_path, method, extra):
+    """Each method raises its own margin (and reward accuracy) on the pairs it trains on, evaluated before and
+    after 4 steps from the random-init tiny model (eval set = the training file). Measured, seed 0 (seeds 1-3
+    alike): margin orpo -0.0007 -> 0.0032, simpo -0.015 -> 0.31, kto 0 -> 0.02-0.28, cpo 0.06 -> 0.16,
+    ipo 0 -> 0.08, robust 0 -> 0.28; accuracy up in every case (orpo 0.5 -> 0.55, the others >= 0.1)."""
+    from optsys.data.preference import unpaired_rows
+    from optsys.data.tasks import get_task
+
+    pairs = get_task("arithmetic").preference_pairs("train", 40, difficulty=2)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (unpaired_rows(pairs) if method == "kto" else pairs)))
     out = tmp_path / method
-    summary = preference.train(pref_cfg(out, tiny_path, *extra, "eval.before=false", "eval.after=false",
-                                        method=method))
+    summary = preference.train(pref_cfg(out, tiny_path, *extra, "data.task=null", f"data.dataset={data}",
+                                        f"data.eval_dataset={data}", method=method))
     assert torch.isfinite(torch.tensor(summary["train/loss"]))
-    assert "eval/reward_accuracy" in summary
+    assert summary["eval/margin"] > summary["eval/margin_before"]
+    assert summary["eval/reward_accuracy"] > summary["eval/reward_accuracy_before"]
     assert (out / "ref_logps.safetensors").exists() == (method in ("kto", "ipo", "robust"))
     logged = [r for r in rows(out) if "train/loss" in r]
     assert all(k in logged[-1] for k in METRICS)
