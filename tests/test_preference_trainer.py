@@ -130,6 +130,8 @@ def test_other_methods_run_end_to_end(tmp_path, tiny_path, method, extra):
     assert summary["eval/margin"] > summary["eval/margin_before"]
     assert summary["eval/reward_accuracy"] > summary["eval/reward_accuracy_before"]
     assert (out / "ref_logps.safetensors").exists() == (method in ("kto", "ipo", "robust"))
+    if method in ("kto", "ipo", "robust"):  # the policy is its reference before training, bit for bit
+        assert summary["eval/rewards_chosen_before"] == summary["eval/rewards_rejected_before"] == 0.0
     logged = [r for r in rows(out) if "train/loss" in r]
     assert all(k in logged[-1] for k in METRICS)
 

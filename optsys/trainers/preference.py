@@ -133,8 +133,16 @@ def row_logps(model, b: PackedBatch, *, average: bool, backend: str, device) -> 
               b.cu_seqlens().to(device), average=average, backend=backend)
 
 
-def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device) -> tuple[torch.Tensor, ...]:
-    """One packed forward -> (chosen logps [P], rejected logps [P], chosen token counts [P])."""
+def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device,
+               separate: bool = False) -> tuple[torch.Tensor, ...]:
+    """One packed forward -> (chosen logps [P], rejected logps [P], chosen token counts [P]).
+
+    separate: two forwards, of the chosen and of the rejected sequences each packed apart (`PairBatch.half`),
+    the rows KTO's trainer runs, so KTO's reference log-probs equal the policy's bit for bit at the start."""
+    if separate:
+        chosen, counts = row_logps(model, batch.half(0), average=average, backend=backend, device=device)
+        rejected, _ = row_logps(model, batch.half(1), average=average, backend=backend, device=device)
+        return chosen, rejected, counts
     logps, counts = row_logps(model, batch.packed, average=average, backend=backend, device=device)
     return logps[0::2], logps[1::2], counts[0::2]
 
@@ -163,7 +171,7 @@ def reference_fingerprint(cfg: TrainConfig, model, tokenizer, data: PreferenceDa
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[PreferencePair], *, max_tokens: int, average: bool, backend: str, device,
-                precision: str = "fp32", world: World | None = None) -> torch.Tensor:
+                precision: str = "fp32", world: World | None = None, separate: bool = False) -> torch.Tensor:
     """[N, 2] (chosen, rejected) log-probs of every pair, in dataset order (eval mode, no grad).
 
     Under torchrun each rank scores its share of the rows and the results are summed over ranks."""
@@ -173,7 +181,7 @@ def score_pairs(model, pairs: list[PreferencePair], *, max_tokens: int, average:
     model.eval()
     for batch, real in shared_batches(packed_pair_batches(pairs, max_tokens, shuffle_seed=None), world):
         with autocast_context(precision, device):
-            c, r, _ = pair_logps(model, batch, average=average, backend=backend, device=device)
+            c, r, _ = pair_logps(model, batch, average=average, backend=backend, device=device, separate=separate)
         if real:
             idx = torch.tensor(batch.pair_index)
             out[idx, 0], out[idx, 1] = c.double().cpu(), r.double().cpu()
@@ -292,9 +300,10 @@ class Reference:
     """Per-row reference log-probs [P, 2] from the precomputed cache, a frozen copy, or adapters off."""
 
     def __init__(self, mode: str, *, cached: dict | None = None, frozen=None, model=None, average: bool,
-                 backend: str, device, precision: str):
+                 backend: str, device, precision: str, separate: bool = False):
         self.mode, self.cached, self.frozen, self.model = mode, cached, frozen, model
         self.average, self.backend, self.device, self.precision = average, backend, device, precision
+        self.separate = separate  # KTO: examples and partners scored in rows of their own, as the policy is
 
     @torch.no_grad()
     def __call__(self, batch: PairBatch, split: str) -> torch.Tensor:
@@ -305,7 +314,8 @@ class Reference:
         was_training = model.training
         model.eval()  # no dropout in the reference
         with ctx, autocast_context(self.precision, self.device):
-            c, r, _ = pair_logps(model, batch, average=self.average, backend=self.backend, device=self.device)
+            c, r, _ = pair_logps(model, batch, average=self.average, backend=self.backend, device=self.device,
+                                 separate=self.separate)
         model.train(was_training)
         return torch.stack([c.float(), r.float()], 1)
 
@@ -365,7 +375,8 @@ def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: Prefere
 
     precompute: read the fingerprinted cache in out_dir, or score every pair once and write it (rank 0)."""
     tc = cfg.trainer
-    common = dict(average=average, backend=tc.kernel_backend, device=world.device, precision=tc.precision)
+    common = dict(average=average, backend=tc.kernel_backend, device=world.device, precision=tc.precision,
+                  separate=not PREFERENCE_LOSSES[cfg.method].paired)
     if mode == "adapters_off" and not is_peft(model):
         raise ConfigError("pref.reference=adapters_off needs LoRA (model.lora.r > 0)")
 
