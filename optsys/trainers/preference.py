@@ -135,7 +135,7 @@ def row_logps(model, b: PackedBatch, *, average: bool, backend: str, device) -> 
 
 def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device,
                separate: bool = False) -> tuple[torch.Tensor, ...]:
-    """One packed forward -> (chosen logps [P], rejected logps [P], chosen token counts [P]).
+    """One packed forward (two with `separate`) -> (chosen logps [P], rejected logps [P], chosen token counts [P]).
 
     separate: two forwards, of the chosen and of the rejected sequences each packed apart (`PairBatch.half`),
     the rows KTO's trainer runs, so KTO's reference log-probs equal the policy's bit for bit at the start."""
