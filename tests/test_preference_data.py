@@ -85,12 +85,31 @@ def test_kto_label_must_be_boolean(tok, label):
         tokenize_pairs(rows, tok, max_tokens=256, kto=True, source="src")
 
 
-def test_kto_rows_pair_each_example_with_a_mismatched_completion(tok):
-    rows = unpaired_rows(get_task("arithmetic").preference_pairs("train", 3, difficulty=2))
+def test_kto_partner_is_a_completion_of_another_prompt(tok):
+    """Each KTO example's KL partner is its own prompt with the completion of an example of a DIFFERENT prompt
+    (not the same pair's other answer, which unpaired_rows puts next to it), and the partners mix both labels."""
+    rows = unpaired_rows([{"prompt": f"question {i}?", "chosen": f"yes {i}", "rejected": f"no {i}"}
+                          for i in range(20)])
     pairs, _ = tokenize_pairs(rows, tok, max_tokens=256, kto=True)
-    assert [p.label for p in pairs] == [True, False] * 3
-    assert pairs[0].rejected.input_ids == tokenize_pairs([{**rows[0], "completion": rows[1]["completion"]}], tok,
-                                                         max_tokens=256, kto=True)[0][0].chosen.input_ids
+    assert [p.label for p in pairs] == [True, False] * 20
+
+    def trained(ex):
+        return [t for t in ex.targets if t != IGNORE]
+
+    partner_labels = []
+    for k, p in enumerate(pairs):
+        first = next(i for i, t in enumerate(p.rejected.targets) if t != IGNORE)
+        assert p.rejected.input_ids[: first + 1] == p.chosen.input_ids[: first + 1]  # the example's own prompt
+        (j,) = [j for j, q in enumerate(pairs) if trained(q.chosen) == trained(p.rejected)]  # whose completion
+        assert rows[j]["prompt"] != rows[k]["prompt"], (k, j)
+        partner_labels.append(rows[j]["label"])
+    assert 0.25 < sum(partner_labels) / len(partner_labels) < 0.75
+
+
+def test_kto_needs_two_prompts(tok):
+    rows = [{"prompt": "1+1=", "completion": c, "label": lab} for c, lab in (("2", True), ("3", False))]
+    with pytest.raises(DataError, match="src: all 2 KTO examples have the same prompt"):
+        tokenize_pairs(rows, tok, max_tokens=256, kto=True, source="src")
 
 
 def test_overlong_pair(tok):

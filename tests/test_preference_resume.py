@@ -96,7 +96,7 @@ def _run(cmd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["dpo", "dpo-copy", "dpo-lora", "rm"])
+@pytest.mark.parametrize("case", ["dpo", "dpo-copy", "dpo-lora", "kto", "rm"])
 def test_two_ranks_match_one_process(case, tmp_path, tiny_path):
     _, recipe, case_overrides = CASES[case]
     # max_tokens 256 with batch_tokens 600: steps of 2-4 rows, so the ranks' shares are uneven and the

@@ -9,8 +9,9 @@ Each completion is tokenized as a `prompt/completion` row by optsys.data.tokeniz
 loss on the completion only, targets already shifted). A pair packs as two adjacent sequences
 (chosen_i then rejected_i) in one padding-free row, so one forward with the block-diagonal mask
 and `sequence_logprobs(cu_seqlens=...)` gives the per-sequence log-probs: sequence 2i is pair i's
-chosen, 2i + 1 its rejected. KTO uses the same layout: sequence 2i is example i, 2i + 1 the same
-prompt with a mismatched completion (another example's), whose log-ratio estimates KL(pi || ref).
+chosen, 2i + 1 its rejected. KTO uses the same layout: sequence 2i is example i, 2i + 1 its KL partner,
+the same prompt with the completion of an example of ANOTHER prompt (`kl_partners`), whose log-ratio
+estimates KL(pi || ref).
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ class PairBatch:
         """[T] sequence index of every position (2i = chosen of pair i in this row, 2i + 1 = rejected)."""
         lens = torch.tensor(self.packed.seq_lens)
         return torch.repeat_interleave(torch.arange(len(lens)), lens)
+
+    def half(self, which: int) -> PackedBatch:
+        """The row's chosen sequences (which=0; KTO: the examples) or rejected ones (1; KTO: the KL partners),
+        packed as a row of their own, in pair order."""
+        keep = self.seq_ids() % 2 == which
+        b = self.packed
+        targets = b.targets[:, keep]
+        return PackedBatch(b.input_ids[:, keep], targets, b.position_ids[:, keep], b.seq_lens[which::2],
+                           int((targets != IGNORE).sum()))
 
 
 def _shift(ids: list[int], labels: list[bool]) -> list[int]:
@@ -169,12 +179,12 @@ def tokenize_pairs(rows, tokenizer, *, max_tokens: int, kto: bool = False, overl
             if on_bad_pair == "error":
                 raise
             report.skipped["bad_pair"] = report.skipped.get("bad_pair", 0) + 1
+    partner = kl_partners([p[1] for p in parts], source) if kto else []
     pairs: list[PreferencePair] = []
     for k, (index, prompt, first, second, label, margin) in enumerate(parts):
         where = f"{source}: row {index}"
         if kto:
-            # KL partner: this prompt with the next example's completion (a mismatched pair, as in the paper).
-            second = parts[(k + 1) % len(parts)][2] if len(parts) > 1 else first
+            second = parts[partner[k]][2]
         try:
             a, b = _encode(prompt, first, tokenizer, where), _encode(prompt, second, tokenizer, where)
         except DataError:
@@ -206,6 +216,35 @@ def tokenize_pairs(rows, tokenizer, *, max_tokens: int, kto: bool = False, overl
         raise DataError(f"{source}: all {report.rows} rows were skipped ({report.skipped}); nothing is left to "
                         f"train on.")
     return pairs, report
+
+
+KL_PARTNER_SEED = 0  # fixed: the partners are part of the data (hashed into the reference cache's key)
+
+
+def kl_partners(prompts: list, source: str = "data") -> list[int]:
+    """For each KTO example k, the index of the example whose completion is its KL partner: one with a
+    different prompt, as the KTO paper (Sec. 4.1) and TRL use (a "mismatched" x, y' pair).
+
+    In a fixed random order of the examples, example k takes the next one (cyclically) whose prompt differs
+    from its own. A random order keeps the partners' mix of labels and prompts that of the data (the next row
+    of `unpaired_rows` would always be the same prompt's other answer, biasing z0 toward 0), and each
+    completion serves as a partner about once. A DataError if every example has the same prompt."""
+    n = len(prompts)
+    order = list(range(n))
+    random.Random(KL_PARTNER_SEED).shuffle(order)
+    ring = order + order  # walk past the end of the order back to its start
+    # nxt[t]: the first position after t in `ring` whose prompt differs from ring[t]'s (None: none left)
+    nxt: list[int | None] = [None] * len(ring)
+    for t in range(len(ring) - 2, -1, -1):
+        nxt[t] = t + 1 if prompts[ring[t + 1]] != prompts[ring[t]] else nxt[t + 1]
+    out = [0] * n
+    for t in range(n):
+        if nxt[t] is None:
+            raise DataError(f"{source}: all {n} KTO examples have the same prompt, so no example has a KL partner "
+                            f"of another prompt (KTO's KL estimate pairs a prompt with another prompt's "
+                            f"completion). Add examples with other prompts.")
+        out[ring[t]] = ring[nxt[t]]
+    return out
 
 
 def unpaired_rows(pair_rows: list[dict]) -> list[dict]:

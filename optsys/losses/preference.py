@@ -3,7 +3,8 @@
 Paired signature (every loss but KTO):
     fn(chosen_logps [B], rejected_logps [B], ref_chosen_logps [B] | None, ref_rejected_logps [B] | None,
        *, beta, **hyper) -> (loss [B], metrics)
-KTO is unpaired: kto(policy_logps [B], ref_logps [B], kl_policy_logps [M], kl_ref_logps [M], labels [B] bool, ...).
+KTO is unpaired: kto(policy_logps [B], ref_logps [B], kl_policy_logps [M], kl_ref_logps [M], labels [B] bool, ...),
+or with the KL estimate z0 given instead of the KL partners' log-probs (kto(..., None, None, labels, z0=...)).
 
 Each loss returns the per-pair (per-example for KTO) loss, not reduced, so the trainer picks the
 reduction; metrics are detached [B] tensors: rewards_chosen, rewards_rejected, margin,
@@ -127,7 +128,7 @@ def cpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=
 
 
 def kto(policy_logps, ref_logps, kl_policy_logps, kl_ref_logps, labels, *,
-        beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+        beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, z0=None):
     """KTO, Ethayarajh et al. 2024 eq. 8: lambda_y - v(x, y), per example (unpaired).
 
         r = log pi(y|x) - log ref(y|x),  z0 = max(0, mean(kl_policy_logps - kl_ref_logps)), detached
@@ -135,20 +136,26 @@ def kto(policy_logps, ref_logps, kl_policy_logps, kl_ref_logps, labels, *,
 
     policy_logps, ref_logps [B]: summed log-probs of each example's completion; labels [B] bool,
     True = desirable. kl_policy_logps, kl_ref_logps [M]: log-probs of MISMATCHED completions (prompt
-    i with the completion of another example), whose mean ratio estimates KL(pi || ref) (the
-    paper's and TRL's estimate). z0 is this batch's estimate: to share it across ranks, all-reduce
-    before calling, as TRL does. Metrics: rewards [B] = beta r, rewards_chosen / rewards_rejected
-    (the desirable / undesirable subsets), kl = z0.
+    i with the completion of an example of another prompt), whose mean ratio estimates KL(pi || ref)
+    (the paper's and TRL's estimate) over this batch. Or pass the estimate itself as `z0` (a float or
+    0-d tensor, the mean log-ratio before the clamp) with kl_policy_logps = kl_ref_logps = None: the
+    trainer estimates it over a whole optimizer step and all ranks (optsys.trainers.preference.kto_z0).
+    Metrics: rewards [B] = beta r, rewards_chosen / rewards_rejected (the desirable / undesirable
+    subsets), kl = z0.
     """
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.bool:
         raise ValueError(f"labels must be a bool tensor (True = desirable), got "
                          f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     _check_same_1d(policy_logps=policy_logps, ref_logps=ref_logps, labels=labels)
-    _check_same_1d(kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps)
     _check_positive(beta=beta)
     _check_nonnegative(desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    if z0 is None:
+        _check_same_1d(kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps)
+        z0 = (kl_policy_logps - kl_ref_logps).mean()
+    elif kl_policy_logps is not None or kl_ref_logps is not None:
+        raise ValueError("kto takes either kl_policy_logps and kl_ref_logps or z0, not both")
     # z0 is a baseline, not a target: no gradient flows through it (paper Sec. 4.1, TRL).
-    z0 = (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()
+    z0 = torch.as_tensor(z0, dtype=policy_logps.dtype, device=policy_logps.device).clamp(min=0).detach()
     r = policy_logps - ref_logps
     # lambda_y - lambda_y sigma(x) = lambda_y sigma(-x)
     loss = torch.where(labels, desirable_weight * torch.sigmoid(-beta * (r - z0)),

@@ -1,9 +1,17 @@
 """Reward models: a scalar head on a causal LM backbone, as a Hugging Face sequence-classification model.
 
 Loaded with AutoModelForSequenceClassification(num_labels=1) from any causal LM folder (the lm_head
-is dropped, the `score` Linear(H, 1) starts random), so the saved folder reloads the same way. The
-reward of a sequence is the head applied to the hidden state of its LAST token, as HF computes it
-(last non-pad token); on packed rows that is the last position of each sequence.
+is dropped, the `score` Linear(H, 1) starts random), so the saved folder reloads the same way.
+
+Which token is pooled: Hugging Face's sequence-classification head reads the RIGHTMOST token whose id is not
+`config.pad_token_id` (position 0 if every token is pad; the last position if pad_token_id is None).
+Training and `score()` apply that same rule to each packed sequence (`pooled_positions`), so a reward
+trained here, a reward from `score()` and the exported `final/` reloaded by AutoModelForSequenceClassification
+on a right-padded batch read the same hidden state. When pad == eos (load_tokenizer's fallback for tokenizers
+without a pad token) a sequence ending in eos is pooled at the token before its trailing eos run, as in HF
+and TRL's RewardTrainer. We do not add a distinct pad token instead: that adds a vocabulary row (resized
+embeddings, a tokenizer that no longer matches the policy or reference), and any HF user scoring with the
+base tokenizer would still pool by HF's rule; one rule everywhere is the contract that survives export.
 """
 
 from __future__ import annotations
@@ -40,11 +48,29 @@ def score_head(model) -> torch.nn.Module:
     return model.score
 
 
+def pooled_positions(input_ids: torch.Tensor, seq_lens: list[int], pad_token_id: int | None) -> torch.Tensor:
+    """[S] index into the packed row [1, T] of the token each sequence's reward is read at (HF's rule, per
+    sequence): its rightmost token that is not pad_token_id; its first token if all are pad; its last token
+    when pad_token_id is None."""
+    ids = input_ids.reshape(-1)
+    lens = torch.tensor(seq_lens, device=ids.device)
+    ends = lens.cumsum(0)
+    if pad_token_id is None:
+        return ends - 1
+    starts = ends - lens
+    seg = torch.repeat_interleave(torch.arange(len(seq_lens), device=ids.device), lens)
+    pos = torch.arange(ids.numel(), device=ids.device)
+    # A pad position stands for its sequence's start, so an all-pad sequence pools its first token (HF's argmax
+    # over zeros picks index 0); any non-pad position is >= the start, so the max is the rightmost non-pad.
+    cand = torch.where(ids != pad_token_id, pos, starts[seg])
+    return starts.scatter_reduce(0, seg, cand, reduce="amax", include_self=True)
+
+
 def packed_rewards(model, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
-    """[S] rewards of the sequences of one packed row [1, T]: the head on each sequence's last token."""
+    """[S] rewards of the sequences of one packed row [1, T]: the head at each one's `pooled_positions`."""
     hidden = packed_hidden(model, input_ids, position_ids, seq_lens)
-    last = torch.tensor(seq_lens, device=hidden.device).cumsum(0) - 1
-    return score_head(model)(hidden[last]).squeeze(-1).float()
+    pooled = pooled_positions(input_ids, seq_lens, model.config.get_text_config().pad_token_id)
+    return score_head(model)(hidden[pooled]).squeeze(-1).float()
 
 
 def _ids(item, tokenizer) -> list[int]:

@@ -4,8 +4,10 @@ One micro-batch = a packed row of whole pairs (chosen_i, rejected_i adjacent); O
 hidden states, `sequence_logprobs` gives every sequence's log-prob (summed or length-averaged, as the
 loss's registry record asks), and `PREFERENCE_LOSSES[method]` gives the per-pair loss. An optimizer
 step accumulates rows up to trainer.batch_tokens tokens; its loss is the mean over the step's pairs.
-KTO rows hold (example_i, KL partner_i): the partner is the same prompt with another example's
-completion, and its policy/reference log-ratio is the KL baseline z0 (estimated per micro-batch).
+KTO rows hold (example_i, KL partner_i): the partner is the same prompt with the completion of an example
+of another prompt, and the partners' policy/reference log-ratio is the KL baseline z0, estimated over the
+whole optimizer step and all ranks by a no-grad pass over the step's partners before its micro-batches
+(`kto_z0`); the micro-batches then run forward and backward on the examples only.
 
 Reference log-probs (methods that need them): pref.reference=precompute scores the train and eval
 pairs once with the initial model and caches them, fingerprinted, in <output_dir>/ref_logps.safetensors;
@@ -30,6 +32,7 @@ import torch
 
 from optsys.checkpoint import model_config_sha256, run_fingerprint, weights_stamp
 from optsys.config import ConfigError, TrainConfig
+from optsys.data.packing import PackedBatch
 from optsys.data.preference import (
     PairBatch,
     PreferencePair,
@@ -86,7 +89,7 @@ from optsys.trainers.precision import Precision, frozen_for_compute, fsdp_param_
 
 REF_CACHE = "ref_logps.safetensors"
 METRIC_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin", "logps_chosen",
-               "logps_rejected")
+               "logps_rejected", "kl")  # kl: KTO's z0 only
 
 
 @dataclass
@@ -116,14 +119,26 @@ def build_preference_data(cfg: TrainConfig, tokenizer, *, kto: bool) -> Preferen
     return PreferenceData(train, evals, report)
 
 
-def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device) -> tuple[torch.Tensor, ...]:
-    """One packed forward -> (chosen logps [P], rejected logps [P], chosen token counts [P]).
+def row_logps(model, b: PackedBatch, *, average: bool, backend: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed forward -> (per-sequence logps [S], target counts [S]).
 
     Goes through `model.packed_sequence_logps` when attached (what FSDP2 registers as a forward)."""
-    b = batch.packed
     fn = getattr(model, "packed_sequence_logps", None) or (lambda *a, **k: packed_sequence_logps(model, *a, **k))
-    logps, counts = fn(b.input_ids.to(device), b.position_ids.to(device), b.seq_lens, b.targets.to(device),
-                       b.cu_seqlens().to(device), average=average, backend=backend)
+    return fn(b.input_ids.to(device), b.position_ids.to(device), b.seq_lens, b.targets.to(device),
+              b.cu_seqlens().to(device), average=average, backend=backend)
+
+
+def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device,
+               separate: bool = False) -> tuple[torch.Tensor, ...]:
+    """One packed forward (two with `separate`) -> (chosen logps [P], rejected logps [P], chosen token counts [P]).
+
+    separate: two forwards, of the chosen and of the rejected sequences each packed apart (`PairBatch.half`),
+    the rows KTO's trainer runs, so KTO's reference log-probs equal the policy's bit for bit at the start."""
+    if separate:
+        chosen, counts = row_logps(model, batch.half(0), average=average, backend=backend, device=device)
+        rejected, _ = row_logps(model, batch.half(1), average=average, backend=backend, device=device)
+        return chosen, rejected, counts
+    logps, counts = row_logps(model, batch.packed, average=average, backend=backend, device=device)
     return logps[0::2], logps[1::2], counts[0::2]
 
 
@@ -151,7 +166,7 @@ def reference_fingerprint(cfg: TrainConfig, model, tokenizer, data: PreferenceDa
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[PreferencePair], *, max_tokens: int, average: bool, backend: str, device,
-                precision: str = "fp32", world: World | None = None) -> torch.Tensor:
+                precision: str = "fp32", world: World | None = None, separate: bool = False) -> torch.Tensor:
     """[N, 2] (chosen, rejected) log-probs of every pair, in dataset order (eval mode, no grad).
 
     Under torchrun each rank scores its share of the rows and the results are summed over ranks."""
@@ -161,7 +176,7 @@ def score_pairs(model, pairs: list[PreferencePair], *, max_tokens: int, average:
     model.eval()
     for batch, real in shared_batches(packed_pair_batches(pairs, max_tokens, shuffle_seed=None), world):
         with autocast_context(precision, device):
-            c, r, _ = pair_logps(model, batch, average=average, backend=backend, device=device)
+            c, r, _ = pair_logps(model, batch, average=average, backend=backend, device=device, separate=separate)
         if real:
             idx = torch.tensor(batch.pair_index)
             out[idx, 0], out[idx, 1] = c.double().cpu(), r.double().cpu()
@@ -211,22 +226,44 @@ def pair_steps(pairs: list[PreferencePair], max_tokens: int, batch_tokens: int, 
     return StepStream(epoch_batches, batch_tokens, position)
 
 
+@torch.no_grad()
+def kto_z0(model, rows: list[tuple[PairBatch, bool]], refs: list[torch.Tensor], *, cfg: TrainConfig, device,
+           world: World) -> float:
+    """KTO's KL estimate for one optimizer step (or an eval split): the mean of log pi - log ref over ALL its
+    KL partners on all ranks, before the clamp at 0 (kto applies it). `rows` is this rank's
+    shared_batches share, `refs` their reference log-probs [P, 2] (column 1: the partners').
+
+    z0 carries no gradient, so this pass runs without one, on the partner sequences only (fillers too, to keep
+    FSDP's collectives in step), and the micro-batches then run forward and backward on the examples only:
+    per step one extra no-grad forward of the partners' tokens, and no backward through them."""
+    total, count = 0.0, 0
+    for (batch, real), ref in zip(rows, refs):
+        with autocast_context(cfg.trainer.precision, device):
+            logps, _ = row_logps(model, batch.half(1), average=False, backend=cfg.trainer.kernel_backend,
+                                 device=device)
+        if real:
+            total += float((logps.double() - ref[:, 1].to(device).double()).sum())
+            count += len(logps)
+    total, count = all_reduce_sum([total, float(count)], world)  # one collective for both
+    return total / count
+
+
 def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str, cfg: TrainConfig,
-               device, meter: MetricWindow | None) -> torch.Tensor:
+               device, meter: MetricWindow | None, z0: float | None = None) -> torch.Tensor:
     """Sum over the row's pairs of the per-pair loss; metrics go to `meter` (None: not counted, a
-    filler row). ref: [P, 2] or None."""
+    filler row). ref: [P, 2] or None. KTO: z0 from `kto_z0`; only the row's examples are run."""
     spec = PREFERENCE_LOSSES[method]
     hyper = {k: getattr(cfg.pref, k) for k in METHODS[method].hyper}
-    with autocast_context(cfg.trainer.precision, device):
-        chosen, rejected, chosen_counts = pair_logps(model, batch, average=spec.average_logps,
-                                                     backend=cfg.trainer.kernel_backend, device=device)
-    chosen, rejected = chosen.float(), rejected.float()
     meter = meter if meter is not None else MetricWindow(METRIC_KEYS)  # a filler's metrics are dropped
     if method == "kto":
-        ref_c, ref_r = ref[:, 0].to(device), ref[:, 1].to(device)
+        with autocast_context(cfg.trainer.precision, device):
+            chosen, _ = row_logps(model, batch.half(0), average=spec.average_logps,
+                                  backend=cfg.trainer.kernel_backend, device=device)
+        chosen = chosen.float()
         labels = torch.tensor(batch.labels, dtype=torch.bool, device=device)
-        loss, m = spec(chosen, ref_c, rejected, ref_r, labels, **hyper)
+        loss, m = spec(chosen, ref[:, 0].to(device), None, None, labels, z0=z0, **hyper)
         r = m["rewards"]
+        meter.add("kl", m["kl"].expand(len(chosen)))  # a per-example mean, like the other metrics
         meter.add("rewards_chosen", m["rewards_chosen"])
         meter.add("rewards_rejected", m["rewards_rejected"])
         if labels.any() and (~labels).any():
@@ -238,6 +275,10 @@ def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str
         meter.add("logps_chosen", chosen[labels])
         meter.add("logps_rejected", chosen[~labels])
     else:
+        with autocast_context(cfg.trainer.precision, device):
+            chosen, rejected, chosen_counts = pair_logps(model, batch, average=spec.average_logps,
+                                                         backend=cfg.trainer.kernel_backend, device=device)
+        chosen, rejected = chosen.float(), rejected.float()
         ref_c, ref_r = (ref[:, 0].to(device), ref[:, 1].to(device)) if spec.needs_reference else (None, None)
         if method == "cpo":
             hyper["chosen_num_tokens"] = chosen_counts
@@ -254,9 +295,10 @@ class Reference:
     """Per-row reference log-probs [P, 2] from the precomputed cache, a frozen copy, or adapters off."""
 
     def __init__(self, mode: str, *, cached: dict | None = None, frozen=None, model=None, average: bool,
-                 backend: str, device, precision: str):
+                 backend: str, device, precision: str, separate: bool = False):
         self.mode, self.cached, self.frozen, self.model = mode, cached, frozen, model
         self.average, self.backend, self.device, self.precision = average, backend, device, precision
+        self.separate = separate  # KTO: examples and partners scored in rows of their own, as the policy is
 
     @torch.no_grad()
     def __call__(self, batch: PairBatch, split: str) -> torch.Tensor:
@@ -267,7 +309,8 @@ class Reference:
         was_training = model.training
         model.eval()  # no dropout in the reference
         with ctx, autocast_context(self.precision, self.device):
-            c, r, _ = pair_logps(model, batch, average=self.average, backend=self.backend, device=self.device)
+            c, r, _ = pair_logps(model, batch, average=self.average, backend=self.backend, device=self.device,
+                                 separate=self.separate)
         model.train(was_training)
         return torch.stack([c.float(), r.float()], 1)
 
@@ -280,9 +323,11 @@ def evaluate(model, pairs: list[PreferencePair], reference: Reference | None, *,
     meter = MetricWindow(METRIC_KEYS)
     was_training = model.training
     model.eval()
-    for batch, real in shared_batches(packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None), world):
-        ref = reference(batch, "eval") if reference is not None else None
-        batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter if real else None)
+    rows = list(shared_batches(packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None), world))
+    refs = [reference(batch, "eval") if reference is not None else None for batch, _ in rows]
+    z0 = kto_z0(model, rows, refs, cfg=cfg, device=device, world=world) if method == "kto" else None  # the split's
+    for (batch, real), ref in zip(rows, refs):
+        batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter if real else None, z0=z0)
     model.train(was_training)
     return meter.all_reduce(world).means("eval/")
 
@@ -325,7 +370,8 @@ def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: Prefere
 
     precompute: read the fingerprinted cache in out_dir, or score every pair once and write it (rank 0)."""
     tc = cfg.trainer
-    common = dict(average=average, backend=tc.kernel_backend, device=world.device, precision=tc.precision)
+    common = dict(average=average, backend=tc.kernel_backend, device=world.device, precision=tc.precision,
+                  separate=not PREFERENCE_LOSSES[cfg.method].paired)
     if mode == "adapters_off" and not is_peft(model):
         raise ConfigError("pref.reference=adapters_off needs LoRA (model.lora.r > 0)")
 
@@ -452,12 +498,17 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
         n_pairs = sum(b.num_pairs for b in group)
         step_loss = 0.0
         with nvtx_range(f"step {step}"):
-            for batch, real in shared_batches(group, world):
-                with nvtx_range("reference"):
-                    ref = reference(batch, "train") if reference is not None else None
+            rows = list(shared_batches(group, world))
+            with nvtx_range("reference"):
+                refs = [reference(batch, "train") if reference is not None else None for batch, _ in rows]
+            z0 = None
+            if method == "kto":
+                with nvtx_range("kto z0"):
+                    z0 = kto_z0(model, rows, refs, cfg=cfg, device=device, world=world)
+            for (batch, real), ref in zip(rows, refs):
                 with nvtx_range("forward + loss"):
                     loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device,
-                                          meter=meter if real else None)
+                                          meter=meter if real else None, z0=z0)
                 # The step's loss is the mean over its pairs; FSDP averages gradients over ranks, so scaling by
                 # the world size turns that average into the sum. A filler row runs with weight 0.
                 with nvtx_range("backward"):
@@ -473,7 +524,9 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
                        "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": clock.total_tokens,
                        "throughput/tokens_per_s": clock.window_tokens_per_s()}
             log.log(step, metrics)
-            progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/reward_accuracy']:.2f}")
+            # KTO's reward_accuracy needs both labels in a micro-batch; a window without such a row logs none.
+            acc = metrics.get("train/reward_accuracy", float("nan"))
+            progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {acc:.2f}")
             meter = MetricWindow(METRIC_KEYS)
             clock.new_window()
         if eval_due(tc, step) and data.eval:  # the last step's eval is the final one below

@@ -1,7 +1,8 @@
 """Reward model training (method rm): Bradley-Terry on packed (chosen, rejected) pairs, the loop.
 
 The model is the causal LM's backbone with a scalar head (optsys.models.reward): one packed forward
-per row of whole pairs, the head on each sequence's last token, loss
+per row of whole pairs, the head on each sequence's pooled token (its rightmost non-pad token, Hugging
+Face's rule, so the exported model scores what was trained: optsys.models.reward), loss
 -log sigma(r_c - r_r - margin) + rm.center_coef * (r_c + r_r)^2, mean over the step's pairs.
 Held-out pair accuracy is `eval/accuracy`. The final folder is a Hugging Face sequence-classification
 model (AutoModelForSequenceClassification reloads it); `score` scores texts or conversations.

@@ -220,3 +220,21 @@ def test_bad_input():
         kto(pw, rw, pl, rl, torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="kl_ref_logps"):
         kto(pw, rw, pl, rl[:2], torch.ones(B, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kl_shift", [2.0, -3.0], ids=["kl_positive", "kl_clamped"])
+def test_kto_with_a_given_z0_equals_the_batch_estimate(kl_shift):
+    """z0 estimated elsewhere (the trainer's, over a step and ranks) enters exactly like the batch's own estimate:
+    clamped at 0, detached."""
+    pol, ref, kl_pol, kl_ref, labels = _kto_inputs(11, kl_shift)
+    want, m_want = kto(pol, ref, kl_pol, kl_ref, labels, beta=0.3, undesirable_weight=1.5)
+    mean = (kl_pol - kl_ref).mean()  # carries a gradient: the loss must not pass it on
+    got, m = kto(pol, ref, None, None, labels, beta=0.3, undesirable_weight=1.5, z0=mean)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert float(m["kl"]) == float(m_want["kl"]) == max(0.0, float(mean))
+    (g_kl,) = torch.autograd.grad(got.sum(), [kl_pol], allow_unused=True)
+    assert g_kl is None or (g_kl == 0).all()
+    got_float, _ = kto(pol, ref, None, None, labels, beta=0.3, undesirable_weight=1.5, z0=float(mean))
+    torch.testing.assert_close(got_float, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="either kl_policy_logps and kl_ref_logps or z0"):
+        kto(pol, ref, kl_pol, kl_ref, labels, z0=0.5)
