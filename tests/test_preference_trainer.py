@@ -110,7 +110,8 @@ def test_adapters_off_needs_lora(tmp_path, tiny_path):
         pref_cfg(tmp_path / "x", tiny_path, "pref.reference=adapters_off")
 
 
-@pytest.mark.parametrize("method, extra", [("orpo", ()), ("simpo", ("pref.beta=2.0",)), ("kto", ()),
+# orpo: dpo_tiny's pref.beta (0.5) is not read by ORPO's loss, and a setting a method ignores is refused
+@pytest.mark.parametrize("method, extra", [("orpo", ("pref.beta=0.1",)), ("simpo", ("pref.beta=2.0",)), ("kto", ()),
                                            ("cpo", ()), ("ipo", ()), ("robust", ("pref.label_smoothing=0.1",))])
 def test_other_methods_run_end_to_end(tmp_path, tiny_path, method, extra):
     """Each method raises its own margin (and reward accuracy) on the pairs it trains on, evaluated before and
