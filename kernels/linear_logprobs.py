@@ -1,8 +1,9 @@
 """Fused linear + token log-probs (and entropy): log_softmax(hidden @ weight.T / T) at target.
 
-The thin half of the linear-softmax family: the chunk loop and the Triton kernels live in
-`linear_cross_entropy.py`; this file adds the reference, the per-row gradient coefficients and the
-autograd.Function. Per row, with s = z / T and p = softmax(s):
+The op: its options, autograd.Function and `linear_token_logprobs`. The machinery is the one
+`fused_linear_cross_entropy` uses (row_math.py, chunked.py, triton_tiles.py, backends.py; the reference
+is in reference.py); this file adds the per-row gradient coefficients. Per row, with s = z / T and
+p = softmax(s):
     logprob = s_t - lse,   entropy = lse - sum_j p_j s_j
     d logprob / d s_j = [j == t] - p_j,   d entropy / d s_j = -p_j (s_j - lse + entropy)
 """
@@ -14,35 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ._utils import autocast_inputs, check_inputs, compute_dtype, resolve_backend
-from .linear_cross_entropy import (
-    ENTROPY,
-    LSE,
-    S_TARGET,
-    _Coefs,
-    _row_math,
-    _Xf,
-    cast_grads,
-    compute_grads,
-    compute_stats,
-    torch_pass,
-)
-
-
-def linear_token_logprobs_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-):
-    """Naive token log-probs (and entropy): materializes the [N, V] logits."""
-    logits = (hidden @ weight.T).to(compute_dtype(hidden.dtype)) / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    logprobs = logp.gather(-1, target[:, None]).squeeze(-1)
-    if not return_entropy:
-        return logprobs
-    return logprobs, -(logp.exp() * logp).sum(-1)
+from .backends import cast_grads, compute_grads, compute_stats
+from .chunked import row_math_for, torch_pass
+from .row_math import ENTROPY, LSE, S_TARGET, GradCoefs, LogitTransform
 
 
 @dataclass(frozen=True)
@@ -56,7 +31,7 @@ class LogprobOptions:
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, o: LogprobOptions):
-        xf = _Xf(inv_temp=1.0 / o.temperature)
+        xf = LogitTransform(inv_temp=1.0 / o.temperature)
         # A frozen lm_head (LoRA, or a policy's frozen head) and no entropy: the only gradient is
         # d logprob_i / d h_i = (W[t_i] - p_i @ W) / T times a per-row scale, so the chunked paths form
         # that [N, H] vector in the forward pass (one matmul more there) and backward only scales it,
@@ -66,8 +41,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         if ctx.eager:
             ones = torch.ones(target.shape[0], dtype=compute_dtype(hidden.dtype), device=hidden.device)
             stats, (u, _, _) = torch_pass(hidden, weight, None, target, xf, needs=o.needs,
-                                          coef_fn=lambda rows, _: _Coefs(-ones[rows], ones[rows]),
-                                          row_math=_row_math(o.backend))
+                                          coef_fn=lambda rows, _: GradCoefs(-ones[rows], ones[rows]),
+                                          row_math=row_math_for(o.backend))
             ctx.dlogprob_dhidden = u
         else:
             stats = compute_stats(o.backend, hidden, weight, None, target, xf, entropy=o.return_entropy)
@@ -92,9 +67,9 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             g_ent = g_ent.to(lse.dtype)
             alpha = alpha + g_ent * (lse - entropy)
             delta = -g_ent
-        c = _Coefs(alpha, g_lp, None, delta)
+        c = GradCoefs(alpha, g_lp, None, delta)
         grads = compute_grads(o.backend, hidden, weight, None, target, lse, c,
-                              _Xf(inv_temp=1.0 / o.temperature), o.needs)
+                              LogitTransform(inv_temp=1.0 / o.temperature), o.needs)
         gh, gw, _ = cast_grads(grads, hidden, weight, None)
         return gh, gw, None, None
 

@@ -6,7 +6,8 @@ Triton's wheel carries its NVIDIA backend and ptxas, so the kernels compile to a
 (sm_90) here, without a GPU: what the interpreter cannot show (lowering errors, shared memory over the
 per-block limit, register spills, whether `tl.dot` became Hopper's wgmma tensor-core instructions) shows
 here, before a GPU session spends its time. Each kernel is compiled with the block sizes and warps the
-launchers use on CUDA (`_kernel_cfg`, `_row_block`), for bf16 and fp32, plain and with every option on.
+launchers use on CUDA (`_kernel_cfg`, `_row_block` in kernels/triton_tiles.py), for bf16 and fp32, plain
+and with every option on.
 Prints one line per specialization; exits 1 if any fails to compile or needs more shared memory than a
 block may have. Run it with TRITON_INTERPRET unset.
 """
@@ -95,19 +96,19 @@ def main() -> int:
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
         return 2
     import triton
-    from optsys.kernels import linear_cross_entropy as lce
+    from optsys.kernels import triton_tiles as tt
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    lce._triton()
-    tile_cfg = {**lce.GPU_TILE_CFG["bwd"]}
-    assert lce.GPU_TILE_CFG["fwd"] == lce.GPU_TILE_CFG["bwd"], "compile both configs if they differ"
+    tt._triton()
+    tile_cfg = {**tt.GPU_TILE_CFG["bwd"]}
+    assert tt.GPU_TILE_CFG["fwd"] == tt.GPU_TILE_CFG["bwd"], "compile both configs if they differ"
     target = GPUTarget("cuda", args.arch, 32)
     results, failed = [], False
-    specs = [s for s in _specs(tile_cfg, lce._row_block(128256, True)) if s["dtype"] in args.dtypes.split(",")
+    specs = [s for s in _specs(tile_cfg, tt._row_block(128256, True)) if s["dtype"] in args.dtypes.split(",")
              and (args.kernels is None or s["kernel"] in args.kernels.split(","))]
     for spec in specs:
-        fn = getattr(lce, spec["kernel"])
+        fn = getattr(tt, spec["kernel"])
         types = dict(spec["types"])
         types.update({k: "constexpr" for k in spec["constexprs"]})
         signature = {name: types[name] for name in fn.arg_names}

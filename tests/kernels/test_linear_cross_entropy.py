@@ -83,13 +83,13 @@ def test_hybrid_matches_reference(assert_close, hybrid_cpu, dtype, opts):
 def pass_inputs(v, with_delta):
     """Inputs of one torch_pass with arbitrary per-row coefficients: some alpha = 0, gamma (and delta);
     ignored rows 3 and 20."""
-    from optsys.kernels.linear_cross_entropy import _Coefs
+    from optsys.kernels.row_math import GradCoefs
 
     torch.manual_seed(0)
     hidden, weight, bias = torch.randn(N, 16), torch.randn(v, 16) / 4, torch.randn(v)
     tgt = torch.randint(0, v, (N,))
     tgt[[3, 20]] = -1
-    c = _Coefs(*torch.randn(4 if with_delta else 3, N))
+    c = GradCoefs(*torch.randn(4 if with_delta else 3, N))
     c.alpha[[0, 9, 10]] = 0
     return hidden, weight, bias, tgt, c
 
@@ -97,10 +97,11 @@ def pass_inputs(v, with_delta):
 def test_hybrid_row_kernels_match_torch_body(hybrid_cpu):
     # Bias, temperature, softcap and every coefficient: the hybrid body's stats and grads against the torch
     # path's general body, which forms the same math.
-    from optsys.kernels.linear_cross_entropy import _Xf, torch_pass
+    from optsys.kernels.chunked import torch_pass
+    from optsys.kernels.row_math import LogitTransform
 
     hidden, weight, bias, tgt, c = pass_inputs(301, with_delta=True)
-    xf = _Xf(inv_temp=1 / 0.7, softcap=4.0)
+    xf = LogitTransform(inv_temp=1 / 0.7, softcap=4.0)
     stats = [torch_pass(hidden, weight, bias, tgt, xf, sum_s=True, entropy=True, row_math=m)[0]
              for m in ("triton", "torch")]
     torch.testing.assert_close(*stats, rtol=1e-5, atol=1e-5)
@@ -275,10 +276,11 @@ def test_grad_filter_within_stated_bound(triton_cpu):
 def test_torch_fast_body_matches_general(small_chunks):
     # The one-tile body folds beta into the tile as beta / alpha; rows with alpha = 0 take the index_put_
     # fallback. Arbitrary coefficients (some alpha = 0, gamma, bias, temperature) against the general body.
-    from optsys.kernels.linear_cross_entropy import _Xf, torch_pass
+    from optsys.kernels.chunked import torch_pass
+    from optsys.kernels.row_math import LogitTransform
 
     hidden, weight, bias, tgt, c = pass_inputs(1001, with_delta=False)
-    xf = _Xf(inv_temp=1 / 0.7)
+    xf = LogitTransform(inv_temp=1 / 0.7)
     lse = torch.logsumexp((hidden @ weight.T + bias) / 0.7, 1)
     out = [torch_pass(hidden, weight, bias, tgt, xf, lse=lse, coef_fn=lambda rows, _: c.take(rows),
                       needs=(True, True, True), has_delta=general)[1] for general in (False, True)]
