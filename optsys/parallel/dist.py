@@ -6,6 +6,7 @@ trainers call these helpers unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -49,9 +50,30 @@ def init_world(device_name: str = "auto", timeout_s: int = 600) -> World:
     return World(rank, size, local_rank, device)
 
 
-def close_world() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def close_world(clean: bool = True) -> None:
+    """Leave the torchrun group. After a normal end (`clean`) every rank first meets the others at a barrier,
+    so that no rank destroys its group and exits while a peer still has collectives in flight on the same
+    connections (a rank that left early took its gloo pairs down under a peer's last all-gather; under load
+    that ended in SIGABRT, "terminate called without an active exception"). After an error the group goes at
+    once: the other ranks may never reach a barrier, and torchrun tears the job down anyway."""
+    if not dist.is_initialized():
+        return
+    if clean and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def torchrun_world(device_name: str = "auto"):
+    """`with torchrun_world(cfg.device) as world:` init_world, and close_world on the way out (a barrier first
+    only when the body ended normally)."""
+    world = init_world(device_name)
+    try:
+        yield world
+    except BaseException:
+        close_world(clean=False)
+        raise
+    close_world(clean=True)
 
 
 def all_reduce_sum(values: list[float], world: World) -> list[float]:

@@ -56,10 +56,9 @@ from optsys.parallel.dist import (
     all_reduce_sum_tensor,
     barrier,
     broadcast_object,
-    close_world,
-    init_world,
     shard_model,
     shared_batches,
+    torchrun_world,
 )
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
@@ -412,11 +411,8 @@ def train(cfg: TrainConfig) -> dict | None:
     if METHODS[cfg.method].trainer != __name__:
         raise ConfigError(f"method={cfg.method!r} is not a preference method; choose one of "
                           f"{methods_of(__name__)}")
-    world = init_world(cfg.device)
-    try:
+    with torchrun_world(cfg.device) as world:
         return _train(cfg, world)
-    finally:
-        close_world()
 
 
 def _train(cfg: TrainConfig, world: World) -> dict | None:

@@ -29,10 +29,9 @@ from optsys.parallel.dist import (
     all_reduce_sum,
     barrier,
     broadcast_object,
-    close_world,
     full_state_dict,
-    init_world,
     shared_batches,
+    torchrun_world,
 )
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
@@ -91,11 +90,8 @@ def train(cfg: TrainConfig) -> dict | None:
     """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
     if cfg.model.lora.quantize != "none":
         raise ConfigError("method=rm supports LoRA but not QLoRA yet; set model.lora.quantize=none")
-    world = init_world(cfg.device)
-    try:
+    with torchrun_world(cfg.device) as world:
         return _train(cfg, world)
-    finally:
-        close_world()
 
 
 def _train(cfg: TrainConfig, world: World) -> dict | None:

@@ -26,7 +26,7 @@ from optsys.data.tasks import get_task
 from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
 from optsys.eval.accuracy import task_accuracy
 from optsys.models.load import load_model_and_tokenizer
-from optsys.parallel.dist import all_reduce_sum, broadcast_object, close_world, init_world, shared_batches
+from optsys.parallel.dist import all_reduce_sum, broadcast_object, shared_batches, torchrun_world
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
@@ -131,11 +131,8 @@ def eval_loss(model, examples: list[TokenizedExample], cfg: TrainConfig, pad_id:
 
 def train(cfg: TrainConfig) -> dict | None:
     """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
-    world = init_world(cfg.device)
-    try:
+    with torchrun_world(cfg.device) as world:
         return _train(cfg, world)
-    finally:
-        close_world()
 
 
 def _train(cfg: TrainConfig, world) -> dict | None:
