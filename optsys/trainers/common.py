@@ -121,6 +121,16 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
+def backward_share(loss_sum: torch.Tensor, real: bool, step_count: int, world: World) -> float:
+    """Backward of one micro-batch's summed loss as its part of the step's mean over `step_count` units (target
+    tokens, pairs) of ALL ranks; returns the micro-batch's loss sum (0 for a zero-weight filler, which runs only
+    to keep FSDP's collectives in step). FSDP averages gradients over ranks, so the world size turns that
+    average back into the sum the mean needs."""
+    weight = float(real)
+    (loss_sum * (weight * world.size / max(1, step_count))).backward()
+    return weight * loss_sum.item()
+
+
 def clip_and_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> float:
     """Clip the global grad norm (0 disables), step optimizer and schedule, clear grads; returns the
     pre-clip norm (NaN when clipping is off). Works on FSDP2's DTensor parameters too."""
@@ -150,6 +160,28 @@ def autocast_context(precision: str, device: torch.device):
     if not resolve_precision(precision, "float32", device).mixed:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def held_out_accuracy(tag: str, step: int, *, model, tokenizer, cfg: TrainConfig, world: World, log,
+                      summary: dict) -> None:
+    """Greedy exact-match accuracy on the built-in task's held-out problems, as eval/accuracy_<tag> (summary and
+    metrics.jsonl) and time/eval_<tag>_s; rank 0 prints one example. Nothing for a dataset without a task.
+    Under torchrun every rank calls (each generates its share)."""
+    from optsys.data.tasks import get_task
+    from optsys.eval.accuracy import task_accuracy
+
+    if cfg.data.task is None:
+        return
+    task = get_task(cfg.data.task)
+    problems = task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
+    t0 = time.time()
+    acc, records = task_accuracy(model, tokenizer, task, problems, max_new_tokens=cfg.eval.max_new_tokens,
+                                 batch_size=cfg.eval.batch_size, world=world)
+    summary[f"eval/accuracy_{tag}"] = acc
+    summary[f"time/eval_{tag}_s"] = time.time() - t0
+    log.log(step, {f"eval/accuracy_{tag}": acc})
+    if world.is_main:
+        print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
 
 
 def ready_for_training(model, world: World, p: Precision, methods: dict | None = None):

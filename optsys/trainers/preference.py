@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import time
 from contextlib import nullcontext
@@ -44,7 +45,6 @@ from optsys.data.preference import (
 from optsys.data.sources import load_rows
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import DataReport
-from optsys.eval.accuracy import task_accuracy
 from optsys.losses import PREFERENCE_LOSSES
 from optsys.methods import METHODS, methods_of
 from optsys.models.load import load_model_and_tokenizer
@@ -68,6 +68,7 @@ from optsys.trainers.common import (
     RunClock,
     StepStream,
     autocast_context,
+    backward_share,
     build_optimizer,
     checkpoint_due,
     clip_and_step,
@@ -75,6 +76,7 @@ from optsys.trainers.common import (
     describe_batches,
     epoch_order,
     eval_due,
+    held_out_accuracy,
     locate_resume,
     prepare_output_dir,
     ready_for_training,
@@ -428,9 +430,6 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
     attach_forward_methods(to_master(model, precision))  # master weights before a reference copies them
     data = build_preference_data(cfg, tokenizer, kto=not spec.paired)
-    task = get_task(cfg.data.task) if cfg.data.task else None
-    eval_problems = (task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
-                     if task else [])
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
                      "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
                      "parallel/world_size": world.size,
@@ -460,21 +459,16 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     summary.update(state["summary"])  # the before-training evals are not measured again
     log = MetricsLog(out_dir, enabled=world.is_main)  # opened after a resume rewound metrics.jsonl
 
-    def accuracy(tag: str) -> None:
-        acc, records = task_accuracy(model, tokenizer, task, eval_problems, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, world=world)
-        summary[f"eval/accuracy_{tag}"] = acc
-        log.log(step, {f"eval/accuracy_{tag}": acc})
-        if world.is_main:
-            print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
+    accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
+                                 summary=summary)
 
     def evaluate_pairs() -> dict[str, float]:
         return evaluate(model, data.eval, reference, method=method, cfg=cfg, device=device, world=world)
 
     step = start_step = state["step"]
     if resume_from is None:
-        if task and cfg.eval.before:
-            accuracy("before")
+        if cfg.eval.before:
+            accuracy("before", step)
         if data.eval and cfg.eval.before:
             before = {f"{k}_before": v for k, v in evaluate_pairs().items()}
             summary.update(before)
@@ -505,11 +499,8 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
                 with nvtx_range("forward + loss"):
                     loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device,
                                           meter=meter if real else None, z0=z0)
-                # The step's loss is the mean over its pairs; FSDP averages gradients over ranks, so scaling by
-                # the world size turns that average into the sum. A filler row runs with weight 0.
-                with nvtx_range("backward"):
-                    (loss_sum * (float(real) * world.size / n_pairs)).backward()
-                step_loss += float(real) * loss_sum.item()
+                with nvtx_range("backward"):  # the step's loss is the mean over its pairs
+                    step_loss += backward_share(loss_sum, real, n_pairs, world)
             with nvtx_range("optimizer"):
                 grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
         (step_loss,) = all_reduce_sum([step_loss], world)
@@ -543,8 +534,8 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
         final_eval = evaluate_pairs()
         summary.update(final_eval)
         log.log(step, final_eval)
-    if task and cfg.eval.after:
-        accuracy("after")
+    if cfg.eval.after:
+        accuracy("after", step)
     save_final_model(model, tokenizer, out_dir, cfg, world, precision)
     close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
     return summary if world.is_main else None  # rank 0 reports for the job

@@ -40,6 +40,7 @@ from optsys.trainers.common import (
     MetricWindow,
     RunClock,
     autocast_context,
+    backward_share,
     build_optimizer,
     checkpoint_due,
     clip_and_step,
@@ -146,8 +147,7 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
         with nvtx_range(f"step {step}"):
             for batch, real in shared_batches(group, world):
                 loss_sum = batch_loss(model, batch, cfg, device, meter if real else None)
-                (loss_sum * (float(real) * world.size / n_pairs)).backward()  # mean over the step's pairs
-                step_loss += float(real) * loss_sum.item()
+                step_loss += backward_share(loss_sum, real, n_pairs, world)  # mean over the step's pairs
             grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
         (step_loss,) = all_reduce_sum([step_loss], world)
         loss_value = step_loss / n_pairs

@@ -11,6 +11,7 @@ from the latest one bit for bit: same weights, optimizer, schedule, RNG, data po
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from array import array
@@ -24,7 +25,6 @@ from optsys.data.packing import PackedBatch, collate_padded, packed_batches, pac
 from optsys.data.sources import load_rows
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
-from optsys.eval.accuracy import task_accuracy
 from optsys.models.load import load_model_and_tokenizer
 from optsys.parallel.dist import all_reduce_sum, broadcast_object, shared_batches, torchrun_world
 from optsys.telemetry.metrics import MetricsLog
@@ -34,6 +34,7 @@ from optsys.trainers.common import (
     RunClock,
     StepStream,
     autocast_context,
+    backward_share,
     build_optimizer,
     checkpoint_due,
     clip_and_step,
@@ -41,6 +42,7 @@ from optsys.trainers.common import (
     describe_batches,
     epoch_order,
     eval_due,
+    held_out_accuracy,
     locate_resume,
     prepare_output_dir,
     ready_for_training,
@@ -148,9 +150,6 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     precision = resolve_precision(tc.precision, cfg.model.dtype, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
     data = build_sft_data(cfg.data, tokenizer, cfg.seed)
-    task = get_task(cfg.data.task) if cfg.data.task else None
-    eval_problems = (task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
-                     if task else [])
     summary: dict = {
         **data.train_report.metrics("data/"),  # rows, kept, truncated, skipped_<reason>, tokens
         "data/packing_efficiency": packing_efficiency(
@@ -174,19 +173,11 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     summary.update(state["summary"])  # eval/accuracy_before is not recomputed
     log = MetricsLog(out_dir, enabled=world.is_main)
 
-    def accuracy(tag: str) -> None:
-        t0 = time.time()
-        acc, records = task_accuracy(model, tokenizer, task, eval_problems, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, world=world)
-        summary[f"eval/accuracy_{tag}"] = acc
-        summary[f"time/eval_{tag}_s"] = time.time() - t0
-        log.log(step, {f"eval/accuracy_{tag}": acc})
-        if world.is_main:
-            print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
-
+    accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
+                                 summary=summary)
     step = start_step = state["step"]
-    if task and cfg.eval.before and resume_from is None:
-        accuracy("before")
+    if cfg.eval.before and resume_from is None:
+        accuracy("before", step)
         model.train()
 
     groups = step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed,
@@ -205,14 +196,11 @@ def _train(cfg: TrainConfig, world) -> dict | None:
         with nvtx_range(f"step {step}"):
             # A rank short of micro-batches reruns one with weight 0, keeping FSDP's collectives in step.
             for batch, real in shared_batches(group, world):
-                weight = float(real)
                 with autocast_context(tc.precision, device):
                     loss_sum = micro_batch_loss_sum(model, batch, packing=cfg.data.packing, pad_id=pad_id,
                                                     backend=tc.kernel_backend, device=device)
-                # Normalize by the whole step's target count (see module docstring); FSDP averages
-                # gradients over ranks, so scaling by world size turns that average into the sum.
-                (loss_sum * (weight * world.size / max(1, n_targets))).backward()
-                step_loss += weight * loss_sum.item()
+                # Normalized by the whole step's target count (see module docstring)
+                step_loss += backward_share(loss_sum, real, n_targets, world)
             grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
             (step_loss,) = all_reduce_sum([step_loss], world)
 
@@ -251,8 +239,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     if data.eval:
         summary["eval/loss"] = eval_loss(model, data.eval, cfg, pad_id, device)
         log.log(step, {"eval/loss": summary["eval/loss"]})
-    if task and cfg.eval.after:
-        accuracy("after")
+    if cfg.eval.after:
+        accuracy("after", step)
 
     save_final_model(model, tokenizer, out_dir, cfg, world, precision)
     close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
