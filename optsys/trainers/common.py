@@ -175,8 +175,9 @@ def held_out_accuracy(tag: str, step: int, *, model, tokenizer, cfg: TrainConfig
     task = get_task(cfg.data.task)
     problems = task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
     t0 = time.time()
-    acc, records = task_accuracy(model, tokenizer, task, problems, max_new_tokens=cfg.eval.max_new_tokens,
-                                 batch_size=cfg.eval.batch_size, world=world)
+    with autocast_context(cfg.trainer.precision, world.device):  # generate in the training compute dtype
+        acc, records = task_accuracy(model, tokenizer, task, problems, max_new_tokens=cfg.eval.max_new_tokens,
+                                     batch_size=cfg.eval.batch_size, world=world)
     summary[f"eval/accuracy_{tag}"] = acc
     summary[f"time/eval_{tag}_s"] = time.time() - t0
     log.log(step, {f"eval/accuracy_{tag}": acc})
