@@ -348,6 +348,11 @@ class MetricWindow:
         self.sums[name] += float(values.sum())
         self.counts[name] += values.numel()
 
+    def add_total(self, name: str, total: float, count: int) -> None:
+        """A sum over `count` items at once (SFT: a micro-batch's summed token loss and its target tokens)."""
+        self.sums[name] += float(total)
+        self.counts[name] += int(count)
+
     def means(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}{k}": self.sums[k] / self.counts[k] for k in self.keys if self.counts[k]}
 

@@ -31,6 +31,7 @@ from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
+    MetricWindow,
     RunClock,
     StepStream,
     autocast_context,
@@ -184,10 +185,11 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                          position=(state["data"]["epoch"], state["data"]["index"]))
     progress = StepProgress(tc.max_steps, f"sft {cfg.recipe}", enabled=tc.progress and world.is_main)
     pad_id = tokenizer.pad_token_id
-    # Running counters, restored on resume so the logged window means match an uninterrupted run.
-    c = {"window_loss": 0.0, "window_targets": 0, "loss": float("nan"), **state["counters"]}
+    # The clock and the open metric window (token-weighted loss: sums and target counts) are restored on resume,
+    # so logged means match an uninterrupted run. A saved window holds every rank's sums: rank 0 takes it back.
     clock = RunClock(state["counters"])
-    loss_value, window_loss, window_targets = c["loss"], c["window_loss"], c["window_targets"]
+    loss_value = state["counters"].get("loss", float("nan"))
+    meter = MetricWindow.from_state(("loss",), state["window"] if world.is_main else None)
 
     for step in range(start_step + 1, tc.max_steps + 1):
         epoch, group = next(groups)  # every rank builds the same global step, then takes its share
@@ -200,17 +202,17 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                     loss_sum = micro_batch_loss_sum(model, batch, packing=cfg.data.packing, pad_id=pad_id,
                                                     backend=tc.kernel_backend, device=device)
                 # Normalized by the whole step's target count (see module docstring)
-                step_loss += backward_share(loss_sum, real, n_targets, world)
+                part = backward_share(loss_sum, real, n_targets, world)
+                meter.add_total("loss", part, batch.num_target_tokens if real else 0)
+                step_loss += part
             grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
             (step_loss,) = all_reduce_sum([step_loss], world)
 
         clock.add(sum(b.num_tokens for b in group))
-        window_loss += step_loss
-        window_targets += n_targets
         loss_value = step_loss / max(1, n_targets)
         if step % tc.log_every == 0 or step == tc.max_steps:
             metrics = {
-                "train/loss": window_loss / max(1, window_targets),
+                **meter.all_reduce(world).means("train/"),  # train/loss: the window's token-weighted mean
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/grad_norm": grad_norm,
                 "train/epoch": epoch,
@@ -219,7 +221,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             }
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  {metrics['throughput/tokens_per_s']:.0f} tok/s")
-            window_loss, window_targets = 0.0, 0
+            meter = MetricWindow(("loss",))
             clock.new_window()
         if eval_due(tc, step) and data.eval:
             log.log(step, {"eval/loss": eval_loss(model, data.eval, cfg, pad_id, device)})
@@ -231,9 +233,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
         if checkpoint_due(tc, step):
             save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer,
                                      scheduler=scheduler, fingerprint=fingerprint, clock=clock,
-                                     position=groups.position, summary=summary,
-                                     counters={"window_loss": window_loss, "window_targets": window_targets,
-                                               "loss": loss_value})
+                                     position=groups.position, summary=summary, counters={"loss": loss_value},
+                                     window=meter.summed_state(world))
     progress.close()
     summary.update(clock.totals(loss=loss_value, steps=tc.max_steps))
     if data.eval:
