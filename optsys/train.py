@@ -37,12 +37,31 @@ def print_summary(summary: dict) -> None:
     Console().print(table)
 
 
+def input_error_message(error: Exception) -> str:
+    """One paragraph for an input error: what kind, then its message (which names the key, file or row
+    and what to do). Lines of the message stay together; no blank line, no traceback."""
+    kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error"}
+    text = "\n".join(line for line in str(error).strip().splitlines() if line.strip())
+    return f"{kind.get(type(error).__name__, type(error).__name__)}: {text}"
+
+
+def _exit_with(error: Exception) -> None:
+    """Exit non-zero with the paragraph on stderr. Under torchrun every rank meets the same input error (each
+    validates the same config, loads the same data, and checkpoint verdicts are shared), so rank 0 alone
+    prints it and the other ranks exit quietly."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        sys.exit(1)
+    sys.exit(input_error_message(error))
+
+
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.recipe, args.config, args.overrides)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        _exit_with(e)
     import importlib
 
     from optsys.checkpoint import CheckpointError
@@ -53,7 +72,7 @@ def main(argv=None) -> dict:
         summary = trainer.train(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
         # Input problems: the message names the file/row/key and the fix; a traceback adds nothing.
-        sys.exit(f"{type(e).__name__}: {e}")
+        _exit_with(e)
     if summary is not None:  # ranks other than 0 under torchrun may return None
         print_summary(summary)
     return summary

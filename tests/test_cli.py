@@ -1,16 +1,30 @@
 """The command lines: config errors stop before any model loads, with the key named."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 
+def assert_one_paragraph(stderr: str, head: str) -> None:
+    """The run ended on one paragraph starting with `head` (no blank line in it), and no traceback anywhere."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(head)]
+    assert len(starts) == 1, stderr[-3000:]
+    assert all(line.strip() for line in lines[starts[0]:]), stderr[-3000:]
+
+
 @pytest.mark.parametrize("args, words", [
     (["trainer.lr=abc"], ["config error", "trainer.lr", "abc"]),
     (["--recipe", "nope"], ["config error", "unknown recipe 'nope'"]),
     (["trainer.max_stpes=3"], ["did you mean 'max_steps'"]),
+    (["--recipe", "dpo_tiny", "pref.beta=0"], ["config error: pref.beta must be positive"]),
+    (["device=tpu"], ["config error: device='tpu'"]),
+    (["trainer.min_lr_ratio=5"], ["config error: trainer.min_lr_ratio must be in [0, 1]"]),
+    (["data.difficulty=1", "data.num_train=5000"], ["config error: data.task=arithmetic_reversed", "data.num_train"]),
 ])
 def test_train_cli_config_errors(args, words):
     proc = subprocess.run([sys.executable, "-m", "optsys.train", *args], capture_output=True, text=True, timeout=120)
@@ -18,6 +32,31 @@ def test_train_cli_config_errors(args, words):
     for w in words:
         assert w in proc.stderr
     assert "Loading weights" not in proc.stderr  # failed before any model load
+    assert_one_paragraph(proc.stderr, "config error: ")
+
+
+def test_train_cli_model_errors_are_one_paragraph(tmp_path):
+    """A folder without safetensors is refused at validation; a hub id that cannot be reached (offline here) at
+    load time: both one paragraph naming model.name_or_path, no traceback."""
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name, words in [(folder, "holds no *.safetensors"), ("nosuchorg/nosuchmodel", "cannot load model")]:
+        proc = subprocess.run([sys.executable, "-m", "optsys.train", f"model.name_or_path={name}",
+                               f"output_dir={tmp_path / 'run'}", "overwrite=true"],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode != 0
+        assert words in proc.stderr and "model.name_or_path" in proc.stderr
+        assert_one_paragraph(proc.stderr, "config error: ")
+
+
+def test_train_cli_other_ranks_exit_quietly():
+    """Under torchrun rank 0 prints the paragraph; the other ranks (same error) exit non-zero without it."""
+    env = {**os.environ, "RANK": "1"}
+    proc = subprocess.run([sys.executable, "-m", "optsys.train", "device=tpu"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 1 and "device" not in proc.stderr
 
 
 def constant_answer_model(tiny_path, out, text: str):
@@ -68,5 +107,5 @@ def test_train_cli_data_error_is_one_clear_line(tmp_path, tiny_path):
                            "data.task=null", f"data.dataset={missing}", f"output_dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "DataError" in proc.stderr and str(missing) in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "data error: " in proc.stderr and str(missing) in proc.stderr and "data.dataset" in proc.stderr
+    assert_one_paragraph(proc.stderr, "data error: ")
