@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,8 +101,6 @@ def test_in_process_resume_keeps_eval_before_and_rewinds_metrics(tmp_path, tiny_
     losses = {s: r["train/loss"] for s, r in train_rows(out).items()}
     assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000004"]
     # Pretend the run died between step 4's metrics line and its checkpoint.
-    import shutil
-
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     (out / "summary.json").unlink()
     with open(out / "metrics.jsonl", "a") as f:
@@ -276,3 +275,29 @@ def test_rewind_metrics_keeps_rows_up_to_step(tmp_path):
     path.write_text('{"step": 0, "eval/accuracy_before": 0.1}\n{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
     rewind_metrics(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_overwrite_starts_from_an_empty_folder_and_resume_takes_the_new_run(tmp_path, tiny_path, capsys):
+    """A run with checkpoints at steps 2, 4, 6, then overwrite=true with another config that checkpoints 2 and 4:
+    none of the old step-* remain (they would have been pruned as the new run's, and step 6 resumed), the old run
+    is moved aside whole, and resume=true continues the new run from its own step 4."""
+    quiet = ["trainer.save_every=2", "trainer.keep_last=3", "trainer.log_every=2"]
+    sft.train(tiny_cfg(tmp_path, tiny_path, *quiet, "trainer.max_steps=6"))
+    out = tmp_path / "run"
+    old_manifest = (out / "checkpoints" / "step-00000004" / "manifest.json").read_text()
+    new = [*quiet, "trainer.max_steps=4", "trainer.lr=5e-4"]
+    capsys.readouterr()
+    sft.train(tiny_cfg(tmp_path, tiny_path, *new, "overwrite=true"))
+    printed = capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    (aside,) = tmp_path.glob("run.old-*")
+    assert f"moved the previous run in {out} to {aside}" in printed
+    assert [p.name for p in list_checkpoints(aside)] == ["step-00000002", "step-00000004", "step-00000006"]
+    assert (aside / "checkpoints" / "step-00000004" / "manifest.json").read_text() == old_manifest
+    assert "trainer.lr: 5e-4" not in (aside / "config.yaml").read_text()
+    assert [r["step"] for r in metric_rows(out) if "train/loss" in r] == [2, 4]  # the old history left with it
+
+    shutil.rmtree(out / "final")
+    sft.train(tiny_cfg(tmp_path, tiny_path, *new, "resume=true"))
+    assert "from step-00000004 (step 4 of 4)" in capsys.readouterr().out
