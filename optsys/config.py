@@ -157,7 +157,7 @@ PREFERENCE_METHODS = (*PAIRED_METHODS, "kto")
 # pref.* keys that are loss hyper-parameters: a method takes those its loss function has as arguments.
 PREF_HYPER = ("beta", "label_smoothing", "gamma", "lam", "alpha", "desirable_weight", "undesirable_weight")
 # Of those, the ones refused when set (not default) for a method that does not take them. Only label_smoothing
-# for now: recipes derive other methods from dpo_tiny (pref.beta=0.5 reaches orpo), see tests/README.md.
+# for now: tests derive other methods from the dpo_tiny recipe, whose pref.beta=0.5 reaches orpo (no beta).
 REFUSED_WHEN_UNUSED = ("label_smoothing",)
 
 
@@ -170,8 +170,9 @@ def _positive():
 
 
 def _in(low, high, closed_high=False):
-    return (lambda v: low <= v <= high, f"in [{low}, {high}]") if closed_high else \
-        (lambda v: low <= v < high, f"in [{low}, {high})")
+    if closed_high:
+        return lambda v: low <= v <= high, f"in [{low}, {high}]"
+    return lambda v: low <= v < high, f"in [{low}, {high})"
 
 
 # (dotted key, (test, wording)): numeric ranges. Task-only keys (data.num_train, ...) are checked with the task.
