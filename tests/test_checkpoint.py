@@ -340,3 +340,12 @@ def test_each_rank_hashes_and_verifies_only_the_files_it_wrote(tmp_path, monkeyp
     assert ck.rank_share(SHARDED_FILES, 0, 1) == SHARDED_FILES
     assert ck.rank_share(SHARDED_FILES, 1, 4) == ["dcp/__1_0.distcp", "rng-rank-1.pt"]
     assert ck.rank_share(SHARDED_FILES, 3, 4) == []
+
+
+def test_checkpoints_without_a_run_config_are_refused(tmp_path, tiny_path):
+    cfg = tiny_cfg(tmp_path, tiny_path)
+    (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    for extra in ([], ["overwrite=true"]):
+        with pytest.raises(ConfigError, match=r"holds checkpoints/ but no config.yaml.*Move them away"):
+            prepare_output_dir(tiny_cfg(tmp_path, tiny_path, *extra))
+    assert not (tmp_path / "run" / "config.yaml").exists() and cfg.output_dir == str(tmp_path / "run")

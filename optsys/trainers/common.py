@@ -17,7 +17,14 @@ from typing import Callable
 import torch
 import yaml
 
-from optsys.checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, rewind_metrics, save_checkpoint
+from optsys.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    load_checkpoint,
+    resume_checkpoint,
+    rewind_metrics,
+    save_checkpoint,
+)
 from optsys.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from optsys.parallel.dist import World, all_reduce_sum, broadcast_object
 
@@ -62,6 +69,10 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
         aside = move_aside(out)
         print(f"overwrite=true: moved the previous run in {out} to {aside}; this run starts in an empty folder "
               f"(delete {aside} when you no longer need it)", flush=True)
+    elif (out / CHECKPOINTS).exists():
+        raise ConfigError(f"output_dir {out} holds {CHECKPOINTS}/ but no config.yaml (a run whose config was "
+                          "removed): a new run would prune or resume those checkpoints. Move them away, or pick "
+                          "another output_dir.")
     out.mkdir(parents=True, exist_ok=True)
     existing.write_text(resolved)
     return out
