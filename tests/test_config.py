@@ -243,3 +243,15 @@ def test_label_smoothing_methods_are_the_trainers():
 
     for method in PREFERENCE_METHODS:
         assert ("label_smoothing" in method_hyper(method)) == ("label_smoothing" in HYPER[method]), method
+
+
+def test_unknown_lora_target_is_a_config_error(tiny_path):
+    """Known only once the model is built: still a ConfigError (one paragraph from the CLI), naming the key."""
+    import torch
+
+    from optsys.config import LoraConfig, ModelConfig
+    from optsys.models.load import load_model_and_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(tiny_path), lora=LoraConfig(r=4, target_modules=["qkv"]))
+    with pytest.raises(ConfigError, match=r"model.lora.target_modules names \['qkv'\]"):
+        load_model_and_tokenizer(cfg, torch.device("cpu"))
