@@ -45,14 +45,22 @@ def input_error_message(error: Exception) -> str:
     return f"{kind.get(type(error).__name__, type(error).__name__)}: {text}"
 
 
+RANK_GRACE_S = 10
+
+
 def _exit_with(error: Exception) -> None:
     """Exit non-zero with the paragraph on stderr. Under torchrun every rank meets the same input error (each
-    validates the same config, loads the same data, and checkpoint verdicts are shared), so rank 0 alone
-    prints it and the other ranks exit quietly."""
+    validates the same config and output folder, loads the same data, and checkpoint verdicts are shared), so
+    rank 0 prints it. The other ranks wait first: torchrun stops them as soon as rank 0 exits, and a rank that
+    exited at once could get rank 0 stopped before it printed. A rank still running after the wait (its error
+    was its own) prints it, marked with its rank."""
     import os
+    import time
 
-    if os.environ.get("RANK", "0") != "0":
-        sys.exit(1)
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        time.sleep(RANK_GRACE_S)
+        sys.exit(f"rank {rank}: {input_error_message(error)}")
     sys.exit(input_error_message(error))
 
 
@@ -60,6 +68,9 @@ def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.recipe, args.config, args.overrides)
+        from optsys.trainers.common import check_output_dir
+
+        check_output_dir(cfg)  # on every rank: a refused folder stops the whole job alike
     except ConfigError as e:
         _exit_with(e)
     import importlib

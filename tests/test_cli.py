@@ -51,12 +51,35 @@ def test_train_cli_model_errors_are_one_paragraph(tmp_path):
         assert_one_paragraph(proc.stderr, "config error: ")
 
 
-def test_train_cli_other_ranks_exit_quietly():
-    """Under torchrun rank 0 prints the paragraph; the other ranks (same error) exit non-zero without it."""
+def test_train_cli_other_ranks_leave_the_message_to_rank_0():
+    """A rank other than 0 waits (torchrun stops it once rank 0 has printed and exited); left alone, it prints
+    its own error marked with its rank."""
+    import time
+
+    from optsys.train import RANK_GRACE_S
+
     env = {**os.environ, "RANK": "1"}
+    t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "optsys.train", "device=tpu"], capture_output=True, text=True,
                           timeout=120, env=env)
-    assert proc.returncode == 1 and "device" not in proc.stderr
+    assert proc.returncode == 1 and time.time() - t0 >= RANK_GRACE_S
+    assert_one_paragraph(proc.stderr, "rank 1: config error: device='tpu'")
+
+
+@pytest.mark.parametrize("case", ["bad value", "folder of another run"])
+def test_torchrun_input_error_is_printed_once_and_no_rank_dumps_a_traceback(tmp_path, case):
+    """Under torchrun every rank meets the error before training (the output folder is checked on each rank, not
+    only on rank 0 which creates it), so rank 0 prints one paragraph and no rank dies mid-collective. torchrun's
+    own launcher still reports the failed workers after it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: other\n")
+    args = ["trainer.min_lr_ratio=5"] if case == "bad value" else [f"output_dir={run}", "model.name_or_path=tiny:test"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "optsys.train",
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("config error: ") == 1, proc.stderr[-3000:]
+    assert "[rank1]" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr[-3000:]
 
 
 def constant_answer_model(tiny_path, out, text: str):

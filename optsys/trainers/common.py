@@ -54,35 +54,48 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     if cfg.output_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.output_dir = os.path.join("runs", f"{cfg.recipe}-{stamp}")
+    check_output_dir(cfg)
     out = Path(cfg.output_dir)
-    resolved = dump_yaml(cfg)
+    existing = out / "config.yaml"
+    if existing.exists():  # overwrite=true (checked above)
+        aside = move_aside(out)
+        print(f"overwrite=true: moved the previous run in {out} to {aside}; this run starts in an empty folder "
+              f"(delete {aside} when you no longer need it)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    existing.write_text(dump_yaml(cfg))
+    return out
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """The ConfigErrors prepare_output_dir would raise, without writing anything. python -m optsys.train runs it
+    on every rank before training, so a refused folder stops all ranks alike (prepare_output_dir runs on rank 0)."""
+    if cfg.resume:
+        _check_resume_dir(cfg)
+        return
+    if cfg.output_dir is None:
+        return  # a new timestamped folder
+    out = Path(cfg.output_dir)
     existing = out / "config.yaml"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file; pick a folder (it is created if missing)")
     if existing.exists():
         if not cfg.overwrite:
-            same = existing.read_text() == resolved
+            same = existing.read_text() == dump_yaml(cfg)
             raise ConfigError(
                 f"output_dir {out} already holds a {'run of this same config' if same else 'different run'} "
                 f"(see {existing}). Pick a new output_dir=..., or pass overwrite=true to replace it."
             )
-        aside = move_aside(out)
-        print(f"overwrite=true: moved the previous run in {out} to {aside}; this run starts in an empty folder "
-              f"(delete {aside} when you no longer need it)", flush=True)
+        if Path.cwd().resolve() in (out.resolve(), *out.resolve().parents):
+            raise ConfigError(f"overwrite=true would move {out} aside, but it holds the current directory; run "
+                              "from elsewhere or pick another output_dir")
     elif (out / CHECKPOINTS).exists():
         raise ConfigError(f"output_dir {out} holds {CHECKPOINTS}/ but no config.yaml (a run whose config was "
                           "removed): a new run would prune or resume those checkpoints. Move them away, or pick "
                           "another output_dir.")
-    out.mkdir(parents=True, exist_ok=True)
-    existing.write_text(resolved)
-    return out
 
 
 def move_aside(out: Path) -> Path:
     """Rename run folder `out` to a free `<out>.old-<timestamp>[-N]` beside it and return the new path."""
-    if Path.cwd().resolve() in (out.resolve(), *out.resolve().parents):
-        raise ConfigError(f"overwrite=true would move {out} aside, but it holds the current directory; run from "
-                          "elsewhere or pick another output_dir")
     base = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     aside, n = base, 0
     while aside.exists():
