@@ -16,9 +16,12 @@ holds a manifest; `load_checkpoint` re-hashes every file against it before touch
 
 Sharded (FSDP2, under torchrun) runs save model and optimizer through torch.distributed.checkpoint
 instead of model.safetensors + optimizer.pt: `dcp/` holds every rank's shards (`__<r>_0.distcp`) and
-DCP's `.metadata`; each rank writes its own `rng-rank-<r>.pt`; rank 0 writes scheduler.pt,
-trainer_state.json and, after a barrier, the manifest (which hashes the shard files too and records
-the world size). The ranks must share the output folder's filesystem. The folder layout, manifest,
+DCP's `.metadata`; each rank writes its own `rng-rank-<r>.pt`; rank 0 writes scheduler.pt and
+trainer_state.json. After a barrier each rank hashes the files it wrote (`file_owner`), and rank 0 gathers
+those (name, size, sha256) lists into the manifest (which also records the world size): no rank reads
+another's shards, so a save costs each rank one read of its own 1/W of the state. At load each rank
+verifies its share the same way and the verdicts are exchanged, so every rank raises the same error.
+The ranks must share the output folder's filesystem. The folder layout, manifest,
 fingerprint and trainer_state stay the same, so `latest_checkpoint` and resume logic do not change.
 
 World size at resume: a sharded checkpoint may be resumed with a different number of ranks (one
@@ -149,6 +152,36 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_RANK_FILE = re.compile(r"^(?:dcp/__(\d+)_\d+\.distcp|rng-rank-(\d+)\.pt)$")
+
+
+def file_owner(name: str) -> int:
+    """The rank that writes checkpoint file `name` (a path relative to the checkpoint folder): DCP's shard
+    files `dcp/__<r>_<i>.distcp` and `rng-rank-<r>.pt` are rank r's; everything else is rank 0's."""
+    m = _RANK_FILE.match(name)
+    return int(m.group(1) or m.group(2)) if m else 0
+
+
+def rank_share(names, rank: int, world_size: int) -> list[str]:
+    """The files rank `rank` of `world_size` hashes or verifies: those it writes. With another world size at
+    resume (owner % world_size) every file still has exactly one verifier."""
+    return [n for n in names if file_owner(n) % world_size == rank]
+
+
+def hash_files(root: Path, names) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of files under `root`, each fsynced first (its bytes are on disk)."""
+    out = {}
+    for name in names:
+        path = root / name
+        _fsync(path)
+        out[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return out
+
+
+def _relative_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -247,12 +280,11 @@ def _new_tmp(out_dir, step: int) -> Path:
 
 
 def _publish(tmp: Path, out_dir, step: int, *, world_size: int, sharded: bool, fingerprint: dict,
-             keep_last: int) -> Path:
-    """Hash every file under `tmp` (subfolders too), write the manifest LAST, rename into place, prune."""
-    files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync(path)
-        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+             keep_last: int, files: dict | None = None) -> Path:
+    """Write the manifest LAST, rename into place, prune. `files`: every file's size and sha256 (sharded saves
+    gather them from the ranks); None hashes every file under `tmp` (subfolders too) here."""
+    if files is None:
+        files = hash_files(tmp, _relative_files(tmp))
     for folder in [p for p in tmp.rglob("*") if p.is_dir()]:
         _fsync(folder)  # the shard files' directory entries
     manifest = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "sharded": sharded,
@@ -305,9 +337,17 @@ def _save_sharded(out_dir, step: int, *, model, optimizer, scheduler, trainer_st
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
     dist.barrier()  # every rank's files are in tmp
+    names = _relative_files(tmp)
+    mine = hash_files(tmp, rank_share(names, rank, world_size))  # each rank reads only what it wrote
+    shares = [None] * world_size if rank == 0 else None
+    dist.gather_object(mine, shares, dst=0)
     if rank == 0:
+        files = {name: meta for share in shares for name, meta in share.items()}
+        if sorted(files) != names:
+            raise CheckpointError(f"the ranks saw different files in {tmp} (hashed {sorted(files)}, rank 0 sees "
+                                  f"{names}): the ranks must share the output folder's filesystem")
         _publish(tmp, out_dir, step, world_size=world_size, sharded=True, fingerprint=fingerprint,
-                 keep_last=keep_last)
+                 keep_last=keep_last, files=files)
     dist.barrier()
     return checkpoint_dir(out_dir, step)
 
@@ -330,12 +370,20 @@ def read_manifest(path) -> dict:
     return manifest
 
 
-def verify_checkpoint(path) -> dict:
-    """Check every file against the manifest (size, then sha256); return the manifest."""
+def verify_checkpoint(path, rank: int = 0, world_size: int = 1) -> dict:
+    """Check the files against the manifest (size, then sha256); return the manifest. With a world size,
+    only rank `rank`'s share (`rank_share`): the ranks together check every file once."""
     path = Path(path)
     manifest = read_manifest(path)
+    verify_files(path, manifest, rank_share(manifest["files"], rank, world_size))
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict, names) -> None:
+    """CheckpointError naming the first of `names` that is missing, has the wrong size or the wrong sha256."""
     fallback = _fallback_hint(path)
-    for name, meta in manifest["files"].items():
+    for name in names:
+        meta = manifest["files"][name]
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing. {fallback}")
@@ -346,7 +394,6 @@ def verify_checkpoint(path) -> dict:
         if _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"checkpoint file {f} does not match the sha256 in its manifest (corrupt). "
                                   f"{fallback}")
-    return manifest
 
 
 def _fallback_hint(path: Path) -> str:
@@ -358,23 +405,25 @@ def _fallback_hint(path: Path) -> str:
 def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, restore_rng: bool = True) -> dict:
     """Verify checkpoint `path` (fingerprint, then file hashes), then restore model, optimizer,
     scheduler and RNG in place; return its trainer_state (with "step"). Under torchrun every rank calls
-    it: rank 0 verifies, each rank restores its own shards and RNG (see the module docstring)."""
+    it: rank 0 checks the manifest and fingerprint, each rank verifies the files it owns, and each restores
+    its own shards and RNG (see the module docstring)."""
     path = Path(path)
     rank, world_size = _rank_and_size()
-    # Under torchrun rank 0 checks (fingerprint, then every file's sha256) and tells the others, so all
-    # ranks fail with the same message, or go on, together.
+    # Under torchrun rank 0 checks the fingerprint and tells the others; then each rank hashes its share of the
+    # files and the verdicts are exchanged, so all ranks fail with the same message, or go on, together.
     manifest, error = None, None
     if rank == 0:
         try:
-            manifest = _checked_manifest(path, fingerprint, world_size)
+            manifest = _fingerprint_checked(path, fingerprint, world_size)
         except CheckpointError as e:
             error = str(e)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        box = [(manifest, error)]
-        dist.broadcast_object_list(box, src=0)
-        manifest, error = box[0]
+    manifest, error = _shared_from_rank0((manifest, error), world_size)
+    if error is None:
+        try:
+            verify_files(path, manifest, rank_share(manifest["files"], rank, world_size))
+        except CheckpointError as e:
+            error = str(e)
+        error = _first_error(error, world_size)
     if error is not None:
         raise CheckpointError(error)
     if manifest.get("sharded"):
@@ -399,7 +448,35 @@ def _rank_and_size() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
+def _shared_from_rank0(obj, world_size: int):
+    if world_size == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first_error(error: str | None, world_size: int) -> str | None:
+    """The lowest rank's error message (None if no rank has one), on every rank."""
+    if world_size == 1:
+        return error
+    import torch.distributed as dist
+
+    errors = [None] * world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
 def _checked_manifest(path: Path, fingerprint: dict, world_size: int) -> dict:
+    """The manifest after the fingerprint and layout checks and a check of every file (one process)."""
+    manifest = _fingerprint_checked(path, fingerprint, world_size)
+    verify_files(path, manifest, manifest["files"])
+    return manifest
+
+
+def _fingerprint_checked(path: Path, fingerprint: dict, world_size: int) -> dict:
     manifest = read_manifest(path)
     diff = _fingerprint_diff(manifest["fingerprint"], fingerprint)
     if diff:
@@ -413,7 +490,6 @@ def _checked_manifest(path: Path, fingerprint: dict, world_size: int) -> dict:
             f"checkpoint {path} was saved by a single process (model.safetensors, optimizer state keyed by "
             f"parameter index), so it cannot be resharded over this job's {world_size} ranks. Resume it with "
             f"one process (python -m optsys.train ... resume=true), or start a new run under torchrun.")
-    verify_checkpoint(path)
     return manifest
 
 

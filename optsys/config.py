@@ -153,80 +153,307 @@ class TrainConfig:
     rm: RewardConfig = field(default_factory=RewardConfig)
 
     def validate(self) -> None:
+        """Refuse, naming the key, every setting that is out of range, contradicts another, or would be
+        ignored by this method; checks local model paths too. Runs before any model loads."""
         from optsys.methods import METHODS
 
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not a training method{_did_you_mean(self.method, METHODS)}")
-        method = METHODS[self.method]
-        self._refuse_unused_settings(method, METHODS)
-        d, t, lora = self.data, self.trainer, self.model.lora
-        if lora.r < 0 or (lora.quantize != "none" and lora.r == 0):
-            raise ConfigError(f"model.lora.r must be > 0 for LoRA/QLoRA (quantize={lora.quantize!r}); got {lora.r}")
-        if (d.task is None) == (d.dataset is None):
-            raise ConfigError(
-                "set exactly one of data.task (a built-in task) and data.dataset (a file, folder "
-                f"or hub id); got data.task={d.task!r}, data.dataset={d.dataset!r}"
-            )
-        if d.task is not None:
-            from optsys.data.tasks import TASKS
-
-            if d.task not in TASKS:
-                raise ConfigError(f"data.task={d.task!r} is not a built-in task{_did_you_mean(d.task, TASKS)}")
-        for key, value in [("data.max_tokens", d.max_tokens), ("trainer.batch_tokens", t.batch_tokens),
-                           ("trainer.max_steps", t.max_steps), ("trainer.log_every", t.log_every)]:
-            if value <= 0:
-                raise ConfigError(f"{key} must be positive, got {value}")
-        if t.lr <= 0:
-            raise ConfigError(f"trainer.lr must be positive, got {t.lr}")
-        if t.warmup_steps < 0 or t.eval_every < 0:
-            raise ConfigError("trainer.warmup_steps and trainer.eval_every must be >= 0")
-        if t.save_every < 0:
-            raise ConfigError(f"trainer.save_every must be >= 0 (0 = checkpoint only at the end), got {t.save_every}")
-        if t.keep_last < 1:
-            raise ConfigError(f"trainer.keep_last must be >= 1 (a resume needs a checkpoint), got {t.keep_last}")
-        if self.pref.reference == "adapters_off" and lora.r == 0 and method.section == "pref":
-            raise ConfigError("pref.reference=adapters_off needs LoRA (model.lora.r > 0); use "
-                              "pref.reference=precompute or copy for full fine-tuning")
-        if self.pref.reference_model is not None and method.section == "pref":
-            if self.pref.reference == "adapters_off":
-                raise ConfigError("pref.reference_model cannot be used with pref.reference=adapters_off (the "
-                                  "reference is the policy with its adapters disabled); use precompute or copy")
-            if not method.reference:
-                raise ConfigError(f"method={self.method} is reference-free: drop pref.reference_model")
-        if self.resume and self.output_dir is None:
-            raise ConfigError("resume=true needs output_dir=<the folder of the run to continue>")
-        if self.resume and self.overwrite:
-            raise ConfigError("resume=true continues the run in output_dir and overwrite=true replaces it; "
-                              "pass only one of them")
+        for check in VALIDATORS:
+            check(self)
 
 
-    def _refuse_unused_settings(self, method, methods) -> None:
-        """A family setting the chosen method would ignore is an error naming the key: another family's section
-        changed from its defaults (rm.margin with method=dpo), or a loss hyper-parameter of its own family that
-        its loss does not take (pref.label_smoothing with method=ipo, pref.gamma with method=dpo)."""
-        from optsys.methods import FAMILY_SECTIONS
+# ---------------------------------------------------------------------------- validation
+# Each check takes the whole TrainConfig and raises ConfigError naming the key(s) and what to do.
 
-        for name in FAMILY_SECTIONS:
-            section = getattr(self, name)
-            default = type(section)()
-            changed = [f"{name}.{f.name}={getattr(section, f.name)!r}" for f in dataclasses.fields(section)
-                       if getattr(section, f.name) != getattr(default, f.name)]
-            if not changed:
-                continue
-            if name != method.section:
-                users = sorted(m for m, spec in methods.items() if spec.section == name)
-                raise ConfigError(f"{', '.join(changed)}: method={self.method} does not read the {name} section "
-                                  f"(its methods: {', '.join(users)}); drop the setting or pick one of those methods")
-            family_hyper = {k for spec in methods.values() if spec.section == name for k in spec.hyper}
-            for key in sorted(family_hyper - set(method.hyper)):
-                if getattr(section, key) != getattr(default, key):
-                    users = [m for m, spec in methods.items() if key in spec.hyper]
-                    raise ConfigError(
-                        f"{name}.{key}={getattr(section, key)!r} is not used by method={self.method} (methods whose "
-                        f"loss takes it: {', '.join(users)}); drop it, or pick one of those methods")
-            if not method.reference and (section is self.pref) and self.pref.reference != default.reference:
-                raise ConfigError(f"pref.reference={self.pref.reference} has no effect: method={self.method} is "
-                                  "reference-free; drop pref.reference")
+def _at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+def _positive():
+    return lambda v: v > 0, "positive (> 0)"
+
+
+def _in(low, high, closed_high=False):
+    if closed_high:
+        return lambda v: low <= v <= high, f"in [{low}, {high}]"
+    return lambda v: low <= v < high, f"in [{low}, {high})"
+
+
+# (dotted key, (test, wording)): numeric ranges. Task-only keys (data.num_train, ...) are checked with the task.
+RANGES = [
+    ("model.lora.r", _at_least(0)),
+    ("model.lora.alpha", _positive()),
+    ("model.lora.dropout", _in(0, 1)),
+    ("data.max_tokens", _positive()),
+    ("trainer.max_steps", _positive()),
+    ("trainer.lr", _positive()),
+    ("trainer.min_lr_ratio", _in(0, 1, closed_high=True)),
+    ("trainer.warmup_steps", _at_least(0)),
+    ("trainer.weight_decay", _at_least(0)),
+    ("trainer.betas[0]", _in(0, 1)),
+    ("trainer.betas[1]", _in(0, 1)),
+    ("trainer.batch_tokens", _positive()),
+    ("trainer.grad_clip", _at_least(0)),
+    ("trainer.log_every", _positive()),
+    ("trainer.eval_every", _at_least(0)),
+    ("trainer.save_every", _at_least(0)),
+    ("trainer.keep_last", _at_least(1)),
+    ("eval.max_new_tokens", _positive()),
+    ("eval.batch_size", _positive()),
+    ("pref.beta", _positive()),
+    ("pref.label_smoothing", _in(0, 0.5)),
+    ("pref.gamma", _at_least(0)),
+    ("pref.lam", _positive()),
+    ("pref.alpha", _at_least(0)),
+    ("pref.desirable_weight", _at_least(0)),
+    ("pref.undesirable_weight", _at_least(0)),
+    ("rm.center_coef", _at_least(0)),
+]
+RANGE_HINTS = {
+    "trainer.grad_clip": " (0 disables clipping)",
+    "trainer.save_every": " (0 = checkpoint only at the end)",
+    "trainer.keep_last": " (a resume needs a checkpoint)",
+    "trainer.min_lr_ratio": " (the cosine schedule ends at lr * min_lr_ratio)",
+    "pref.label_smoothing": " (the label-flip rate eps; 0.5 makes chosen and rejected interchangeable)",
+    "pref.beta": " (beta = 0 makes every preference loss constant)",
+    "model.lora.r": " (0 trains the full model)",
+}
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.replace("[", ".").replace("]", "").split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def _float_fields(obj, prefix: str = ""):
+    """(dotted key, value) of every float in the config tree, tuples included."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{key}.")
+        elif isinstance(value, tuple):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+        elif isinstance(value, float):
+            yield key, value
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    import math
+
+    for key, value in _float_fields(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    for key, (ok, wording) in RANGES:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key} must be {wording}{RANGE_HINTS.get(key, '')}, got {value!r}")
+    if cfg.trainer.batch_tokens < cfg.data.max_tokens:
+        raise ConfigError(
+            f"trainer.batch_tokens={cfg.trainer.batch_tokens} is less than data.max_tokens={cfg.data.max_tokens}: "
+            "a step holds at least one packed row of up to data.max_tokens tokens, so the step would be bigger "
+            "than trainer.batch_tokens. Raise trainer.batch_tokens or lower data.max_tokens.")
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Exactly one data source; for a built-in task, sizes it can supply; dataset-only keys without a task."""
+    d = cfg.data
+    if (d.task is None) == (d.dataset is None):
+        raise ConfigError(
+            "set exactly one of data.task (a built-in task) and data.dataset (a file, folder "
+            f"or hub id); got data.task={d.task!r}, data.dataset={d.dataset!r}"
+        )
+    if d.task is None:
+        return
+    from optsys.data.tasks import TASKS
+
+    if d.task not in TASKS:
+        raise ConfigError(f"data.task={d.task!r} is not a built-in task{_did_you_mean(d.task, TASKS)}")
+    defaults = DataConfig()
+    for key in ("eval_dataset", "split", "eval_split"):
+        if getattr(d, key) != getattr(defaults, key):
+            raise ConfigError(f"data.{key}={getattr(d, key)!r} applies to data.dataset, but data.task={d.task} is "
+                              "set: a built-in task has fixed train/test splits. Drop data."
+                              f"{key}, or use data.task=null data.dataset=...")
+    for key in ("num_train", "num_eval", "difficulty"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1 with a built-in task, got {getattr(d, key)}"
+                              + (" (to skip accuracy, set eval.before=false eval.after=false)"
+                                 if key == "num_eval" else ""))
+    task = TASKS[d.task]
+    sizes, total = task.split_sizes(d.difficulty), task.count(d.difficulty)
+    has = (f"{sizes[0]} distinct training and {sizes[1]} held-out problems" if sizes
+           else f"{total} distinct problems")
+    if (d.num_train + d.num_eval > total) or (sizes and (d.num_train > sizes[0] or d.num_eval > sizes[1])):
+        raise ConfigError(
+            f"data.task={d.task} at data.difficulty={d.difficulty} has {has}; data.num_train={d.num_train} and "
+            f"data.num_eval={d.num_eval} ask for more. Lower data.num_train / data.num_eval, or raise data.difficulty.")
+
+
+def check_method(cfg: TrainConfig) -> None:
+    """Settings this method would ignore are refused (a setting that is accepted is honoured)."""
+    from optsys.methods import METHODS
+
+    d, m, defaults = cfg.data, cfg.method, TrainConfig()
+    method = METHODS[m]
+    if m != "sft":
+        if d.train_on_prompt:
+            raise ConfigError(f"data.train_on_prompt=true applies to method=sft; method={m} scores completions "
+                              "only (the prompt is shared by both sides of a pair). Drop data.train_on_prompt.")
+        if not d.packing:
+            raise ConfigError(f"data.packing=false (padded batches) is implemented for method=sft only; method={m} "
+                              "always packs whole pairs. Drop data.packing=false.")
+    elif d.on_bad_pair != defaults.data.on_bad_pair:
+        users = ", ".join(n for n, spec in METHODS.items() if spec.section)
+        raise ConfigError(f"data.on_bad_pair applies to preference and reward data (methods {users}); "
+                          "method=sft does not use it. Drop it.")
+    refuse_unused_settings(cfg, method, METHODS)
+    if method.section == "pref":
+        _check_pref_keys(cfg, method)
+
+
+def refuse_unused_settings(cfg: TrainConfig, method, methods) -> None:
+    """A family setting the chosen method would ignore is an error naming the key: another family's section
+    changed from its defaults (rm.margin with method=dpo), a loss hyper-parameter of its own family that its
+    loss does not take (pref.label_smoothing with method=ipo, pref.gamma with method=dpo), or a reference
+    setting for a reference-free method. The families and hyper-parameters come from optsys.methods."""
+    from optsys.methods import FAMILY_SECTIONS
+
+    for name in FAMILY_SECTIONS:
+        section = getattr(cfg, name)
+        default = type(section)()
+        changed = [f"{name}.{f.name}={getattr(section, f.name)!r}" for f in dataclasses.fields(section)
+                   if getattr(section, f.name) != getattr(default, f.name)]
+        if not changed:
+            continue
+        if name != method.section:
+            users = sorted(m for m, spec in methods.items() if spec.section == name)
+            raise ConfigError(f"{', '.join(changed)}: method={cfg.method} does not read the {name} section "
+                              f"(its methods: {', '.join(users)}); drop the setting or pick one of those methods")
+        family_hyper = {k for spec in methods.values() if spec.section == name for k in spec.hyper}
+        for key in sorted(family_hyper - set(method.hyper)):
+            if getattr(section, key) != getattr(default, key):
+                users = [m for m, spec in methods.items() if key in spec.hyper]
+                raise ConfigError(
+                    f"{name}.{key}={getattr(section, key)!r} is not used by method={cfg.method} (methods whose "
+                    f"loss takes it: {', '.join(users)}); drop it, or pick one of those methods")
+
+
+def _check_pref_keys(cfg: TrainConfig, method) -> None:
+    m, p, defaults = cfg.method, cfg.pref, PreferenceConfig()
+    if m == "kto" and p.desirable_weight == 0 and p.undesirable_weight == 0:
+        raise ConfigError("pref.desirable_weight and pref.undesirable_weight are both 0, so the KTO loss is 0; "
+                          "set at least one > 0")
+    if not method.reference:
+        if p.reference_model is not None:
+            raise ConfigError(f"method={m} is reference-free: drop pref.reference_model")
+        if p.reference != defaults.reference:
+            raise ConfigError(f"pref.reference={p.reference} has no effect: method={m} is reference-free; "
+                              "drop pref.reference")
+        return
+    if p.reference == "adapters_off" and cfg.model.lora.r == 0:
+        raise ConfigError("pref.reference=adapters_off needs LoRA (model.lora.r > 0); use "
+                          "pref.reference=precompute or copy for full fine-tuning")
+    if p.reference_model is not None and p.reference == "adapters_off":
+        raise ConfigError("pref.reference_model cannot be used with pref.reference=adapters_off (the "
+                          "reference is the policy with its adapters disabled); use precompute or copy")
+
+
+def check_lora(cfg: TrainConfig) -> None:
+    lora = cfg.model.lora
+    if lora.quantize != "none" and lora.r == 0:
+        raise ConfigError(f"model.lora.r must be > 0 for QLoRA (model.lora.quantize={lora.quantize!r}); got 0")
+    if lora.target_modules is not None and not lora.target_modules:
+        raise ConfigError("model.lora.target_modules is an empty list; name modules (e.g. [q_proj, v_proj]) or "
+                          "set it to null for the architecture's attention and MLP projections")
+    if lora.save_merged:
+        if lora.r == 0:
+            raise ConfigError("model.lora.save_merged=true merges LoRA adapters, but model.lora.r=0 trains the full "
+                              "model (final/ already holds plain weights). Drop model.lora.save_merged.")
+        if cfg.method == "rm":
+            raise ConfigError("method=rm always writes merged weights to final/ (the adapter to final-adapter/); "
+                              "drop model.lora.save_merged")
+        if _launcher_world_size() > 1:
+            raise ConfigError("model.lora.save_merged=true is not supported under torchrun yet (final/ is written "
+                              "from the gathered shards); drop it and merge afterwards in one process, or train "
+                              "in one process.")
+
+
+def _launcher_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 without a launcher)."""
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def check_device(cfg: TrainConfig) -> None:
+    import re
+
+    name = cfg.device
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name not in ("auto", "cpu") and match is None:
+        raise ConfigError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:<index>")
+    if match is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available here; use device=auto or device=cpu")
+    if match.group(1) is not None:
+        index, count = int(match.group(1)), torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(f"device={name}, but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        if _launcher_world_size() > 1:
+            raise ConfigError(f"device={name}: under torchrun each rank uses cuda:<LOCAL_RANK>; set device=cuda "
+                              "or auto (choose GPUs with CUDA_VISIBLE_DEVICES)")
+
+
+def check_model_paths(cfg: TrainConfig) -> None:
+    """tiny:<preset> must name a preset; a local path must exist and hold *.safetensors. Hub ids are
+    checked when they load (optsys.models.load turns an unreachable id into a ConfigError)."""
+    check_model_source("model.name_or_path", cfg.model.name_or_path)
+    if cfg.pref.reference_model is not None:
+        check_model_source("pref.reference_model", cfg.pref.reference_model)
+
+
+def check_model_source(key: str, value: str) -> None:
+    import os
+
+    if value.startswith("tiny:"):
+        from optsys.models.tiny import PRESETS
+
+        preset = value.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ConfigError(f"{key}={value!r}: no tiny preset {preset!r}{_did_you_mean(preset, PRESETS)}")
+        return
+    path = Path(os.path.expanduser(value))
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{key}={value!r} is a file; point it at a Hugging Face model folder (config.json and "
+                              "*.safetensors) or a hub id")
+        if not any(path.glob("*.safetensors")):
+            raise ConfigError(f"{key}={value!r}: the folder holds no *.safetensors weights; optsys reads safetensors "
+                              "only (convert .bin checkpoints with save_pretrained(safe_serialization=True))")
+        return
+    if value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1:
+        raise ConfigError(f"{key}={value!r} does not exist (resolved to {path.resolve()}); point it at a local "
+                          "Hugging Face model folder, a hub id such as 'org/name', or tiny:<preset>")
+
+
+def check_run(cfg: TrainConfig) -> None:
+    if cfg.resume and cfg.output_dir is None:
+        raise ConfigError("resume=true needs output_dir=<the folder of the run to continue>")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("resume=true continues the run in output_dir and overwrite=true replaces it; "
+                          "pass only one of them")
+
+
+VALIDATORS = (check_ranges, check_lora, check_data, check_method, check_device, check_model_paths, check_run)
 
 
 # ---------------------------------------------------------------------------- loading

@@ -35,12 +35,42 @@ def print_summary(summary: dict) -> None:
     Console().print(table)
 
 
+def input_error_message(error: Exception) -> str:
+    """One paragraph for an input error: what kind, then its message (which names the key, file or row
+    and what to do). Lines of the message stay together; no blank line, no traceback."""
+    kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error"}
+    text = "\n".join(line for line in str(error).strip().splitlines() if line.strip())
+    return f"{kind.get(type(error).__name__, type(error).__name__)}: {text}"
+
+
+RANK_GRACE_S = 10
+
+
+def _exit_with(error: Exception) -> None:
+    """Exit non-zero with the paragraph on stderr. Under torchrun every rank meets the same input error (each
+    validates the same config and output folder, loads the same data, and checkpoint verdicts are shared), so
+    rank 0 prints it. The other ranks wait first: torchrun stops them as soon as rank 0 exits, and a rank that
+    exited at once could get rank 0 stopped before it printed. A rank still running after the wait (its error
+    was its own) prints it, marked with its rank."""
+    import os
+    import time
+
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        time.sleep(RANK_GRACE_S)
+        sys.exit(f"rank {rank}: {input_error_message(error)}")
+    sys.exit(input_error_message(error))
+
+
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.recipe, args.config, args.overrides)
+        from optsys.trainers.common import check_output_dir
+
+        check_output_dir(cfg)  # on every rank: a refused folder stops the whole job alike
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        _exit_with(e)
     import importlib
 
     from optsys.checkpoint import CheckpointError
@@ -51,7 +81,7 @@ def main(argv=None) -> dict:
         summary = trainer.train(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
         # Input problems: the message names the file/row/key and the fix; a traceback adds nothing.
-        sys.exit(f"{type(e).__name__}: {e}")
+        _exit_with(e)
     if summary is not None:  # ranks other than 0 under torchrun may return None
         print_summary(summary)
     return summary

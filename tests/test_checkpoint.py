@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,8 +101,6 @@ def test_in_process_resume_keeps_eval_before_and_rewinds_metrics(tmp_path, tiny_
     losses = {s: r["train/loss"] for s, r in train_rows(out).items()}
     assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000004"]
     # Pretend the run died between step 4's metrics line and its checkpoint.
-    import shutil
-
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     (out / "summary.json").unlink()
     with open(out / "metrics.jsonl", "a") as f:
@@ -224,7 +223,7 @@ def test_fingerprint_mismatch_names_the_field(tmp_path, tiny_path):
     with pytest.raises(CheckpointError, match="data.num_rows: checkpoint has 300, this run has 200"):
         load_checkpoint(path, fingerprint=run_fingerprint(other_data, parts[0]), **kw)
     bigger = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_path, intermediate_size=384))
-    other_model = tiny_cfg(tmp_path, tiny_path, "model.name_or_path=tiny:other")
+    other_model = tiny_cfg(tmp_path, tiny_path, "model.name_or_path=tiny:small")
     with pytest.raises(CheckpointError, match=r"(?s)model.config_sha256.*model.name_or_path.*drop resume=true"):
         load_checkpoint(path, fingerprint=run_fingerprint(other_model, bigger), **kw)
 
@@ -276,3 +275,77 @@ def test_rewind_metrics_keeps_rows_up_to_step(tmp_path):
     path.write_text('{"step": 0, "eval/accuracy_before": 0.1}\n{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
     rewind_metrics(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_overwrite_starts_from_an_empty_folder_and_resume_takes_the_new_run(tmp_path, tiny_path, capsys):
+    """A run with checkpoints at steps 2, 4, 6, then overwrite=true with another config that checkpoints 2 and 4:
+    none of the old step-* remain (they would have been pruned as the new run's, and step 6 resumed), the old run
+    is moved aside whole, and resume=true continues the new run from its own step 4."""
+    quiet = ["trainer.save_every=2", "trainer.keep_last=3", "trainer.log_every=2"]
+    sft.train(tiny_cfg(tmp_path, tiny_path, *quiet, "trainer.max_steps=6"))
+    out = tmp_path / "run"
+    old_manifest = (out / "checkpoints" / "step-00000004" / "manifest.json").read_text()
+    new = [*quiet, "trainer.max_steps=4", "trainer.lr=5e-4"]
+    capsys.readouterr()
+    sft.train(tiny_cfg(tmp_path, tiny_path, *new, "overwrite=true"))
+    printed = capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    (aside,) = tmp_path.glob("run.old-*")
+    assert f"moved the previous run in {out} to {aside}" in printed
+    assert [p.name for p in list_checkpoints(aside)] == ["step-00000002", "step-00000004", "step-00000006"]
+    assert (aside / "checkpoints" / "step-00000004" / "manifest.json").read_text() == old_manifest
+    assert "trainer.lr: 5e-4" not in (aside / "config.yaml").read_text()
+    assert [r["step"] for r in metric_rows(out) if "train/loss" in r] == [2, 4]  # the old history left with it
+
+    shutil.rmtree(out / "final")
+    sft.train(tiny_cfg(tmp_path, tiny_path, *new, "resume=true"))
+    assert "from step-00000004 (step 4 of 4)" in capsys.readouterr().out
+
+
+SHARDED_FILES = ["dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rng-rank-0.pt", "rng-rank-1.pt",
+                 "scheduler.pt", "trainer_state.json"]
+
+
+def test_each_rank_hashes_and_verifies_only_the_files_it_wrote(tmp_path, monkeypatch):
+    """A sharded checkpoint of a 2-rank job: rank 1 hashes its DCP shard and RNG file only, rank 0 the rest; the
+    shares cover every file once. At load the same split verifies (a damaged rank-0 file is rank 0's to find),
+    and a 1-process resume verifies everything."""
+    import optsys.checkpoint as ck
+
+    root = tmp_path / "step-00000001"
+    for i, name in enumerate(SHARDED_FILES):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(bytes([i]) * (100 + i))
+    hashed = {}
+    real_sha256 = ck._sha256
+    for rank in (0, 1):
+        hashed[rank] = []
+        monkeypatch.setattr(ck, "_sha256", lambda p, r=rank: hashed[r].append(p.relative_to(root).as_posix())
+                            or real_sha256(p))
+        share = ck.hash_files(root, ck.rank_share(ck._relative_files(root), rank, 2))
+        assert sorted(share) == hashed[rank]
+    assert hashed[1] == ["dcp/__1_0.distcp", "rng-rank-1.pt"]
+    assert sorted(hashed[0] + hashed[1]) == SHARDED_FILES
+    monkeypatch.setattr(ck, "_sha256", real_sha256)
+
+    files = ck.hash_files(root, SHARDED_FILES)
+    ck._write_json(root / "manifest.json", {"files": files, "fingerprint": {}, "sharded": True, "world_size": 2})
+    (root / "dcp" / "__0_0.distcp").write_bytes(b"\xff" * files["dcp/__0_0.distcp"]["bytes"])  # other bytes
+    ck.verify_checkpoint(root, rank=1, world_size=2)  # not rank 1's file
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp does not match the sha256"):
+        ck.verify_checkpoint(root, rank=0, world_size=2)
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp does not match the sha256"):
+        ck.verify_checkpoint(root)  # one process checks every file
+    assert ck.rank_share(SHARDED_FILES, 0, 1) == SHARDED_FILES
+    assert ck.rank_share(SHARDED_FILES, 1, 4) == ["dcp/__1_0.distcp", "rng-rank-1.pt"]
+    assert ck.rank_share(SHARDED_FILES, 3, 4) == []
+
+
+def test_checkpoints_without_a_run_config_are_refused(tmp_path, tiny_path):
+    cfg = tiny_cfg(tmp_path, tiny_path)
+    (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    for extra in ([], ["overwrite=true"]):
+        with pytest.raises(ConfigError, match=r"holds checkpoints/ but no config.yaml.*Move them away"):
+            prepare_output_dir(tiny_cfg(tmp_path, tiny_path, *extra))
+    assert not (tmp_path / "run" / "config.yaml").exists() and cfg.output_dir == str(tmp_path / "run")

@@ -1,15 +1,30 @@
 """The command lines: config errors stop before any model loads, with the key named."""
 
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 
+def assert_one_paragraph(stderr: str, head: str) -> None:
+    """The run ended on one paragraph starting with `head` (no blank line in it), and no traceback anywhere."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(head)]
+    assert len(starts) == 1, stderr[-3000:]
+    assert all(line.strip() for line in lines[starts[0]:]), stderr[-3000:]
+
+
 @pytest.mark.parametrize("args, words", [
     (["trainer.lr=abc"], ["config error", "trainer.lr", "abc"]),
     (["--recipe", "nope"], ["config error", "unknown recipe 'nope'"]),
     (["trainer.max_stpes=3"], ["did you mean 'max_steps'"]),
+    (["--recipe", "dpo_tiny", "pref.beta=0"], ["config error: pref.beta must be positive"]),
+    (["device=tpu"], ["config error: device='tpu'"]),
+    (["trainer.min_lr_ratio=5"], ["config error: trainer.min_lr_ratio must be in [0, 1]"]),
+    (["data.difficulty=1", "data.num_train=5000"], ["config error: data.task=arithmetic_reversed", "data.num_train"]),
 ])
 def test_train_cli_config_errors(args, words):
     proc = subprocess.run([sys.executable, "-m", "optsys.train", *args], capture_output=True, text=True, timeout=120)
@@ -17,14 +32,96 @@ def test_train_cli_config_errors(args, words):
     for w in words:
         assert w in proc.stderr
     assert "Loading weights" not in proc.stderr  # failed before any model load
+    assert_one_paragraph(proc.stderr, "config error: ")
 
 
-def test_eval_cli_scores_a_model(tiny_path):
-    proc = subprocess.run([sys.executable, "-m", "optsys.eval", "--model", str(tiny_path), "--num", "8",
-                           "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)
+def test_train_cli_model_errors_are_one_paragraph(tmp_path):
+    """A folder without safetensors is refused at validation; a hub id that cannot be reached (offline here) at
+    load time: both one paragraph naming model.name_or_path, no traceback."""
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name, words in [(folder, "holds no *.safetensors"), ("nosuchorg/nosuchmodel", "cannot load model")]:
+        proc = subprocess.run([sys.executable, "-m", "optsys.train", f"model.name_or_path={name}",
+                               f"output_dir={tmp_path / 'run'}", "overwrite=true"],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode != 0
+        assert words in proc.stderr and "model.name_or_path" in proc.stderr
+        assert_one_paragraph(proc.stderr, "config error: ")
+
+
+def test_train_cli_other_ranks_leave_the_message_to_rank_0():
+    """A rank other than 0 waits (torchrun stops it once rank 0 has printed and exited); left alone, it prints
+    its own error marked with its rank."""
+    import time
+
+    from optsys.train import RANK_GRACE_S
+
+    env = {**os.environ, "RANK": "1"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "optsys.train", "device=tpu"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 1 and time.time() - t0 >= RANK_GRACE_S
+    assert_one_paragraph(proc.stderr, "rank 1: config error: device='tpu'")
+
+
+@pytest.mark.parametrize("case", ["bad value", "folder of another run"])
+def test_torchrun_input_error_is_printed_once_and_no_rank_dumps_a_traceback(tmp_path, case):
+    """Under torchrun every rank meets the error before training (the output folder is checked on each rank, not
+    only on rank 0 which creates it), so rank 0 prints one paragraph and no rank dies mid-collective. torchrun's
+    own launcher still reports the failed workers after it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: other\n")
+    args = ["trainer.min_lr_ratio=5"] if case == "bad value" else [f"output_dir={run}", "model.name_or_path=tiny:test"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "optsys.train",
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("config error: ") == 1, proc.stderr[-3000:]
+    assert "[rank1]" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr[-3000:]
+
+
+def constant_answer_model(tiny_path, out, text: str):
+    """The tiny model rewired to emit the single token `text` after any prompt: every embedding row is the
+    same vector and the layers add nothing (o_proj, down_proj = 0), so the final hidden state is the same
+    everywhere; lm_head scores `text` above every other token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optsys.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_path))
+    (token,) = tok(text, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token] = 1.0
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_eval_cli_scores_right_and_wrong_answers(tmp_path, tiny_path):
+    """A model that always answers "8" on 1-digit sums: the CLI must count exactly the problems whose sum is 8
+    as right (so the checker says yes to a right answer and no to a wrong one)."""
+    from optsys.data.tasks import get_task
+
+    model = constant_answer_model(tiny_path, tmp_path / "eight", "8")
+    problems = get_task("arithmetic").problems("test", 9, difficulty=1)
+    right = sum(p.answer == "8" for p in problems)
+    assert 0 < right < len(problems)
+    proc = subprocess.run([sys.executable, "-m", "optsys.eval", "--model", str(model), "--difficulty", "1",
+                           "--num", "9", "--max-new-tokens", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert '"eval/accuracy": 0.0' in proc.stdout  # an untrained model gets none right
-    assert '"eval/num_samples": 8' in proc.stdout
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["eval/num_samples"] == 9
+    assert out["eval/accuracy"] == pytest.approx(right / 9)
+    assert {e["completion"] for e in out["examples"]} == {"8"}
 
 
 def test_train_cli_data_error_is_one_clear_line(tmp_path, tiny_path):
@@ -33,5 +130,5 @@ def test_train_cli_data_error_is_one_clear_line(tmp_path, tiny_path):
                            "data.task=null", f"data.dataset={missing}", f"output_dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "DataError" in proc.stderr and str(missing) in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "data error: " in proc.stderr and str(missing) in proc.stderr and "data.dataset" in proc.stderr
+    assert_one_paragraph(proc.stderr, "data error: ")

@@ -12,7 +12,8 @@ def test_default_is_quickstart_recipe():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("quickstart", overrides=["trainer.lr=2e-5", "data.max_tokens=4096", "trainer.progress=false",
+    cfg = load_config("quickstart", overrides=["trainer.lr=2e-5", "data.max_tokens=4096", "trainer.batch_tokens=8192",
+                                              "trainer.progress=false",
                                               "trainer.betas=[0.8,0.9]", "output_dir=/tmp/x", "data.eval_dataset=null"])
     assert cfg.trainer.lr == pytest.approx(2e-5) and isinstance(cfg.trainer.lr, float)
     assert cfg.data.max_tokens == 4096 and isinstance(cfg.data.max_tokens, int)
@@ -96,3 +97,152 @@ def test_every_shipped_recipe_loads_and_validates():
         full_size = "tiny" not in name and name != "quickstart"
         cfg = load_config(name, overrides=["data.dataset=pairs.jsonl"] if full_size else [])
         assert cfg.recipe == name
+
+
+# ---------------------------------------------------------------------------- bad input, refused before any load
+# Each case: recipe, overrides -> words the ConfigError must contain (the key, the bound, the fix). The table in
+# tests/README.md lists these with every other bad-input case.
+BAD = [
+    # ranges
+    ("quickstart", ["trainer.lr=0"], ["trainer.lr", "positive"]),
+    ("quickstart", ["trainer.lr=nan"], ["trainer.lr", "finite"]),
+    ("quickstart", ["trainer.lr=inf"], ["trainer.lr", "finite"]),
+    ("quickstart", ["trainer.max_steps=0"], ["trainer.max_steps", "positive"]),
+    ("quickstart", ["trainer.min_lr_ratio=5"], ["trainer.min_lr_ratio", "[0, 1]", "got 5.0"]),
+    ("quickstart", ["trainer.min_lr_ratio=-0.1"], ["trainer.min_lr_ratio", "[0, 1]"]),
+    ("quickstart", ["trainer.grad_clip=-1"], ["trainer.grad_clip", ">= 0", "0 disables"]),
+    ("quickstart", ["trainer.warmup_steps=-1"], ["trainer.warmup_steps", ">= 0"]),
+    ("quickstart", ["trainer.weight_decay=-0.1"], ["trainer.weight_decay", ">= 0"]),
+    ("quickstart", ["trainer.betas=[0.9,1.0]"], ["trainer.betas[1]", "[0, 1)"]),
+    ("quickstart", ["trainer.betas=[-0.1,0.9]"], ["trainer.betas[0]", "[0, 1)"]),
+    ("quickstart", ["trainer.batch_tokens=0"], ["trainer.batch_tokens", "positive"]),
+    ("quickstart", ["trainer.batch_tokens=128"], ["trainer.batch_tokens=128", "data.max_tokens=256"]),
+    ("quickstart", ["trainer.log_every=0"], ["trainer.log_every", "positive"]),
+    ("quickstart", ["trainer.eval_every=-1"], ["trainer.eval_every", ">= 0"]),
+    ("quickstart", ["trainer.save_every=-1"], ["trainer.save_every", ">= 0"]),
+    ("quickstart", ["eval.batch_size=0"], ["eval.batch_size", "positive"]),
+    ("quickstart", ["eval.max_new_tokens=0"], ["eval.max_new_tokens", "positive"]),
+    ("quickstart", ["model.lora.r=-1"], ["model.lora.r", ">= 0"]),
+    ("quickstart", ["model.lora.r=4", "model.lora.alpha=0"], ["model.lora.alpha", "positive"]),
+    ("quickstart", ["model.lora.r=4", "model.lora.dropout=1.0"], ["model.lora.dropout", "[0, 1)"]),
+    ("quickstart", ["model.lora.quantize=nf4"], ["model.lora.r must be > 0 for QLoRA"]),
+    ("quickstart", ["model.lora.r=4", "model.lora.target_modules=[]"], ["model.lora.target_modules", "empty"]),
+    ("dpo_tiny", ["pref.beta=0"], ["pref.beta", "positive", "constant"]),
+    ("dpo_tiny", ["pref.label_smoothing=0.7"], ["pref.label_smoothing", "[0, 0.5)"]),
+    ("dpo_tiny", ["pref.label_smoothing=0.5"], ["pref.label_smoothing", "[0, 0.5)"]),
+    ("simpo_tiny", ["pref.gamma=-1"], ["pref.gamma", ">= 0"]),
+    ("orpo_tiny", ["pref.lam=0"], ["pref.lam", "positive"]),
+    ("dpo_tiny", ["method=cpo", "pref.alpha=-1"], ["pref.alpha", ">= 0"]),
+    ("kto_tiny", ["pref.undesirable_weight=-1"], ["pref.undesirable_weight", ">= 0"]),
+    ("kto_tiny", ["pref.desirable_weight=0", "pref.undesirable_weight=0"], ["both 0"]),
+    ("rm_tiny", ["rm.center_coef=-0.1"], ["rm.center_coef", ">= 0"]),
+    ("rm_tiny", ["rm.margin=nan"], ["rm.margin", "finite"]),
+    # built-in task sizes
+    ("quickstart", ["data.num_train=0"], ["data.num_train", ">= 1"]),
+    ("quickstart", ["data.num_eval=0"], ["data.num_eval", ">= 1", "eval.before=false"]),
+    ("quickstart", ["data.difficulty=0"], ["data.difficulty", ">= 1"]),
+    ("quickstart", ["data.difficulty=1", "data.num_train=5000"],
+     ["88 distinct training and 12 held-out", "data.num_train=5000", "data.num_eval=500", "raise data.difficulty"]),
+    ("quickstart", ["data.num_eval=1500"], ["1019 held-out", "data.num_eval=1500"]),
+    ("quickstart", ["data.task=sorting", "data.difficulty=3", "data.num_train=999990"],
+     ["1000000 distinct problems", "data.num_train=999990"]),
+    # settings the method would ignore
+    ("dpo_tiny", ["method=ipo", "pref.label_smoothing=0.1"],
+     ["pref.label_smoothing=0.1", "method=ipo", "loss takes it: dpo, robust, simpo, cpo"]),
+    ("orpo_tiny", ["pref.label_smoothing=0.1"], ["pref.label_smoothing", "method=orpo"]),
+    ("kto_tiny", ["pref.label_smoothing=0.1"], ["pref.label_smoothing", "method=kto"]),
+    ("dpo_tiny", ["data.train_on_prompt=true"], ["data.train_on_prompt", "method=dpo"]),
+    ("rm_tiny", ["data.train_on_prompt=true"], ["data.train_on_prompt", "method=rm"]),
+    ("dpo_tiny", ["data.packing=false"], ["data.packing=false", "method=sft only"]),
+    ("quickstart", ["data.on_bad_pair=skip"], ["data.on_bad_pair", "method=sft"]),
+    ("quickstart", ["pref.beta=0.5"], ["pref.beta", "method=sft does not read the pref section"]),
+    ("dpo_tiny", ["rm.margin=1"], ["rm.margin", "method=dpo"]),
+    ("simpo_tiny", ["pref.reference=copy"], ["reference-free", "pref.reference=copy"]),
+    ("quickstart", ["model.lora.save_merged=true"], ["model.lora.save_merged", "model.lora.r=0"]),
+    ("rm_tiny", ["model.lora.r=4", "model.lora.save_merged=true"], ["method=rm", "final-adapter"]),
+    ("quickstart", ["data.eval_dataset=rows.jsonl"], ["data.eval_dataset", "data.task=arithmetic_reversed"]),
+    ("quickstart", ["data.split=validation"], ["data.split", "fixed train/test splits"]),
+    # device and model
+    ("quickstart", ["device=tpu"], ["device='tpu'", "auto, cpu, cuda or cuda:<index>"]),
+    ("quickstart", ["device=cuda:x"], ["device='cuda:x'"]),
+    ("quickstart", ["model.name_or_path=tiny:huge"], ["model.name_or_path", "tiny preset 'huge'"]),
+    ("quickstart", ["model.name_or_path=./no/such/model"], ["model.name_or_path", "does not exist"]),
+    ("quickstart", ["model.name_or_path=/no/such"], ["model.name_or_path", "does not exist"]),
+    ("dpo_tiny", ["pref.reference_model=~/no/such"], ["pref.reference_model", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("recipe, overrides, words", BAD, ids=[f"{r}:{' '.join(o)}" for r, o, _ in BAD])
+def test_bad_settings_are_refused_naming_the_key(recipe, overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(recipe, overrides=overrides)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_the_bounds_themselves_are_accepted():
+    """The edges of each range load (a check that refused its own bound would fail here)."""
+    load_config("quickstart", overrides=["trainer.min_lr_ratio=1", "trainer.grad_clip=0", "trainer.betas=[0,0.999]",
+                                         "trainer.batch_tokens=256", "trainer.warmup_steps=0"])
+    load_config("quickstart", overrides=["trainer.min_lr_ratio=0"])
+    load_config("quickstart", overrides=["data.difficulty=1", "data.num_train=88", "data.num_eval=12"])
+    load_config("dpo_tiny", overrides=["pref.label_smoothing=0.49", "method=robust"])
+    load_config("dpo_tiny", overrides=["method=cpo", "pref.label_smoothing=0.2", "pref.alpha=0"])
+    load_config("kto_tiny", overrides=["pref.desirable_weight=0"])
+
+
+def test_cuda_without_a_gpu_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device=cuda:99, but this machine has \d+ CUDA device"):
+            load_config(overrides=["device=cuda:99"])
+    else:
+        with pytest.raises(ConfigError, match="device=cuda but no CUDA device is available"):
+            load_config(overrides=["device=cuda"])
+
+
+def test_save_merged_under_torchrun_is_refused(monkeypatch):
+    overrides = ["model.lora.r=4", "model.lora.save_merged=true"]
+    load_config(overrides=overrides)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="model.lora.save_merged=true is not supported under torchrun"):
+        load_config(overrides=overrides)
+
+
+def test_model_folder_checks(tmp_path):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    (empty / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"model.name_or_path=.*no-weights.*holds no \*.safetensors"):
+        load_config(overrides=[f"model.name_or_path={empty}"])
+    with pytest.raises(ConfigError, match=r"model.name_or_path=.*is a file"):
+        load_config(overrides=[f"model.name_or_path={empty / 'pytorch_model.bin'}"])
+    (empty / "model.safetensors").write_bytes(b"")
+    assert load_config(overrides=[f"model.name_or_path={empty}"]).model.name_or_path == str(empty)
+    assert load_config(overrides=["model.name_or_path=org/model"]).model.name_or_path == "org/model"  # a hub id
+
+
+def test_unreachable_hub_id_is_a_config_error(monkeypatch):
+    import transformers
+
+    from optsys.models.load import load_tokenizer
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(ConfigError, match=r"cannot load model 'org/model' \(model.name_or_path.*couldn't connect"):
+        load_tokenizer("org/model")
+
+
+def test_unknown_lora_target_is_a_config_error(tiny_path):
+    """Known only once the model is built: still a ConfigError (one paragraph from the CLI), naming the key."""
+    import torch
+
+    from optsys.config import LoraConfig, ModelConfig
+    from optsys.models.load import load_model_and_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(tiny_path), lora=LoraConfig(r=4, target_modules=["qkv"]))
+    with pytest.raises(ConfigError, match=r"model.lora.target_modules names \['qkv'\]"):
+        load_model_and_tokenizer(cfg, torch.device("cpu"))

@@ -158,6 +158,72 @@ def test_two_rank_checkpoint_resumes_on_one_process(full_run, tmp_path, tiny_pat
         _checked_manifest(single, read_manifest(single)["fingerprint"], world_size=2)
 
 
+@pytest.mark.slow
+def test_a_damaged_shard_stops_every_rank_with_one_message(full_run, tmp_path, tiny_path):
+    """Each rank verifies the files it wrote, and the verdicts are shared: a flipped byte in rank 1's shard is
+    found by rank 1, and rank 0 (which never reads that file) stops with the same error and prints it once."""
+    full, _ = full_run
+    out = tmp_path / "damaged"
+    shutil.copytree(full, out)
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace(str(full), str(out)))
+    latest = latest_checkpoint(out)
+    files = read_manifest(latest)["files"]
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rng-rank-0.pt", "rng-rank-1.pt"} <= set(files)
+    shard = latest / "dcp" / "__1_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+
+    t0 = time.time()
+    proc = run([*TORCHRUN, "-m", "optsys.train", *overrides(tiny_path, out), "resume=true"], timeout=300)
+    print(f"\ndamaged rank-1 shard: torchrun exited rc {proc.returncode} after {time.time() - t0:.1f} s")
+    assert proc.returncode != 0
+    assert proc.stderr.count("checkpoint error: checkpoint file") == 1, proc.stderr[-3000:]
+    assert "dcp/__1_0.distcp does not match the sha256" in proc.stderr
+
+
+COUNTING_HASHES = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import optsys.checkpoint as ck
+
+    real = ck._sha256
+
+    def logged_sha256(path):
+        name = path.name if path.parent.name != "dcp" else "dcp/" + path.name
+        with open(Path(os.environ["HASH_LOG"]) / f"rank-{os.environ['RANK']}.log", "a") as f:
+            f.write(name + "\\n")
+        return real(path)
+
+    ck._sha256 = logged_sha256
+    from optsys.train import main
+
+    main(sys.argv[1:])
+""")
+
+
+@pytest.mark.slow
+def test_each_rank_hashes_only_its_own_files_at_save_and_load(tmp_path, tiny_path):
+    """A real 2-rank job: at every save and at the resume's verification, rank 1 reads only its own shard and RNG
+    file, and rank 0 never reads those (before, rank 0 alone hashed everything while rank 1 waited)."""
+    script = tmp_path / "count_hashes.py"
+    script.write_text(COUNTING_HASHES)
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    env = {**ENV, "HASH_LOG": str(logs)}
+    args = [*TORCHRUN, str(script), *overrides(tiny_path, out), "trainer.max_steps=2"]  # the last value wins
+    for extra in ([], ["resume=true"]):
+        proc = subprocess.run([*args, *extra], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    hashed = {r: (logs / f"rank-{r}.log").read_text().split() for r in (0, 1)}
+    print(f"\nfiles hashed over 2 saves and 1 resume: rank 0 {len(hashed[0])}, rank 1 {len(hashed[1])}")
+    assert sorted(set(hashed[1])) == ["dcp/__1_0.distcp", "rng-rank-1.pt"]
+    assert len(hashed[1]) == 2 * 3  # 2 saves + the resume's check
+    assert not {"dcp/__1_0.distcp", "rng-rank-1.pt"} & set(hashed[0])
+    assert {"dcp/__0_0.distcp", "dcp/.metadata", "rng-rank-0.pt", "scheduler.pt", "trainer_state.json"} <= \
+        set(hashed[0])
+
+
 FAILING_RANK = textwrap.dedent("""
     import os, sys
     from optsys.trainers import sft

@@ -119,3 +119,13 @@ def test_overlong_pair(tok):
     _, report = tokenize_pairs(rows + [{"prompt": "1", "chosen": "2", "rejected": "3"}], tok, max_tokens=30,
                                overlong="skip")
     assert report.skipped == {"overlong": 2} and report.kept == 1
+
+
+@pytest.mark.parametrize("margin", ["wide", True, [1], float("nan")])
+def test_reward_margin_must_be_a_number(tok, margin):
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3", "margin": 0.5},
+            {"prompt": "1+2=", "chosen": "3", "rejected": "4", "margin": margin}]
+    with pytest.raises(DataError, match=r"pairs.jsonl: row 1: field 'margin' must be a finite number"):
+        tokenize_pairs(rows, tok, max_tokens=256, source="pairs.jsonl")
+    pairs, _ = tokenize_pairs(rows[:1] + [{**rows[1], "margin": "1.5"}], tok, max_tokens=256)
+    assert [p.margin for p in pairs] == [0.5, 1.5]

@@ -54,15 +54,26 @@ def test_reference_cache_round_trip_and_mismatch(tmp_path, tiny_path):
         preference.load_reference_cache(path, {**fp, "tokenizer.vocab_size": 1000})
     assert preference.load_reference_cache(tmp_path / "none.safetensors", fp) is None
 
-    # In a run: the same data reuses the cache; other data in the same folder is refused, naming the field.
+    # In a run: the same data reuses the cache; other data is refused, naming the field. (overwrite=true moves
+    # the old run aside, cache included, so the cache is carried into each new folder here.)
     out = tmp_path / "run"
     preference.train(pref_cfg(out, tiny_path, "trainer.max_steps=1", "eval.before=false", "eval.after=false"))
     before = (out / "ref_logps.safetensors").stat().st_mtime_ns
-    preference.train(pref_cfg(out, tiny_path, "trainer.max_steps=1", "eval.before=false", "eval.after=false",
-                              "overwrite=true"))
-    assert (out / "ref_logps.safetensors").stat().st_mtime_ns == before
+    preference.train(pref_cfg(with_cache(out, tmp_path / "same"), tiny_path, "trainer.max_steps=1",
+                              "eval.before=false", "eval.after=false"))
+    assert (tmp_path / "same" / "ref_logps.safetensors").stat().st_mtime_ns == before
     with pytest.raises(ConfigError, match="data.train_sha256"):
-        preference.train(pref_cfg(out, tiny_path, "trainer.max_steps=1", "data.num_train=50", "overwrite=true"))
+        preference.train(pref_cfg(with_cache(out, tmp_path / "other"), tiny_path, "trainer.max_steps=1",
+                                  "data.num_train=50"))
+
+
+def with_cache(run, new):
+    """A fresh output folder holding only `run`'s reference cache (mtime kept)."""
+    import shutil
+
+    new.mkdir()
+    shutil.copy2(run / "ref_logps.safetensors", new / "ref_logps.safetensors")
+    return new
 
 
 def test_reference_cache_sees_a_checkpoint_retrained_in_place(tmp_path, tiny_path):
@@ -80,7 +91,7 @@ def test_reference_cache_sees_a_checkpoint_retrained_in_place(tmp_path, tiny_pat
     state = load_file(weights)
     save_file({k: v + 0.01 for k, v in state.items()}, str(weights), metadata={"format": "pt"})
     with pytest.raises(ConfigError, match="model.weights_stamp: cached '[0-9a-f]{64}', now '[0-9a-f]{64}'"):
-        preference.train(pref_cfg(out, model, *quick, "overwrite=true"))
+        preference.train(pref_cfg(with_cache(out, tmp_path / "again"), model, *quick))
 
 
 def test_reference_modes_agree(tmp_path, tiny_path):

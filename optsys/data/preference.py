@@ -17,6 +17,7 @@ estimates KL(pi || ref).
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from array import array
 from dataclasses import dataclass, field
@@ -142,6 +143,19 @@ def _kto_parts(row: dict, where: str):
     return row["prompt"], completion, label
 
 
+def _margin(value, where: str) -> float | None:
+    """A row's optional reward margin: a finite number (or absent)."""
+    if value is None:
+        return None
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is not None and math.isfinite(number):
+        return number
+    raise DataError(f"{where}: field 'margin' must be a finite number (or absent, for rm.margin), got {value!r}.")
+
+
 def _encode(prompt, completion, tokenizer, where: str) -> TokenizedExample:
     ids, labels = _encode_prompt_completion(prompt, completion, tokenizer, where, False)
     return TokenizedExample(list(ids), _shift(ids, labels))
@@ -173,8 +187,7 @@ def tokenize_pairs(rows, tokenizer, *, max_tokens: int, kto: bool = False, overl
                 parts.append((index, prompt, completion, None, label, None))
             else:
                 prompt, chosen, rejected = _pair_parts(row, where)
-                margin = row.get("margin")
-                parts.append((index, prompt, chosen, rejected, None, None if margin is None else float(margin)))
+                parts.append((index, prompt, chosen, rejected, None, _margin(row.get("margin"), where)))
         except DataError:
             if on_bad_pair == "error":
                 raise

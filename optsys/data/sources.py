@@ -28,8 +28,8 @@ def load_rows(source: str, *, split: str = "train", trust_remote_code: bool = Fa
         ds = _load_folder(path, split)
     elif _looks_like_path(source):
         raise DataError(
-            f"data source {source!r} does not exist (resolved to {path.resolve()}). Point data.path "
-            f"at an existing .jsonl, .json or .parquet file, a folder written by "
+            f"data source {source!r} does not exist (resolved to {path.resolve()}). Point data.dataset "
+            f"(or data.eval_dataset) at an existing .jsonl, .json or .parquet file, a folder written by "
             f"datasets.Dataset.save_to_disk, or a Hugging Face dataset id such as 'org/name'."
         )
     else:
@@ -37,7 +37,8 @@ def load_rows(source: str, *, split: str = "train", trust_remote_code: bool = Fa
     rows = ds.to_list()
     if not rows:
         raise DataError(
-            f"data source {source!r} (split {split!r}) has no rows; point data.path at a non-empty dataset."
+            f"data source {source!r} (split {split!r}) has no rows; point data.dataset (or "
+            f"data.eval_dataset) at a non-empty dataset."
         )
     return rows
 
@@ -89,7 +90,8 @@ def _load_file(path: Path):
             f"{', '.join(sorted(FILE_BUILDERS))}. Convert it, or save it with datasets.Dataset.save_to_disk."
         )
     if path.stat().st_size == 0:
-        raise DataError(f"data file {str(path)!r} is empty; point data.path at a file with rows.")
+        raise DataError(f"data file {str(path)!r} is empty; point data.dataset (or "
+                        f"data.eval_dataset) at a file with rows.")
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # arrow / json parse errors carry the detail we pass on

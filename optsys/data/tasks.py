@@ -8,11 +8,13 @@ of the problem itself, so the held-out set never leaks into training whatever th
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,22 @@ def _addition_reversed(rng: random.Random, difficulty: int) -> Problem:
     return Problem(p.prompt, p.answer[::-1])
 
 
+def _addition_prompts(difficulty: int) -> Iterable[str]:
+    lo, hi = (0 if difficulty == 1 else 10 ** (difficulty - 1)), 10**difficulty
+    return (f"{a}+{b}=" for a in range(lo, hi) for b in range(lo, hi))
+
+
+def _addition_count(difficulty: int) -> int:
+    return (10 if difficulty == 1 else 9 * 10 ** (difficulty - 1)) ** 2
+
+
 def _sorting(rng: random.Random, difficulty: int) -> Problem:
     xs = [rng.randrange(100) for _ in range(difficulty)]
     return Problem("sort: " + " ".join(map(str, xs)), " ".join(map(str, sorted(xs))))
+
+
+def _sorting_prompts(difficulty: int) -> Iterable[str]:
+    return ("sort: " + " ".join(map(str, xs)) for xs in itertools.product(range(100), repeat=difficulty))
 
 
 def _wrong_addition(problem: Problem, rng: random.Random) -> str:
@@ -79,7 +94,14 @@ class Task:
     name: str
     make: Callable[[random.Random, int], Problem]
     wrong: Callable[[Problem, random.Random], str]
+    prompts: Callable[[int], Iterable[str]]  # every distinct prompt at a difficulty
+    count: Callable[[int], int]  # how many there are
     system: str | None = None
+
+    def split_sizes(self, difficulty: int) -> tuple[int, int] | None:
+        """(train, test) distinct problems at `difficulty`, counted exactly up to 200k problems (a few ms
+        for 10k); None beyond, where only `count` is known (the split is about 7/8 : 1/8 of it)."""
+        return _split_counts(self.name, difficulty) if self.count(difficulty) <= 200_000 else None
 
     def problems(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[Problem]:
         """`n` distinct problems of `split` ("train" or "test"); deterministic for (seed, difficulty)."""
@@ -131,10 +153,17 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "arithmetic": Task("arithmetic", _addition, _wrong_addition),
-    "arithmetic_reversed": Task("arithmetic_reversed", _addition_reversed, _wrong_addition_reversed),
-    "sorting": Task("sorting", _sorting, _wrong_sorting),
+    "arithmetic": Task("arithmetic", _addition, _wrong_addition, _addition_prompts, _addition_count),
+    "arithmetic_reversed": Task("arithmetic_reversed", _addition_reversed, _wrong_addition_reversed,
+                                _addition_prompts, _addition_count),
+    "sorting": Task("sorting", _sorting, _wrong_sorting, _sorting_prompts, lambda d: 100**d),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _split_counts(name: str, difficulty: int) -> tuple[int, int]:
+    test = sum(_split_of(p) == "test" for p in TASKS[name].prompts(difficulty))
+    return TASKS[name].count(difficulty) - test, test
 
 
 def get_task(name: str) -> Task:

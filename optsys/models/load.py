@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from optsys.config import ModelConfig
+from optsys.config import ConfigError, ModelConfig
 from optsys.models.lora import apply_lora, quantization_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,10 +30,22 @@ def pick_attn_implementation(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
+def from_pretrained(loader, path: str, **kwargs):
+    """loader.from_pretrained(path, ...), with transformers' OSError (a hub id that does not exist or cannot be
+    reached, a folder missing files) turned into a ConfigError naming the setting."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot load model {path!r} (model.name_or_path, or pref.reference_model for a reference): {e} "
+            "Use a local Hugging Face folder (config.json, tokenizer and *.safetensors), or a hub id that exists "
+            "and is reachable from here (check the name, model.revision and network access).") from None
+
+
 def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    tok = from_pretrained(AutoTokenizer, path, revision=revision, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         # Training packs and never pads; generation needs some pad id and eos is the usual choice.
         tok.pad_token = tok.eos_token
@@ -46,14 +58,14 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device, seed: int =
 
     path = resolve_model_path(cfg.name_or_path, seed)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
-        raise FileNotFoundError(
+        raise ConfigError(
             f"model folder {path} holds no *.safetensors weights; optsys reads safetensors only "
             "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
         )
     tokenizer = load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     quant = quantization_config(cfg.lora, compute_dtype=DTYPES[cfg.dtype])
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
+    model = from_pretrained(
+        AutoModelForCausalLM, path,
         revision=cfg.revision,
         dtype=DTYPES[cfg.dtype],
         attn_implementation=pick_attn_implementation(cfg.attn_implementation, device),

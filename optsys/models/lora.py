@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from optsys.config import LoraConfig
+from optsys.config import ConfigError, LoraConfig
 
 # Attention and MLP projections by architecture (the usual "all linear" choice of QLoRA's paper).
 DEFAULT_TARGETS = {
@@ -46,7 +46,7 @@ def target_modules(model, cfg: LoraConfig) -> list[str]:
     names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Module)}
     targets = cfg.target_modules or DEFAULT_TARGETS.get(model.config.model_type)
     if targets is None:
-        raise ValueError(
+        raise ConfigError(
             f"no default LoRA target modules for model type {model.config.model_type!r}; set "
             f"model.lora.target_modules=[...] from the model's linear layers"
         )
@@ -54,7 +54,7 @@ def target_modules(model, cfg: LoraConfig) -> list[str]:
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear) or type(m).__name__.startswith("Linear")})
-        raise ValueError(
+        raise ConfigError(
             f"model.lora.target_modules names {missing}, which the model ({model.config.model_type}) does not "
             f"have. Its linear layers are: {linear}."
         )

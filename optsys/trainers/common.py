@@ -17,7 +17,14 @@ from typing import Callable
 import torch
 import yaml
 
-from optsys.checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, rewind_metrics, save_checkpoint
+from optsys.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    load_checkpoint,
+    resume_checkpoint,
+    rewind_metrics,
+    save_checkpoint,
+)
 from optsys.config import ConfigError, TrainConfig, drop_other_sections, dump_yaml, to_dict
 from optsys.models.lora import is_peft, save_final
 from optsys.models.packed import attach_forward_methods
@@ -54,28 +61,66 @@ def set_seed(seed: int) -> None:
 def prepare_output_dir(cfg: TrainConfig) -> Path:
     """Create the run folder and write the resolved config; refuse to mix two runs in one folder.
 
-    resume=true instead requires the folder to hold a run whose config equals this one except `resume`,
-    and keeps its config.yaml, metrics.jsonl (rewound by the trainer) and checkpoints.
+    overwrite=true moves a previous run's folder aside to `<dir>.old-<timestamp>` (one rename, said in the log),
+    so the new run starts from an empty folder: none of the old checkpoints can be pruned as the new run's or
+    picked up by a later resume, and nothing of the user's is deleted. resume=true instead requires the folder
+    to hold a run whose config equals this one except `resume`, and keeps its config.yaml, metrics.jsonl
+    (rewound by the trainer) and checkpoints.
     """
     if cfg.resume:
         return _check_resume_dir(cfg)
     if cfg.output_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.output_dir = os.path.join("runs", f"{cfg.recipe}-{stamp}")
+    check_output_dir(cfg)
     out = Path(cfg.output_dir)
-    resolved = dump_yaml(cfg)
     existing = out / "config.yaml"
-    if existing.exists() and not cfg.overwrite:
-        same = existing.read_text() == resolved
-        raise ConfigError(
-            f"output_dir {out} already holds a {'run of this same config' if same else 'different run'} "
-            f"(see {existing}). Pick a new output_dir=..., or pass overwrite=true to replace it."
-        )
+    if existing.exists():  # overwrite=true (checked above)
+        aside = move_aside(out)
+        print(f"overwrite=true: moved the previous run in {out} to {aside}; this run starts in an empty folder "
+              f"(delete {aside} when you no longer need it)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "summary.json"):  # overwrite=true: start the history afresh
-        (out / stale).unlink(missing_ok=True)
-    existing.write_text(resolved)
+    existing.write_text(dump_yaml(cfg))
     return out
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """The ConfigErrors prepare_output_dir would raise, without writing anything. python -m optsys.train runs it
+    on every rank before training, so a refused folder stops all ranks alike (prepare_output_dir runs on rank 0)."""
+    if cfg.resume:
+        _check_resume_dir(cfg)
+        return
+    if cfg.output_dir is None:
+        return  # a new timestamped folder
+    out = Path(cfg.output_dir)
+    existing = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file; pick a folder (it is created if missing)")
+    if existing.exists():
+        if not cfg.overwrite:
+            same = existing.read_text() == dump_yaml(cfg)
+            raise ConfigError(
+                f"output_dir {out} already holds a {'run of this same config' if same else 'different run'} "
+                f"(see {existing}). Pick a new output_dir=..., or pass overwrite=true to replace it."
+            )
+        if Path.cwd().resolve() in (out.resolve(), *out.resolve().parents):
+            raise ConfigError(f"overwrite=true would move {out} aside, but it holds the current directory; run "
+                              "from elsewhere or pick another output_dir")
+    elif (out / CHECKPOINTS).exists():
+        raise ConfigError(f"output_dir {out} holds {CHECKPOINTS}/ but no config.yaml (a run whose config was "
+                          "removed): a new run would prune or resume those checkpoints. Move them away, or pick "
+                          "another output_dir.")
+
+
+def move_aside(out: Path) -> Path:
+    """Rename run folder `out` to a free `<out>.old-<timestamp>[-N]` beside it and return the new path."""
+    base = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside, n = base, 0
+    while aside.exists():
+        n += 1
+        aside = base.with_name(f"{base.name}-{n}")
+    os.rename(out, aside)
+    return aside
 
 
 def _check_resume_dir(cfg: TrainConfig) -> Path:
@@ -87,8 +132,9 @@ def _check_resume_dir(cfg: TrainConfig) -> Path:
             "path, or drop resume=true to start a new run there.")
     old = drop_other_sections(yaml.safe_load(existing.read_text()) or {})  # runs from before sections were dropped
     new = to_dict(cfg)
-    old.pop("resume", None)
-    new.pop("resume", None)
+    for key in ("resume", "overwrite"):  # how a run was started, not what it is
+        old.pop(key, None)
+        new.pop(key, None)
     diff = config_diff(old, new)
     if diff:
         raise ConfigError(

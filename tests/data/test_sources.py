@@ -54,12 +54,12 @@ def test_missing_empty_and_unsupported_files(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(DataError, match="does not exist") as e:
         load_rows(str(missing))
-    assert str(missing) in str(e.value) and "data.path" in str(e.value)
+    assert str(missing) in str(e.value) and "data.dataset" in str(e.value) and "data.path" not in str(e.value)
     with pytest.raises(DataError, match="does not exist"):
         load_rows("./not/here")
 
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="empty; point data.dataset"):
         load_rows(str(tmp_path / "empty.jsonl"))
     (tmp_path / "rows.txt").write_text("hello\n")
     with pytest.raises(DataError, match="suffix '.txt'"):
@@ -88,7 +88,7 @@ def test_hub_ids_go_to_load_dataset(monkeypatch):
     assert calls == [("org/sft", "validation")]
     with pytest.raises(DataError, match=r"'org/broken'.*hub unreachable"):
         load_rows("org/broken")
-    with pytest.raises(DataError, match="has no rows"):
+    with pytest.raises(DataError, match="has no rows; point data.dataset"):
         load_rows("org/empty")
 
 

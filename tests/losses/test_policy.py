@@ -202,10 +202,33 @@ def test_gae_matches_eq16_double_sum():
         assert (adv[i, n:] == 0).all()
 
 
-def test_registries():
+def test_registries_give_the_documented_values_by_name():
+    """Each registered name gives its estimator's value on a case computed by hand (a registry whose names
+    point at the wrong functions fails here)."""
     assert set(POLICY_LOSSES) == {"ppo_clip"}
-    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "rloo", "reinforce_pp", "gae"}
+    # pi = 1/2, ref = 1/4: log r = log 2; k2 = (log 2)^2 / 2; k3 = ref/pi - log(ref/pi) - 1 = 1/2 + log 2 - 1.
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    expect_kl = {"k1": math.log(2), "k2": math.log(2) ** 2 / 2, "k3": 0.5 + math.log(2) - 1}
+    assert set(KL_ESTIMATORS) == set(expect_kl)
+    for name, value in expect_kl.items():
+        assert KL_ESTIMATORS[name](logp, ref).item() == pytest.approx(value, rel=1e-6), name
+
+    # One group of 4 rewards [1, 0, 0, 1]: mean 1/2, unbiased std sqrt(1/3).
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    z = 0.5 / math.sqrt(1 / 3)
+    expect_adv = {"grpo": [z, -z, -z, z], "rloo": [2 / 3, -2 / 3, -2 / 3, 2 / 3], "reinforce_pp": [z, -z, -z, z]}
+    for name, value in expect_adv.items():
+        assert ADVANTAGE_ESTIMATORS[name](rewards).squeeze(0).tolist() == pytest.approx(value, rel=1e-5), name
+    # GAE with zero values, gamma 1, lam 0.95 and one reward at the end: A_t = 0.95^(2 - t).
+    adv, returns = ADVANTAGE_ESTIMATORS["gae"](torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1, 3), torch.ones(1, 3),
+                                               gamma=1.0, lam=0.95)
+    assert adv.squeeze(0).tolist() == pytest.approx([0.95**2, 0.95, 1.0]) and torch.equal(adv, returns)
+    assert set(ADVANTAGE_ESTIMATORS) == {*expect_adv, "gae"}
+
+    # ppo_clip with ratio 1 and advantage 1 everywhere: the token-mean surrogate is -1, nothing clipped.
+    ones = torch.ones(2, 3, dtype=torch.float64)
+    loss, metrics = POLICY_LOSSES["ppo_clip"](-ones, -ones, ones, ones)
+    assert loss.item() == pytest.approx(-1.0) and metrics["clip_fraction"].item() == 0.0
 
 
 def test_bad_input():
