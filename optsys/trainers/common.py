@@ -242,18 +242,24 @@ def save_final_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, world: W
     """<out_dir>/final/: a Hugging Face folder with the weights in model.dtype, gathered from the shards under
     torchrun (every rank calls; rank 0 writes). LoRA: peft's adapter folder, adapters as trained (fp32);
     in one process also final-merged/ with model.lora.save_merged."""
-    final = out_dir / "final"
     if not world.distributed and is_peft(model):
         save_final(model, tokenizer, out_dir, cfg.model.lora, dtype=p.storage)
         return
+    save_gathered(model, tokenizer, out_dir / "final", world, p, storage_dtype=not is_peft(model))
+
+
+def save_gathered(model, tokenizer, path: Path, world: World, p: Precision, *, storage_dtype: bool = True) -> None:
+    """A Hugging Face folder from the model's full state dict (gathered from the shards under torchrun: every
+    rank calls, rank 0 writes), its floating-point weights cast to model.dtype unless `storage_dtype` is False
+    (a peft adapter keeps the dtype it was trained in)."""
     state_dict = full_state_dict(model, world)  # a collective under torchrun
     if world.is_main:
-        if not is_peft(model):
+        if storage_dtype:
             state_dict = storage_state_dict(state_dict, p)
-        model.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
-        if not is_peft(model):
-            mark_storage_dtype(final, p)
-        tokenizer.save_pretrained(final)
+        model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        if storage_dtype:
+            mark_storage_dtype(path, p)
+        tokenizer.save_pretrained(path)
     barrier(world)
 
 

@@ -27,9 +27,7 @@ from optsys.models.reward import score as score  # re-exported: `from optsys.tra
 from optsys.parallel.dist import (
     World,
     all_reduce_sum,
-    barrier,
     broadcast_object,
-    full_state_dict,
     shared_batches,
     torchrun_world,
 )
@@ -51,11 +49,12 @@ from optsys.trainers.common import (
     prepare_output_dir,
     ready_for_training,
     restore_run,
+    save_gathered,
     save_training_checkpoint,
     set_seed,
     warmup_cosine,
 )
-from optsys.trainers.precision import Precision, mark_storage_dtype, resolve_precision, storage_state_dict
+from optsys.trainers.precision import Precision, resolve_precision
 from optsys.trainers.preference import build_preference_data, pair_steps
 
 KEYS = ("loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin")
@@ -193,9 +192,4 @@ def save_reward_model(model, tokenizer, path: Path, world: World, precision: Pre
         merged_model(model).to(precision.storage).save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
         return
-    state_dict = full_state_dict(model, world)  # a collective under torchrun
-    if world.is_main:
-        model.save_pretrained(path, state_dict=storage_state_dict(state_dict, precision), safe_serialization=True)
-        mark_storage_dtype(path, precision)
-        tokenizer.save_pretrained(path)
-    barrier(world)
+    save_gathered(model, tokenizer, path, world, precision)
