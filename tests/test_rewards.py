@@ -35,6 +35,7 @@ from optsys.rollout.rewards import (REWARD_FUNCTIONS, RewardError, build_rewards
     ("\\boxed{{a}{b}} and \\boxed{ 7 }", "7"),
     ("x \\boxed{1} then\nAnswer: 2", "2"),
     ("Answer: 2\nbut \\boxed{3} after all", "3"),
+    ("Answer: \\boxed{4}", "4"),
     ("steps\n#### 1,234", "1,234"),
     ("#### 5\nfinal answer: 6\nmore text", "6"),
     ("answer:  5 \nexplanation follows", "5"),
