@@ -137,9 +137,49 @@ class RewardConfig:
 
 
 @dataclass
+class RLConfig:
+    """Reinforcement learning (methods grpo | dr_grpo | dapo | gspo | cispo | rloo | reinforce_pp); see
+    optsys.trainers.rl. A rollout step samples rl.group_size completions for each of rl.prompts_per_step prompts,
+    scores them, and makes rl.updates_per_batch optimizer steps on them; trainer.max_steps counts rollout steps."""
+
+    engine: Literal["auto", "vllm", "hf"] = "auto"  # auto: vLLM in this process when installed, else HF generate
+    prompts_per_step: int = 16  # GLOBAL prompts per rollout step (split over ranks)
+    group_size: int = 8  # completions per prompt (the group GRPO normalizes over)
+    updates_per_batch: int = 1  # optimizer steps per rollout step: its groups split into this many mini-batches
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # sampling temperature; the trainer's log-probs use the same one
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    # Reward functions (optsys.rollout.rewards registry names, or a dotted path "pkg.module.fn"), summed with
+    # reward_weights (None: all 1). A function that raises or exceeds reward_timeout_s stops the run naming it and
+    # the sample, or with on_reward_error=zero scores 0 and is counted (reward/errors_<name>).
+    rewards: list[str] = field(default_factory=lambda: ["correct"])
+    reward_weights: Optional[list[float]] = None
+    reward_timeout_s: float = 30.0
+    on_reward_error: Literal["error", "zero"] = "error"
+    clip_eps: Optional[float] = None  # None: the method's default (0.2; GSPO 3e-4)
+    clip_eps_high: Optional[float] = None  # None: the method's default (= clip_eps; DAPO 0.28; GSPO 4e-4)
+    kl_coef: float = 0.0  # KL to the initial policy in the loss (0: no reference model is kept)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    # Sampler-vs-trainer mismatch: importance weights old / sampler per token, truncated (tis) or masked above
+    # correction_cap (mis_token, mis_seq); "none" trusts the sampler (see optsys.losses.policy.sampler_correction).
+    sampler_correction: Literal["none", "tis", "mis_token", "mis_seq"] = "tis"
+    correction_cap: float = 2.0
+    dynamic_sampling: Optional[bool] = None  # drop groups whose rewards are all equal, refill (None: DAPO only)
+    max_refills: int = 2  # extra generation rounds per step for dynamic sampling
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last this-many tokens (0: off)
+    sync_bucket_mb: float = 256.0  # weight-sync bucket: the most extra memory a sync holds
+    canary_every: int = 1  # syncs between canary checks (engine vs trainer log-probs of a fixed completion)
+    canary_tolerance: float = 1e-4  # max |log-prob difference| (fp32; a bf16 engine needs ~5e-2)
+    engine_memory_fraction: float = 0.3  # GPU memory vLLM may take (weights + KV cache)
+
+
+@dataclass
 class TrainConfig:
     recipe: str = "quickstart"
-    method: str = "sft"  # a name in optsys.methods.METHODS: sft, dpo, ipo, robust, simpo, orpo, cpo, kto, rm
+    # a name in optsys.methods.METHODS: sft, dpo, ipo, robust, simpo, orpo, cpo, kto, rm, grpo, dr_grpo, dapo,
+    # gspo, cispo, rloo, reinforce_pp
+    method: str = "sft"
     output_dir: Optional[str] = None  # default ./runs/<recipe>-<timestamp>/
     overwrite: bool = False  # allow writing into a folder that holds another run
     resume: bool = False  # continue the run in output_dir from its latest complete checkpoint
@@ -151,6 +191,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def validate(self) -> None:
         """Refuse, naming the key, every setting that is out of range, contradicts another, or would be
@@ -209,6 +250,22 @@ RANGES = [
     ("pref.desirable_weight", _at_least(0)),
     ("pref.undesirable_weight", _at_least(0)),
     ("rm.center_coef", _at_least(0)),
+    ("rl.prompts_per_step", _positive()),
+    ("rl.group_size", _at_least(2)),
+    ("rl.updates_per_batch", _positive()),
+    ("rl.max_new_tokens", _positive()),
+    ("rl.temperature", _positive()),
+    ("rl.top_p", _in(0, 1, closed_high=True)),
+    ("rl.top_k", _at_least(0)),
+    ("rl.reward_timeout_s", _positive()),
+    ("rl.kl_coef", _at_least(0)),
+    ("rl.correction_cap", _positive()),
+    ("rl.max_refills", _at_least(0)),
+    ("rl.overlong_buffer", _at_least(0)),
+    ("rl.sync_bucket_mb", _positive()),
+    ("rl.canary_every", _at_least(0)),
+    ("rl.canary_tolerance", _positive()),
+    ("rl.engine_memory_fraction", _in(0, 1)),
 ]
 RANGE_HINTS = {
     "trainer.grad_clip": " (0 disables clipping)",
@@ -218,6 +275,9 @@ RANGE_HINTS = {
     "pref.label_smoothing": " (the label-flip rate eps; 0.5 makes chosen and rejected interchangeable)",
     "pref.beta": " (beta = 0 makes every preference loss constant)",
     "model.lora.r": " (0 trains the full model)",
+    "rl.group_size": " (group advantages compare completions of the same prompt)",
+    "rl.canary_every": " (0 turns the sync check off)",
+    "rl.top_p": " (1 = no truncation)",
 }
 
 
@@ -250,7 +310,7 @@ def check_ranges(cfg: TrainConfig) -> None:
         value = _get(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key} must be {wording}{RANGE_HINTS.get(key, '')}, got {value!r}")
-    if cfg.trainer.batch_tokens < cfg.data.max_tokens:
+    if cfg.trainer.batch_tokens < cfg.data.max_tokens and not _is_rl(cfg):
         raise ConfigError(
             f"trainer.batch_tokens={cfg.trainer.batch_tokens} is less than data.max_tokens={cfg.data.max_tokens}: "
             "a step holds at least one packed row of up to data.max_tokens tokens, so the step would be bigger "
@@ -312,6 +372,55 @@ def check_method(cfg: TrainConfig) -> None:
     refuse_unused_settings(cfg, method, METHODS)
     if method.section == "pref":
         _check_pref_keys(cfg, method)
+    if method.section == "rl":
+        _check_rl_keys(cfg)
+
+
+def _is_rl(cfg: TrainConfig) -> bool:
+    from optsys.methods import METHODS
+
+    return cfg.method in METHODS and METHODS[cfg.method].section == "rl"
+
+
+def _check_rl_keys(cfg: TrainConfig) -> None:
+    rl, world = cfg.rl, _launcher_world_size()
+    defaults = TrainConfig()
+    if cfg.trainer.batch_tokens != defaults.trainer.batch_tokens:
+        raise ConfigError(f"trainer.batch_tokens={cfg.trainer.batch_tokens} has no effect with method={cfg.method}: an "
+                          "RL step is rl.prompts_per_step x rl.group_size completions. Drop trainer.batch_tokens.")
+    if cfg.data.task is None:
+        raise ConfigError(f"method={cfg.method} needs a built-in task (data.task) for its prompts and answers; "
+                          "RL on a dataset of prompts is not supported yet")
+    if rl.prompts_per_step % rl.updates_per_batch:
+        raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not split into rl.updates_per_batch="
+                          f"{rl.updates_per_batch} mini-batches of whole prompt groups; make prompts_per_step a "
+                          "multiple of updates_per_batch")
+    if rl.prompts_per_step % world:
+        raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not divide over {world} ranks (each rank "
+                          "generates an equal share of the prompts); make it a multiple of the world size")
+    from optsys.rollout.rewards import check_reward_names
+
+    try:  # imports user reward modules, loads nothing
+        check_reward_names(rl.rewards, rl.reward_weights)
+    except ConfigError as e:
+        raise ConfigError(f"rl.rewards / rl.reward_weights: {e}") from None
+    if rl.max_new_tokens >= cfg.data.max_tokens:
+        raise ConfigError(f"rl.max_new_tokens={rl.max_new_tokens} leaves no room for the prompt in data.max_tokens="
+                          f"{cfg.data.max_tokens} (the per-sequence limit, prompt + completion); raise data.max_tokens")
+    if rl.overlong_buffer >= rl.max_new_tokens:
+        raise ConfigError(f"rl.overlong_buffer={rl.overlong_buffer} must be less than rl.max_new_tokens="
+                          f"{rl.max_new_tokens} (the penalty ramps over the last overlong_buffer tokens)")
+    if rl.engine == "vllm" and world > 1:
+        raise ConfigError("rl.engine=vllm under torchrun is not supported yet (each rank would need vLLM's "
+                          "external_launcher); use rl.engine=hf (or auto, which picks hf under torchrun)")
+    if rl.kl_coef == 0 and rl.kl_estimator != defaults.rl.kl_estimator:
+        raise ConfigError(f"rl.kl_estimator={rl.kl_estimator} has no effect with rl.kl_coef=0; set rl.kl_coef > 0 "
+                          "or drop rl.kl_estimator")
+    if rl.sampler_correction == "none" and rl.correction_cap != defaults.rl.correction_cap:
+        raise ConfigError("rl.correction_cap has no effect with rl.sampler_correction=none; drop it")
+    if not cfg.model.lora.r == 0:
+        raise ConfigError(f"model.lora with method={cfg.method} is not supported yet (adapter-only weight sync is "
+                          "still to come); train the full model (model.lora.r=0)")
 
 
 def refuse_unused_settings(cfg: TrainConfig, method, methods) -> None:

@@ -20,6 +20,7 @@ class Method:
 
 
 PREF = "optsys.trainers.preference"
+RL = "optsys.trainers.rl"
 
 METHODS: dict[str, Method] = {
     "sft": Method("optsys.trainers.sft"),
@@ -31,6 +32,38 @@ METHODS: dict[str, Method] = {
     "cpo": Method(PREF, "pref", ("beta", "alpha", "label_smoothing")),
     "kto": Method(PREF, "pref", ("beta", "desirable_weight", "undesirable_weight"), reference=True),
     "rm": Method("optsys.trainers.reward", "rm", ("margin", "center_coef")),
+    # RL: the advantage estimator, policy loss and aggregation of each are in RL_ALGORITHMS below.
+    "grpo": Method(RL, "rl", ("clip_eps", "clip_eps_high")),
+    "dr_grpo": Method(RL, "rl", ("clip_eps", "clip_eps_high")),
+    "dapo": Method(RL, "rl", ("clip_eps", "clip_eps_high")),
+    "gspo": Method(RL, "rl", ("clip_eps", "clip_eps_high")),
+    "cispo": Method(RL, "rl", ("clip_eps_high",)),
+    "rloo": Method(RL, "rl", ("clip_eps", "clip_eps_high")),
+    "reinforce_pp": Method(RL, "rl", ("clip_eps", "clip_eps_high")),
+}
+
+
+@dataclass(frozen=True)
+class RLAlgorithm:
+    """What an RL method computes: names in optsys.losses.policy's registries, and its paper's defaults."""
+
+    advantage: str  # ADVANTAGE_ESTIMATORS key
+    loss: str  # POLICY_LOSSES key
+    agg: str  # AGG_MODES: how per-token terms reduce over a (mini-)batch
+    scale_std: bool = True  # GRPO: divide by the group's reward std
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # None: = clip_eps
+    dynamic_sampling: bool = False
+
+
+RL_ALGORITHMS: dict[str, RLAlgorithm] = {
+    "grpo": RLAlgorithm("grpo", "ppo_clip", "seq_mean_token_mean"),  # Shao et al. 2024
+    "dr_grpo": RLAlgorithm("grpo", "ppo_clip", "seq_sum_norm", scale_std=False),  # Liu et al. 2025
+    "dapo": RLAlgorithm("grpo", "ppo_clip", "token_mean", clip_eps_high=0.28, dynamic_sampling=True),  # Yu et al.
+    "gspo": RLAlgorithm("grpo", "gspo", "seq_mean_token_mean", clip_eps=3e-4, clip_eps_high=4e-4),  # Zheng et al.
+    "cispo": RLAlgorithm("grpo", "cispo", "token_mean", clip_eps_high=0.28),  # MiniMax-M1
+    "rloo": RLAlgorithm("rloo", "ppo_clip", "token_mean"),  # Ahmadian et al. 2024
+    "reinforce_pp": RLAlgorithm("reinforce_pp_token", "ppo_clip", "token_mean"),  # Hu et al. 2025
 }
 
 # Every family section of TrainConfig; a run's config.yaml keeps only its method's.

@@ -13,8 +13,8 @@ import types
 
 import torch
 
-from optsys.kernels import fused_linear_cross_entropy
-from optsys.losses.sequence import sequence_logprobs
+from optsys.kernels import fused_linear_cross_entropy, linear_token_logprobs
+from optsys.losses.sequence import IGNORE_INDEX, _token_logprobs, sequence_logprobs
 from optsys.models.heads import output_head
 
 
@@ -101,10 +101,34 @@ def packed_sequence_logps(model, input_ids: torch.Tensor, position_ids: torch.Te
                              softcap=head.softcap, average=average, backend=backend)
 
 
+def packed_token_logps(model, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_lens: list[int],
+                       targets: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-target log-probs [N] (and entropies [N]) of a packed row at `temperature`, N = targets != -100.
+
+    The RL losses' forward: log softmax(logits / T) at every completion token, through the fused log-prob
+    kernel (no [T, V] logits). Entropy is of the same tempered distribution. An output layer with a bias or a
+    softcap goes through the cross-entropy path, which has no entropy (asked for, it is an error there).
+    Call it as `model.packed_token_logps(...)` after `attach_forward_methods(model)` (FSDP2, see token_loss_sum).
+    """
+    hidden = packed_hidden(model, input_ids, position_ids, seq_lens)
+    head = output_head(model)
+    keep = targets.reshape(-1) != IGNORE_INDEX
+    h, t = hidden[keep], targets.reshape(-1)[keep]
+    if head.bias is None and head.softcap is None:
+        out = linear_token_logprobs(h, head.weight, t, temperature=temperature / head.scale,
+                                    return_entropy=return_entropy, backend=backend)
+        return out if return_entropy else (out, None)
+    if return_entropy:
+        raise ValueError("entropy with an output bias or softcap is not supported by the fused kernels")
+    return _token_logprobs(h, head.weight, t, head.bias, head.scale, head.softcap, temperature, backend), None
+
+
 # Methods that run (part of) the model without calling `forward`. FSDP2 unshards the root module's
 # parameters only around forward; optsys.parallel.dist.shard_model registers each of these that a model
 # carries, so they get the same all-gather / reduce-scatter treatment.
-FORWARD_METHODS = {"token_loss_sum": token_loss_sum, "packed_sequence_logps": packed_sequence_logps}
+FORWARD_METHODS = {"token_loss_sum": token_loss_sum, "packed_sequence_logps": packed_sequence_logps,
+                   "packed_token_logps": packed_token_logps}
 
 
 def attach_forward_methods(model, methods: dict | None = None):

@@ -1,0 +1,92 @@
+"""Hugging Face `generate` on the trainer's own model: the rollout fallback when vLLM is absent.
+
+It shares the trainer's parameters, so a weight sync moves nothing (load_weights consumes the stream without
+copying, so the sync path and its canary still run). Sampler log-probs come from `generate`'s processed
+scores (after temperature, top-k and top-p), the same meaning as vLLM's `processed_logprobs`.
+Sampling draws from the global torch RNG under a forked, per-call seed: reproducible per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optsys.rollout.engine import Completion, Sampling
+
+
+class HFEngine:
+    name = "hf"
+    sleep_supported = False
+
+    def __init__(self, model, *, pad_token_id: int, synced_gpus: bool = False, batch_size: int = 64):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.synced_gpus = synced_gpus  # FSDP ranks must run the same number of forwards
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        result: list[list[Completion]] = []
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seeds[0] if seeds else 0)
+                per = max(1, self.batch_size // sampling.n)
+                for start in range(0, len(prompts), per):
+                    result += self._generate_chunk(prompts[start : start + per], sampling, device)
+        finally:
+            model.train(was_training)
+        return result
+
+    def _generate_chunk(self, prompts, sampling: Sampling, device) -> list[list[Completion]]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left-padded: generation continues from the last column
+            ids[i, width - len(p):] = torch.tensor(p)
+            attn[i, width - len(p):] = 1
+        out = self.model.generate(
+            input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
+            max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n,
+            eos_token_id=list(sampling.stop_token_ids) or None, pad_token_id=self.pad_token_id,
+            output_scores=True, return_dict_in_generate=True, synced_gpus=self.synced_gpus)
+        new = out.sequences[:, width:].cpu()
+        # scores[t] [B*n, V]: processed logits at step t; -inf outside the top-p / top-k set
+        logp = torch.stack([s.float().log_softmax(-1) for s in out.scores], 1).cpu()  # [B*n, L, V]
+        stops = set(sampling.stop_token_ids)
+        groups: list[list[Completion]] = []
+        for row in range(new.shape[0]):
+            tokens, lps, finish = [], [], "length"
+            for t, tok in enumerate(new[row].tolist()):
+                tokens.append(tok)
+                lps.append(float(logp[row, t, tok]))
+                if tok in stops:
+                    finish = "stop"
+                    break
+            if row % sampling.n == 0:
+                groups.append([])
+            groups[-1].append(Completion(tuple(tokens), tuple(lps), finish))
+        return groups
+
+    @torch.no_grad()
+    def token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        device = next(self.model.parameters()).device
+        result = []
+        for seq, start in zip(sequences, starts):
+            ids = torch.tensor([seq], device=device)
+            logits = self.model(input_ids=ids).logits[0].float().log_softmax(-1)
+            result.append([float(logits[i - 1, seq[i]]) for i in range(start, len(seq))])
+        return result
+
+    def load_weights(self, named_tensors) -> int:
+        """The engine is the trainer's model: drain the stream (FSDP ranks must all take part) and count."""
+        return sum(1 for _ in named_tensors)
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass

