@@ -437,7 +437,7 @@ def test_gspo_token_form_with_per_token_advantages():
             unclipped, clip = -a * s_i, -a * min(max(s_i, 0.9), 1.15)
             value += max(unclipped, clip) / n
             grad[t] = -a * s_i / n if unclipped >= clip else 0.0
-    assert float(loss) == pytest.approx(value, rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(value, rel=1e-12)
     torch.testing.assert_close(torch.autograd.grad(loss, logp)[0], grad, rtol=1e-10, atol=1e-13)
     assert 0 < float(m["clip_fraction"]) <= 1
 
@@ -477,7 +477,7 @@ def test_cispo_hand_example():
     for eps_lo, w, frac in [(None, [0.5, 1.0, 1.28], 1 / 3), (0.2, [0.8, 1.0, 1.28], 2 / 3)]:
         loss, m = cispo(logp[None], old[None], ones[None], ones[None], clip_eps_low=eps_lo)
         w = torch.tensor(w, dtype=torch.float64)
-        assert float(loss) == pytest.approx(float(-(w * logp.detach()).mean()))
+        assert float(loss.detach()) == pytest.approx(float(-(w * logp.detach()).mean()))
         torch.testing.assert_close(torch.autograd.grad(loss, logp)[0], -w / 3)
         assert float(m["clip_fraction"]) == pytest.approx(frac)
 
