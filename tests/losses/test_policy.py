@@ -501,8 +501,8 @@ def _ref_is_loss(name, logp, old, adv, mask, seq_ids, w, agg):
             s = seq_ratio[int(seq_ids[t])] * torch.exp(logp[t] - logp[t].detach())
             term = torch.maximum(-a * s, -a * torch.clamp(s, 0.8, 1.28))
         else:
-            term = -min(max(float(r), 0.7), 1.28) * a * logp[t]
-        terms.append(float(w[t]) * term)
+            term = -min(max(float(r.detach()), 0.7), 1.28) * a * logp[t]
+        terms.append(float(w[t].detach()) * term)
     return _ref_agg_packed(terms, mask, seq_ids, agg, 16)
 
 
@@ -522,7 +522,7 @@ def test_is_weights_scale_only_the_policy_term(name, agg):
     torch.testing.assert_close(g, torch.autograd.grad(pg + 0.05 * kl, logp)[0], rtol=1e-9, atol=1e-12)
     assert g_w is None
     unweighted, _ = fn(logp, old, adv, mask, ref_logp=ref, kl_coef=0.05, **kw)
-    assert abs(float(unweighted - loss)) > 1e-3
+    assert abs(float((unweighted - loss).detach())) > 1e-3
 
 
 def _sampler_batch(seed):
@@ -572,20 +572,23 @@ def test_sampler_correction_matches_loops(mode):
 
 
 def test_sampler_correction_hand_values():
-    # token ratios 0.5, 1, 3, 1.5 (old - sampler = log of them); sequences [0, 0, 1, 1]; cap 2
-    ratio = torch.tensor([0.5, 1.0, 3.0, 1.5], dtype=torch.float64)
-    sampler = torch.full((4,), -2.0, dtype=torch.float64)
-    old, mask, ids = sampler + torch.log(ratio), torch.ones(4, dtype=torch.bool), torch.tensor([0, 0, 1, 1])
+    # token ratios 0.5, 1 | 3, 1.5 | 0.2, 0.5 (old - sampler = log of them); sequences [0, 0, 1, 1, 2, 2]; cap 2
+    ratio = torch.tensor([0.5, 1.0, 3.0, 1.5, 0.2, 0.5], dtype=torch.float64)
+    sampler = torch.full((6,), -2.0, dtype=torch.float64)
+    old, mask, ids = sampler + torch.log(ratio), torch.ones(6, dtype=torch.bool), torch.tensor([0, 0, 1, 1, 2, 2])
     w, m = sampler_correction(old, sampler, mask, mode="tis", cap=2.0)
-    assert w.tolist() == pytest.approx([0.5, 1.0, 2.0, 1.5]) and float(m["is_truncated_fraction"]) == 0.25
+    assert w.tolist() == pytest.approx([0.5, 1.0, 2.0, 1.5, 0.2, 0.5])
+    assert float(m["is_truncated_fraction"]) == pytest.approx(1 / 6)
     w, m = sampler_correction(old, sampler, mask, mode="mis_token", cap=2.0)
-    assert w.tolist() == pytest.approx([0.5, 1.0, 0.0, 1.5]) and float(m["is_masked_fraction"]) == 0.25
-    # geometric means: sqrt(0.5) = 0.71 (kept), sqrt(4.5) = 2.12 > 2 (dropped)
+    assert w.tolist() == pytest.approx([0.5, 1.0, 0.0, 1.5, 0.2, 0.5])
+    assert float(m["is_masked_fraction"]) == pytest.approx(1 / 6)
+    # geometric means: sqrt(0.5) = 0.71 (kept), sqrt(4.5) = 2.12 > 2 and sqrt(0.1) = 0.32 < 1/2 (dropped)
     w, m = sampler_correction(old, sampler, mask, mode="mis_seq", cap=2.0, seq_ids=ids)
-    assert w.tolist() == pytest.approx([math.sqrt(0.5)] * 2 + [0.0, 0.0]) and float(m["is_masked_fraction"]) == 0.5
-    assert float(m["logp_gap_max"]) == pytest.approx(math.log(3))
+    assert w.tolist() == pytest.approx([math.sqrt(0.5)] * 2 + [0.0] * 4)
+    assert float(m["is_masked_fraction"]) == pytest.approx(4 / 6)
+    assert float(m["logp_gap_max"]) == pytest.approx(math.log(5))  # |log 0.2|
     # padded [B, L]: a row per sequence, no seq_ids needed; the masked-out 3 does not count and gets weight 1
-    w, m = sampler_correction(old.reshape(2, 2), sampler.reshape(2, 2), torch.tensor([[1, 1], [0, 1]]),
+    w, m = sampler_correction(old[:4].reshape(2, 2), sampler[:4].reshape(2, 2), torch.tensor([[1, 1], [0, 1]]),
                               mode="mis_seq", cap=2.0)
     assert w.reshape(-1).tolist() == pytest.approx([math.sqrt(0.5)] * 2 + [1.0, 1.5])
     assert float(m["is_masked_fraction"]) == 0.0
