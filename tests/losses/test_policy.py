@@ -540,6 +540,7 @@ def test_sampler_correction_matches_loops(mode):
     cap = 2.0
     w, m = sampler_correction(old, sampler, mask, mode=mode, cap=cap, seq_ids=seq_ids)
     assert not w.requires_grad and w.shape == old.shape
+    old = old.detach()
     want, affected = [1.0] * len(mask), 0
     seq_ratio = {}
     for i in range(S):
