@@ -22,10 +22,10 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, max_model_len: int, seed: int, device: torch.device,
-                 gpu_memory_utilization: float = 0.3, kv_cache_gib: float = 1.0):
+                 gpu_memory_utilization: float = 0.3, kv_cache_gib: int = 1):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if device.type == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))  # GiB, an int
         try:
             import vllm
         except ImportError as e:
