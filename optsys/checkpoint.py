@@ -76,7 +76,12 @@ def weights_stamp(name_or_path: str | None) -> str | None:
     """Identity of the weight files in a local model folder: sha256 over each file's relative name, size
     and mtime (cheap: nothing is read), so a checkpoint retrained into the same path no longer matches.
     None for anything that is not a local folder (hub ids are named by id and revision; `tiny:` models
-    are rebuilt deterministically)."""
+    are rebuilt deterministically). A `stage:<recipe>` is its cached final model, trained first if needed
+    (every rank calls under torchrun), so a fingerprint taken before and after the stage trained agree."""
+    if name_or_path and name_or_path.startswith("stage:"):
+        from optsys.stages import resolve_stage
+
+        name_or_path = resolve_stage(name_or_path)
     if not name_or_path or not Path(name_or_path).is_dir():
         return None
     root = Path(name_or_path)

@@ -38,7 +38,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    # "tiny:<preset>" (built by optsys.models.tiny), a local Hugging Face folder, or a hub id.
+    # "tiny:<preset>" (built by optsys.models.tiny), "stage:<recipe>" (that shipped recipe's final model, trained
+    # first or reused from the cache: optsys/stages.py), a local Hugging Face folder, or a hub id.
     name_or_path: str = "tiny:quickstart"
     revision: Optional[str] = None
     # How weights are stored: loaded in this dtype and final/ written in it. Training keeps fp32 master weights
@@ -123,8 +124,8 @@ class PreferenceConfig:
     # and caches them in <output_dir>/ref_logps.safetensors; "copy" keeps a frozen copy in memory;
     # "adapters_off" (LoRA only) runs the same model with its adapters disabled.
     reference: Literal["precompute", "copy", "adapters_off"] = "precompute"
-    # The reference checkpoint (hub id, folder, tiny:<preset>) for precompute / copy; None = the policy's
-    # initial weights. It must share the policy's tokenizer and architecture (checked at load).
+    # The reference checkpoint (hub id, folder, tiny:<preset>, stage:<recipe>) for precompute / copy; None = the
+    # policy's initial weights. It must share the policy's tokenizer and architecture (checked at load).
     reference_model: str | None = None
 
 
@@ -525,14 +526,21 @@ def check_device(cfg: TrainConfig) -> None:
 def check_model_paths(cfg: TrainConfig) -> None:
     """tiny:<preset> must name a preset; a local path must exist and hold *.safetensors. Hub ids are
     checked when they load (optsys.models.load turns an unreachable id into a ConfigError)."""
-    check_model_source("model.name_or_path", cfg.model.name_or_path)
+    check_model_source("model.name_or_path", cfg.model.name_or_path, owner=cfg.recipe)
     if cfg.pref.reference_model is not None:
-        check_model_source("pref.reference_model", cfg.pref.reference_model)
+        check_model_source("pref.reference_model", cfg.pref.reference_model, owner=cfg.recipe)
 
 
-def check_model_source(key: str, value: str) -> None:
+def check_model_source(key: str, value: str, owner: str | None = None) -> None:
+    """`value` of model-source setting `key` of recipe `owner`: tiny:<preset>, stage:<recipe> (optsys.stages:
+    the recipe exists and validates, no cycle), a local folder with *.safetensors, or a hub id."""
     import os
 
+    if value.startswith("stage:"):
+        from optsys.stages import check_stage_source
+
+        check_stage_source(key, value, owner)
+        return
     if value.startswith("tiny:"):
         from optsys.models.tiny import PRESETS
 

@@ -1,9 +1,19 @@
-"""Shared fixtures. The tiny-model cache lives in a per-session temp folder so tests never
-depend on what an earlier run left in ~/.cache."""
+"""Shared fixtures. Every cache optsys writes (tiny models, trained stages) lives in a per-session temp folder
+(OPTSYS_CACHE_DIR, set for the whole session and inherited by subprocesses), so tests never read or write
+the user's ~/.cache and never depend on what an earlier run left there."""
 
 from __future__ import annotations
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def optsys_cache(tmp_path_factory):
+    """OPTSYS_CACHE_DIR for the whole session: tiny/ models and stages/ runs (optsys.stages)."""
+    root = tmp_path_factory.mktemp("optsys-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPTSYS_CACHE_DIR", str(root))
+        yield root
 
 
 @pytest.fixture(scope="session")
@@ -18,13 +28,26 @@ def tiny_path(tiny_cache):
     return build_tiny("test", seed=0, cache_dir=tiny_cache)
 
 
-@pytest.fixture(scope="session")
-def quickstart_run(tmp_path_factory):
-    """The default job, run once per session for the slow tests that need a trained model:
-    returns (summary, output dir). Its final/ is the SFT'd model the DPO test starts from."""
-    from optsys.config import load_config
-    from optsys.trainers import sft
+def quickstart_stage_config():
+    """The quickstart recipe as the stage `stage:quickstart` (its cache folder under OPTSYS_CACHE_DIR), without
+    the progress bar (trainer.progress is not part of the stage's cache key: the folder is the same)."""
+    from optsys.stages import stage_config
 
-    out = tmp_path_factory.mktemp("quickstart") / "run"
-    cfg = load_config("quickstart", overrides=[f"output_dir={out}", "trainer.progress=false"])
-    return sft.train(cfg), out
+    cfg = stage_config("quickstart")
+    cfg.trainer.progress = False
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(optsys_cache):
+    """The default job, trained once per session through the stage cache for the slow tests that need a
+    trained model: returns (summary, output dir). The output dir is the `stage:quickstart` cache folder, so
+    a recipe naming `model.name_or_path: stage:quickstart` in this session reuses this model instead of
+    training another. Its final/ is the SFT'd model the preference tests start from."""
+    from pathlib import Path
+
+    from optsys.stages import ensure_stage, read_summary
+
+    cfg = quickstart_stage_config()
+    ensure_stage(cfg)
+    return read_summary(cfg), Path(cfg.output_dir)

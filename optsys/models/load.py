@@ -14,7 +14,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(name_or_path: str, seed: int = 0) -> str:
-    """`tiny:<preset>` builds (or reuses) a factory model; anything else is passed to transformers."""
+    """`tiny:<preset>` builds (or reuses) a factory model; `stage:<recipe>` trains (or reuses) that recipe's run
+    and gives its final model (optsys.stages); anything else is passed to transformers."""
+    if name_or_path.startswith("stage:"):
+        from optsys.stages import resolve_stage
+
+        return resolve_stage(name_or_path)
     if name_or_path.startswith("tiny:"):
         from optsys.models.tiny import build_tiny
 

@@ -57,9 +57,17 @@ PRESETS: dict[str, TinySpec] = {
 }
 
 
-def default_cache_dir() -> Path:
+def cache_root() -> Path:
+    """Where optsys caches what it builds (tiny/ models, stages/ runs): $OPTSYS_CACHE_DIR, else
+    $XDG_CACHE_HOME/optsys or ~/.cache/optsys."""
+    if os.environ.get("OPTSYS_CACHE_DIR"):
+        return Path(os.path.expanduser(os.environ["OPTSYS_CACHE_DIR"]))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "optsys" / "tiny"
+    return Path(base) / "optsys"
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "tiny"
 
 
 def builtin_corpus(seed: int = 0) -> list[str]:

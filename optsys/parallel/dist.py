@@ -66,8 +66,13 @@ def close_world(clean: bool = True) -> None:
 @contextlib.contextmanager
 def torchrun_world(device_name: str = "auto"):
     """`with torchrun_world(cfg.device) as world:` init_world, and close_world on the way out (a barrier first
-    only when the body ended normally)."""
+    only when the body ended normally). Nested in an open group (a trainer training a stage:<recipe> first,
+    optsys.stages), it joins that group and leaves it open for the outer run: only its opener closes it."""
+    nested = dist.is_available() and dist.is_initialized()
     world = init_world(device_name)
+    if nested:
+        yield world
+        return
     try:
         yield world
     except BaseException:

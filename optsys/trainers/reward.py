@@ -31,6 +31,7 @@ from optsys.parallel.dist import (
     shared_batches,
     torchrun_world,
 )
+from optsys.stages import stage_provenance
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
@@ -109,7 +110,7 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     data = build_preference_data(cfg, tokenizer, kto=False)
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
                      "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
-                     "parallel/world_size": world.size,
+                     "parallel/world_size": world.size, **stage_provenance(cfg),
                      **describe_batches(pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
                                         unit="pairs", count=lambda b: b.num_pairs, batch_tokens=tc.batch_tokens,
                                         max_tokens=cfg.data.max_tokens)}

@@ -27,6 +27,7 @@ from optsys.data.tasks import get_task
 from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
 from optsys.models.load import load_model_and_tokenizer
 from optsys.parallel.dist import all_reduce_sum, broadcast_object, shared_batches, torchrun_world
+from optsys.stages import stage_provenance
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
@@ -156,6 +157,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
         "data/packing_efficiency": packing_efficiency(
             packed_batches(data.train, cfg.data.max_tokens, shuffle_seed=None), cfg.data.max_tokens),
         "model/parameters": sum(p.numel() for p in model.parameters()),
+        **stage_provenance(cfg),  # model/stage: the cached stage folder a stage:<recipe> model came from
         "parallel/world_size": world.size,
         **describe_batches(step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
                            unit="sequences", count=lambda b: len(b.seq_lens), batch_tokens=tc.batch_tokens,
