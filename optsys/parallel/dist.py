@@ -68,9 +68,11 @@ def torchrun_world(device_name: str = "auto"):
     """`with torchrun_world(cfg.device) as world:` init_world, and close_world on the way out (a barrier first
     only when the body ended normally). Nested in an open group (a trainer training a stage:<recipe> first,
     optsys.stages), it joins that group and leaves it open for the outer run: only its opener closes it."""
-    nested = dist.is_available() and dist.is_initialized()
+    was_open = dist.is_available() and dist.is_initialized()
     world = init_world(device_name)
-    if nested:
+    if was_open or not dist.is_initialized():
+        # Not ours to close: an outer run's group, or none at all in one process (where an in-process vLLM
+        # engine may open a 1-rank group of its own, which its shutdown destroys).
         yield world
         return
     try:

@@ -85,6 +85,9 @@ class HFEngine:
         """The engine is the trainer's model: drain the stream (FSDP ranks must all take part) and count."""
         return sum(1 for _ in named_tensors)
 
+    def close(self) -> None:
+        pass
+
     def sleep(self) -> None:
         pass
 

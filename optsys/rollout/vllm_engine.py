@@ -92,6 +92,16 @@ class VLLMEngine:
                               "Lower rl.sync_bucket_mb or rl.engine_memory_fraction") from e
         return counter[0]
 
+    def close(self) -> None:
+        """Shut the engine down now (its KV cache and weights go), not at interpreter exit."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            import gc
+
+            gc.collect()
+
     def sleep(self) -> None:
         """Free the KV cache and offload weights while the trainer updates (GPU only)."""
         if not self.sleep_supported:
