@@ -256,7 +256,7 @@ RANGES = [
     ("rl.updates_per_batch", _positive()),
     ("rl.max_new_tokens", _positive()),
     ("rl.temperature", _positive()),
-    ("rl.top_p", _in(0, 1, closed_high=True)),
+    ("rl.top_p", (lambda v: 0 < v <= 1, "in (0, 1]")),
     ("rl.top_k", _at_least(0)),
     ("rl.reward_timeout_s", _positive()),
     ("rl.kl_coef", _at_least(0)),

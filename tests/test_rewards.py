@@ -15,9 +15,20 @@ import pytest
 
 from optsys.config import ConfigError
 from optsys.data.tasks import TASKS
-from optsys.rollout.rewards import (REWARD_FUNCTIONS, RewardError, build_rewards, check_reward_names, correct,
-                                    digits, extract_answer, format_reward, numeric, resolve_reward,
-                                    reward_model_fn, score_completions)
+from optsys.rollout.rewards import (
+    REWARD_FUNCTIONS,
+    RewardError,
+    build_rewards,
+    check_reward_names,
+    correct,
+    digits,
+    extract_answer,
+    format_reward,
+    numeric,
+    resolve_reward,
+    reward_model_fn,
+    score_completions,
+)
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -476,8 +476,9 @@ def _train(cfg: TrainConfig, world) -> dict | None:
         if step % tc.log_every == 0 or step == tc.max_steps:
             logged = {k: sum(v) / len(v) for k, v in window.items()}
             log.log(step, logged)
-            progress.update(step, f"reward {logged.get('reward/mean', float('nan')):.3f}  "
-                                  f"gen {logged.get('time/generate_s', 0):.1f}s upd {logged.get('time/update_s', 0):.1f}s")
+            gen_s, update_s = logged.get("time/generate_s", 0), logged.get("time/update_s", 0)
+            progress.update(step, f"reward {logged.get('reward/mean', float('nan')):.3f}  gen {gen_s:.1f}s  "
+                                  f"update {update_s:.1f}s")
             window = {}
         if checkpoint_due(tc, step):
             save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer, scheduler=scheduler,
