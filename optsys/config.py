@@ -139,7 +139,7 @@ class RewardConfig:
 
 @dataclass
 class RLConfig:
-    """Reinforcement learning (methods grpo | dr_grpo | dapo | gspo | cispo | rloo | reinforce_pp); see
+    """Reinforcement learning (methods grpo | dr_grpo | dapo | gspo | cispo | rloo | reinforce_pp | distill); see
     optsys.trainers.rl. A rollout step samples rl.group_size completions for each of rl.prompts_per_step prompts,
     scores them, and makes rl.updates_per_batch optimizer steps on them; trainer.max_steps counts rollout steps."""
 
@@ -173,13 +173,16 @@ class RLConfig:
     canary_every: int = 1  # syncs between canary checks (engine vs trainer log-probs of a fixed completion)
     canary_tolerance: float = 1e-4  # max |log-prob difference| (fp32; a bf16 engine needs ~5e-2)
     engine_memory_fraction: float = 0.3  # GPU memory vLLM may take (weights + KV cache)
+    # method=distill: the teacher (folder, hub id, tiny:<preset> or stage:<recipe>) that scores the student's
+    # samples; it must share the student's tokenizer
+    teacher: Optional[str] = None
 
 
 @dataclass
 class TrainConfig:
     recipe: str = "quickstart"
     # a name in optsys.methods.METHODS: sft, dpo, ipo, robust, simpo, orpo, cpo, kto, rm, grpo, dr_grpo, dapo,
-    # gspo, cispo, rloo, reinforce_pp
+    # gspo, cispo, rloo, reinforce_pp, distill
     method: str = "sft"
     output_dir: Optional[str] = None  # default ./runs/<recipe>-<timestamp>/
     overwrite: bool = False  # allow writing into a folder that holds another run
@@ -252,7 +255,7 @@ RANGES = [
     ("pref.undesirable_weight", _at_least(0)),
     ("rm.center_coef", _at_least(0)),
     ("rl.prompts_per_step", _positive()),
-    ("rl.group_size", _at_least(2)),
+    ("rl.group_size", _at_least(1)),
     ("rl.updates_per_batch", _positive()),
     ("rl.max_new_tokens", _positive()),
     ("rl.temperature", _positive()),
@@ -276,7 +279,6 @@ RANGE_HINTS = {
     "pref.label_smoothing": " (the label-flip rate eps; 0.5 makes chosen and rejected interchangeable)",
     "pref.beta": " (beta = 0 makes every preference loss constant)",
     "model.lora.r": " (0 trains the full model)",
-    "rl.group_size": " (group advantages compare completions of the same prompt)",
     "rl.canary_every": " (0 turns the sync check off)",
     "rl.top_p": " (1 = no truncation)",
 }
@@ -414,6 +416,19 @@ def _check_rl_keys(cfg: TrainConfig) -> None:
     if rl.engine == "vllm" and world > 1:
         raise ConfigError("rl.engine=vllm under torchrun is not supported yet (each rank would need vLLM's "
                           "external_launcher); use rl.engine=hf (or auto, which picks hf under torchrun)")
+    from optsys.methods import RL_ALGORITHMS
+
+    algo = RL_ALGORITHMS[cfg.method]
+    if algo.advantage in ("grpo", "rloo") and rl.group_size < 2:
+        raise ConfigError(f"rl.group_size must be >= 2 for method={cfg.method} (its advantages compare completions "
+                          f"of the same prompt), got {rl.group_size}")
+    if algo.advantage == "teacher_kl":
+        if rl.teacher is None:
+            raise ConfigError("method=distill needs rl.teacher: the model (folder, hub id, tiny:<preset> or "
+                              "stage:<recipe>) whose log-probs the student learns to match")
+        if rl.kl_coef > 0:
+            raise ConfigError("rl.kl_coef > 0 with method=distill: the teacher takes the reference's place; drop "
+                              "rl.kl_coef")
     if rl.kl_coef == 0 and rl.kl_estimator != defaults.rl.kl_estimator:
         raise ConfigError(f"rl.kl_estimator={rl.kl_estimator} has no effect with rl.kl_coef=0; set rl.kl_coef > 0 "
                           "or drop rl.kl_estimator")
@@ -529,6 +544,8 @@ def check_model_paths(cfg: TrainConfig) -> None:
     check_model_source("model.name_or_path", cfg.model.name_or_path, owner=cfg.recipe)
     if cfg.pref.reference_model is not None:
         check_model_source("pref.reference_model", cfg.pref.reference_model, owner=cfg.recipe)
+    if cfg.rl.teacher is not None:
+        check_model_source("rl.teacher", cfg.rl.teacher, owner=cfg.recipe)
 
 
 def check_model_source(key: str, value: str, owner: str | None = None) -> None:

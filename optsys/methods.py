@@ -40,6 +40,7 @@ METHODS: dict[str, Method] = {
     "cispo": Method(RL, "rl", ("clip_eps_high",)),
     "rloo": Method(RL, "rl", ("clip_eps", "clip_eps_high")),
     "reinforce_pp": Method(RL, "rl", ("clip_eps", "clip_eps_high")),
+    "distill": Method(RL, "rl", ("clip_eps", "clip_eps_high", "teacher")),
 }
 
 
@@ -47,7 +48,7 @@ METHODS: dict[str, Method] = {
 class RLAlgorithm:
     """What an RL method computes: names in optsys.losses.policy's registries, and its paper's defaults."""
 
-    advantage: str  # ADVANTAGE_ESTIMATORS key
+    advantage: str  # ADVANTAGE_ESTIMATORS key, or "teacher_kl" (distillation)
     loss: str  # POLICY_LOSSES key
     agg: str  # AGG_MODES: how per-token terms reduce over a (mini-)batch
     scale_std: bool = True  # GRPO: divide by the group's reward std
@@ -64,6 +65,9 @@ RL_ALGORITHMS: dict[str, RLAlgorithm] = {
     "cispo": RLAlgorithm("grpo", "cispo", "token_mean", clip_eps_high=0.28),  # MiniMax-M1
     "rloo": RLAlgorithm("rloo", "ppo_clip", "token_mean"),  # Ahmadian et al. 2024
     "reinforce_pp": RLAlgorithm("reinforce_pp_token", "ppo_clip", "token_mean"),  # Hu et al. 2025
+    # on-policy distillation (Agarwal et al. 2024; Lu & Thinking Machines 2025): per-token advantage
+    # -(log pi(y_t) - log teacher(y_t)) on the student's own samples: minimizes the reverse KL to the teacher
+    "distill": RLAlgorithm("teacher_kl", "ppo_clip", "token_mean"),
 }
 
 # Every family section of TrainConfig; a run's config.yaml keeps only its method's.

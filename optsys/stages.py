@@ -122,6 +122,8 @@ def stage_key(cfg: TrainConfig) -> str:
     data["model"]["name_or_path"] = _source_identity(cfg.model.name_or_path)
     if "pref" in data and data["pref"].get("reference_model"):
         data["pref"]["reference_model"] = _source_identity(cfg.pref.reference_model)
+    if "rl" in data and data["rl"].get("teacher"):
+        data["rl"]["teacher"] = _source_identity(cfg.rl.teacher)
     data["optsys_version"] = __version__
     return hashlib.sha256(yaml.safe_dump(data, sort_keys=False).encode()).hexdigest()[:16]
 
@@ -201,7 +203,8 @@ def ensure_stage(cfg: TrainConfig) -> Path:
 def stage_provenance(cfg: TrainConfig) -> dict:
     """Summary entries naming the stage folders a run starts from (`model/stage`, `model/reference_stage`)."""
     out = {}
-    for key, value in (("model/stage", cfg.model.name_or_path), ("model/reference_stage", cfg.pref.reference_model)):
+    for key, value in (("model/stage", cfg.model.name_or_path), ("model/reference_stage", cfg.pref.reference_model),
+                       ("model/teacher_stage", cfg.rl.teacher)):
         if is_stage(value):
             out[key] = str(final_dir(stage_config(stage_name(value))))
     return out

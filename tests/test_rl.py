@@ -79,6 +79,8 @@ def test_every_rl_method_trains_with_the_hf_engine(tmp_path, method):
     extra = ["rl.engine=hf", "rl.updates_per_batch=2"]
     if method == "dapo":
         extra += ["rl.overlong_buffer=2"]
+    if method == "distill":  # another architecture with the same tokenizer: allowed
+        extra += ["rl.teacher=tiny:test-llama"]
     summary, out = run(tmp_path, method, *extra)
     assert summary["rollout/engine"] == "hf"
     last = [r for r in rows(out) if "train/loss" in r][-1]
@@ -86,6 +88,23 @@ def test_every_rl_method_trains_with_the_hf_engine(tmp_path, method):
     assert last["sync/canary_error"] < 1e-5  # the HF engine is the trainer's model
     if method == "dapo":
         assert "train/informative_fraction" in last and "reward/overlong_penalty" in last
+    if method == "distill":
+        assert last["train/teacher_kl"] != 0
+
+
+def test_distill_refuses_a_teacher_with_another_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optsys.models.load import resolve_model_path
+
+    path = resolve_model_path("tiny:test")
+    teacher = tmp_path / "teacher"
+    AutoModelForCausalLM.from_pretrained(path).save_pretrained(teacher)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_tokens(["<an-extra-token>"])
+    tok.save_pretrained(teacher)
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        run(tmp_path, "distill", "rl.engine=hf", f"rl.teacher={teacher}")
 
 
 def test_kl_to_reference_and_sampler_corrections(tmp_path):
@@ -123,6 +142,9 @@ def test_a_sync_that_skips_a_parameter_stops_the_run(tmp_path, monkeypatch):
     (["model.lora.r=8"], "model.lora"),
     (["pref.beta=0.5"], "pref"),
     (["rl.clip_eps=0.3", "method=cispo"], "rl.clip_eps"),
+    (["rl.teacher=tiny:test"], "rl.teacher"),
+    (["method=distill"], "needs rl.teacher"),
+    (["method=distill", "rl.teacher=tiny:nope"], "no tiny preset"),
 ])
 def test_bad_rl_settings_are_refused_before_anything_loads(overrides, match):
     with pytest.raises(ConfigError, match=match):

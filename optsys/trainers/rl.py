@@ -1,4 +1,5 @@
-"""RL with a co-located rollout engine (GRPO, Dr. GRPO, DAPO, GSPO, CISPO, RLOO, REINFORCE++): the loop.
+"""RL with a co-located rollout engine (GRPO, Dr. GRPO, DAPO, GSPO, CISPO, RLOO, REINFORCE++, on-policy
+distillation): the loop.
 
 One rollout step, top to bottom:
   prompts (a pure function of the step) -> engine.generate: rl.group_size completions each, with the sampler's
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from optsys.checkpoint import run_fingerprint
-from optsys.config import TrainConfig
+from optsys.config import ConfigError, TrainConfig
 from optsys.data.errors import DataError
 from optsys.data.packing import PackedBatch, collate_packed, pack_best_fit_decreasing
 from optsys.data.tasks import get_task
@@ -45,6 +46,7 @@ from optsys.parallel.dist import all_gather_objects, all_reduce_sum, broadcast_o
 from optsys.rollout.engine import Sampling, resolve_engine_name
 from optsys.rollout.rewards import build_rewards, score_completions
 from optsys.rollout.sync import Canary, SyncError, sync_weights
+from optsys.stages import stage_provenance
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
@@ -75,7 +77,7 @@ class Prompt:
     answer: str | None
 
 
-@dataclass
+@dataclass(eq=False)
 class Rollout:
     """One completion of one prompt, with everything the update needs, per completion token."""
 
@@ -226,6 +228,8 @@ def group_advantages(rollouts: list[Rollout], group_size: int, method: str, worl
     """Outcome advantages per completion from its group's rewards (GRPO / Dr. GRPO / RLOO / REINFORCE++)."""
     algo = RL_ALGORITHMS[method]
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32).view(-1, group_size)
+    if algo.advantage == "teacher_kl":  # rewards are metrics only; advantages come from the teacher per token
+        return
     if algo.advantage == "grpo":
         adv = ADVANTAGE_ESTIMATORS["grpo"](rewards, scale_std=algo.scale_std)
     elif algo.advantage == "rloo":
@@ -236,9 +240,9 @@ def group_advantages(rollouts: list[Rollout], group_size: int, method: str, worl
         r.advantage = a
 
 
-def pack(rollouts: list[Rollout], max_tokens: int) -> list[list[Rollout]]:
-    lengths = [len(r.prompt.ids) + len(r.token_ids) - 1 for r in rollouts]
-    return [[rollouts[i] for i in b] for b in pack_best_fit_decreasing(lengths, max_tokens)]
+def pack(rollouts: list[Rollout], max_tokens: int) -> list[list[int]]:
+    """Bins of rollout indices, each one packed row of <= max_tokens tokens (best-fit decreasing)."""
+    return pack_best_fit_decreasing([len(r.prompt.ids) + len(r.token_ids) - 1 for r in rollouts], max_tokens)
 
 
 def micro_batches(rollouts: list[Rollout], max_tokens: int, agg: str, max_len: int, world,
@@ -252,9 +256,9 @@ def micro_batches(rollouts: list[Rollout], max_tokens: int, agg: str, max_len: i
     weight_of = aggregation_weights(torch.tensor(all_lengths, dtype=torch.float32), agg, max_len=max_len)
     offset = sum(len(s) for s in all_gather_objects(lengths, world)[: world.rank]) if world.distributed else 0
     mbs = []
-    for rows in pack(rollouts, max_tokens) if rollouts else []:
-        idx = [offset + rollouts.index(r) for r in rows]
-        w = torch.cat([torch.full((len(r.token_ids),), float(weight_of[i])) for r, i in zip(rows, idx)])
+    for bin_ in pack(rollouts, max_tokens) if rollouts else []:
+        rows = [rollouts[i] for i in bin_]
+        w = torch.cat([torch.full((len(rollouts[i].token_ids),), float(weight_of[offset + i])) for i in bin_])
         mbs.append(MicroBatch(collate_packed([r.example() for r in rows]), rows, w))
     (most,) = (max(all_gather_objects(len(mbs), world)),) if world.distributed else (len(mbs),)
     while len(mbs) < most:
@@ -289,9 +293,33 @@ def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], cfg: TrainConfig,
             start += n
 
 
+def load_teacher(cfg: TrainConfig, tokenizer, device, precision):
+    """rl.teacher, frozen; a ConfigError if its tokenizer is not the student's (per-token log-probs of the same
+    token ids must mean the same tokens). Its architecture and size may differ: that is the point."""
+    import dataclasses
+
+    teacher_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.rl.teacher, gradient_checkpointing=False,
+                                      lora=dataclasses.replace(cfg.model.lora, r=0, quantize="none"))
+    teacher, teacher_tok = load_model_and_tokenizer(teacher_cfg, device, seed=cfg.seed)
+    vocab, other = tokenizer.get_vocab(), teacher_tok.get_vocab()
+    if vocab != other:
+        differing = sorted(set(vocab.items()) ^ set(other.items()))[:3]
+        raise ConfigError(f"rl.teacher={cfg.rl.teacher} has another tokenizer than the student "
+                          f"{cfg.model.name_or_path} ({len(other)} vs {len(vocab)} tokens; e.g. differing entries "
+                          f"{differing}): on-policy distillation compares log-probs token for token, so the teacher "
+                          "must share the student's tokenizer")
+    return attach_forward_methods(frozen_for_compute(teacher.eval().requires_grad_(False), precision))
+
+
 def set_token_advantages(rollouts: list[Rollout], method: str, cfg: TrainConfig, world) -> None:
-    """REINFORCE++'s per-token advantages: KL-shaped return-to-go, whitened over the whole batch."""
-    if RL_ALGORITHMS[method].advantage != "reinforce_pp_token":
+    """Per-token advantages: REINFORCE++ (KL-shaped return-to-go, whitened over the batch) or distillation
+    (-(log pi - log teacher) per token, the negative per-token reverse KL estimate)."""
+    kind = RL_ALGORITHMS[method].advantage
+    if kind == "teacher_kl":
+        for r in rollouts:
+            r.token_adv = -(r.old_logp - r.ref_logp)
+        return
+    if kind != "reinforce_pp_token":
         return
     ids = torch.cat([torch.full((len(r.token_ids),), i) for i, r in enumerate(rollouts)])
     kl = None
@@ -314,7 +342,8 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig,
     kw = dict(clip_eps_high=rl.clip_eps_high if rl.clip_eps_high is not None else algo.clip_eps_high)
     if algo.loss != "cispo":
         kw["clip_eps"] = rl.clip_eps if rl.clip_eps is not None else algo.clip_eps
-    if rl.kl_coef > 0:
+    kl = rl.kl_coef > 0
+    if kl:
         kw.update(kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator)
     loss_sum = 0.0
     for mb in mbs:
@@ -327,13 +356,13 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig,
                                               torch.ones(n, dtype=torch.bool, device=device),
                                               mode=rl.sampler_correction, cap=rl.correction_cap, seq_ids=seq_ids,
                                               num_seqs=len(mb.rollouts))
-        ref = mb.per_token("ref_logp").to(device) if rl.kl_coef > 0 else None
+        ref = mb.per_token("ref_logp").to(device) if kl else None
         loss, metrics = loss_fn(logp.float(), old, adv, torch.ones(n, dtype=torch.bool, device=device),
                                 ref_logp=ref, seq_ids=seq_ids, num_seqs=len(mb.rollouts),
                                 token_weights=mb.weights.to(device), is_weights=is_w, **kw)
         # FSDP averages gradients over ranks; the weights already sum over all ranks' tokens
         (loss * world.size).backward()
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
         if mb.real:
             for k, v in {**metrics, **is_metrics}.items():
                 if k != "pg_loss":  # token-weighted means of the micro-batch metrics
@@ -363,7 +392,9 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
     train_prompts, eval_prompts = build_prompts(cfg, tokenizer)
     ref_model = None
-    if rl.kl_coef > 0:  # the initial policy, frozen
+    if algo.advantage == "teacher_kl":  # distillation: the teacher scores in the reference's place
+        ref_model = load_teacher(cfg, tokenizer, device, precision)
+    elif rl.kl_coef > 0:  # the initial policy, frozen
         ref_model = attach_forward_methods(frozen_for_compute(copy.deepcopy(model).eval().requires_grad_(False),
                                                               precision))
     if world.is_main:
@@ -378,7 +409,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
                         fingerprint=fingerprint, max_steps=tc.max_steps)
     summary: dict = {"model/parameters": sum(p.numel() for p in model.parameters()),
-                     "parallel/world_size": world.size, **state["summary"]}
+                     "parallel/world_size": world.size, **stage_provenance(cfg), **state["summary"]}
     log = MetricsLog(out_dir, enabled=world.is_main)
     accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
                                  summary=summary)
@@ -455,6 +486,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             stats.add("time/ref_logprobs_s", time.perf_counter() - t)
             set_token_advantages(rollouts, method, cfg, world)
             for r in rollouts:
+                if r.ref_logp is not None and algo.advantage == "teacher_kl":
+                    stats.add("train/teacher_kl", float((r.old_logp - r.ref_logp).sum()), len(r.token_ids))
                 gap = (torch.tensor(r.sampler_logp) - r.old_logp).abs()
                 stats.add("train/logp_gap_mean", float(gap.sum()), gap.numel())
                 stats.add("train/entropy", float(r.entropy.sum()), r.entropy.numel())
