@@ -398,9 +398,10 @@ def _check_rl_keys(cfg: TrainConfig) -> None:
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not split into rl.updates_per_batch="
                           f"{rl.updates_per_batch} mini-batches of whole prompt groups; make prompts_per_step a "
                           "multiple of updates_per_batch")
-    if rl.prompts_per_step % world:
-        raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not divide over {world} ranks (each rank "
-                          "generates an equal share of the prompts); make it a multiple of the world size")
+    if rl.prompts_per_step % (rl.updates_per_batch * world):
+        raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not divide over rl.updates_per_batch="
+                          f"{rl.updates_per_batch} mini-batches x {world} ranks (each rank generates an equal share "
+                          "of every mini-batch's prompt groups); make it a multiple of updates_per_batch x world size")
     from optsys.rollout.rewards import check_reward_names
 
     try:  # imports user reward modules, loads nothing

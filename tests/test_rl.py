@@ -161,3 +161,33 @@ def test_a_prompt_longer_than_the_context_is_a_data_error(tmp_path):
 
     with pytest.raises(DataError, match="row 0: the prompt has"):
         run(tmp_path, "grpo", "rl.engine=hf", "data.max_tokens=12", "rl.max_new_tokens=4")
+
+
+@pytest.mark.slow
+def test_grpo_on_two_ranks_matches_one_process(tmp_path):
+    """torchrun, 2 ranks on gloo, FSDP2, the HF engine on each rank's share of the prompts: the same samples
+    (seeded per prompt), rewards and loss as one process, since every aggregate is over all ranks' tokens."""
+    import os
+    import subprocess
+    import sys
+
+    base = tmp_path / "base.yaml"
+    base.write_text("recipe: rl_test\n")
+    args = [f"--config={base}", "method=grpo", *BASE, "rl.engine=hf", "trainer.max_steps=3", "eval.before=false",
+            "eval.after=false", "rl.updates_per_batch=2"]
+    here = os.path.dirname(__file__)  # test_rl.length_reward is imported by dotted path in the workers
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={n}"] if n > 1 else []
+        proc = subprocess.run([sys.executable, *launcher, "-m", "optsys.train", *args, f"output_dir={out}"],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[n] = {r["step"]: r for r in rows(out) if "train/loss" in r}
+    assert sorted(outs[1]) == sorted(outs[2]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        a, b = outs[1][step], outs[2][step]
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)  # same samples
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-4)
+        assert b["sync/canary_error"] < 1e-5

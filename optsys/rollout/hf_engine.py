@@ -3,7 +3,7 @@
 It shares the trainer's parameters, so a weight sync moves nothing (load_weights consumes the stream without
 copying, so the sync path and its canary still run). Sampler log-probs come from `generate`'s processed
 scores (after temperature, top-k and top-p), the same meaning as vLLM's `processed_logprobs`.
-Sampling draws from the global torch RNG under a forked, per-call seed: reproducible per step.
+Sampling draws from the global torch RNG, forked and seeded per prompt: reproducible, and independent of batching.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ class HFEngine:
     name = "hf"
     sleep_supported = False
 
-    def __init__(self, model, *, pad_token_id: int, synced_gpus: bool = False, batch_size: int = 64):
+    def __init__(self, model, *, pad_token_id: int, synced_gpus: bool = False):
         self.model = model
         self.pad_token_id = pad_token_id
         self.synced_gpus = synced_gpus  # FSDP ranks must run the same number of forwards
-        self.batch_size = batch_size
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
@@ -31,11 +30,13 @@ class HFEngine:
         device = next(model.parameters()).device
         result: list[list[Completion]] = []
         try:
+            # One call per prompt under its own seed: a prompt's samples depend on its seed alone, not on which
+            # prompts share its batch (so 2 ranks draw what 1 process draws). Slower than batching prompts;
+            # this engine is the fallback, vLLM the fast path.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seeds[0] if seeds else 0)
-                per = max(1, self.batch_size // sampling.n)
-                for start in range(0, len(prompts), per):
-                    result += self._generate_chunk(prompts[start : start + per], sampling, device)
+                for prompt, seed in zip(prompts, seeds):
+                    torch.manual_seed(seed)
+                    result += self._generate_chunk([prompt], sampling, device)
         finally:
             model.train(was_training)
         return result

@@ -42,7 +42,7 @@ from optsys.losses.policy import (
 from optsys.methods import RL_ALGORITHMS
 from optsys.models.load import load_model_and_tokenizer, resolve_model_path
 from optsys.models.packed import attach_forward_methods
-from optsys.parallel.dist import all_gather_objects, all_reduce_sum, broadcast_object, rank_share, torchrun_world
+from optsys.parallel.dist import all_gather_objects, all_reduce_sum, broadcast_object, torchrun_world
 from optsys.rollout.engine import Sampling, resolve_engine_name
 from optsys.rollout.rewards import build_rewards, score_completions
 from optsys.rollout.sync import Canary, SyncError, sync_weights
@@ -193,17 +193,27 @@ def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch
                       gpu_memory_utilization=cfg.rl.engine_memory_fraction)
 
 
+def rank_groups(num_groups: int, updates: int, world) -> list[int]:
+    """The step's prompt groups this rank generates and trains, as global indices, mini-batch by mini-batch:
+    mini-batch u is global groups [u G / U, (u + 1) G / U), split into contiguous equal parts over the ranks.
+    So every mini-batch holds the same groups whatever the world size (config checks G % (U x ranks) == 0)."""
+    per_update = num_groups // updates
+    part = per_update // world.size
+    return [u * per_update + world.rank * part + j for u in range(updates) for j in range(part)]
+
+
 def generate_groups(engine, prompts: list[Prompt], sampling: Sampling, tokenizer, *, seed: int, step: int,
-                    round_: int, first_group: int) -> list[Rollout]:
-    seeds = [stable_seed(seed, step, round_, first_group + i) for i in range(len(prompts))]
-    groups = engine.generate([p.ids for p in prompts], sampling, seeds)
+                    round_: int, groups: list[int]) -> list[Rollout]:
+    """Sample each prompt's group; a prompt's seed depends on its global group index (world-size invariant)."""
+    seeds = [stable_seed(seed, step, round_, g) for g in groups]
+    outs = engine.generate([p.ids for p in prompts], sampling, seeds)
     rollouts = []
-    for i, (p, group) in enumerate(zip(prompts, groups)):
+    for i, (p, group) in zip(groups, zip(prompts, outs)):
         for c in group:
             if not c.token_ids:  # an engine may return nothing for an immediate stop; train on the stop token
                 raise DataError(f"the engine returned an empty completion for prompt {p.text!r}")
             text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
-            rollouts.append(Rollout(p, first_group + i, list(c.token_ids), list(c.logprobs), c.finish_reason, text))
+            rollouts.append(Rollout(p, i, list(c.token_ids), list(c.logprobs), c.finish_reason, text))
     return rollouts
 
 
@@ -453,16 +463,16 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     window: dict[str, list[float]] = state["window"] or {}  # per-step metrics since the last log line
     clock = RunClock(state["counters"])
     metrics: dict = {}
-    per_rank = rl.prompts_per_step // world.size
     for step in range(start_step + 1, tc.max_steps + 1):
         stats = StepStats()
         with nvtx_range(f"rollout step {step}"):
             # ---- rollouts: this rank's share of the step's prompts, group_size completions each
             t = time.perf_counter()
-            prompts = rank_share(step_prompts(train_prompts, step, rl.prompts_per_step, cfg.seed), world)
-            first = world.rank * per_rank
+            mine = rank_groups(rl.prompts_per_step, rl.updates_per_batch, world)
+            step_list = step_prompts(train_prompts, step, rl.prompts_per_step, cfg.seed)
+            prompts = [step_list[g] for g in mine]
             rollouts = generate_groups(engine, prompts, sampling, tokenizer, seed=cfg.seed, step=step, round_=0,
-                                       first_group=first)
+                                       groups=mine)
             stats.add("time/generate_s", time.perf_counter() - t)
             t = time.perf_counter()
             score(rollouts, fns, cfg, stats)
@@ -475,7 +485,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             stats.add("reward/std", float(rewards.std(dim=1).sum()), rewards.shape[0])
             if dynamic:
                 rollouts = keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg, step,
-                                            train_prompts, per_rank, first)
+                                            train_prompts, mine)
             if rollouts:
                 group_advantages(rollouts, rl.group_size, method)
 
@@ -527,8 +537,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     return summary if world.is_main else None
 
 
-def keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg, step, train_prompts, per_rank,
-                     first) -> list[Rollout]:
+def keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg, step, train_prompts,
+                     mine: list[int]) -> list[Rollout]:
     """DAPO dynamic sampling: keep groups whose rewards differ, refilling from extra rounds up to rl.max_refills."""
     def informative(rs):
         g = torch.tensor([r.reward for r in rs]).view(-1, rl.group_size)
@@ -538,15 +548,15 @@ def keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg,
     kept = informative(rollouts)
     stats.add("train/informative_fraction", len(kept) / max(1, len(rollouts)))
     for round_ in range(1, rl.max_refills + 1):
-        if len(kept) >= per_rank * rl.group_size:
+        if len(kept) >= len(mine) * rl.group_size:
             break
-        extra = step_prompts(train_prompts, step, per_rank, cfg.seed + first, round_)
+        extra = step_prompts(train_prompts, step, len(mine), cfg.seed + mine[0], round_)
         t = time.perf_counter()
         more = generate_groups(engine, extra, sampling, tokenizer, seed=cfg.seed, step=step, round_=round_,
-                               first_group=first)
+                               groups=mine)
         stats.add("time/generate_s", time.perf_counter() - t)
         score(more, fns, cfg, StepStats())
         kept += informative(more)
-    kept = kept[: per_rank * rl.group_size]
+    kept = kept[: len(mine) * rl.group_size]
     stats.add("train/kept_groups", len(kept) // rl.group_size)
     return kept  # may be empty: the step then makes no update (FSDP ranks run zero-weight fillers)
