@@ -69,7 +69,7 @@ def vllm_engine(tiny_path):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from optsys.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(tiny_path, dtype=torch.float32, max_model_len=128, seed=0, device=torch.device("cpu"))
+    return VLLMEngine(tiny_path, dtype=torch.float32, max_model_len=256, seed=0, device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("engine_name", ["vllm", "hf"])
@@ -150,3 +150,19 @@ def test_hf_engine_sync_is_a_counted_no_op_and_canary_holds(tiny_path):
     report = sync_weights(engine, model, dtype=torch.float32, bucket_mb=1)
     assert report.tensors == len(list(model.parameters()))
     assert Canary(PROMPT, [30, 31, 32], tolerance=1e-5).check(engine, model) < 1e-5
+
+
+def test_a_sync_drops_the_prefix_cache_so_long_prompts_see_the_new_weights(vllm_engine, tiny_path):
+    """vLLM caches KV blocks (128 tokens on CPU) by token ids, not weights: a prompt generated from before the sync
+    would reuse KV the old weights computed (measured: 1.63 nats off) unless the sync resets the cache.
+    (Prompt log-prob requests skip the cache, so the canary alone cannot see this: generation can.)"""
+    model = hf_model(tiny_path)
+    sync_weights(vllm_engine, model, dtype=torch.float32, bucket_mb=1)  # start from the checkpoint's weights
+    long_prompt = [(7 * i) % 500 + 3 for i in range(150)]
+    sampling = Sampling(n=1, temperature=1.0, max_new_tokens=3)
+    vllm_engine.generate([long_prompt], sampling, seeds=[0])  # fills the prefix cache with this prompt's blocks
+    perturbed(model, [n for n, _ in model.named_parameters()], seed=2)
+    sync_weights(vllm_engine, model, dtype=torch.float32, bucket_mb=1)
+    (c,), = vllm_engine.generate([long_prompt], sampling, seeds=[0])
+    want = Canary(long_prompt, list(c.token_ids), tolerance=1e-4).trainer_logprobs(model)
+    torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)

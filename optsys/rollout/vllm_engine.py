@@ -181,6 +181,7 @@ class VLLMEngine:
         except torch.cuda.OutOfMemoryError as e:
             raise EngineError(f"out of memory in the weight sync (phase: sync, {counter[0]} tensors loaded): {e}. "
                               "Lower rl.sync_bucket_mb or rl.engine_memory_fraction") from e
+        self.reset_prefix_cache()  # cached KV was computed by the old weights
         return counter[0]
 
     def load_adapter(self, named_tensors, config: dict, *, transport: str = "memory") -> int:
