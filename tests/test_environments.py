@@ -89,6 +89,11 @@ def _check_aligned(tok, ep):
     # the whole conversation: the template writes "\n" after the last <|im_end|>, which generation stops before
     full = _template_ids(tok, ep.messages, False)
     assert seq == full[:-1] and tok.decode(full[-1:]) == "\n"
+    ex = ep.example()  # the trainer's view: next-token targets only at model tokens
+    assert ex.input_ids == seq[:-1] and len(ex.targets) == len(ex.input_ids)
+    assert [t for t in ex.targets if t != -100] == [t for t, m in zip(ep.token_ids, ep.loss_mask) if m]
+    assert all(ex.targets[len(ep.prompt_ids) - 1 + j] == (t if m else -100)
+               for j, (t, m) in enumerate(zip(ep.token_ids, ep.loss_mask)))
     assert seq.count(tok.eos_token_id) == 2 * ep.turns + (ep.messages[0]["role"] == "system")  # once per turn
 
 

@@ -39,6 +39,7 @@ from fractions import Fraction
 from typing import Any, Callable, Protocol, Sequence
 
 from optsys.data.errors import DataError
+from optsys.data.tokenize import IGNORE, TokenizedExample
 from optsys.rollout.engine import Sampling
 
 Observation = Any  # str | dict (a chat message) | None
@@ -76,6 +77,18 @@ class Episode:
     turn_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each model turn in token_ids
     messages: list[dict] = field(default_factory=list)  # the conversation as chat messages (for logs)
     row: dict | None = None
+
+    @property
+    def model_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+    def example(self) -> TokenizedExample:
+        """prompt + tokens[:-1] as inputs; targets are the model's tokens, -100 at the prompt and environment
+        tokens (as Rollout.example, with the loss mask applied)."""
+        n = len(self.prompt_ids)
+        ids = self.prompt_ids + self.token_ids[:-1]
+        return TokenizedExample(ids, [IGNORE] * (n - 1) + [t if m else IGNORE
+                                                           for t, m in zip(self.token_ids, self.loss_mask)])
 
 
 class TurnRenderer:
@@ -465,7 +478,12 @@ class GuessingGame:
     """Find a secret number in 0..n-1. Each turn the model answers one number (e.g. "5"); the reply is
     "higher", "lower" or "invalid" (not a number in range), and a right guess ends the episode with reward
     1 - turn_penalty * (turns - 1) (floored at 0), so fewer turns score more. Binary search always wins within
-    ceil(log2(n + 1)) turns (4 for n=10): the suggested max_turns."""
+    ceil(log2(n + 1)) turns (4 for n=10): the suggested max_turns.
+
+    Measured on tiny:quickstart (3.4M, n=10, max_turns=4, plain AdamW lr 1e-3, batches of 16 transcripts of
+    ~55 tokens, a loaded 2-core CPU): SFT on binary-search transcripts reaches 1.00 held-out success (greedy
+    and T=1) in 150 steps (~100 s); SFT on random consistent play (300 steps) reaches 0.69 greedy and 0.44
+    at T=1 (true random play wins 0.76), leaving RL the gap to 1.0 and to fewer turns (the turn penalty)."""
 
     system = None
 
