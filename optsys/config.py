@@ -173,6 +173,7 @@ class RLConfig:
     canary_every: int = 1  # syncs between canary checks (engine vs trainer log-probs of a fixed completion)
     canary_tolerance: float = 1e-4  # max |log-prob difference| (fp32; a bf16 engine needs ~5e-2)
     engine_memory_fraction: float = 0.3  # GPU memory vLLM may take (weights + KV cache)
+    max_turns: int = 4  # multi-turn tasks (data.task=guess): model turns per episode before it is cut (counted)
     # method=distill: the teacher (folder, hub id, tiny:<preset> or stage:<recipe>) that scores the student's
     # samples; it must share the student's tokenizer
     teacher: Optional[str] = None
@@ -270,6 +271,7 @@ RANGES = [
     ("rl.canary_every", _at_least(0)),
     ("rl.canary_tolerance", _positive()),
     ("rl.engine_memory_fraction", _in(0, 1)),
+    ("rl.max_turns", _at_least(1)),
 ]
 RANGE_HINTS = {
     "trainer.grad_clip": " (0 disables clipping)",
@@ -417,9 +419,13 @@ def _check_rl_keys(cfg: TrainConfig) -> None:
     if rl.engine == "vllm" and world > 1:
         raise ConfigError("rl.engine=vllm under torchrun is not supported yet (each rank would need vLLM's "
                           "external_launcher); use rl.engine=hf (or auto, which picks hf under torchrun)")
+    from optsys.data.tasks import get_task
     from optsys.methods import RL_ALGORITHMS
 
     algo = RL_ALGORITHMS[cfg.method]
+    if rl.max_turns != defaults.rl.max_turns and not getattr(get_task(cfg.data.task), "environment", None):
+        raise ConfigError(f"rl.max_turns={rl.max_turns} applies to multi-turn tasks (data.task=guess); "
+                          f"data.task={cfg.data.task} is single-turn. Drop rl.max_turns.")
     if algo.advantage in ("grpo", "rloo") and rl.group_size < 2:
         raise ConfigError(f"rl.group_size must be >= 2 for method={cfg.method} (its advantages compare completions "
                           f"of the same prompt), got {rl.group_size}")

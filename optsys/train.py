@@ -38,7 +38,8 @@ def print_summary(summary: dict) -> None:
 def input_error_message(error: Exception) -> str:
     """One paragraph for an input error: what kind, then its message (which names the key, file or row
     and what to do). Lines of the message stay together; no blank line, no traceback."""
-    kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error"}
+    kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error",
+            "EngineError": "rollout engine error", "SyncError": "weight sync error", "RewardError": "reward error"}
     text = "\n".join(line for line in str(error).strip().splitlines() if line.strip())
     return f"{kind.get(type(error).__name__, type(error).__name__)}: {text}"
 
@@ -75,12 +76,15 @@ def main(argv=None) -> dict:
 
     from optsys.checkpoint import CheckpointError
     from optsys.data.errors import DataError
+    from optsys.rollout.engine import EngineError
+    from optsys.rollout.rewards import RewardError
+    from optsys.rollout.sync import SyncError
 
     trainer = importlib.import_module(METHODS[cfg.method].trainer)
     try:
         summary = trainer.train(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
-        # Input problems: the message names the file/row/key and the fix; a traceback adds nothing.
+    except (ConfigError, DataError, CheckpointError, EngineError, SyncError, RewardError) as e:
+        # Input problems (and RL's checked failures): the message names the file/row/key/phase and the fix.
         _exit_with(e)
     if summary is not None:  # ranks other than 0 under torchrun may return None
         print_summary(summary)

@@ -176,7 +176,8 @@ def test_grpo_on_two_ranks_matches_one_process(tmp_path):
     args = [f"--config={base}", "method=grpo", *BASE, "rl.engine=hf", "trainer.max_steps=3", "eval.before=false",
             "eval.after=false", "rl.updates_per_batch=2"]
     here = os.path.dirname(__file__)  # test_rl.length_reward is imported by dotted path in the workers
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     outs = {}
     for n in (1, 2):
         out = tmp_path / f"n{n}"
@@ -207,7 +208,8 @@ def test_killed_rl_run_resumes_and_logs_what_an_uninterrupted_run_logs(tmp_path)
     base = tmp_path / "base.yaml"
     base.write_text("recipe: rl_test\n")
     here = os.path.dirname(__file__)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
 
     def cli(out, *extra):
         return [sys.executable, "-m", "optsys.train", f"--config={base}", "method=grpo", *BASE, "rl.engine=hf",
@@ -241,3 +243,50 @@ def test_killed_rl_run_resumes_and_logs_what_an_uninterrupted_run_logs(tmp_path)
             assert b[step][k] == pytest.approx(a[step][k], rel=1e-6, abs=1e-7), (step, k)
     wa, wb = load_file(full / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_multi_turn_guessing_game_trains_on_model_tokens_only(tmp_path):
+    """data.task=guess: episodes against the environment, its replies in the sequence but masked out of the loss
+    (targets -100, no aggregation weight); env/* metrics and the held-out success rate before and after."""
+    from optsys.trainers import rl
+
+    seen = []
+    real = rl.micro_batches
+
+    def spy(rollouts, *args, **kw):
+        seen.extend(rollouts)
+        return real(rollouts, *args, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(rl, "micro_batches", spy):
+        summary, out = run(tmp_path, "grpo", "rl.engine=hf", "data.task=guess", "data.max_tokens=128",
+                           "rl.max_new_tokens=3", "rl.max_turns=3", "rl.rewards=[correct]")
+    assert "eval/success_rate_before" in summary and "eval/success_rate_after" in summary
+    last = rows(out)[-1 if "env/mean_turns" in rows(out)[-1] else -2]
+    assert 1 <= last["env/mean_turns"] <= 3
+    multi = [r for r in seen if r.episode is not None and r.episode.turns > 1]
+    assert multi, "no episode had a second turn: the environment path did not run"
+    for r in multi:
+        ex = r.example()
+        n = len(r.prompt.ids)
+        masked_env = [t for t, m in zip(ex.targets[n - 1 :], r.loss_mask) if not m]
+        assert masked_env and all(t == -100 for t in masked_env)  # environment tokens are never targets
+        assert r.n_trained == sum(t != -100 for t in ex.targets) < len(r.token_ids)
+
+
+def test_a_tokenizer_without_a_chat_template_is_a_data_error(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optsys.data.errors import DataError
+    from optsys.models.load import resolve_model_path
+
+    path = resolve_model_path("tiny:test")
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(path).save_pretrained(bare)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = None
+    tok.save_pretrained(bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(DataError, match="no chat template"):
+        run(tmp_path, "grpo", "rl.engine=hf", f"model.name_or_path={bare}")

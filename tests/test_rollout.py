@@ -166,3 +166,13 @@ def test_a_sync_drops_the_prefix_cache_so_long_prompts_see_the_new_weights(vllm_
     (c,), = vllm_engine.generate([long_prompt], sampling, seeds=[0])
     want = Canary(long_prompt, list(c.token_ids), tolerance=1e-4).trainer_logprobs(model)
     torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+
+
+def test_a_vllm_that_fails_to_start_names_the_cause(tmp_path):
+    pytest.importorskip("vllm")
+    from optsys.rollout.engine import EngineError
+    from optsys.rollout.vllm_engine import VLLMEngine
+
+    (tmp_path / "config.json").write_text("{}")  # a folder that is no model
+    with pytest.raises(EngineError, match="(?s)vLLM failed to start on .*model_type.*rl.engine=hf"):
+        VLLMEngine(str(tmp_path), dtype=torch.float32, max_model_len=64, seed=0, device=torch.device("cpu"))

@@ -152,11 +152,50 @@ class Task:
         return re.sub(r"\s+", " ", completion).strip() == answer
 
 
-TASKS: dict[str, Task] = {
+@dataclass(frozen=True)
+class EnvironmentTask:
+    """A multi-turn task played against an environment (optsys.rollout.environments) rather than checked.
+
+    "guess": find a secret number in 0..n-1 (n = 5 x difficulty, so 10 at the default 2) from "higher" / "lower"
+    replies within rl.max_turns guesses. Its SFT rows are transcripts of legal but random play (each guess uniform
+    in the interval still possible), so an SFT start knows the format and rules and RL has room to learn to
+    search; RL rows hold the secret; held-out play is scored by `evaluate` (success rate)."""
+
+    name: str
+    environment: str  # optsys.rollout.environments.ENVIRONMENTS key
+    system: str | None = None
+
+    def env_kwargs(self, difficulty: int) -> dict:
+        return {"n": 5 * difficulty}
+
+    def split_sizes(self, difficulty: int) -> tuple[int, int] | None:
+        return None  # games are keyed by an unbounded counter: any size can be drawn
+
+    def count(self, difficulty: int) -> int:
+        return 10**9
+
+    def sft_rows(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[dict]:
+        from optsys.rollout.environments import guess_sft_rows
+
+        return guess_sft_rows(split, n, n=5 * difficulty, seed=seed, strategy="random")
+
+    def rl_prompts(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[dict]:
+        from optsys.rollout.environments import guess_rows
+
+        return guess_rows(split, n, n=5 * difficulty, seed=seed)
+
+    def evaluate(self, engine, tokenizer, rows: list[dict], sampling, *, max_turns: int, max_tokens: int) -> dict:
+        from optsys.rollout.environments import evaluate_guessing
+
+        return evaluate_guessing(engine, tokenizer, rows, sampling, max_turns=max_turns, max_tokens=max_tokens)
+
+
+TASKS: dict[str, Task | EnvironmentTask] = {
     "arithmetic": Task("arithmetic", _addition, _wrong_addition, _addition_prompts, _addition_count),
     "arithmetic_reversed": Task("arithmetic_reversed", _addition_reversed, _wrong_addition_reversed,
                                 _addition_prompts, _addition_count),
     "sorting": Task("sorting", _sorting, _wrong_sorting, _sorting_prompts, lambda d: 100**d),
+    "guess": EnvironmentTask("guess", "guess"),
 }
 
 
@@ -166,7 +205,7 @@ def _split_counts(name: str, difficulty: int) -> tuple[int, int]:
     return TASKS[name].count(difficulty) - test, test
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> Task | EnvironmentTask:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)}")
     return TASKS[name]

@@ -48,9 +48,11 @@ class HFEngine:
         for i, p in enumerate(prompts):  # left-padded: generation continues from the last column
             ids[i, width - len(p):] = torch.tensor(p)
             attn[i, width - len(p):] = 1
+        greedy = sampling.temperature == 0  # as vLLM: temperature 0 means greedy
+        sample_kw = {} if greedy else dict(temperature=sampling.temperature, top_p=sampling.top_p,
+                                          top_k=sampling.top_k or None)
         out = self.model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
+            input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=not greedy, **sample_kw,
             max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n,
             eos_token_id=list(sampling.stop_token_ids) or None, pad_token_id=self.pad_token_id,
             output_scores=True, return_dict_in_generate=True, synced_gpus=self.synced_gpus)

@@ -32,7 +32,6 @@ import torch
 
 from optsys.rollout.engine import Completion, EngineError, Sampling
 
-
 # vLLM's LoRAConfig.max_lora_rank takes one of these (its MaxLoRARanks); an adapter may have any rank below it.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_ID = 1  # the one adapter slot: every load_adapter replaces this id in place

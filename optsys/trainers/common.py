@@ -219,6 +219,8 @@ def held_out_accuracy(tag: str, step: int, *, model, tokenizer, cfg: TrainConfig
     if cfg.data.task is None:
         return
     task = get_task(cfg.data.task)
+    if getattr(task, "environment", None):  # multi-turn: scored by playing (the RL trainer does it)
+        return
     problems = task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
     t0 = time.time()
     with autocast_context(cfg.trainer.precision, world.device):  # generate in the training compute dtype

@@ -75,6 +75,7 @@ class Prompt:
     ids: list[int]
     text: str  # the user turn, what reward functions see as `prompt`
     answer: str | None
+    row: dict | None = None  # the task's row (multi-turn: what the environment is reset with)
 
 
 @dataclass(eq=False)
@@ -83,8 +84,8 @@ class Rollout:
 
     prompt: Prompt
     group: int  # index of its prompt group in the step
-    token_ids: list[int]
-    sampler_logp: list[float]
+    token_ids: list[int]  # everything after the prompt (multi-turn: model and environment turns)
+    sampler_logp: list[float]  # aligned with token_ids (0 at environment tokens)
     finish_reason: str
     text: str = ""
     reward: float = 0.0
@@ -93,12 +94,26 @@ class Rollout:
     ref_logp: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     token_adv: torch.Tensor | None = None  # per-token advantages (REINFORCE++), else `advantage` everywhere
+    loss_mask: list[bool] | None = None  # multi-turn: True at the model's tokens (None: all of them)
+    episode: object = None  # multi-turn: the optsys.rollout.environments.Episode
+
+    @property
+    def n_trained(self) -> int:
+        """Tokens the loss sees (the per-token tensors of the update have this length)."""
+        return len(self.token_ids) if self.loss_mask is None else sum(self.loss_mask)
+
+    @property
+    def trained_sampler_logp(self) -> list[float]:
+        if self.loss_mask is None:
+            return self.sampler_logp
+        return [lp for lp, m in zip(self.sampler_logp, self.loss_mask) if m]
 
     def example(self) -> TokenizedExample:
-        """prompt + completion[:-1] as inputs; targets are the completion tokens (prompt positions -100)."""
+        """prompt + tokens[:-1] as inputs; targets are the model's tokens (prompt and environment tokens -100)."""
         n = len(self.prompt.ids)
         ids = self.prompt.ids + self.token_ids[:-1]
-        return TokenizedExample(ids, [IGNORE] * (n - 1) + self.token_ids)
+        mask = self.loss_mask or [True] * len(self.token_ids)
+        return TokenizedExample(ids, [IGNORE] * (n - 1) + [t if m else IGNORE for t, m in zip(self.token_ids, mask)])
 
 
 @dataclass
@@ -110,14 +125,14 @@ class MicroBatch:
 
     def per_token(self, attr: str) -> torch.Tensor:
         if attr == "advantage":
-            return torch.cat([r.token_adv if r.token_adv is not None else torch.full((len(r.token_ids),), r.advantage)
+            return torch.cat([r.token_adv if r.token_adv is not None else torch.full((r.n_trained,), r.advantage)
                               for r in self.rollouts])
         if attr == "sampler_logp":
-            return torch.cat([torch.tensor(r.sampler_logp) for r in self.rollouts])
+            return torch.cat([torch.tensor(r.trained_sampler_logp) for r in self.rollouts])
         return torch.cat([getattr(r, attr) for r in self.rollouts])
 
     def seq_ids(self) -> torch.Tensor:
-        return torch.cat([torch.full((len(r.token_ids),), i) for i, r in enumerate(self.rollouts)])
+        return torch.cat([torch.full((r.n_trained,), i) for i, r in enumerate(self.rollouts)])
 
 
 @dataclass
@@ -156,7 +171,7 @@ def build_prompts(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Promp
                 raise DataError(f"task:{cfg.data.task}/{split} row {i}: the prompt has {len(ids)} tokens, and with "
                                 f"rl.max_new_tokens={cfg.rl.max_new_tokens} exceeds data.max_tokens="
                                 f"{cfg.data.max_tokens} (the engine's context); raise data.max_tokens")
-            prompts.append(Prompt(list(ids), row["prompt"][-1]["content"], row["answer"]))
+            prompts.append(Prompt(list(ids), row["prompt"][-1]["content"], row["answer"], row))
         out.append(prompts)
     return out[0], out[1]
 
@@ -217,6 +232,28 @@ def generate_groups(engine, prompts: list[Prompt], sampling: Sampling, tokenizer
     return rollouts
 
 
+def play_groups(engine, prompts: list[Prompt], sampling: Sampling, tokenizer, cfg: TrainConfig, *, step: int,
+                round_: int, groups: list[int], stats: StepStats) -> list[Rollout]:
+    """Multi-turn rollouts: rl.group_size episodes of each prompt row against the task's environment, played in
+    lock step (optsys.rollout.environments.run_episodes). Rewards come from the environment; the environment's
+    tokens are in each sequence but masked out of the loss."""
+    from dataclasses import replace
+
+    from optsys.rollout.environments import make_environment, run_episodes, summarize_episodes
+
+    task, k = get_task(cfg.data.task), cfg.rl.group_size
+    owners = [(g, p) for g, p in zip(groups, prompts) for _ in range(k)]
+    envs = [make_environment(task.environment, **task.env_kwargs(cfg.data.difficulty)) for _ in owners]
+    seeds = [stable_seed(cfg.seed, step, round_, g, i % k) for i, (g, _) in enumerate(owners)]
+    episodes = run_episodes(engine, envs, tokenizer, replace(sampling, n=1), seeds, rows=[p.row for _, p in owners],
+                            max_turns=cfg.rl.max_turns, max_tokens=cfg.data.max_tokens)
+    for key, value in summarize_episodes(episodes).items():
+        stats.add(key, value * len(episodes), len(episodes))
+    return [Rollout(Prompt(ep.prompt_ids, p.text, p.answer, p.row), g, ep.token_ids, ep.logprobs,
+                    ep.stop_reason, " | ".join(ep.texts), reward=ep.reward, loss_mask=ep.loss_mask, episode=ep)
+            for ep, (g, p) in zip(episodes, owners)]
+
+
 def score(rollouts: list[Rollout], fns, cfg: TrainConfig, stats: StepStats) -> None:
     result = score_completions(fns, [(r.prompt.text, r.text, r.prompt.answer) for r in rollouts],
                                timeout_s=cfg.rl.reward_timeout_s, on_error=cfg.rl.on_reward_error)
@@ -260,7 +297,7 @@ def micro_batches(rollouts: list[Rollout], max_tokens: int, agg: str, max_len: i
     """This rank's packed micro-batches of a mini-batch, every token weighted so that the sum over all ranks'
     micro-batches is the method's aggregate over the whole mini-batch; padded with zero-weight fillers to the
     largest rank's count (FSDP ranks run the same number of forwards)."""
-    lengths = [len(r.token_ids) for r in rollouts]
+    lengths = [r.n_trained for r in rollouts]
     # global normalizers: total completion tokens and sequences over all ranks
     all_lengths = [n for share in all_gather_objects(lengths, world) for n in share]
     weight_of = aggregation_weights(torch.tensor(all_lengths, dtype=torch.float32), agg, max_len=max_len)
@@ -268,13 +305,13 @@ def micro_batches(rollouts: list[Rollout], max_tokens: int, agg: str, max_len: i
     mbs = []
     for bin_ in pack(rollouts, max_tokens) if rollouts else []:
         rows = [rollouts[i] for i in bin_]
-        w = torch.cat([torch.full((len(rollouts[i].token_ids),), float(weight_of[offset + i])) for i in bin_])
+        w = torch.cat([torch.full((rollouts[i].n_trained,), float(weight_of[offset + i])) for i in bin_])
         mbs.append(MicroBatch(collate_packed([r.example() for r in rows]), rows, w))
     (most,) = (max(all_gather_objects(len(mbs), world)),) if world.distributed else (len(mbs),)
     while len(mbs) < most:
         rows = filler
         mbs.append(MicroBatch(collate_packed([r.example() for r in rows]), rows,
-                              torch.zeros(sum(len(r.token_ids) for r in rows)), real=False))
+                              torch.zeros(sum(r.n_trained for r in rows)), real=False))
     return mbs
 
 
@@ -296,7 +333,7 @@ def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], cfg: TrainConfig,
         ref = token_logps(ref_model, mb, cfg, device)[0] if ref_model is not None else None
         start = 0
         for r in mb.rollouts:
-            n = len(r.token_ids)
+            n = r.n_trained
             r.old_logp, r.entropy = logp[start : start + n].float().cpu(), ent[start : start + n].float().cpu()
             if ref is not None:
                 r.ref_logp = ref[start : start + n].float().cpu()
@@ -331,7 +368,7 @@ def set_token_advantages(rollouts: list[Rollout], method: str, cfg: TrainConfig,
         return
     if kind != "reinforce_pp_token":
         return
-    ids = torch.cat([torch.full((len(r.token_ids),), i) for i, r in enumerate(rollouts)])
+    ids = torch.cat([torch.full((r.n_trained,), i) for i, r in enumerate(rollouts)])
     kl = None
     if cfg.rl.kl_coef > 0:
         kl = torch.cat([r.old_logp - r.ref_logp for r in rollouts])
@@ -340,8 +377,8 @@ def set_token_advantages(rollouts: list[Rollout], method: str, cfg: TrainConfig,
         kl_coef=cfg.rl.kl_coef)
     start = 0
     for r in rollouts:
-        r.token_adv = adv[start : start + len(r.token_ids)]
-        start += len(r.token_ids)
+        r.token_adv = adv[start : start + r.n_trained]
+        start += r.n_trained
 
 
 def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig, method: str, world, device,
@@ -440,6 +477,23 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     canary = Canary(canary_prompt.ids, canary_ids, rl.canary_tolerance)
     filler = [Rollout(canary_prompt, 0, canary_ids, [0.0] * len(canary_ids), "stop")]
     dynamic = rl.dynamic_sampling if rl.dynamic_sampling is not None else algo.dynamic_sampling
+    task = get_task(cfg.data.task)
+    env_task = getattr(task, "environment", None)
+    if env_task and dynamic:
+        raise ConfigError("dynamic sampling with a multi-turn task is not supported yet; set rl.dynamic_sampling=false")
+
+    def play_eval(tag: str, at_step: int) -> None:
+        """Held-out play of a multi-turn task, greedy, through the engine (in sync with the trainer here)."""
+        t = time.perf_counter()
+        greedy = Sampling(n=1, temperature=0.0, max_new_tokens=rl.max_new_tokens, stop_token_ids=stops)
+        rows = [p.row for p in eval_prompts]
+        result = task.evaluate(engine, tokenizer, rows, greedy, max_turns=rl.max_turns, max_tokens=cfg.data.max_tokens)
+        named = {f"{k}_{tag}": v for k, v in result.items()}
+        summary.update(named)
+        summary[f"time/eval_{tag}_s"] = time.perf_counter() - t
+        log.log(at_step, named)
+        if world.is_main:
+            print("  ".join(f"{k} = {v:.3f}" for k, v in named.items()))
     max_len = rl.max_new_tokens
 
     def sync_and_check(stats: StepStats, n_sync: int) -> None:
@@ -458,6 +512,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     except SyncError as e:
         raise SyncError(f"before the first rollout: {e}") from None
     summary["sync/canary_error_start"] = start_stats.sums["sync/canary_error"][0] if rl.canary_every else None
+    if env_task and resume_from is None and cfg.eval.before:
+        play_eval("before", step)
 
     progress = StepProgress(tc.max_steps, f"{method} {cfg.recipe}", enabled=tc.progress and world.is_main)
     window: dict[str, list[float]] = state["window"] or {}  # per-step metrics since the last log line
@@ -471,15 +527,20 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             mine = rank_groups(rl.prompts_per_step, rl.updates_per_batch, world)
             step_list = step_prompts(train_prompts, step, rl.prompts_per_step, cfg.seed)
             prompts = [step_list[g] for g in mine]
-            rollouts = generate_groups(engine, prompts, sampling, tokenizer, seed=cfg.seed, step=step, round_=0,
-                                       groups=mine)
-            stats.add("time/generate_s", time.perf_counter() - t)
-            t = time.perf_counter()
-            score(rollouts, fns, cfg, stats)
-            stats.add("time/reward_s", time.perf_counter() - t)
+            if env_task:
+                rollouts = play_groups(engine, prompts, sampling, tokenizer, cfg, step=step, round_=0, groups=mine,
+                                       stats=stats)
+                stats.add("time/generate_s", time.perf_counter() - t)  # the environment's steps included
+            else:
+                rollouts = generate_groups(engine, prompts, sampling, tokenizer, seed=cfg.seed, step=step, round_=0,
+                                           groups=mine)
+                stats.add("time/generate_s", time.perf_counter() - t)
+                t = time.perf_counter()
+                score(rollouts, fns, cfg, stats)
+                stats.add("time/reward_s", time.perf_counter() - t)
             for r in rollouts:
                 stats.add("reward/mean", r.reward)
-                stats.add("train/response_length", len(r.token_ids))
+                stats.add("train/response_length", r.n_trained)
                 stats.add("train/truncated_fraction", r.finish_reason == "length")
             rewards = torch.tensor([r.reward for r in rollouts]).view(-1, rl.group_size)
             stats.add("reward/std", float(rewards.std(dim=1).sum()), rewards.shape[0])
@@ -497,8 +558,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             set_token_advantages(rollouts, method, cfg, world)
             for r in rollouts:
                 if r.ref_logp is not None and algo.advantage == "teacher_kl":
-                    stats.add("train/teacher_kl", float((r.old_logp - r.ref_logp).sum()), len(r.token_ids))
-                gap = (torch.tensor(r.sampler_logp) - r.old_logp).abs()
+                    stats.add("train/teacher_kl", float((r.old_logp - r.ref_logp).sum()), r.n_trained)
+                gap = (torch.tensor(r.trained_sampler_logp) - r.old_logp).abs()
                 stats.add("train/logp_gap_mean", float(gap.sum()), gap.numel())
                 stats.add("train/entropy", float(r.entropy.sum()), r.entropy.numel())
             t = time.perf_counter()
@@ -530,6 +591,9 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     progress.close()
     summary.update(clock.totals(loss=metrics.get("train/loss", float("nan")), steps=tc.max_steps))
     summary.update({k: v for k, v in metrics.items() if k.startswith(("reward/", "time/", "sync/"))})
+    if env_task and cfg.eval.after:
+        play_eval("after", step)
+    engine.close()
     if cfg.eval.after:
         accuracy("after", step)
     save_final_model(model, tokenizer, out_dir, cfg, world, precision)
