@@ -139,7 +139,7 @@ class RewardConfig:
 
 @dataclass
 class RLConfig:
-    """Reinforcement learning (methods grpo | dr_grpo | dapo | gspo | cispo | rloo | reinforce_pp | distill); see
+    """Reinforcement learning (methods grpo | dr_grpo | dapo | gspo | cispo | rloo | reinforce_pp | distill | ppo); see
     optsys.trainers.rl. A rollout step samples rl.group_size completions for each of rl.prompts_per_step prompts,
     scores them, and makes rl.updates_per_batch optimizer steps on them; trainer.max_steps counts rollout steps."""
 
@@ -174,6 +174,11 @@ class RLConfig:
     canary_tolerance: float = 1e-4  # max |log-prob difference| (fp32; a bf16 engine needs ~5e-2)
     engine_memory_fraction: float = 0.3  # GPU memory vLLM may take (weights + KV cache)
     max_turns: int = 4  # multi-turn tasks (data.task=guess): model turns per episode before it is cut (counted)
+    # method=ppo: the critic (a copy of the policy with a value head) and GAE; rl.kl_coef goes into the reward
+    critic_lr: Optional[float] = None  # None: trainer.lr
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
     # method=distill: the teacher (folder, hub id, tiny:<preset> or stage:<recipe>) that scores the student's
     # samples; it must share the student's tokenizer
     teacher: Optional[str] = None
@@ -183,7 +188,7 @@ class RLConfig:
 class TrainConfig:
     recipe: str = "quickstart"
     # a name in optsys.methods.METHODS: sft, dpo, ipo, robust, simpo, orpo, cpo, kto, rm, grpo, dr_grpo, dapo,
-    # gspo, cispo, rloo, reinforce_pp, distill
+    # gspo, cispo, rloo, reinforce_pp, distill, ppo
     method: str = "sft"
     output_dir: Optional[str] = None  # default ./runs/<recipe>-<timestamp>/
     overwrite: bool = False  # allow writing into a folder that holds another run
@@ -272,6 +277,9 @@ RANGES = [
     ("rl.canary_tolerance", _positive()),
     ("rl.engine_memory_fraction", _in(0, 1)),
     ("rl.max_turns", _at_least(1)),
+    ("rl.value_clip", _positive()),
+    ("rl.gamma", _in(0, 1, closed_high=True)),
+    ("rl.gae_lambda", _in(0, 1, closed_high=True)),
 ]
 RANGE_HINTS = {
     "trainer.grad_clip": " (0 disables clipping)",

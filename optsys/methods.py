@@ -41,6 +41,7 @@ METHODS: dict[str, Method] = {
     "rloo": Method(RL, "rl", ("clip_eps", "clip_eps_high")),
     "reinforce_pp": Method(RL, "rl", ("clip_eps", "clip_eps_high")),
     "distill": Method(RL, "rl", ("clip_eps", "clip_eps_high", "teacher")),
+    "ppo": Method(RL, "rl", ("clip_eps", "clip_eps_high", "critic_lr", "value_clip", "gamma", "gae_lambda")),
 }
 
 
@@ -68,6 +69,8 @@ RL_ALGORITHMS: dict[str, RLAlgorithm] = {
     # on-policy distillation (Agarwal et al. 2024; Lu & Thinking Machines 2025): per-token advantage
     # -(log pi(y_t) - log teacher(y_t)) on the student's own samples: minimizes the reverse KL to the teacher
     "distill": RLAlgorithm("teacher_kl", "ppo_clip", "token_mean"),
+    # PPO with a learned critic and GAE (Schulman et al. 2017; Ouyang et al. 2022 for the KL in the reward)
+    "ppo": RLAlgorithm("gae", "ppo_clip", "token_mean"),
 }
 
 # Every family section of TrainConfig; a run's config.yaml keeps only its method's.

@@ -90,6 +90,14 @@ def test_every_rl_method_trains_with_the_hf_engine(tmp_path, method):
         assert "train/informative_fraction" in last and "reward/overlong_penalty" in last
     if method == "distill":
         assert last["train/teacher_kl"] != 0
+    if method == "ppo":  # the critic learns: its loss is logged and its weights are checkpointed beside the policy
+        assert last["train/value_loss"] > 0 and "train/critic_grad_norm" in last
+        from safetensors import safe_open
+
+        (ckpt,) = sorted((out / "checkpoints").glob("step-*"))[-1:]
+        with safe_open(ckpt / "model.safetensors", "pt") as f:
+            keys = list(f.keys())
+        assert any(k.startswith("critic.value_head") for k in keys) and any(k.startswith("policy.") for k in keys)
 
 
 def test_distill_refuses_a_teacher_with_another_tokenizer(tmp_path):
@@ -194,9 +202,11 @@ def test_grpo_on_two_ranks_matches_one_process(tmp_path):
         assert b["sync/canary_error"] < 1e-5
 
 
-def test_killed_rl_run_resumes_and_logs_what_an_uninterrupted_run_logs(tmp_path):
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_killed_rl_run_resumes_and_logs_what_an_uninterrupted_run_logs(tmp_path, method):
     """SIGKILL after a mid-window checkpoint, resume=true: the same prompts, samples (seeded by step and group),
-    rewards, losses and final weights as an uninterrupted run. Time metrics aside, every logged value matches."""
+    rewards, losses and final weights as an uninterrupted run (PPO: the critic and its optimizer state too).
+    Time metrics aside, every logged value matches."""
     import os
     import signal
     import subprocess
@@ -212,7 +222,7 @@ def test_killed_rl_run_resumes_and_logs_what_an_uninterrupted_run_logs(tmp_path)
            "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
 
     def cli(out, *extra):
-        return [sys.executable, "-m", "optsys.train", f"--config={base}", "method=grpo", *BASE, "rl.engine=hf",
+        return [sys.executable, "-m", "optsys.train", f"--config={base}", f"method={method}", *BASE, "rl.engine=hf",
                 "trainer.max_steps=6", "trainer.save_every=3", "trainer.log_every=2", "eval.before=false",
                 "eval.after=false", f"output_dir={out}", *extra]
 

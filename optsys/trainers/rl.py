@@ -95,6 +95,8 @@ class Rollout:
     entropy: torch.Tensor | None = None
     token_adv: torch.Tensor | None = None  # per-token advantages (REINFORCE++), else `advantage` everywhere
     loss_mask: list[bool] | None = None  # multi-turn: True at the model's tokens (None: all of them)
+    old_values: torch.Tensor | None = None  # PPO: the critic's values before the update, per trained token
+    returns: torch.Tensor | None = None  # PPO: GAE returns (value targets), per trained token
     episode: object = None  # multi-turn: the optsys.rollout.environments.Episode
 
     @property
@@ -324,19 +326,23 @@ def token_logps(model, mb: MicroBatch, cfg: TrainConfig, device, *, entropy: boo
 
 
 @torch.no_grad()
-def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], cfg: TrainConfig, device) -> None:
-    """The trainer's log-probs (and entropy) before the update, and the reference's when KL is on."""
+def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], cfg: TrainConfig, device, critic=None) -> None:
+    """The trainer's log-probs (and entropy) before the update, the reference's (or teacher's) when there is one,
+    and the critic's values (PPO). FSDP ranks run the same number of forwards: fillers too, results dropped."""
     for mb in mbs:
-        if not mb.real:
-            continue
         logp, ent = token_logps(model, mb, cfg, device, entropy=True)
         ref = token_logps(ref_model, mb, cfg, device)[0] if ref_model is not None else None
+        values = token_values(critic, mb, cfg, device) if critic is not None else None
+        if not mb.real:
+            continue
         start = 0
         for r in mb.rollouts:
             n = r.n_trained
             r.old_logp, r.entropy = logp[start : start + n].float().cpu(), ent[start : start + n].float().cpu()
             if ref is not None:
                 r.ref_logp = ref[start : start + n].float().cpu()
+            if values is not None:
+                r.old_values = values[start : start + n].float().cpu()
             start += n
 
 
@@ -362,6 +368,9 @@ def set_token_advantages(rollouts: list[Rollout], method: str, cfg: TrainConfig,
     """Per-token advantages: REINFORCE++ (KL-shaped return-to-go, whitened over the batch) or distillation
     (-(log pi - log teacher) per token, the negative per-token reverse KL estimate)."""
     kind = RL_ALGORITHMS[method].advantage
+    if kind == "gae":
+        gae_advantages(rollouts, cfg)
+        return
     if kind == "teacher_kl":
         for r in rollouts:
             r.token_adv = -(r.old_logp - r.ref_logp)
@@ -382,14 +391,15 @@ def set_token_advantages(rollouts: list[Rollout], method: str, cfg: TrainConfig,
 
 
 def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig, method: str, world, device,
-           stats: StepStats) -> float:
-    """One optimizer step on a mini-batch's micro-batches; returns the pre-clip grad norm."""
+           stats: StepStats, critic=None) -> float:
+    """One optimizer step on a mini-batch's micro-batches (policy, and the critic for PPO); returns the policy's
+    pre-clip grad norm."""
     algo, rl = RL_ALGORITHMS[method], cfg.rl
     loss_fn = POLICY_LOSSES[algo.loss]
     kw = dict(clip_eps_high=rl.clip_eps_high if rl.clip_eps_high is not None else algo.clip_eps_high)
     if algo.loss != "cispo":
         kw["clip_eps"] = rl.clip_eps if rl.clip_eps is not None else algo.clip_eps
-    kl = rl.kl_coef > 0
+    kl = rl.kl_coef > 0 and algo.advantage != "gae"  # PPO puts the KL in the reward instead
     if kl:
         kw.update(kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator)
     loss_sum = 0.0
@@ -407,6 +417,10 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig,
         loss, metrics = loss_fn(logp.float(), old, adv, torch.ones(n, dtype=torch.bool, device=device),
                                 ref_logp=ref, seq_ids=seq_ids, num_seqs=len(mb.rollouts),
                                 token_weights=mb.weights.to(device), is_weights=is_w, **kw)
+        if critic is not None:
+            v_loss, v_metrics = value_loss(token_values(critic, mb, cfg, device), mb, rl.value_clip, device)
+            metrics = {**metrics, **v_metrics}
+            loss = loss + v_loss  # separate parameters: one backward fills both models' gradients
         # FSDP averages gradients over ranks; the weights already sum over all ranks' tokens
         (loss * world.size).backward()
         loss_sum += float(loss.detach())
@@ -416,7 +430,91 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig,
                     stats.add(f"train/{k}", float(v) * n, n)
     # the micro-batch losses of all ranks sum to the mini-batch's loss: each rank counts 1 / world_size
     stats.add("train/loss", loss_sum, 1.0 / world.size)
+    if critic is not None and cfg.trainer.grad_clip > 0:  # the critic's own norm (clip_and_step clips the policy)
+        norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.trainer.grad_clip)
+        stats.add("train/critic_grad_norm", float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm),
+                  1.0 / world.size)
     return clip_and_step(model, optimizer, scheduler, cfg.trainer.grad_clip)
+
+
+# ---- PPO with a critic ---------------------------------------------------------------------------------
+
+
+class ValueModel(torch.nn.Module):
+    """PPO's critic: the policy's decoder (a copy, trained on its own) and a scalar head on its hidden states."""
+
+    def __init__(self, lm):
+        super().__init__()
+        lm.lm_head = torch.nn.Identity()  # unused: the value head reads the final hidden states
+        self.lm = lm
+        hidden = lm.config.hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: the first advantages are the returns
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def get_decoder(self):  # what shard_model and packed_hidden use
+        return self.lm.get_decoder()
+
+    @property
+    def config(self):
+        return self.lm.config
+
+
+def packed_values(critic, input_ids, position_ids, seq_lens, targets) -> torch.Tensor:
+    """V(s_t) at every trained position of a packed row (the state before each model token), [N]."""
+    from optsys.models.packed import packed_hidden
+
+    hidden = packed_hidden(critic, input_ids, position_ids, seq_lens)
+    keep = targets.reshape(-1) != IGNORE
+    return critic.value_head(hidden[keep]).squeeze(-1).float()
+
+
+def token_values(critic, mb: MicroBatch, cfg: TrainConfig, device) -> torch.Tensor:
+    b = mb.batch.to(device)
+    with autocast_context(cfg.trainer.precision, device):
+        return critic.packed_values(b.input_ids, b.position_ids, b.seq_lens, b.targets)
+
+
+def build_critic(policy, world, precision):
+    critic = ValueModel(copy.deepcopy(policy))
+    return ready_for_training(critic, world, precision, methods={"packed_values": packed_values})
+
+
+def gae_advantages(rollouts: list[Rollout], cfg: TrainConfig) -> None:
+    """PPO's advantages: token rewards (the outcome on the last model token, minus kl_coef x (log pi - log ref)
+    per token when rl.kl_coef > 0: the KL in the reward, as in RLHF PPO), GAE with the critic's values (Schulman
+    et al. 2016), then whitened over the batch's tokens; returns = advantages + values are the value targets."""
+    if not rollouts:
+        return
+    width = max(r.n_trained for r in rollouts)
+    rewards, values, mask = (torch.zeros(len(rollouts), width) for _ in range(3))
+    for i, r in enumerate(rollouts):
+        n = r.n_trained
+        mask[i, :n] = 1
+        values[i, :n] = r.old_values
+        if cfg.rl.kl_coef > 0:
+            rewards[i, :n] = -cfg.rl.kl_coef * (r.old_logp - r.ref_logp)
+        rewards[i, n - 1] += r.reward
+    adv, returns = ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, gamma=cfg.rl.gamma, lam=cfg.rl.gae_lambda)
+    m = mask.bool()
+    mean, std = adv[m].mean(), adv[m].std() if m.sum() > 1 else torch.tensor(1.0)
+    adv = (adv - mean) / (std + 1e-6)
+    for i, r in enumerate(rollouts):
+        r.token_adv, r.returns = adv[i, : r.n_trained].clone(), returns[i, : r.n_trained].clone()
+
+
+def value_loss(values: torch.Tensor, mb: MicroBatch, clip: float, device) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss (PPO2 / OpenAI baselines): 0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2),
+    weighted per token like the policy loss."""
+    old, ret = mb.per_token("old_values").to(device), mb.per_token("returns").to(device)
+    clipped = old + (values - old).clamp(-clip, clip)
+    per_token = 0.5 * torch.maximum((values - ret) ** 2, (clipped - ret) ** 2)
+    w = mb.weights.to(device)
+    live = w > 0
+    count = live.sum().clamp(min=1)
+    metrics = {"value_loss": (per_token.detach() * live).sum() / count,
+               "value_clip_fraction": (((values - old).abs() > clip) & live).float().sum() / count}
+    return (per_token * w).sum(), metrics
 
 
 
@@ -446,14 +544,21 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                                                               precision))
     if world.is_main:
         print(precision.describe())
+    critic = build_critic(model, world, precision) if algo.advantage == "gae" else None
     model = ready_for_training(model, world, precision)
     model.train()
     total_updates = tc.max_steps * rl.updates_per_batch
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
+    if critic is not None:  # one optimizer, the critic in its own group at rl.critic_lr (the schedule scales both)
+        critic.train()
+        optimizer.add_param_group({"params": [p for p in critic.parameters() if p.requires_grad],
+                                   "lr": rl.critic_lr or tc.lr, "weight_decay": 0.0})
+    # what a checkpoint holds: the policy, and the critic beside it for PPO
+    trained = model if critic is None else torch.nn.ModuleDict({"policy": model, "critic": critic})
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, total_updates,
                                                                            tc.min_lr_ratio))
     fingerprint = run_fingerprint(cfg, model, num_rows=len(train_prompts), data_sha256="task")
-    state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
+    state = restore_run(resume_from, out_dir, world, model=trained, optimizer=optimizer, scheduler=scheduler,
                         fingerprint=fingerprint, max_steps=tc.max_steps)
     summary: dict = {"model/parameters": sum(p.numel() for p in model.parameters()),
                      "parallel/world_size": world.size, **stage_provenance(cfg), **state["summary"]}
@@ -553,7 +658,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             # ---- old / reference log-probs, then the updates on mini-batches of whole groups
             t = time.perf_counter()
             all_mbs = micro_batches(rollouts, cfg.data.max_tokens, algo.agg, max_len, world, filler)
-            score_old_and_ref(model, ref_model, all_mbs, cfg, device)
+            score_old_and_ref(model, ref_model, all_mbs, cfg, device, critic)
             stats.add("time/ref_logprobs_s", time.perf_counter() - t)
             set_token_advantages(rollouts, method, cfg, world)
             for r in rollouts:
@@ -569,7 +674,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                 lo, hi = (u * n_groups // rl.updates_per_batch, (u + 1) * n_groups // rl.updates_per_batch)
                 part = rollouts[lo * rl.group_size : hi * rl.group_size]
                 mbs = micro_batches(part, cfg.data.max_tokens, algo.agg, max_len, world, filler)
-                grad_norm = update(model, optimizer, scheduler, mbs, cfg, method, world, device, stats)
+                grad_norm = update(model, optimizer, scheduler, mbs, cfg, method, world, device, stats, critic)
             stats.add("time/update_s", time.perf_counter() - t)
             sync_and_check(stats, step)
         clock.add(sum(len(r.prompt.ids) + len(r.token_ids) for r in rollouts))
@@ -585,7 +690,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                                   f"update {update_s:.1f}s")
             window = {}
         if checkpoint_due(tc, step):
-            save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer, scheduler=scheduler,
+            save_training_checkpoint(out_dir, step, cfg, world, model=trained, optimizer=optimizer, scheduler=scheduler,
                                      fingerprint=fingerprint, clock=clock, position=(step, 0), summary=summary,
                                      counters={}, window=window)
     progress.close()
