@@ -173,6 +173,9 @@ class RLConfig:
     canary_every: int = 1  # syncs between canary checks (engine vs trainer log-probs of a fixed completion)
     canary_tolerance: float = 1e-4  # max |log-prob difference| (fp32; a bf16 engine needs ~5e-2)
     engine_memory_fraction: float = 0.3  # GPU memory vLLM may take (weights + KV cache)
+    # LoRA: "adapter" syncs only the adapter into vLLM (in memory, in place); "merged" merges it into the base
+    # weights and streams those (no LoRA kernels in generation: faster rollouts on CPU, see bench/README.md)
+    lora_sync: Literal["adapter", "merged"] = "adapter"
     max_turns: int = 4  # multi-turn tasks (data.task=guess): model turns per episode before it is cut (counted)
     # method=ppo: the critic (a copy of the policy with a value head) and GAE; rl.kl_coef goes into the reward
     critic_lr: Optional[float] = None  # None: trainer.lr
@@ -449,9 +452,15 @@ def _check_rl_keys(cfg: TrainConfig) -> None:
                           "or drop rl.kl_estimator")
     if rl.sampler_correction == "none" and rl.correction_cap != defaults.rl.correction_cap:
         raise ConfigError("rl.correction_cap has no effect with rl.sampler_correction=none; drop it")
-    if not cfg.model.lora.r == 0:
-        raise ConfigError(f"model.lora with method={cfg.method} is not supported yet (adapter-only weight sync is "
-                          "still to come); train the full model (model.lora.r=0)")
+    if cfg.model.lora.r == 0 and rl.lora_sync != defaults.rl.lora_sync:
+        raise ConfigError("rl.lora_sync applies to LoRA runs (model.lora.r > 0); drop it")
+    if cfg.model.lora.quantize != "none" and rl.engine != "hf":
+        raise ConfigError(f"model.lora.quantize={cfg.model.lora.quantize} (QLoRA) with rl.engine={rl.engine}: vLLM "
+                          "would sample from the unquantized base while the trainer scores with the 4-bit one, so "
+                          "the sync check could never pass. Use rl.engine=hf with QLoRA, or plain LoRA")
+    if cfg.model.lora.save_merged:
+        raise ConfigError(f"model.lora.save_merged with method={cfg.method} is not supported yet; final/ holds the "
+                          "adapter. Drop model.lora.save_merged")
 
 
 def refuse_unused_settings(cfg: TrainConfig, method, methods) -> None:

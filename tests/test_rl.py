@@ -74,6 +74,24 @@ def test_grpo_step_with_vllm_generates_rewards_updates_syncs_and_checks(tmp_path
     assert sum(moved) > len(moved) // 2  # the updates changed the policy
 
 
+@pytest.mark.parametrize("lora_sync", ["adapter", "merged"])
+def test_lora_grpo_syncs_the_adapter_or_merged_weights_into_vllm(tmp_path, lora_sync):
+    """LoRA RL with vLLM: after every step the engine runs the trained adapter (in place, in memory) or the merged
+    weights, checked by the canary; the adapter sync moves a small fraction of the merged sync's bytes."""
+    pytest.importorskip("vllm")
+    summary, out = run(tmp_path, "grpo", "rl.engine=vllm", "model.lora.r=8", f"rl.lora_sync={lora_sync}",
+                       "trainer.lr=1e-2")
+    steps = [r for r in rows(out) if "sync/canary_error" in r]
+    assert steps and all(r["sync/canary_error"] < 1e-4 for r in steps)
+    moved = steps[-1]["sync/mb"]
+    full_mb = summary["model/parameters"] * 4 / 2**20
+    if lora_sync == "adapter":
+        assert moved < 0.2 * full_mb
+    else:
+        assert moved > 0.5 * full_mb
+    assert (out / "final" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("method", sorted(RL_ALGORITHMS))
 def test_every_rl_method_trains_with_the_hf_engine(tmp_path, method):
     extra = ["rl.engine=hf", "rl.updates_per_batch=2"]
@@ -147,7 +165,8 @@ def test_a_sync_that_skips_a_parameter_stops_the_run(tmp_path, monkeypatch):
     (["rl.max_new_tokens=64"], "data.max_tokens"),
     (["trainer.batch_tokens=8192"], "trainer.batch_tokens"),
     (["rl.top_p=0"], "rl.top_p"),
-    (["model.lora.r=8"], "model.lora"),
+    (["model.lora.r=8", "model.lora.quantize=nf4", "rl.engine=vllm"], "QLoRA"),
+    (["rl.lora_sync=merged"], "rl.lora_sync applies to LoRA"),
     (["pref.beta=0.5"], "pref"),
     (["rl.clip_eps=0.3", "method=cispo"], "rl.clip_eps"),
     (["rl.teacher=tiny:test"], "rl.teacher"),

