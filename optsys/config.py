@@ -404,9 +404,6 @@ def _check_rl_keys(cfg: TrainConfig) -> None:
     if cfg.trainer.batch_tokens != defaults.trainer.batch_tokens:
         raise ConfigError(f"trainer.batch_tokens={cfg.trainer.batch_tokens} has no effect with method={cfg.method}: an "
                           "RL step is rl.prompts_per_step x rl.group_size completions. Drop trainer.batch_tokens.")
-    if cfg.data.task is None:
-        raise ConfigError(f"method={cfg.method} needs a built-in task (data.task) for its prompts and answers; "
-                          "RL on a dataset of prompts is not supported yet")
     if rl.prompts_per_step % rl.updates_per_batch:
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not split into rl.updates_per_batch="
                           f"{rl.updates_per_batch} mini-batches of whole prompt groups; make prompts_per_step a "
@@ -434,7 +431,8 @@ def _check_rl_keys(cfg: TrainConfig) -> None:
     from optsys.methods import RL_ALGORITHMS
 
     algo = RL_ALGORITHMS[cfg.method]
-    if rl.max_turns != defaults.rl.max_turns and not getattr(get_task(cfg.data.task), "environment", None):
+    multi_turn = cfg.data.task is not None and getattr(get_task(cfg.data.task), "environment", None)
+    if rl.max_turns != defaults.rl.max_turns and not multi_turn:
         raise ConfigError(f"rl.max_turns={rl.max_turns} applies to multi-turn tasks (data.task=guess); "
                           f"data.task={cfg.data.task} is single-turn. Drop rl.max_turns.")
     if algo.advantage in ("grpo", "rloo") and rl.group_size < 2:

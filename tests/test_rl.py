@@ -319,3 +319,23 @@ def test_a_tokenizer_without_a_chat_template_is_a_data_error(tmp_path):
     (bare / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(DataError, match="no chat template"):
         run(tmp_path, "grpo", "rl.engine=hf", f"model.name_or_path={bare}")
+
+
+def test_rl_on_a_dataset_of_prompts_and_bad_rows(tmp_path):
+    """data.dataset with rows {prompt, answer}: string prompts or chat messages; a row without a usable prompt is a
+    data error naming the file and row."""
+    import json as _json
+
+    from optsys.data.errors import DataError
+
+    good = tmp_path / "prompts.jsonl"
+    rows_ = [{"prompt": f"{a}+{b}=", "answer": str(a + b)[::-1]} for a, b in [(12, 34), (56, 7), (40, 40), (9, 91)]]
+    rows_.append({"prompt": [{"role": "user", "content": "1+2="}], "answer": 3})
+    good.write_text("\n".join(_json.dumps(r) for r in rows_ * 2) + "\n")
+    summary, out = run(tmp_path, "grpo", "rl.engine=hf", "data.task=null", f"data.dataset={good}",
+                       f"data.eval_dataset={good}", "eval.before=false", "eval.after=false", name="ds")
+    assert any("reward/digits" in r for r in rows(out))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + _json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl row 1: RL rows need a 'prompt'"):
+        run(tmp_path, "grpo", "rl.engine=hf", "data.task=null", f"data.dataset={bad}", name="bad")

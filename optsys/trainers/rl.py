@@ -162,20 +162,58 @@ def build_prompts(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Promp
     if tokenizer.chat_template is None:
         raise DataError(f"the tokenizer of {cfg.model.name_or_path} has no chat template, so RL prompts cannot be "
                         "rendered; use a model whose tokenizer_config.json carries one")
-    task = get_task(cfg.data.task)
+    d = cfg.data
+    if d.task is not None:
+        task = get_task(d.task)
+        sources = [(f"task:{d.task}/{split}", task.rl_prompts(split, n, difficulty=d.difficulty, seed=cfg.seed))
+                   for split, n in (("train", d.num_train), ("test", d.num_eval))]
+    else:
+        from optsys.data.sources import load_rows
+
+        sources = [(d.dataset, [prompt_row(r, d.dataset, i) for i, r in enumerate(load_rows(d.dataset, split=d.split))]),
+                   (d.eval_dataset or "", [prompt_row(r, d.eval_dataset, i) for i, r in
+                                           enumerate(load_rows(d.eval_dataset, split=d.eval_split))]
+                    if d.eval_dataset else [])]
     out = []
-    for split, n in (("train", cfg.data.num_train), ("test", cfg.data.num_eval)):
+    for name, rows in sources:
         prompts = []
-        for i, row in enumerate(task.rl_prompts(split, n, difficulty=cfg.data.difficulty, seed=cfg.seed)):
+        for i, row in enumerate(rows):
             ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
                                                 return_dict=False)
-            if len(ids) + cfg.rl.max_new_tokens > cfg.data.max_tokens:
-                raise DataError(f"task:{cfg.data.task}/{split} row {i}: the prompt has {len(ids)} tokens, and with "
+            if len(ids) + cfg.rl.max_new_tokens > d.max_tokens:
+                raise DataError(f"{name} row {i}: the prompt has {len(ids)} tokens, and with "
                                 f"rl.max_new_tokens={cfg.rl.max_new_tokens} exceeds data.max_tokens="
-                                f"{cfg.data.max_tokens} (the engine's context); raise data.max_tokens")
-            prompts.append(Prompt(list(ids), row["prompt"][-1]["content"], row["answer"], row))
+                                f"{d.max_tokens} (the engine's context); raise data.max_tokens")
+            prompts.append(Prompt(list(ids), row["prompt"][-1]["content"], row.get("answer"), row))
         out.append(prompts)
     return out[0], out[1]
+
+
+def prompts_sha256(prompts: list[Prompt]) -> str:
+    """Content hash of the training prompts (token ids and answers): part of the resume fingerprint."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(repr((p.ids, p.answer)).encode())
+    return h.hexdigest()
+
+
+def prompt_row(row: dict, source: str, index: int) -> dict:
+    """An RL row of a dataset: `prompt` (a string, or chat messages ending with the user's turn) and an optional
+    `answer` (the reference reward functions such as `correct` compare with); other fields are kept."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, str) and prompt.strip():
+        messages = [{"role": "user", "content": prompt}]
+    elif (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                                        for m in prompt) and prompt[-1]["role"] == "user"):
+        messages = prompt
+    else:
+        raise DataError(f"{source} row {index}: RL rows need a 'prompt' (a non-empty string, or a list of "
+                        f"{{role, content}} messages ending with a user turn); got {str(prompt)[:120]!r} (fields: "
+                        f"{sorted(row)})")
+    answer = row.get("answer")
+    if answer is not None and not isinstance(answer, (str, int, float)):
+        raise DataError(f"{source} row {index}: 'answer' must be a string or a number, got {type(answer).__name__}")
+    return {**row, "prompt": messages, "answer": None if answer is None else str(answer)}
 
 
 def step_prompts(prompts: list[Prompt], step: int, count: int, seed: int, round_: int = 0) -> list[Prompt]:
@@ -570,7 +608,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     trained = model if critic is None else torch.nn.ModuleDict({"policy": model, "critic": critic})
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, total_updates,
                                                                            tc.min_lr_ratio))
-    fingerprint = run_fingerprint(cfg, model, num_rows=len(train_prompts), data_sha256="task")
+    fingerprint = run_fingerprint(cfg, model, num_rows=len(train_prompts), data_sha256=prompts_sha256(train_prompts))
     state = restore_run(resume_from, out_dir, world, model=trained, optimizer=optimizer, scheduler=scheduler,
                         fingerprint=fingerprint, max_steps=tc.max_steps)
     summary: dict = {"model/parameters": sum(p.numel() for p in model.parameters()),
@@ -595,7 +633,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     canary = Canary(canary_prompt.ids, canary_ids, rl.canary_tolerance)
     filler = [Rollout(canary_prompt, 0, canary_ids, [0.0] * len(canary_ids), "stop")]
     dynamic = rl.dynamic_sampling if rl.dynamic_sampling is not None else algo.dynamic_sampling
-    task = get_task(cfg.data.task)
+    task = get_task(cfg.data.task) if cfg.data.task else None
     env_task = getattr(task, "environment", None)
     if env_task and dynamic:
         raise ConfigError("dynamic sampling with a multi-turn task is not supported yet; set rl.dynamic_sampling=false")
