@@ -170,10 +170,13 @@ def build_prompts(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Promp
     else:
         from optsys.data.sources import load_rows
 
-        sources = [(d.dataset, [prompt_row(r, d.dataset, i) for i, r in enumerate(load_rows(d.dataset, split=d.split))]),
-                   (d.eval_dataset or "", [prompt_row(r, d.eval_dataset, i) for i, r in
-                                           enumerate(load_rows(d.eval_dataset, split=d.eval_split))]
-                    if d.eval_dataset else [])]
+        def dataset_rows(source: str | None, split: str) -> list[dict]:
+            if source is None:
+                return []
+            return [prompt_row(r, source, i) for i, r in enumerate(load_rows(source, split=split))]
+
+        sources = [(d.dataset, dataset_rows(d.dataset, d.split)), (d.eval_dataset, dataset_rows(d.eval_dataset,
+                                                                                                  d.eval_split))]
     out = []
     for name, rows in sources:
         prompts = []
