@@ -86,3 +86,18 @@ def test_mostly_filler_steps_warn(capsys):
     assert plan["batch/filler_fraction"] == 0.75
     out = capsys.readouterr().out
     assert "75% of the ranks' micro-batch slots are zero-weight fillers" in out and "at least 8192" in out
+
+
+@pytest.mark.parametrize("recipe", ["grpo_qwen2_5_7b", "grpo_qwen2_5_7b_lora", "dapo_qwen2_5_7b", "gspo_qwen2_5_7b"])
+def test_7b_rl_recipes_validate_on_8_ranks(recipe, monkeypatch, tmp_path):
+    """The 8-GPU RL examples load as their headers say (torchrun, 8 ranks, a prompts file): every rank gets an
+    equal share of every mini-batch's prompt groups."""
+    from optsys.config import load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    prompts = tmp_path / "gsm8k_rl.jsonl"
+    prompts.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    cfg = load_config(recipe, overrides=[f"data.dataset={prompts}"])
+    rl = cfg.rl
+    assert rl.prompts_per_step % (rl.updates_per_batch * 8) == 0
+    assert cfg.trainer.precision == "bf16" and cfg.model.dtype == "bfloat16"
