@@ -432,6 +432,9 @@ def _check_rl_keys(cfg: TrainConfig) -> None:
 
     algo = RL_ALGORITHMS[cfg.method]
     multi_turn = cfg.data.task is not None and getattr(get_task(cfg.data.task), "environment", None)
+    if multi_turn and (rl.rewards != defaults.rl.rewards or rl.reward_weights is not None):
+        raise ConfigError(f"rl.rewards / rl.reward_weights have no effect with data.task={cfg.data.task}: its "
+                          "environment gives the rewards. Drop them.")
     if rl.max_turns != defaults.rl.max_turns and not multi_turn:
         raise ConfigError(f"rl.max_turns={rl.max_turns} applies to multi-turn tasks (data.task=guess); "
                           f"data.task={cfg.data.task} is single-turn. Drop rl.max_turns.")

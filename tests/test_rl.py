@@ -339,3 +339,28 @@ def test_rl_on_a_dataset_of_prompts_and_bad_rows(tmp_path):
     bad.write_text(_json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + _json.dumps({"question": "x"}) + "\n")
     with pytest.raises(DataError, match="bad.jsonl row 1: RL rows need a 'prompt'"):
         run(tmp_path, "grpo", "rl.engine=hf", "data.task=null", f"data.dataset={bad}", name="bad")
+
+
+def test_on_policy_old_logprobs_skip_the_extra_pass_and_change_nothing(tmp_path, monkeypatch):
+    """With one update per rollout step the update's own forward gives the old log-probs: the logged loss,
+    clip/IS fractions, entropy and sampler gap equal those of the run with the separate no-grad pass."""
+    from optsys.trainers import rl
+
+    calls = []
+    real_score = rl.score_old_and_ref
+    def spy(model, *args, **kw):
+        calls.append(model)
+        return real_score(model, *args, **kw)
+
+    monkeypatch.setattr(rl, "score_old_and_ref", spy)
+    fused, out_a = run(tmp_path, "grpo", "rl.engine=hf", name="fused")
+    assert calls == []  # no reference, no critic: the no-grad pass does not run at all
+    monkeypatch.setattr(rl, "on_policy_old", lambda cfg, method: False)
+    separate, out_b = run(tmp_path, "grpo", "rl.engine=hf", name="separate")
+    a = [r for r in rows(out_a) if "train/loss" in r]
+    b = [r for r in rows(out_b) if "train/loss" in r]
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("train/loss", "reward/mean", "train/entropy", "train/logp_gap_mean", "train/clip_fraction",
+                    "train/grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), key

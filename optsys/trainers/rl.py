@@ -149,7 +149,9 @@ class StepStats:
 
     def means(self, world) -> dict[str, float]:
         keys = sorted(self.sums)
-        flat = all_reduce_sum([v for k in keys for v in self.sums[k]], world)
+        if world.distributed:  # ranks may hold different keys (a reward error, a rank of fillers): use the union
+            keys = sorted({k for share in all_gather_objects(keys, world) for k in share})
+        flat = all_reduce_sum([v for k in keys for v in self.sums.get(k, (0.0, 0.0))], world)
         return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(keys) if flat[2 * i + 1]}
 
 
@@ -228,10 +230,15 @@ def step_prompts(prompts: list[Prompt], step: int, count: int, seed: int, round_
     out = []
     for g in range((step - 1) * count, step * count):
         epoch, i = divmod(g, len(prompts))
-        order = list(range(len(prompts)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        out.append(prompts[order[i]])
+        out.append(prompts[_epoch_order(len(prompts), seed, epoch)[i]])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return tuple(order)
 
 
 def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch.dtype):
@@ -355,9 +362,10 @@ def micro_batches(rollouts: list[Rollout], max_tokens: int, agg: str, max_len: i
     largest rank's count (FSDP ranks run the same number of forwards)."""
     lengths = [r.n_trained for r in rollouts]
     # global normalizers: total completion tokens and sequences over all ranks
-    all_lengths = [n for share in all_gather_objects(lengths, world) for n in share]
+    shares = all_gather_objects(lengths, world) if world.distributed else [lengths]
+    all_lengths = [n for share in shares for n in share]
     weight_of = aggregation_weights(torch.tensor(all_lengths, dtype=torch.float32), agg, max_len=max_len)
-    offset = sum(len(s) for s in all_gather_objects(lengths, world)[: world.rank]) if world.distributed else 0
+    offset = sum(len(share) for share in shares[: world.rank])
     mbs = []
     for bin_ in pack(rollouts, max_tokens) if rollouts else []:
         rows = [rollouts[i] for i in bin_]
@@ -381,10 +389,11 @@ def token_logps(model, mb: MicroBatch, cfg: TrainConfig, device, *, entropy: boo
 
 @torch.no_grad()
 def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], cfg: TrainConfig, device, critic=None) -> None:
-    """The trainer's log-probs (and entropy) before the update, the reference's (or teacher's) when there is one,
-    and the critic's values (PPO). FSDP ranks run the same number of forwards: fillers too, results dropped."""
+    """The trainer's log-probs (and entropy) before the update (model None: skipped, see `on_policy_old`), the
+    reference's (or teacher's) when there is one, and the critic's values (PPO). FSDP ranks run the same number
+    of forwards: fillers too, results dropped."""
     for mb in mbs:
-        logp, ent = token_logps(model, mb, cfg, device, entropy=True)
+        logp, ent = token_logps(model, mb, cfg, device, entropy=True) if model is not None else (None, None)
         ref = token_logps(ref_model, mb, cfg, device)[0] if ref_model is not None else None
         values = token_values(critic, mb, cfg, device) if critic is not None else None
         if not mb.real:
@@ -392,7 +401,8 @@ def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], cfg: TrainConfig,
         start = 0
         for r in mb.rollouts:
             n = r.n_trained
-            r.old_logp, r.entropy = logp[start : start + n].float().cpu(), ent[start : start + n].float().cpu()
+            if logp is not None:
+                r.old_logp, r.entropy = logp[start : start + n].float().cpu(), ent[start : start + n].float().cpu()
             if ref is not None:
                 r.ref_logp = ref[start : start + n].float().cpu()
             if values is not None:
@@ -423,7 +433,7 @@ def set_token_advantages(rollouts: list[Rollout], method: str, cfg: TrainConfig,
     (-(log pi - log teacher) per token, the negative per-token reverse KL estimate)."""
     kind = RL_ALGORITHMS[method].advantage
     if kind == "gae":
-        gae_advantages(rollouts, cfg)
+        gae_advantages(rollouts, cfg, world)
         return
     if kind == "teacher_kl":
         for r in rollouts:
@@ -444,10 +454,19 @@ def set_token_advantages(rollouts: list[Rollout], method: str, cfg: TrainConfig,
         start += r.n_trained
 
 
+def on_policy_old(cfg: TrainConfig, method: str) -> bool:
+    """With one optimizer step per rollout step, the policy that scores the update's forward IS the old policy:
+    its log-probs (detached) are the old log-probs, and the separate no-grad pass over the batch is skipped (a
+    third of the update's compute). Not for methods whose advantages need the old log-probs before the loss
+    (REINFORCE++ with KL, distillation, PPO's KL-shaped reward)."""
+    return cfg.rl.updates_per_batch == 1 and RL_ALGORITHMS[method].advantage in ("grpo", "rloo")
+
+
 def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig, method: str, world, device,
            stats: StepStats, critic=None) -> float:
     """One optimizer step on a mini-batch's micro-batches (policy, and the critic for PPO); returns the policy's
     pre-clip grad norm."""
+    fused_old = on_policy_old(cfg, method)
     algo, rl = RL_ALGORITHMS[method], cfg.rl
     loss_fn = POLICY_LOSSES[algo.loss]
     kw = dict(clip_eps_high=rl.clip_eps_high if rl.clip_eps_high is not None else algo.clip_eps_high)
@@ -458,9 +477,13 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig,
         kw.update(kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator)
     loss_sum = 0.0
     for mb in mbs:
-        logp, _ = token_logps(model, mb, cfg, device)
+        logp, ent = token_logps(model, mb, cfg, device, entropy=fused_old)
         n = logp.shape[0]
-        old = mb.per_token("old_logp").to(device)
+        old = logp.detach().float() if fused_old else mb.per_token("old_logp").to(device)
+        if fused_old and mb.real:  # the metrics the no-grad pass would have given
+            sampler = mb.per_token("sampler_logp").to(device)
+            stats.add("train/logp_gap_mean", float((sampler - old).abs().sum()), n)
+            stats.add("train/entropy", float(ent.detach().sum()), n)
         adv = mb.per_token("advantage").to(device)
         seq_ids = mb.seq_ids().to(device)
         is_w, is_metrics = sampler_correction(old, mb.per_token("sampler_logp").to(device),
@@ -534,13 +557,11 @@ def build_critic(policy, world, precision):
     return ready_for_training(critic, world, precision, methods={"packed_values": packed_values})
 
 
-def gae_advantages(rollouts: list[Rollout], cfg: TrainConfig) -> None:
+def gae_advantages(rollouts: list[Rollout], cfg: TrainConfig, world) -> None:
     """PPO's advantages: token rewards (the outcome on the last model token, minus kl_coef x (log pi - log ref)
     per token when rl.kl_coef > 0: the KL in the reward, as in RLHF PPO), GAE with the critic's values (Schulman
     et al. 2016), then whitened over the batch's tokens; returns = advantages + values are the value targets."""
-    if not rollouts:
-        return
-    width = max(r.n_trained for r in rollouts)
+    width = max((r.n_trained for r in rollouts), default=0)
     rewards, values, mask = (torch.zeros(len(rollouts), width) for _ in range(3))
     for i, r in enumerate(rollouts):
         n = r.n_trained
@@ -551,7 +572,10 @@ def gae_advantages(rollouts: list[Rollout], cfg: TrainConfig) -> None:
         rewards[i, n - 1] += r.reward
     adv, returns = ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, gamma=cfg.rl.gamma, lam=cfg.rl.gae_lambda)
     m = mask.bool()
-    mean, std = adv[m].mean(), adv[m].std() if m.sum() > 1 else torch.tensor(1.0)
+    # whitened over every rank's tokens (sum, sum of squares, count reduced over ranks): world-size invariant
+    n, total, squares = all_reduce_sum([float(m.sum()), float(adv[m].sum()), float((adv[m] ** 2).sum())], world)
+    mean = total / max(n, 1)
+    std = max(squares / max(n, 1) - mean**2, 0.0) ** 0.5 * (n / max(n - 1, 1)) ** 0.5  # unbiased, as torch.std
     adv = (adv - mean) / (std + 1e-6)
     for i, r in enumerate(rollouts):
         r.token_adv, r.returns = adv[i, : r.n_trained].clone(), returns[i, : r.n_trained].clone()
@@ -634,7 +658,10 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     canary_prompt = eval_prompts[0] if eval_prompts else train_prompts[0]
     canary_ids = tokenizer(canary_prompt.answer or "0", add_special_tokens=False).input_ids + list(stops[:1])
     canary = Canary(canary_prompt.ids, canary_ids, rl.canary_tolerance)
-    filler = [Rollout(canary_prompt, 0, canary_ids, [0.0] * len(canary_ids), "stop")]
+    # a zero-weight micro-batch for a rank with fewer than the others (FSDP runs the same forwards on every rank)
+    zeros = torch.zeros(len(canary_ids))
+    filler = [Rollout(canary_prompt, 0, canary_ids, [0.0] * len(canary_ids), "stop", old_logp=zeros,
+                      ref_logp=zeros, entropy=zeros, old_values=zeros, returns=zeros)]
     dynamic = rl.dynamic_sampling if rl.dynamic_sampling is not None else algo.dynamic_sampling
     task = get_task(cfg.data.task) if cfg.data.task else None
     env_task = getattr(task, "environment", None)
@@ -718,10 +745,12 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             # ---- old / reference log-probs, then the updates on mini-batches of whole groups
             t = time.perf_counter()
             all_mbs = micro_batches(rollouts, cfg.data.max_tokens, algo.agg, max_len, world, filler)
-            score_old_and_ref(model, ref_model, all_mbs, cfg, device, critic)
+            fused_old = on_policy_old(cfg, method)
+            if not fused_old or ref_model is not None or critic is not None:
+                score_old_and_ref(None if fused_old else model, ref_model, all_mbs, cfg, device, critic)
             stats.add("time/ref_logprobs_s", time.perf_counter() - t)
             set_token_advantages(rollouts, method, cfg, world)
-            for r in rollouts:
+            for r in rollouts if not fused_old else []:
                 if r.ref_logp is not None and algo.advantage == "teacher_kl":
                     stats.add("train/teacher_kl", float((r.old_logp - r.ref_logp).sum()), r.n_trained)
                 gap = (torch.tensor(r.trained_sampler_logp) - r.old_logp).abs()
@@ -733,7 +762,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             for u in range(rl.updates_per_batch):
                 lo, hi = (u * n_groups // rl.updates_per_batch, (u + 1) * n_groups // rl.updates_per_batch)
                 part = rollouts[lo * rl.group_size : hi * rl.group_size]
-                mbs = micro_batches(part, cfg.data.max_tokens, algo.agg, max_len, world, filler)
+                mbs = all_mbs if rl.updates_per_batch == 1 else micro_batches(part, cfg.data.max_tokens, algo.agg,
+                                                                              max_len, world, filler)
                 grad_norm = update(model, optimizer, scheduler, mbs, cfg, method, world, device, stats, critic)
             stats.add("time/update_s", time.perf_counter() - t)
             sync_and_check(stats, step)
