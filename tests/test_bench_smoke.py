@@ -55,3 +55,27 @@ def test_lora_sync_bench_quick(tmp_path):
     assert result["sync"]["adapter-memory"]["params"] == result["adapter_params"]
     assert result["sync"]["merge-and-push"]["params"] == result["params"]
     assert all(r["tokens"] == 2 * 4 for r in result["generation"].values())
+
+
+@pytest.mark.slow
+def test_rl_bench_quick(tmp_path):
+    # The script itself fails when TRL is handed other prompts than optsys's trainer draws, step for step.
+    pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra")
+    pytest.importorskip("trl", reason="TRL is the baseline of bench/rl.py")
+    out = tmp_path / "rl.json"
+    run_script(ROOT / "bench" / "rl.py", "--model", "test", "--steps", "2", "--prompts", "2", "--group", "2",
+               "--max-new-tokens", "4", "--sync-repeats", "1", "--json", out)
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"optsys-vllm", "optsys-hf", "trl-hf"}
+    for name, r in result["results"].items():
+        assert [s["step"] for s in r["steps"]] == [1, 2], name
+        timed = r["steps"][1]
+        assert timed["step_s"] > 0 and timed["parts_s"]["generate"] > 0 and timed["completion_tokens"] > 0, name
+        assert result["summary"][name]["s_per_step"] > 0
+    vllm_run = result["results"]["optsys-vllm"]
+    assert vllm_run["engine"] == "vllm" and vllm_run["engine_start_s"] > 0
+    assert result["trl_over_variant"]["trl-hf"] == 1.0
+    assert result["sync"]["median_s"] > 0 and result["sync"]["s_per_m_params"] > 0
+    assert result["sync"]["canary_error"] < 1e-4
+    assert {"torch", "vllm", "trl", "transformers"} <= set(result["versions"])
+    assert result["machine"]["cores"] > 0 and len(result["machine"]["load_average_start"]) == 3
