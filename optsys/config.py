@@ -424,9 +424,6 @@ def _check_rl_keys(cfg: TrainConfig) -> None:
     if rl.overlong_buffer >= rl.max_new_tokens:
         raise ConfigError(f"rl.overlong_buffer={rl.overlong_buffer} must be less than rl.max_new_tokens="
                           f"{rl.max_new_tokens} (the penalty ramps over the last overlong_buffer tokens)")
-    if rl.engine == "vllm" and world > 1:
-        raise ConfigError("rl.engine=vllm under torchrun is not supported yet (each rank would need vLLM's "
-                          "external_launcher); use rl.engine=hf (or auto, which picks hf under torchrun)")
     from optsys.data.tasks import get_task
     from optsys.methods import RL_ALGORITHMS
 

@@ -191,16 +191,20 @@ def test_a_prompt_longer_than_the_context_is_a_data_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_on_two_ranks_matches_one_process(tmp_path):
-    """torchrun, 2 ranks on gloo, FSDP2, the HF engine on each rank's share of the prompts: the same samples
-    (seeded per prompt), rewards and loss as one process, since every aggregate is over all ranks' tokens."""
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_grpo_on_two_ranks_matches_one_process(tmp_path, engine):
+    """torchrun, 2 ranks on gloo, FSDP2, an engine per rank on its share of the prompts (vLLM: external_launcher,
+    one engine per rank in the trainer's process group): the same samples (seeded per prompt), rewards and loss as
+    one process, since every aggregate is over all ranks' tokens; every rank's engine passes the canary."""
+    if engine == "vllm":
+        pytest.importorskip("vllm")
     import os
     import subprocess
     import sys
 
     base = tmp_path / "base.yaml"
     base.write_text("recipe: rl_test\n")
-    args = [f"--config={base}", "method=grpo", *BASE, "rl.engine=hf", "trainer.max_steps=3", "eval.before=false",
+    args = [f"--config={base}", "method=grpo", *BASE, f"rl.engine={engine}", "trainer.max_steps=3", "eval.before=false",
             "eval.after=false", "rl.updates_per_batch=2"]
     here = os.path.dirname(__file__)  # test_rl.length_reward is imported by dotted path in the workers
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -218,7 +222,7 @@ def test_grpo_on_two_ranks_matches_one_process(tmp_path):
         a, b = outs[1][step], outs[2][step]
         assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)  # same samples
         assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-4)
-        assert b["sync/canary_error"] < 1e-5
+        assert b["sync/canary_error"] < 1e-4
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])

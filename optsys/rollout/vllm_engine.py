@@ -90,7 +90,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, max_model_len: int, seed: int, device: torch.device,
-                 gpu_memory_utilization: float = 0.3, kv_cache_gib: int = 1, lora_rank: int = 0):
+                 gpu_memory_utilization: float = 0.3, kv_cache_gib: int = 1, lora_rank: int = 0,
+                 distributed: bool = False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))  # GiB, an int
@@ -117,6 +118,12 @@ class VLLMEngine:
         # prompt a seed, and a step's prompts exceed one scheduling budget (4096 tokens), so prefills get chunked:
         # on CPU, whole prompts are prefilled instead (tests/test_rollout.py reproduces the crash).
         cpu_args = dict(enable_chunked_prefill=False) if device.type == "cpu" else {}
+        # Under torchrun every rank hosts its own engine (tensor_parallel_size=1) on its device through vLLM's
+        # external_launcher executor, inside the trainer's process group (verified on CPU/gloo: generation, the
+        # in-place reload and the trainer's collectives all work side by side). Its shutdown destroys the default
+        # process group, so close() comes last (see optsys.trainers.rl).
+        if distributed:
+            cpu_args["distributed_executor_backend"] = "external_launcher"
         try:
             self.llm = vllm.LLM(model=model_path, dtype=name, max_model_len=max_model_len, seed=seed,
                                 enforce_eager=device.type == "cpu", logprobs_mode="processed_logprobs",

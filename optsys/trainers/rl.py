@@ -42,7 +42,7 @@ from optsys.losses.policy import (
 from optsys.methods import RL_ALGORITHMS
 from optsys.models.load import load_model_and_tokenizer, resolve_model_path
 from optsys.models.packed import attach_forward_methods
-from optsys.parallel.dist import all_gather_objects, all_reduce_sum, broadcast_object, torchrun_world
+from optsys.parallel.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_object, torchrun_world
 from optsys.rollout.engine import Sampling, resolve_engine_name
 from optsys.rollout.rewards import build_rewards, score_completions
 from optsys.rollout.sync import Canary, SyncError, sync_weights
@@ -243,10 +243,6 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch.dtype):
     name = resolve_engine_name(cfg.rl.engine)
-    if world.distributed and name == "vllm":
-        if cfg.rl.engine == "auto" and world.is_main:
-            print("rollout: vLLM under torchrun is not supported yet; rank-local HF generate instead")
-        name = "hf"
     if name == "hf":
         from optsys.rollout.hf_engine import HFEngine
 
@@ -256,7 +252,8 @@ def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch
     lora = cfg.model.lora.r if cfg.model.lora.r and cfg.rl.lora_sync == "adapter" else 0
     return VLLMEngine(resolve_model_path(cfg.model.name_or_path, seed=cfg.seed), dtype=storage_dtype,
                       max_model_len=cfg.data.max_tokens, seed=cfg.seed, device=world.device,
-                      gpu_memory_utilization=cfg.rl.engine_memory_fraction, lora_rank=lora)
+                      gpu_memory_utilization=cfg.rl.engine_memory_fraction, lora_rank=lora,
+                      distributed=world.distributed)
 
 
 def sync_policy(engine, model, cfg: TrainConfig, dtype: torch.dtype):
@@ -788,11 +785,12 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     summary.update({k: v for k, v in metrics.items() if k.startswith(("reward/", "time/", "sync/"))})
     if env_task and cfg.eval.after:
         play_eval("after", step)
-    engine.close()
     if cfg.eval.after:
         accuracy("after", step)
-    save_final_model(model, tokenizer, out_dir, cfg, world, precision)
+    save_final_model(model, tokenizer, out_dir, cfg, world, precision)  # ends at a barrier under torchrun
     close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
+    barrier(world)
+    engine.close()  # last: under torchrun vLLM's shutdown also destroys the default process group
     return summary if world.is_main else None
 
 
