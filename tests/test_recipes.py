@@ -1,8 +1,7 @@
 """Every shipped tiny recipe does what its header says when run as the header says (slow: minutes each).
 
-The preference recipes start from the quickstart's SFT'd model (the shared `quickstart_run` fixture stands in
-for the header's `python -m optsys.train output_dir=runs/qs`); nothing else is overridden but the output folder
-and the progress bar. quickstart itself: tests/test_sft.py::test_quickstart_learns_addition; dpo_tiny:
+The preference and RL recipes start from SFT stages (`stage:quickstart` is the shared `quickstart_run` fixture's
+model, trained through the stage cache); nothing is overridden but the output folder and the progress bar. quickstart itself: tests/test_sft.py::test_quickstart_learns_addition; dpo_tiny:
 tests/test_preference_trainer.py::test_dpo_on_sft_model_raises_heldout_reward_accuracy."""
 
 import pytest
@@ -21,9 +20,8 @@ PREFERENCE_CLAIMS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(PREFERENCE_CLAIMS))
 def test_preference_recipe_keeps_its_header(tmp_path, quickstart_run, recipe):
-    _, sft_out = quickstart_run
-    cfg = load_config(recipe, overrides=[f"model.name_or_path={sft_out / 'final'}", f"output_dir={tmp_path / recipe}",
-                                         "trainer.progress=false"])
+    # as written: stage:quickstart is the fixture's model (it trained through the stage cache)
+    cfg = load_config(recipe, overrides=[f"output_dir={tmp_path / recipe}", "trainer.progress=false"])
     s = preference.train(cfg)
     print(recipe, {k: round(v, 3) for k, v in s.items() if k.startswith("eval/") and isinstance(v, float)})
     assert s["eval/reward_accuracy"] >= PREFERENCE_CLAIMS[recipe]
