@@ -432,6 +432,9 @@ def _check_rl_keys(cfg: TrainConfig) -> None:
     if multi_turn and (rl.rewards != defaults.rl.rewards or rl.reward_weights is not None):
         raise ConfigError(f"rl.rewards / rl.reward_weights have no effect with data.task={cfg.data.task}: its "
                           "environment gives the rewards. Drop them.")
+    if multi_turn and world > 1 and rl.engine == "hf":
+        raise ConfigError(f"data.task={cfg.data.task} under torchrun needs the vLLM engine (rl.engine=vllm or auto): "
+                          "with HF generate on the FSDP model the ranks' episodes would end at different turns")
     if rl.max_turns != defaults.rl.max_turns and not multi_turn:
         raise ConfigError(f"rl.max_turns={rl.max_turns} applies to multi-turn tasks (data.task=guess); "
                           f"data.task={cfg.data.task} is single-turn. Drop rl.max_turns.")

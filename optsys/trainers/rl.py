@@ -664,6 +664,11 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     env_task = getattr(task, "environment", None)
     if env_task and dynamic:
         raise ConfigError("dynamic sampling with a multi-turn task is not supported yet; set rl.dynamic_sampling=false")
+    if env_task and world.distributed and engine.name == "hf":
+        # episodes end at different turns on different ranks: the ranks' FSDP models would run different numbers
+        # of generate calls and hang
+        raise ConfigError(f"data.task={cfg.data.task} under torchrun needs the vLLM engine (rl.engine=vllm): with HF "
+                          "generate on the FSDP model the ranks' episodes would end at different turns")
 
     def play_eval(tag: str, at_step: int) -> None:
         """Held-out play of a multi-turn task through the engine (in sync with the trainer here): greedy
@@ -735,7 +740,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             stats.add("reward/std", float(rewards.std(dim=1).sum()), rewards.shape[0])
             if dynamic:
                 rollouts = keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg, step,
-                                            train_prompts, mine)
+                                            train_prompts, mine, world)
             if rollouts:
                 group_advantages(rollouts, rl.group_size, method)
 
@@ -795,8 +800,10 @@ def _train(cfg: TrainConfig, world) -> dict | None:
 
 
 def keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg, step, train_prompts,
-                     mine: list[int]) -> list[Rollout]:
-    """DAPO dynamic sampling: keep groups whose rewards differ, refilling from extra rounds up to rl.max_refills."""
+                     mine: list[int], world) -> list[Rollout]:
+    """DAPO dynamic sampling: keep groups whose rewards differ, refilling from extra rounds up to rl.max_refills.
+    Every rank runs a refill round while any rank still needs one (the HF engine under FSDP must make the same
+    generate calls on every rank)."""
     def informative(rs):
         g = torch.tensor([r.reward for r in rs]).view(-1, rl.group_size)
         keep = informative_groups(g)
@@ -805,7 +812,8 @@ def keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg,
     kept = informative(rollouts)
     stats.add("train/informative_fraction", len(kept) / max(1, len(rollouts)))
     for round_ in range(1, rl.max_refills + 1):
-        if len(kept) >= len(mine) * rl.group_size:
+        (short,) = all_reduce_sum([float(len(kept) < len(mine) * rl.group_size)], world)
+        if not short:
             break
         extra = step_prompts(train_prompts, step, len(mine), cfg.seed + mine[0], round_)
         t = time.perf_counter()
