@@ -15,7 +15,9 @@ from optsys.models.load import load_tokenizer, resolve_model_path
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m optsys.eval", description=__doc__)
     p.add_argument("--model", required=True, help="HF folder, hub id, or tiny:<preset>")
-    p.add_argument("--task", default="arithmetic", choices=sorted(TASKS))
+    # single-turn tasks (a multi-turn one, e.g. guess, is scored by playing it: the RL trainer's eval/success_rate)
+    p.add_argument("--task", default="arithmetic",
+                   choices=sorted(n for n, t in TASKS.items() if not getattr(t, "environment", None)))
     p.add_argument("--difficulty", type=int, default=2)
     p.add_argument("--num", type=int, default=200, help="held-out problems to score")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -220,6 +220,9 @@ def held_out_accuracy(tag: str, step: int, *, model, tokenizer, cfg: TrainConfig
         return
     task = get_task(cfg.data.task)
     if getattr(task, "environment", None):  # multi-turn: scored by playing (the RL trainer does it)
+        if world.is_main:
+            print(f"eval/accuracy_{tag}: skipped, data.task={cfg.data.task} is a multi-turn task scored by playing it "
+                  "against its environment (the RL trainer reports eval/success_rate_*)")
         return
     problems = task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
     t0 = time.time()
