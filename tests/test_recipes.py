@@ -1,7 +1,8 @@
 """Every shipped tiny recipe does what its header says when run as the header says (slow: minutes each).
 
 The preference and RL recipes start from SFT stages (`stage:quickstart` is the shared `quickstart_run` fixture's
-model, trained through the stage cache); nothing is overridden but the output folder and the progress bar. quickstart itself: tests/test_sft.py::test_quickstart_learns_addition; dpo_tiny:
+model, trained through the stage cache); nothing is overridden but the output folder and the progress bar.
+quickstart itself: tests/test_sft.py::test_quickstart_learns_addition; dpo_tiny:
 tests/test_preference_trainer.py::test_dpo_on_sft_model_raises_heldout_reward_accuracy."""
 
 import pytest

@@ -178,6 +178,17 @@ def test_bad_rl_settings_are_refused_before_anything_loads(overrides, match):
         rl_config("method=grpo", *BASE, *overrides)
 
 
+@pytest.mark.parametrize("overrides, world, match", [
+    (["data.task=guess", "rl.rewards=[digits]"], "1", "its environment gives the rewards"),
+    (["rl.max_turns=3"], "1", "applies to multi-turn tasks"),
+    (["data.task=guess", "rl.rewards=[correct]", "rl.engine=hf"], "2", "needs the vLLM engine"),
+])
+def test_multi_turn_settings_are_checked(overrides, world, match, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(ConfigError, match=match):
+        rl_config("method=grpo", *BASE, *overrides)
+
+
 def test_rl_settings_are_refused_for_other_methods():
     with pytest.raises(ConfigError, match="rl.group_size"):
         rl_config("rl.group_size=4")
