@@ -533,6 +533,10 @@ class ValueModel(torch.nn.Module):
     def config(self):
         return self.lm.config
 
+    @property
+    def dtype(self):  # packed_hidden builds eager attention's additive mask in it
+        return self.lm.dtype
+
 
 def packed_values(critic, input_ids, position_ids, seq_lens, targets) -> torch.Tensor:
     """V(s_t) at every trained position of a packed row (the state before each model token), [N]."""
@@ -590,7 +594,6 @@ def value_loss(values: torch.Tensor, mb: MicroBatch, clip: float, device) -> tup
     metrics = {"value_loss": (per_token.detach() * live).sum() / count,
                "value_clip_fraction": (((values - old).abs() > clip) & live).float().sum() / count}
     return (per_token * w).sum(), metrics
-
 
 
 def train(cfg: TrainConfig) -> dict | None:
