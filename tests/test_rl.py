@@ -379,3 +379,21 @@ def test_on_policy_old_logprobs_skip_the_extra_pass_and_change_nothing(tmp_path,
         for key in ("train/loss", "reward/mean", "train/entropy", "train/logp_gap_mean", "train/clip_fraction",
                     "train/grad_norm"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), key
+
+
+def test_the_engine_sleeps_through_the_update_and_wakes_for_the_sync(tmp_path, monkeypatch):
+    """Per step: generate, sleep (GPU: free the KV cache, offload weights), the update, wake, then the sync."""
+    from optsys.rollout import hf_engine
+
+    calls = []
+    for name in ("generate", "sleep", "wake", "load_weights"):
+        real = getattr(hf_engine.HFEngine, name)
+
+        def spy(self, *args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(self, *args, **kw)
+
+        monkeypatch.setattr(hf_engine.HFEngine, name, spy)
+    run(tmp_path, "grpo", "rl.engine=hf", "eval.before=false", "eval.after=false")
+    per_step = ["generate", "sleep", "wake", "load_weights"]
+    assert calls == ["load_weights"] + per_step * 2  # the first sync checks the engine before any rollout

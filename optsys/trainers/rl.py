@@ -747,6 +747,10 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             if rollouts:
                 group_advantages(rollouts, rl.group_size, method)
 
+            # ---- the engine sleeps (GPU: KV cache freed, weights offloaded; CPU: a no-op that says so once)
+            t = time.perf_counter()
+            engine.sleep()
+            stats.add("time/sleep_wake_s", time.perf_counter() - t)
             # ---- old / reference log-probs, then the updates on mini-batches of whole groups
             t = time.perf_counter()
             all_mbs = micro_batches(rollouts, cfg.data.max_tokens, algo.agg, max_len, world, filler)
@@ -771,6 +775,9 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                                                                               max_len, world, filler)
                 grad_norm = update(model, optimizer, scheduler, mbs, cfg, method, world, device, stats, critic)
             stats.add("time/update_s", time.perf_counter() - t)
+            t = time.perf_counter()
+            engine.wake()  # before the sync: the reload writes into the engine's weights
+            stats.add("time/sleep_wake_s", time.perf_counter() - t)
             sync_and_check(stats, step)
         clock.add(sum(len(r.prompt.ids) + len(r.token_ids) for r in rollouts))
         metrics = stats.means(world)
