@@ -485,7 +485,7 @@ def refuse_unused_settings(cfg: TrainConfig, method, methods) -> None:
         family_hyper = {k for spec in methods.values() if spec.section == name for k in spec.hyper}
         for key in sorted(family_hyper - set(method.hyper)):
             if getattr(section, key) != getattr(default, key):
-                users = [m for m, spec in methods.items() if key in spec.hyper]
+                users = [m for m, spec in methods.items() if spec.section == name and key in spec.hyper]
                 raise ConfigError(
                     f"{name}.{key}={getattr(section, key)!r} is not used by method={cfg.method} (methods whose "
                     f"loss takes it: {', '.join(users)}); drop it, or pick one of those methods")
