@@ -163,7 +163,13 @@ def test_stage_as_the_reference_model(tmp_path, recipes, capsys):
 def test_cache_key_ignores_logging_keys_and_the_cache_root_follows_the_environment(tmp_path, monkeypatch):
     """What conftest's quickstart_run relies on: the quickstart stage's folder is the same with the progress bar
     off (the fixture) and on (`stage:quickstart` in a recipe), and lies under OPTSYS_CACHE_DIR."""
-    from conftest import quickstart_stage_config
+    import importlib.util
+
+    # tests/conftest.py by path: `import conftest` may find tests/kernels/conftest.py in a whole-suite run
+    spec = importlib.util.spec_from_file_location("optsys_tests_conftest", Path(__file__).parent / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    quickstart_stage_config = conftest.quickstart_stage_config
 
     assert os.environ["OPTSYS_CACHE_DIR"]  # set for the whole session by conftest
     assert Path(quickstart_stage_config().output_dir).parent == Path(os.environ["OPTSYS_CACHE_DIR"]) / "stages"
