@@ -739,8 +739,9 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                 stats.add("reward/mean", r.reward)
                 stats.add("train/response_length", r.n_trained)
                 stats.add("train/truncated_fraction", r.finish_reason == "length")
-            rewards = torch.tensor([r.reward for r in rollouts]).view(-1, rl.group_size)
-            stats.add("reward/std", float(rewards.std(dim=1).sum()), rewards.shape[0])
+            if rl.group_size > 1:  # the spread within groups: what group advantages divide by
+                rewards = torch.tensor([r.reward for r in rollouts]).view(-1, rl.group_size)
+                stats.add("reward/std", float(rewards.std(dim=1).sum()), rewards.shape[0])
             if dynamic:
                 rollouts = keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg, step,
                                             train_prompts, mine, world)
@@ -750,7 +751,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             # ---- the engine sleeps (GPU: KV cache freed, weights offloaded; CPU: a no-op that says so once)
             t = time.perf_counter()
             engine.sleep()
-            stats.add("time/sleep_wake_s", time.perf_counter() - t)
+            sleep_s = time.perf_counter() - t
             # ---- old / reference log-probs, then the updates on mini-batches of whole groups
             t = time.perf_counter()
             all_mbs = micro_batches(rollouts, cfg.data.max_tokens, algo.agg, max_len, world, filler)
@@ -777,7 +778,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             stats.add("time/update_s", time.perf_counter() - t)
             t = time.perf_counter()
             engine.wake()  # before the sync: the reload writes into the engine's weights
-            stats.add("time/sleep_wake_s", time.perf_counter() - t)
+            stats.add("time/sleep_wake_s", sleep_s + time.perf_counter() - t)
             sync_and_check(stats, step)
         clock.add(sum(len(r.prompt.ids) + len(r.token_ids) for r in rollouts))
         metrics = stats.means(world)
