@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 
+def normalize_answer(text: str) -> str:
+    """The answer-matching rule (Task.check, and the `correct` reward): trim, collapse inner whitespace runs."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
 @dataclass(frozen=True)
 class Problem:
     prompt: str
@@ -149,7 +154,7 @@ class Task:
     @staticmethod
     def check(completion: str, answer: str) -> bool:
         """Exact match after trimming whitespace and collapsing inner runs of spaces."""
-        return re.sub(r"\s+", " ", completion).strip() == answer
+        return normalize_answer(completion) == answer
 
 
 @dataclass(frozen=True)

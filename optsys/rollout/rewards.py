@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from optsys.config import ConfigError
+from optsys.data.tasks import normalize_answer as _normalize  # Task.check's rule, shared
 
 REWARD_MODEL_PREFIX = "reward_model:"
 RewardFn = Callable[..., float]
@@ -74,11 +75,6 @@ def extract_answer(text: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------- built-in reward functions
-
-
-def _normalize(text: str) -> str:
-    """Task.check's rule: trim, and collapse inner runs of whitespace to one space."""
-    return re.sub(r"\s+", " ", text).strip()
 
 
 def _reference(name: str, answer: str | None) -> str:

@@ -57,6 +57,7 @@ from optsys.trainers.common import (
     checkpoint_due,
     clip_and_step,
     close_run,
+    epoch_order,
     held_out_accuracy,
     locate_resume,
     prepare_output_dir,
@@ -236,9 +237,8 @@ def step_prompts(prompts: list[Prompt], step: int, count: int, seed: int, round_
 
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    order = list(range(n))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return tuple(order)
+    """The trainers' epoch_order, cached: a step asks for it once per prompt."""
+    return tuple(epoch_order(n, seed, epoch))
 
 
 def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch.dtype):
@@ -477,13 +477,13 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig,
         logp, ent = token_logps(model, mb, cfg, device, entropy=fused_old)
         n = logp.shape[0]
         old = logp.detach().float() if fused_old else mb.per_token("old_logp").to(device)
+        sampler = mb.per_token("sampler_logp").to(device)
         if fused_old and mb.real:  # the metrics the no-grad pass would have given
-            sampler = mb.per_token("sampler_logp").to(device)
             stats.add("train/logp_gap_mean", float((sampler - old).abs().sum()), n)
             stats.add("train/entropy", float(ent.detach().sum()), n)
         adv = mb.per_token("advantage").to(device)
         seq_ids = mb.seq_ids().to(device)
-        is_w, is_metrics = sampler_correction(old, mb.per_token("sampler_logp").to(device),
+        is_w, is_metrics = sampler_correction(old, sampler,
                                               torch.ones(n, dtype=torch.bool, device=device),
                                               mode=rl.sampler_correction, cap=rl.correction_cap, seq_ids=seq_ids,
                                               num_seqs=len(mb.rollouts))
