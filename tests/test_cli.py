@@ -115,13 +115,17 @@ def test_eval_cli_scores_right_and_wrong_answers(tmp_path, tiny_path):
     problems = get_task("arithmetic").problems("test", 9, difficulty=1)
     right = sum(p.answer == "8" for p in problems)
     assert 0 < right < len(problems)
-    proc = subprocess.run([sys.executable, "-m", "optsys.eval", "--model", str(model), "--difficulty", "1",
-                           "--num", "9", "--max-new-tokens", "1"], capture_output=True, text=True, timeout=300)
+    out = tmp_path / "ev"
+    proc = subprocess.run([sys.executable, "-m", "optsys.eval", "--model", str(model), "--tasks", "arithmetic",
+                           "--difficulty", "1", "--num", "9", "--max-new-tokens", "1", "--engine", "hf",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert out["eval/num_samples"] == 9
-    assert out["eval/accuracy"] == pytest.approx(right / 9)
-    assert {e["completion"] for e in out["examples"]} == {"8"}
+    result = json.loads((out / "results.json").read_text())["results"][0]["tasks"]["arithmetic"]
+    assert result["questions"] == 9
+    assert result["methods"]["greedy"]["accuracy"] == pytest.approx(right / 9)
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and {r["methods"]["greedy"]["completions"][0] for r in rows} == {"8"}
+    assert "| arithmetic | greedy |" in proc.stdout
 
 
 def test_train_cli_data_error_is_one_clear_line(tmp_path, tiny_path):

@@ -4,10 +4,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optsys.eval.generate import end_of_turn_id, generate_greedy, stop_token_ids
+from optsys.eval.generate import end_of_turn_id, stop_token_ids
+from optsys.eval.scaling import MethodSettings, greedy
+from optsys.eval.tasks import Question
+from optsys.rollout.hf_engine import HFEngine
 
 MAX_NEW = 6
 PROMPTS = [[{"role": "user", "content": "1+2="}], [{"role": "user", "content": "3+4="}]]
+
+
+def generate_greedy(model, tok, conversations, *, max_new_tokens, batch_size):
+    """The eval path: optsys.eval.scaling.greedy on the HF engine, batched, stopping at stop_token_ids."""
+    engine = HFEngine(model, pad_token_id=tok.pad_token_id, greedy_batch=batch_size)
+    settings = MethodSettings(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_token_ids(model, tok)))
+    questions = [Question(str(i), tuple(c), "") for i, c in enumerate(conversations)]
+    samples, _, _ = greedy(engine, tok, "t", questions, settings, "exact")
+    return [x[0].text for x in samples]
 
 
 def script(model, tokens: list[int]):

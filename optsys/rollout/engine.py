@@ -17,6 +17,7 @@ Two engines implement it: vLLM in the trainer's process (optsys.rollout.vllm_eng
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 
@@ -49,6 +50,11 @@ class SyncReport:
     peak_bucket_bytes: int = 0  # the most held at once beyond the trainer's own weights (one bucket)
     seconds: float = 0.0
     names: list[str] = field(default_factory=list)
+
+
+def stable_seed(*parts) -> int:
+    """A 32-bit seed from any parts (a run seed, a step, a question index): the same on every rank and run."""
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
 
 
 def vllm_available() -> bool:

@@ -17,10 +17,11 @@ class HFEngine:
     name = "hf"
     sleep_supported = False
 
-    def __init__(self, model, *, pad_token_id: int, synced_gpus: bool = False):
+    def __init__(self, model, *, pad_token_id: int, synced_gpus: bool = False, greedy_batch: int = 1):
         self.model = model
         self.pad_token_id = pad_token_id
         self.synced_gpus = synced_gpus  # FSDP ranks must run the same number of forwards
+        self.greedy_batch = greedy_batch  # temperature 0 draws nothing, so greedy prompts may share a batch
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
@@ -33,6 +34,10 @@ class HFEngine:
             # One call per prompt under its own seed: a prompt's samples depend on its seed alone, not on which
             # prompts share its batch (so 2 ranks draw what 1 process draws). Slower than batching prompts;
             # this engine is the fallback, vLLM the fast path.
+            if sampling.temperature == 0 and self.greedy_batch > 1:
+                for start in range(0, len(prompts), self.greedy_batch):
+                    result += self._generate_chunk(prompts[start: start + self.greedy_batch], sampling, device)
+                return result
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 for prompt, seed in zip(prompts, seeds):
                     torch.manual_seed(seed)

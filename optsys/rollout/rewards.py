@@ -18,7 +18,6 @@ import difflib
 import importlib
 import inspect
 import math
-import re
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from optsys.config import ConfigError
+from optsys.data.answers import extract_answer, numeric_answer, parse_number  # noqa: F401 (re-exported)
 from optsys.data.tasks import normalize_answer as _normalize  # Task.check's rule, shared
 
 REWARD_MODEL_PREFIX = "reward_model:"
@@ -34,44 +34,6 @@ RewardFn = Callable[..., float]
 
 class RewardError(ValueError):
     """A reward function failed on a sample (raised, returned a non-number, or timed out) with on_error='error'."""
-
-
-# ---------------------------------------------------------------------------- answer extraction
-
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-_ANSWER_LINE = re.compile(r"\banswer\s*:[ \t]*([^\n]*)", re.IGNORECASE)
-_HASHES = re.compile(r"####[ \t]*([^\n]*)")
-
-
-def _boxed(text: str) -> list[tuple[int, str]]:
-    """(start, content) of every balanced `\\boxed{...}`; nested braces allowed, an unbalanced one is skipped."""
-    out = []
-    for m in re.finditer(r"\\boxed\s*\{", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            out.append((m.start(), text[m.end(): i - 1]))
-    return out
-
-
-def extract_answer(text: str) -> str | None:
-    """The answer in a completion, stripped; None if there is none.
-
-    Only the text after the last `</think>` counts (a `</think>` without `<think>` is fine: chat templates often
-    open the block in the prompt); a `<think>` left open means the model never answered. Of the answer markers
-    (`\\boxed{...}`, an `answer:` line in any case, `####`) the last one in the text wins; without a marker the
-    whole remaining text is the answer. An empty answer is None.
-    """
-    rest = text.rsplit(_THINK_CLOSE, 1)[-1]
-    if _THINK_OPEN in rest:
-        return None
-    found = _boxed(rest)
-    found += [(m.start(), m.group(1)) for m in _ANSWER_LINE.finditer(rest)]
-    found += [(m.start(), m.group(1)) for m in _HASHES.finditer(rest)]
-    answer = max(found)[1] if found else rest
-    return answer.strip() or None
 
 
 # ---------------------------------------------------------------------------- built-in reward functions
@@ -84,18 +46,6 @@ def _reference(name: str, answer: str | None) -> str:
     return answer
 
 
-def _parse_number(text: str | None) -> float | None:
-    """A finite number from text like '1,234.5', '$12', '-3', '50%' (commas, '$' and a trailing '%' dropped)."""
-    if text is None:
-        return None
-    s = text.strip().replace(",", "").replace("$", "").removesuffix("%").strip()
-    try:
-        value = float(s)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def correct(completion: str, *, prompt: str, answer: str | None) -> float:
     """1.0 if the extracted answer equals the reference after whitespace normalization (Task.check's rule)."""
     reference = _normalize(_reference("correct", answer))
@@ -106,8 +56,8 @@ def correct(completion: str, *, prompt: str, answer: str | None) -> float:
 def numeric(completion: str, *, prompt: str, answer: str | None) -> float:
     """1.0 if the extracted answer and the reference are both numbers (commas, $, % allowed) equal within 1e-6
     relative; 0.0 otherwise, including a reference that is not a number."""
-    want = _parse_number(_reference("numeric", answer))
-    got = _parse_number(extract_answer(completion))
+    want = parse_number(_reference("numeric", answer))
+    got = numeric_answer(completion)
     return float(want is not None and got is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=0.0))
 
 

@@ -43,7 +43,7 @@ from optsys.methods import RL_ALGORITHMS
 from optsys.models.load import load_model_and_tokenizer, resolve_model_path
 from optsys.models.packed import attach_forward_methods
 from optsys.parallel.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_object, torchrun_world
-from optsys.rollout.engine import Sampling, resolve_engine_name
+from optsys.rollout.engine import Sampling, resolve_engine_name, stable_seed
 from optsys.rollout.rewards import build_rewards, score_completions
 from optsys.rollout.sync import Canary, SyncError, sync_weights
 from optsys.stages import stage_provenance
@@ -154,10 +154,6 @@ class StepStats:
             keys = sorted({k for share in all_gather_objects(keys, world) for k in share})
         flat = all_reduce_sum([v for k in keys for v in self.sums.get(k, (0.0, 0.0))], world)
         return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(keys) if flat[2 * i + 1]}
-
-
-def stable_seed(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
 
 
 def build_prompts(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Prompt]]:

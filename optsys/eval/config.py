@@ -1,0 +1,154 @@
+"""The eval config: one dataclass, filled like training's (recipe or YAML file <- flags <- key=value overrides),
+checked strictly before any model loads. Eval recipes live in optsys/recipes/eval/."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from optsys.config import RECIPES_DIR, ConfigError, _did_you_mean, _merge, _set_dotted, read_yaml
+
+EVAL_RECIPES_DIR = RECIPES_DIR / "eval"
+
+
+@dataclass
+class EvalRunConfig:
+    model: str | None = None  # HF folder, hub id, tiny:<preset> or stage:<recipe>
+    compare: list[str] = field(default_factory=list)  # two models on the same questions and samples: [A, B]
+    endpoint: str | None = None  # an OpenAI-compatible server (e.g. python -m optsys.serve) instead of a local model
+    endpoint_model: str | None = None  # the served model name (None: the server's only / first model)
+    endpoint_retries: int = 3
+    endpoint_timeout_s: float = 120.0
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic_reversed"])
+    task_files: list[str] = field(default_factory=list)  # YAML task entries (optsys.eval.tasks)
+    split: str = "test"  # the built-in tasks' held-out split
+    num: int = 200  # questions per task (0 = every row of a dataset task)
+    difficulty: int = 2  # built-in tasks
+    methods: list[str] = field(default_factory=lambda: ["greedy"])
+    n: list[int] = field(default_factory=lambda: [1])  # pool methods: samples per question, the curve's k values
+    temperature: float = 1.0  # sampling methods (greedy is temperature 0)
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 0  # 0: the task's own default
+    scorer: str | None = None  # best_of_n: reward_model:<folder>, a reward function name or dotted path
+    verifier: str | None = None  # self_correct: the same kinds as scorer (None: the model critiques itself)
+    rounds: int = 2  # self_correct
+    budgets: list[int] = field(default_factory=lambda: [16, 32, 64])  # budget: thinking tokens
+    extend: int = 0  # budget: "Wait" extensions
+    answer_tokens: int = 16  # budget: tokens of the forced answer
+    think_open: str = "<think>\n"
+    think_close: str = "</think>"
+    engine: str = "auto"  # auto | vllm | hf
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    batch_size: int = 64  # HF engine: greedy prompts per generate call
+    seed: int = 0
+    level: float = 0.95  # confidence level of every interval
+    resamples: int = 2000  # bootstrap resamples
+    output_dir: str | None = None  # default: runs/eval-<timestamp>
+    plots: bool = True
+
+
+def check(cfg: EvalRunConfig) -> None:
+    """Every setting that can be refused before a model loads."""
+    from optsys.eval.scaling import METHODS
+    from optsys.eval.tasks import resolve_tasks
+
+    sources = [cfg.model is not None, bool(cfg.compare), cfg.endpoint is not None]
+    if sum(sources) != 1:
+        raise ConfigError("give exactly one of --model PATH, --compare A B or --endpoint URL "
+                          f"(got model={cfg.model!r}, compare={cfg.compare!r}, endpoint={cfg.endpoint!r})")
+    if cfg.compare and len(cfg.compare) != 2:
+        raise ConfigError(f"--compare takes two models, got {len(cfg.compare)}: {cfg.compare}")
+    for key, value in (("model", cfg.model), *((f"compare[{i}]", m) for i, m in enumerate(cfg.compare))):
+        if value is not None:
+            check_model_folder(key, value)
+    if not cfg.tasks:
+        raise ConfigError("tasks is empty; name at least one task (e.g. --tasks arithmetic_reversed)")
+    for m in cfg.methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}{_did_you_mean(m, METHODS)}")
+    if not cfg.methods:
+        raise ConfigError(f"methods is empty; choose from {', '.join(METHODS)}")
+    if not cfg.n or any(k < 1 for k in cfg.n):
+        raise ConfigError(f"--n values must be >= 1 (samples per question), got {cfg.n}")
+    if any(b < 1 for b in cfg.budgets) or not cfg.budgets:
+        raise ConfigError(f"budgets must be >= 1 thinking tokens, got {cfg.budgets}")
+    for key in ("num", "rounds", "extend", "top_k", "max_new_tokens"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("answer_tokens", "max_model_len", "batch_size", "resamples", "difficulty", "endpoint_retries"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or not 0 < cfg.level < 1:
+        raise ConfigError(f"temperature must be >= 0, top_p in (0, 1] and level in (0, 1); got {cfg.temperature}, "
+                          f"{cfg.top_p}, {cfg.level}")
+    if "best_of_n" in cfg.methods and not cfg.scorer:
+        raise ConfigError("method best_of_n needs a scorer: --scorer reward_model:<folder> (a reward model trained "
+                          "with method=rm), a reward function name (e.g. format) or a dotted path")
+    if any(m in ("sample", "self_consistency", "best_of_n") for m in cfg.methods) and cfg.temperature == 0:
+        raise ConfigError("the pool methods (sample, self_consistency, best_of_n) need temperature > 0: at 0 every "
+                          "sample is the greedy one")
+    if cfg.engine not in ("auto", "vllm", "hf"):
+        raise ConfigError(f"engine={cfg.engine!r} is not one of auto, vllm, hf")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={cfg.dtype!r} is not one of float32, bfloat16, float16")
+    from optsys.rollout.rewards import check_reward_names
+
+    for key in ("scorer", "verifier"):
+        if getattr(cfg, key):
+            check_reward_names([getattr(cfg, key)], None)
+    tasks = resolve_tasks(cfg.tasks, cfg.task_files)
+    if cfg.endpoint is not None:
+        local = [t.name for t in tasks if t.kind != "generate"]
+        if local:
+            raise ConfigError(f"tasks {local} score log-likelihoods, which need a local model; use --model for them")
+
+
+def check_model_folder(key: str, value: str) -> None:
+    """A local model folder must exist and hold config.json, weights and a tokenizer (tiny:/stage:/hub ids pass)."""
+    from optsys.config import check_model_source
+
+    check_model_source(key, value)
+    path = Path(os.path.expanduser(value))
+    if path.is_dir():
+        missing = [name for name, ok in (
+            ("config.json", (path / "config.json").exists()),
+            ("a tokenizer (tokenizer.json or tokenizer_config.json)",
+             (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()),
+        ) if not ok]
+        if missing:
+            raise ConfigError(f"{key}={value!r}: the folder lacks {' and '.join(missing)}; evaluate a folder "
+                              "written by optsys (<run>/final/) or save_pretrained of a model and its tokenizer")
+
+
+def recipe_file(name: str) -> Path:
+    path = EVAL_RECIPES_DIR / f"{name}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in EVAL_RECIPES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown eval recipe {name!r}{_did_you_mean(name, names)}. They live in {EVAL_RECIPES_DIR}")
+    return path
+
+
+def load_eval_config(recipe: str | None = None, config_file: str | None = None, flags: dict | None = None,
+                     overrides: list[str] = ()) -> EvalRunConfig:
+    """Defaults <- recipe or YAML file <- flags (already parsed values) <- key=value overrides; then check."""
+    if recipe and config_file:
+        raise ConfigError("pass either --recipe or --config, not both")
+    data = read_yaml(Path(config_file)) if config_file else read_yaml(recipe_file(recipe)) if recipe else {}
+    data.update({k: v for k, v in (flags or {}).items() if v is not None})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. temperature=0.7)")
+        key, value = item.split("=", 1)
+        _set_dotted(data, key.strip(), value)
+    cfg = EvalRunConfig()
+    _merge(cfg, data)
+    check(cfg)
+    return cfg
+
+
+def to_dict(cfg: EvalRunConfig) -> dict:
+    return dataclasses.asdict(cfg)
