@@ -45,8 +45,10 @@ def parse_args(argv):
     p.add_argument("--difficulty", type=int, help="built-in tasks: digits (arithmetic) or list length (sorting)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    p.add_argument("--scorer", help="best_of_n: reward_model:<folder>, a reward function or a dotted path")
-    p.add_argument("--verifier", help="self_correct: the same kinds as --scorer")
+    p.add_argument("--scorer", help="best_of_n: confidence (mean token log-prob), reward_model:<folder>, a reward "
+                   "function or a dotted path")
+    p.add_argument("--verifier", help="self_correct: reward_model:<folder>, a reward function or a dotted path "
+                   "(score > 0.5 accepts an answer)")
     p.add_argument("--rounds", type=int)
     p.add_argument("--budgets", type=_ints, help="thinking budgets in tokens: 16,32,64")
     p.add_argument("--extend", type=int, help="budget forcing: 'Wait' extensions when thinking stops early")

@@ -32,7 +32,8 @@ class EvalRunConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 0  # 0: the task's own default
-    scorer: str | None = None  # best_of_n: reward_model:<folder>, a reward function name or dotted path
+    # best_of_n: confidence (the model's mean token log-prob), reward_model:<folder>, a reward function or dotted path
+    scorer: str | None = None
     verifier: str | None = None  # self_correct: the same kinds as scorer (None: the model critiques itself)
     rounds: int = 2  # self_correct
     budgets: list[int] = field(default_factory=lambda: [16, 32, 64])  # budget: thinking tokens
@@ -56,10 +57,13 @@ def check(cfg: EvalRunConfig) -> None:
     from optsys.eval.scaling import METHODS
     from optsys.eval.tasks import resolve_tasks
 
-    sources = [cfg.model is not None, bool(cfg.compare), cfg.endpoint is not None]
-    if sum(sources) != 1:
-        raise ConfigError("give exactly one of --model PATH, --compare A B or --endpoint URL "
-                          f"(got model={cfg.model!r}, compare={cfg.compare!r}, endpoint={cfg.endpoint!r})")
+    if cfg.endpoint is not None:
+        if cfg.compare:
+            raise ConfigError("--compare evaluates two local models; it does not combine with --endpoint")
+        # with an endpoint, --model (optional) is where the tokenizer and chat template are read from
+    elif (cfg.model is None) == (not cfg.compare):
+        raise ConfigError("give one of --model PATH, --compare A B or --endpoint URL "
+                          f"(got model={cfg.model!r}, compare={cfg.compare!r})")
     if cfg.compare and len(cfg.compare) != 2:
         raise ConfigError(f"--compare takes two models, got {len(cfg.compare)}: {cfg.compare}")
     for key, value in (("model", cfg.model), *((f"compare[{i}]", m) for i, m in enumerate(cfg.compare))):
@@ -86,8 +90,9 @@ def check(cfg: EvalRunConfig) -> None:
         raise ConfigError(f"temperature must be >= 0, top_p in (0, 1] and level in (0, 1); got {cfg.temperature}, "
                           f"{cfg.top_p}, {cfg.level}")
     if "best_of_n" in cfg.methods and not cfg.scorer:
-        raise ConfigError("method best_of_n needs a scorer: --scorer reward_model:<folder> (a reward model trained "
-                          "with method=rm), a reward function name (e.g. format) or a dotted path")
+        raise ConfigError("method best_of_n needs a scorer: --scorer confidence (the model's own mean token "
+                          "log-prob), reward_model:<folder> (a reward model trained with method=rm), a reward "
+                          "function name (e.g. format) or a dotted path")
     if any(m in ("sample", "self_consistency", "best_of_n") for m in cfg.methods) and cfg.temperature == 0:
         raise ConfigError("the pool methods (sample, self_consistency, best_of_n) need temperature > 0: at 0 every "
                           "sample is the greedy one")
@@ -97,8 +102,11 @@ def check(cfg: EvalRunConfig) -> None:
         raise ConfigError(f"dtype={cfg.dtype!r} is not one of float32, bfloat16, float16")
     from optsys.rollout.rewards import check_reward_names
 
+    if cfg.verifier == "confidence":
+        raise ConfigError("verifier=confidence is not a verifier (it ranks samples, it does not accept or reject "
+                          "one); use it as --scorer for best_of_n")
     for key in ("scorer", "verifier"):
-        if getattr(cfg, key):
+        if getattr(cfg, key) and getattr(cfg, key) != "confidence":
             check_reward_names([getattr(cfg, key)], None)
     tasks = resolve_tasks(cfg.tasks, cfg.task_files)
     if cfg.endpoint is not None:

@@ -13,6 +13,7 @@ import torch
 from optsys.eval.config import EvalRunConfig
 from optsys.eval.metrics import accuracy_interval, mcnemar, paired_interval
 from optsys.eval.scaling import (
+    CONFIDENCE,
     POOL_METHODS,
     MethodSettings,
     budget,
@@ -282,7 +283,9 @@ def evaluate(cfg: EvalRunConfig, name: str | None = None) -> dict:
     try:
         for key in ("scorer", "verifier"):
             wanted = "best_of_n" if key == "scorer" else "self_correct"
-            if getattr(cfg, key) and wanted in cfg.methods:
+            if getattr(cfg, key) == CONFIDENCE:
+                scorers[key] = (CONFIDENCE, {"count": 0})
+            elif getattr(cfg, key) and wanted in cfg.methods:
                 scorers[key] = make_scorer(getattr(cfg, key), _device())
         results = {}
         for task in tasks:

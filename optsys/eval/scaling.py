@@ -37,6 +37,7 @@ class Sample:
     correct: bool
     finish: str = "stop"
     score: float | None = None  # best_of_n: the scorer's value
+    mean_logprob: float | None = None  # the sampler's mean log-prob per token (the `confidence` scorer)
 
 
 @dataclass
@@ -80,11 +81,13 @@ def check_context(prompts: list[list[int]], new_tokens: int, max_model_len: int,
                               f"max_model_len (the model must support it) or lower max_new_tokens / the budget")
 
 
-def _score(tokenizer, token_ids, finish: str, reference: str, match: str, tokens: int | None = None) -> Sample:
+def _score(tokenizer, token_ids, finish: str, reference: str, match: str, tokens: int | None = None,
+           logprobs=()) -> Sample:
     text = tokenizer.decode(list(token_ids), skip_special_tokens=True)
     answer = canonical_answer(text, match)
+    mean_lp = sum(logprobs) / len(logprobs) if logprobs else None
     return Sample(text, len(token_ids) if tokens is None else tokens, answer,
-                  answers_match(answer, reference, match), finish)
+                  answers_match(answer, reference, match), finish, mean_logprob=mean_lp)
 
 
 def question_seeds(seed: int, task: str, questions: list[Question], *parts) -> list[int]:
@@ -116,7 +119,8 @@ def sample_pool(engine, tokenizer, task: str, questions: list[Question], s: Meth
     check_context(prompts, s.max_new_tokens, s.max_model_len, questions)
     outs = engine.generate(prompts, _sampling(s, n=max(s.n)), question_seeds(s.seed, task, questions, "pool"))
     refs = references(questions, match)
-    return [[_score(tokenizer, c.token_ids, c.finish_reason, r, match) for c in g] for g, r in zip(outs, refs)]
+    return [[_score(tokenizer, c.token_ids, c.finish_reason, r, match, logprobs=c.logprobs) for c in g]
+            for g, r in zip(outs, refs)]
 
 
 def pool_curve(method: str, pool: list[list[Sample]], ks: list[int]) -> tuple[list[dict], list[dict]]:
@@ -152,8 +156,20 @@ def _finite(score: float | None) -> float:
     return float("nan") if score is None else float(score)
 
 
-def score_pool(pool: list[list[Sample]], questions: list[Question], scorer: Callable[[list[tuple]], list[float]]):
-    """Give every sample its scorer value (best_of_n); `scorer` takes [(prompt, completion, answer)]."""
+CONFIDENCE = "confidence"  # the built-in scorer: the sampler's mean log-prob per token (no extra compute)
+
+
+def score_pool(pool: list[list[Sample]], questions: list[Question], scorer: Callable[[list[tuple]], list[float]] | str):
+    """Give every sample its scorer value (best_of_n); `scorer` takes [(prompt, completion, answer)], or is
+    CONFIDENCE: the model's own mean token log-prob under the sampling distribution (self-certainty)."""
+    if scorer == CONFIDENCE:
+        for samples in pool:
+            for x in samples:
+                if x.mean_logprob is None:
+                    raise EngineError("scorer=confidence needs the sampler's log-probs, and this engine returned "
+                                      "none (an endpoint without logprobs support?); use another scorer")
+                x.score = x.mean_logprob
+        return
     flat = [(q.prompt, x.text, q.answer) for q, samples in zip(questions, pool) for x in samples]
     values = iter(scorer(flat))
     for samples in pool:
