@@ -111,17 +111,27 @@ def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_mod
 
 
 def open_endpoint(cfg: EvalRunConfig, tokenizer_source: str | None) -> Opened:
+    """The endpoint engine and a local tokenizer: from --model, else the served model's name when it is one
+    (`tiny:` / `stage:` / a folder path: optsys.serve names a tiny/stage model as given)."""
+    from optsys.config import ConfigError
     from optsys.eval.endpoint import EndpointEngine
     from optsys.eval.generate import stop_token_ids
     from optsys.models.load import load_tokenizer, resolve_model_path
 
     engine = EndpointEngine(cfg.endpoint, model=cfg.endpoint_model, timeout_s=cfg.endpoint_timeout_s,
                             retries=cfg.endpoint_retries)
-    source = tokenizer_source or engine.model_path()
-    path = resolve_model_path(source, seed=cfg.seed)
-    tokenizer = load_tokenizer(path)
-    return Opened(cfg.endpoint, None, tokenizer, engine=engine, engine_name="endpoint",
-                  stop_ids=tuple(stop_token_ids(_generation_config(path), tokenizer)))
+    source = tokenizer_source or engine.model
+    try:
+        path = resolve_model_path(source, seed=cfg.seed)
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--endpoint {cfg.endpoint}: the prompts are rendered here, so the served model's "
+                          f"tokenizer is needed locally and {source!r} is not a loadable folder ({e}); pass "
+                          "--model <the served model's folder>") from None
+    opened = Opened(cfg.endpoint, None, tokenizer, engine=engine, engine_name="endpoint",
+                    stop_ids=tuple(stop_token_ids(_generation_config(path), tokenizer)))
+    opened.extra["max_model_len"] = engine.max_model_len
+    return opened
 
 
 def _generation_config(path: str):
@@ -172,7 +182,8 @@ def settings_for(cfg: EvalRunConfig, task: EvalTask, opened: Opened) -> MethodSe
                           max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, seed=cfg.seed,
                           stop_token_ids=opened.stop_ids, rounds=cfg.rounds, budgets=sorted(set(cfg.budgets)),
                           extend=cfg.extend, answer_tokens=cfg.answer_tokens, think_open=cfg.think_open,
-                          think_close=cfg.think_close, max_model_len=cfg.max_model_len)
+                          think_close=cfg.think_close,
+                          max_model_len=opened.extra.get("max_model_len") or cfg.max_model_len)
 
 
 def summarize(points: list[dict], cfg: EvalRunConfig) -> list[dict]:

@@ -338,3 +338,35 @@ def test_lora_adapter_is_served_by_name(server_url, tiny_path, lora_adapter):
         out = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(p):]
         assert c.token_ids == tuple(out.tolist())
     assert [s[0].token_ids for s in served] != [b[0].token_ids for b in base]
+
+
+@pytest.mark.slow
+def test_eval_through_the_endpoint_equals_the_in_process_eval(server_url, local_engine, tiny_path, tmp_path):
+    """`python -m optsys.eval --endpoint URL` (test-time methods included: pools and budget forcing on token ids)
+    gives the same completions, answers and scores as the same eval on the in-process engine."""
+    from optsys.eval.__main__ import main
+    from optsys.eval.config import load_eval_config
+    from optsys.eval.generate import stop_token_ids
+    from optsys.eval.run import Opened, _generation_config, run_generate_task
+    from optsys.eval.tasks import resolve_tasks
+    from optsys.models.load import load_tokenizer
+
+    settings = {"tasks": ["arithmetic"], "num": 4, "methods": ["greedy", "sample", "self_consistency", "budget"],
+                "n": [1, 2], "budgets": [4], "max_new_tokens": 6, "answer_tokens": 3, "max_model_len": 256,
+                "plots": False, "resamples": 50}
+    via = main(["--endpoint", server_url, "--model", str(tiny_path), "--out", str(tmp_path / "e"),
+                *[f"{k}={v}" if not isinstance(v, list) else f"{k}={','.join(map(str, v))}"
+                  for k, v in settings.items()]])
+    cfg = load_eval_config(flags={"model": str(tiny_path), **settings})
+    tok = load_tokenizer(str(tiny_path))
+    opened = Opened(str(tiny_path), str(tiny_path), tok, engine=local_engine, engine_name="vllm",
+                    stop_ids=tuple(stop_token_ids(_generation_config(str(tiny_path)), tok)))
+    local = run_generate_task(resolve_tasks(["arithmetic"])[0], opened, cfg, {})
+    remote = via["results"][0]["tasks"]["arithmetic"]
+    assert via["results"][0]["engine"] == "endpoint"
+    for a, b in zip(remote["samples"], local["samples"]):
+        for method in settings["methods"]:
+            for key in ("completions", "answers", "correct", "tokens"):
+                assert a["methods"][method][key] == b["methods"][method][key], (method, key)
+    for method in settings["methods"]:
+        assert remote["methods"][method]["points"] == local["methods"][method]["points"]
