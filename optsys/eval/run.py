@@ -146,8 +146,8 @@ def _generation_config(path: str):
 
 def make_scorer(name: str, device) -> tuple:
     """A batch scorer [(prompt, completion, answer)] -> [float] from a reward name, and its failure counter.
-    A function that raises, returns junk or hangs scores NaN for that sample (never chosen by best_of_n) and is
-    counted: one score per sample, always."""
+    A function that raises, returns junk or hangs (60 s) scores NaN for that sample (never chosen by best_of_n,
+    never accepted by self_correct) and is counted: one score per sample, always."""
     from optsys.rollout.rewards import build_rewards, score_completions
 
     fns = build_rewards([name], None, device)
@@ -155,26 +155,13 @@ def make_scorer(name: str, device) -> tuple:
 
     def scorer(samples: list[tuple]) -> list[float]:
         result = score_completions(fns, samples, timeout_s=60.0, on_error="zero")
-        failed = sum(result.errors.values()) + sum(result.timeouts.values())
-        failures["count"] += failed
-        values = result.per_function[name]
-        if failed:  # score_completions zeroes failures; mark them NaN so that a failure is never the pick
-            values = _mark_failures(fns, samples, values)
+        values = list(result.per_function[name])
+        for i in result.failed.get(name, []):
+            values[i] = float("nan")
+        failures["count"] += len(result.failed.get(name, []))
         return values
 
     return scorer, failures
-
-
-def _mark_failures(fns, samples, values):
-    name, fn, _ = fns[0]
-    out = []
-    for (prompt, completion, answer), v in zip(samples, values):
-        try:
-            float(fn(completion, prompt=prompt, answer=answer))
-            out.append(v)
-        except Exception:  # noqa: BLE001 - the failure is counted by the caller
-            out.append(float("nan"))
-    return out
 
 
 def settings_for(cfg: EvalRunConfig, task: EvalTask, opened: Opened) -> MethodSettings:
@@ -248,6 +235,9 @@ def run_generate_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig, scorer
     if "best_of_n" in methods:
         methods["best_of_n"]["scorer"] = cfg.scorer
         methods["best_of_n"]["scorer_failures"] = scorers["scorer"][1]["count"]
+    if "self_correct" in methods and "verifier" in scorers:
+        methods["self_correct"]["verifier"] = cfg.verifier
+        methods["self_correct"]["verifier_failures"] = scorers["verifier"][1]["count"]
     return {"kind": "generate", "questions": len(questions), "match": task.match, "methods": methods,
             "samples": list(rows.values()), "per_question": per_question}
 

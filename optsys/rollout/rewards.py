@@ -235,6 +235,7 @@ class RewardResult:
     per_function: dict[str, list[float]]  # name -> per-sample scores (unweighted; 0.0 where it failed)
     errors: dict[str, int] = field(default_factory=dict)  # name -> calls that raised or returned a non-number
     timeouts: dict[str, int] = field(default_factory=dict)  # name -> calls scored 0.0 because of a timeout
+    failed: dict[str, list[int]] = field(default_factory=dict)  # name -> indices of the samples it failed on
 
 
 _warned: set[str] = set()  # functions already warned about in this process (on_error="zero")
@@ -310,12 +311,14 @@ def score_completions(fns: list[tuple[str, RewardFn, float]], samples: list[tupl
     per_function: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
     timeouts: dict[str, int] = {}
+    failed: dict[str, list[int]] = {}
 
     def fail(name: str, i: int, problem: str, counts: dict, cause: BaseException | None):
         detail = _describe(name, i, samples[i], problem)
         if on_error == "error":
             raise RewardError(detail + "\n  pass on_error='zero' to score such calls 0.0 and count them") from cause
         counts[name] = counts.get(name, 0) + 1
+        failed.setdefault(name, []).append(i)
         if name not in _warned:
             _warned.add(name)
             print(f"warning: {detail}\n  scored 0.0 and counted (reported once per function)", file=sys.stderr,
@@ -352,4 +355,4 @@ def score_completions(fns: list[tuple[str, RewardFn, float]], samples: list[tupl
             except TypeError as e:
                 fail(name, i, str(e), errors, None)
     total = [sum(w * per_function[name][i] for name, _, w in fns) for i in range(n)]
-    return RewardResult(total, per_function, errors, timeouts)
+    return RewardResult(total, per_function, errors, timeouts, failed)

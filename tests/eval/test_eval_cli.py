@@ -127,3 +127,16 @@ def test_scaling_tiny_as_written(tmp_path):
         acc = [p["accuracy"] for p in m[method]["points"]]
         assert acc[-1] > acc[0] + 0.1, (method, acc)
     assert m["sample"]["accuracy"] > 0.9 and 0.6 < m["greedy"]["accuracy"] < 0.8
+
+
+def test_a_failing_scorer_is_counted_and_its_samples_never_picked(tiny_path, tmp_path):
+    payload = main(["--model", str(tiny_path), "--tasks", "arithmetic", "--num", "4", "--method", "best_of_n",
+                    "--n", "1,3", "--scorer", "tests.eval.eval_task_fixture:flaky_scorer", "--engine", "hf",
+                    "--max-new-tokens", "4", "--out", str(tmp_path / "f"), "plots=false", "resamples=50"])
+    r = payload["results"][0]["tasks"]["arithmetic"]
+    assert r["methods"]["best_of_n"]["scorer_failures"] == 4  # 12 samples, every third call raised
+    for row in r["samples"]:
+        m = row["methods"]["best_of_n"]
+        assert len(m["scores"]) == 3  # one score per sample, always (NaN where it failed)
+        chosen = m["final"]["chosen"]
+        assert m["scores"][chosen] == m["scores"][chosen]  # not NaN
