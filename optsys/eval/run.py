@@ -89,6 +89,8 @@ def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_mod
         raise ConfigError(f"the tokenizer of {name} has no chat template, so questions cannot be rendered; use a "
                           "model whose tokenizer_config.json carries one")
     opened = Opened(name, path, tokenizer)
+    context = _context_length(path, cfg.max_model_len)
+    opened.extra["max_model_len"] = context
     model = load_hf_model(path, cfg.dtype) if need_model else None
     if need_generation:
         engine_name = resolve_engine_name(cfg.engine)
@@ -96,7 +98,7 @@ def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_mod
             from optsys.models.load import DTYPES
             from optsys.rollout.vllm_engine import VLLMEngine
 
-            engine = VLLMEngine(path, dtype=DTYPES[cfg.dtype], max_model_len=cfg.max_model_len, seed=cfg.seed,
+            engine = VLLMEngine(path, dtype=DTYPES[cfg.dtype], max_model_len=context, seed=cfg.seed,
                                 device=_device())
         else:
             from optsys.rollout.hf_engine import HFEngine
@@ -132,6 +134,19 @@ def open_endpoint(cfg: EvalRunConfig, tokenizer_source: str | None) -> Opened:
                     stop_ids=tuple(stop_token_ids(_generation_config(path), tokenizer)))
     opened.extra["max_model_len"] = engine.max_model_len
     return opened
+
+
+def _context_length(path: str, wanted: int) -> int:
+    """max_model_len, capped at the model's own max_position_embeddings (vLLM refuses a longer context)."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    limit = json.loads(config.read_text()).get("max_position_embeddings") if config.exists() else None
+    if limit and limit < wanted:
+        print(f"eval: max_model_len={wanted} is longer than the model's max_position_embeddings={limit}; using {limit}")
+        return int(limit)
+    return wanted
 
 
 def _generation_config(path: str):
@@ -288,6 +303,11 @@ def evaluate(cfg: EvalRunConfig, name: str | None = None) -> dict:
                 scorers[key] = (CONFIDENCE, {"count": 0})
             elif getattr(cfg, key) and wanted in cfg.methods:
                 scorers[key] = make_scorer(getattr(cfg, key), _device())
+        if opened.engine is not None:  # warm-up (vLLM's first call builds its kernels): not in engine tokens/s
+            from optsys.rollout.engine import Sampling
+
+            first = opened.tokenizer("1", add_special_tokens=False).input_ids[:1] or [0]
+            opened.engine.generate([first], Sampling(temperature=0.0, max_new_tokens=2), [0])
         results = {}
         for task in tasks:
             if task.kind == "generate":
