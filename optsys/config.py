@@ -97,6 +97,13 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 0  # steps between eval-loss runs; 0 = only at the end
     progress: bool = True
+    # Telemetry besides metrics.jsonl (optsys/telemetry), all on rank 0: TensorBoard event files in
+    # <output_dir>/tensorboard/ (the same metric names), PNG curves in <output_dir>/plots/ when the run ends, and a
+    # W&B run (needs `pip install wandb`; offline, files in <output_dir>/wandb/, unless WANDB_MODE is set).
+    tensorboard: bool = True
+    plots: bool = True
+    wandb: bool = False
+    wandb_project: str = "optsys"  # W&B project (with trainer.wandb=true); the run is named after output_dir
     save_every: int = 0  # steps between checkpoints (<output_dir>/checkpoints/); 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted after each save
 
@@ -612,7 +619,30 @@ def check_run(cfg: TrainConfig) -> None:
                           "pass only one of them")
 
 
-VALIDATORS = (check_ranges, check_lora, check_data, check_method, check_device, check_model_paths, check_run)
+def check_telemetry(cfg: TrainConfig) -> None:
+    """trainer.wandb needs the wandb package (checked here, before any model loads); trainer.wandb_project is
+    refused while W&B is off (it would be ignored) and must be a name W&B accepts."""
+    import importlib.util
+
+    tc, default = cfg.trainer, TrainerConfig()
+    if not tc.wandb:
+        if tc.wandb_project != default.wandb_project:
+            raise ConfigError(f"trainer.wandb_project={tc.wandb_project!r} has no effect with trainer.wandb=false; "
+                              "set trainer.wandb=true to log to W&B, or drop trainer.wandb_project")
+        return
+    bad = sorted(set(tc.wandb_project) & set("/\\#?%:"))
+    if not tc.wandb_project.strip() or bad or len(tc.wandb_project) > 128:
+        raise ConfigError(f"trainer.wandb_project={tc.wandb_project!r} is not a W&B project name: 1 to 128 characters, "
+                          "none of / \\ # ? % :")
+    if importlib.util.find_spec("wandb") is None:
+        from optsys.telemetry.sinks import WANDB_INSTALL
+
+        raise ConfigError(f"trainer.wandb=true needs the wandb package, which is not installed: {WANDB_INSTALL}; "
+                          "or drop trainer.wandb")
+
+
+VALIDATORS = (check_ranges, check_lora, check_data, check_method, check_device, check_model_paths, check_run,
+              check_telemetry)
 
 
 # ---------------------------------------------------------------------------- loading

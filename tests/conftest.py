@@ -16,6 +16,17 @@ def optsys_cache(tmp_path_factory):
         yield root
 
 
+@pytest.fixture(autouse=True)
+def no_run_plots(request, monkeypatch):
+    """Runs draw no end-of-run PNGs here except in tests marked `run_plots` (tests/test_telemetry.py): a figure
+    costs ~0.2 s on 2 cores (~1 s for an SFT run's five, more for RL's), and the suite trains ~80 times in
+    process. A plot failure never fails a run, so nothing the other tests check depends on them."""
+    if request.node.get_closest_marker("run_plots") is None:
+        import optsys.telemetry.plots
+
+        monkeypatch.setattr(optsys.telemetry.plots, "plot_run", lambda run_dir, out_dir=None: [])
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny-cache")

@@ -31,7 +31,7 @@ from optsys.trainers.common import build_optimizer, prepare_output_dir, warmup_c
 
 RUN = ["data.num_train=300", "data.num_eval=20", "data.max_tokens=256", "trainer.batch_tokens=1024",
        "trainer.max_steps=8", "trainer.warmup_steps=2", "trainer.save_every=1", "trainer.log_every=1",
-       "eval.before=false", "eval.after=false", "trainer.progress=false"]
+       "eval.before=false", "eval.after=false", "trainer.progress=false", "trainer.plots=false"]
 
 
 def cli(tiny_path, out, *extra):

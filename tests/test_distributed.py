@@ -18,7 +18,7 @@ def overrides(tiny_path, out):
     # batch_tokens 300 every step had exactly 2 micro-batches and no filler ever ran).
     return [f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.num_train=300", "data.num_eval=20",
             "data.max_tokens=128", "trainer.batch_tokens=360", "trainer.max_steps=6", "trainer.log_every=1",
-            "trainer.progress=false", "eval.before=false", "eval.after=false"]
+            "trainer.progress=false", "trainer.plots=false", "eval.before=false", "eval.after=false"]
 
 
 def run(cmd, **kw):

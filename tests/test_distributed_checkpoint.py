@@ -26,8 +26,8 @@ def overrides(tiny_path, out):
     # keep_last=8 keeps them all, so the uninterrupted run can also serve as a run to resume.
     return [f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.num_train=300", "data.num_eval=20",
             "data.max_tokens=128", "trainer.batch_tokens=300", "trainer.max_steps=8", "trainer.log_every=1",
-            "trainer.save_every=1", "trainer.keep_last=8", "trainer.progress=false", "eval.before=false",
-            "eval.after=false"]
+            "trainer.save_every=1", "trainer.keep_last=8", "trainer.progress=false", "trainer.plots=false",
+            "eval.before=false", "eval.after=false"]
 
 
 def run(cmd, timeout=300):

@@ -16,7 +16,8 @@ from optsys.trainers import preference, reward
 
 COMMON = ["data.num_train=60", "data.num_eval=24", "data.max_tokens=256", "trainer.batch_tokens=600",
           "trainer.max_steps=6", "trainer.warmup_steps=1", "trainer.log_every=1", "trainer.eval_every=3",
-          "trainer.progress=false", "trainer.lr=1e-3", "eval.batch_size=24", "eval.max_new_tokens=4"]
+          "trainer.progress=false", "trainer.plots=false", "trainer.lr=1e-3", "eval.batch_size=24",
+          "eval.max_new_tokens=4"]
 CASES = {  # name -> (trainer module, recipe, overrides)
     "dpo": (preference, "dpo_tiny", []),
     "dpo-copy": (preference, "dpo_tiny", ["pref.reference=copy"]),

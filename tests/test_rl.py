@@ -16,7 +16,7 @@ from optsys.methods import RL_ALGORITHMS
 BASE = [
     "model.name_or_path=tiny:test", "data.task=arithmetic_reversed", "data.num_train=64", "data.num_eval=8",
     "data.max_tokens=64", "trainer.max_steps=2", "trainer.lr=1e-3", "trainer.warmup_steps=0", "trainer.log_every=1",
-    "trainer.progress=false", "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=5",
+    "trainer.progress=false", "trainer.plots=false", "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=5",
     "rl.rewards=[digits,format,test_rl.length_reward]", "eval.max_new_tokens=5",
 ]
 

@@ -175,7 +175,8 @@ def test_cache_key_ignores_logging_keys_and_the_cache_root_follows_the_environme
     assert Path(quickstart_stage_config().output_dir).parent == Path(os.environ["OPTSYS_CACHE_DIR"]) / "stages"
     assert quickstart_stage_config().output_dir == stages.stage_config("quickstart").output_dir
     base = stages.stage_config("quickstart")
-    for override in ("trainer.log_every=7", "trainer.save_every=100", "trainer.keep_last=5", f"output_dir={tmp_path}"):
+    for override in ("trainer.log_every=7", "trainer.save_every=100", "trainer.keep_last=5", f"output_dir={tmp_path}",
+                     "trainer.tensorboard=false", "trainer.plots=false"):
         cfg = load_config("quickstart", overrides=[override])
         assert stages.stage_key(cfg) == stages.stage_key(base), override
     for override in ("trainer.lr=2e-3", "seed=1", "data.num_train=5000", "model.dtype=bfloat16"):

@@ -1,4 +1,5 @@
-"""PNG curves of accuracy against samples per question (N) or tokens generated, one line per method.
+"""PNG curves of accuracy against samples per question (N) or tokens generated, one line per method (and, with
+`y=`, any metric against another: optsys.telemetry.plots draws a training run's curves with it).
 
 matplotlib is imported inside `plot_curves`, so importing this module (and optsys.eval) does not need it.
 The figure is drawn on a bare `matplotlib.figure.Figure`, whose `savefig` renders through the Agg canvas:
@@ -13,15 +14,15 @@ import os
 from pathlib import Path
 
 
-def _point_values(method: str, points: list[dict], x: str, log_x: bool) -> dict[str, list[float]]:
+def _point_values(method: str, points: list[dict], x: str, log_x: bool, y: str = "accuracy") -> dict[str, list[float]]:
     """The columns of one method's points, sorted by x, after checking each point has what is drawn."""
     if not points:
         raise ValueError(f"method {method!r} has no points to plot")
     for i, point in enumerate(points):
-        for key in (x, "accuracy"):
+        for key in (x, y):
             if key not in point:
                 raise ValueError(f"method {method!r}: point {i} has no {key!r} key (it has {sorted(point)}); "
-                                 f"every point needs {x!r} and 'accuracy'")
+                                 f"every point needs {x!r} and {y!r}")
         if log_x and not float(point[x]) > 0:
             raise ValueError(f"method {method!r}: point {i} has {x}={point[x]!r}, which a log x axis cannot show; "
                              "pass log_x=False or drop the point")
@@ -29,7 +30,7 @@ def _point_values(method: str, points: list[dict], x: str, log_x: bool) -> dict[
     nan = math.nan
     return {
         "x": [float(p[x]) for p in points],
-        "y": [float(p["accuracy"]) for p in points],
+        "y": [float(p[y]) for p in points],
         "low": [float(p["low"]) if p.get("low") is not None else nan for p in points],
         "high": [float(p["high"]) if p.get("high") is not None else nan for p in points],
         "n": [p.get("n") for p in points],
@@ -45,15 +46,16 @@ def _compact(value: float) -> str:
 
 
 def plot_curves(curves: dict[str, list[dict]], *, x: str, path: str | os.PathLike, title: str = "",
-                xlabel: str | None = None, ylabel: str = "accuracy", log_x: bool = True) -> Path:
-    """Draw accuracy vs `x` for each method (dict key = legend label) and write a PNG to path; returns the path.
+                xlabel: str | None = None, ylabel: str = "accuracy", log_x: bool = True, y: str = "accuracy",
+                ylim: tuple[float, float] | None = None) -> Path:
+    """Draw `y` (accuracy) vs `x` for each method (dict key = legend label) and write a PNG to path; returns the path.
 
-    A point is a dict with `x` and "accuracy", optionally "low"/"high" (a shaded interval band; points without
+    A point is a dict with `x` and `y`, optionally "low"/"high" (a shaded interval band; points without
     them leave a gap) and "n" (written beside each point when x is not "n", e.g. on a tokens axis). With
-    x == "n" and a log axis, the ticks are the N values themselves (1, 2, 4, ...)."""
+    x == "n" and a log axis, the ticks are the N values themselves (1, 2, 4, ...). `ylim` fixes the y range."""
     if not curves:
         raise ValueError("curves is empty: give at least one method's points")
-    columns = {method: _point_values(method, points, x, log_x) for method, points in curves.items()}
+    columns = {method: _point_values(method, points, x, log_x, y) for method, points in curves.items()}
     try:
         from matplotlib.figure import Figure
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
@@ -64,7 +66,8 @@ def plot_curves(curves: dict[str, list[dict]], *, x: str, path: str | os.PathLik
     ax = fig.add_subplot()
     xs_all: set[float] = set()
     for method, col in columns.items():
-        (line,) = ax.plot(col["x"], col["y"], marker="o", markersize=4, label=method)
+        # a dense curve (a training run's hundreds of logged steps) reads better without a marker per point
+        (line,) = ax.plot(col["x"], col["y"], marker="o", markersize=4 if len(col["x"]) <= 60 else 0, label=method)
         if any(not math.isnan(v) for v in col["low"] + col["high"]):
             ax.fill_between(col["x"], col["low"], col["high"], color=line.get_color(), alpha=0.18, linewidth=0)
         if x != "n":
@@ -87,6 +90,8 @@ def plot_curves(curves: dict[str, list[dict]], *, x: str, path: str | os.PathLik
     ax.margins(x=0.06)  # room for the last point's "N=" label
     ax.set_xlabel(xlabel if xlabel is not None else ("samples per question (N)" if x == "n" else x))
     ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     if title:
         ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)

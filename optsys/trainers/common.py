@@ -37,6 +37,7 @@ from optsys.parallel.dist import (
     local_steps,
     shard_model,
 )
+from optsys.telemetry.metrics import MetricsLog
 from optsys.trainers.precision import (
     Precision,
     fsdp_param_dtype,
@@ -132,6 +133,8 @@ def _check_resume_dir(cfg: TrainConfig) -> Path:
             "path, or drop resume=true to start a new run there.")
     old = drop_other_sections(yaml.safe_load(existing.read_text()) or {})  # runs from before sections were dropped
     new = to_dict(cfg)
+    # a run from before a setting existed ran with that setting's default (e.g. trainer.tensorboard)
+    old = with_defaults(old, to_dict(TrainConfig(method=cfg.method)))
     for key in ("resume", "overwrite"):  # how a run was started, not what it is
         old.pop(key, None)
         new.pop(key, None)
@@ -141,6 +144,17 @@ def _check_resume_dir(cfg: TrainConfig) -> Path:
             f"resume=true continues the run in {out} with its own config ({existing}), but this command "
             "changes it:\n  " + "\n  ".join(diff) + "\nResume with the run's settings, or drop resume=true "
             "and pick a new output_dir to start a new run with these.")
+    return out
+
+
+def with_defaults(old: dict, defaults: dict) -> dict:
+    """`old` with the keys it lacks (at any depth) taken from `defaults`."""
+    out = dict(old)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_defaults(out[key], value)
     return out
 
 
@@ -268,8 +282,18 @@ def save_gathered(model, tokenizer, path: Path, world: World, p: Precision, *, s
     barrier(world)
 
 
+def open_metrics(cfg: TrainConfig, out_dir: Path, world: World, start_step: int = 0) -> MetricsLog:
+    """The run's MetricsLog with the sinks trainer.* turns on (rank 0 only writes). Open it after a resume
+    rewound metrics.jsonl; `start_step` is the step the run continues from (0 for a new run)."""
+    tc = cfg.trainer
+    return MetricsLog(out_dir, enabled=world.is_main, tensorboard=tc.tensorboard, plots=tc.plots,
+                      wandb_project=tc.wandb_project if tc.wandb else None,
+                      run_config=to_dict(cfg) if tc.wandb else None, start_step=start_step)
+
+
 def close_run(log, summary: dict, *, device: torch.device, t_start: float, out_dir: Path) -> dict:
-    """Add peak memory, total wall time and the output dir to `summary`, write summary.json, close the log."""
+    """Add peak memory, total wall time and the output dir to `summary`, write summary.json, close the log (which
+    draws the run's plots with trainer.plots)."""
     summary["memory/peak_mb"] = peak_memory_mb(device)
     summary["time/total_s"] = time.time() - t_start
     summary["output_dir"] = str(out_dir)

@@ -61,7 +61,6 @@ from optsys.parallel.dist import (
     torchrun_world,
 )
 from optsys.stages import stage_provenance
-from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
@@ -79,6 +78,7 @@ from optsys.trainers.common import (
     eval_due,
     held_out_accuracy,
     locate_resume,
+    open_metrics,
     prepare_output_dir,
     ready_for_training,
     restore_run,
@@ -458,7 +458,7 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
                         fingerprint=fingerprint, max_steps=tc.max_steps)
     summary.update(state["summary"])  # the before-training evals are not measured again
-    log = MetricsLog(out_dir, enabled=world.is_main)  # opened after a resume rewound metrics.jsonl
+    log = open_metrics(cfg, out_dir, world, start_step=state["step"])  # opened after a resume rewound metrics.jsonl
 
     accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
                                  summary=summary)
@@ -514,7 +514,8 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
             log.log(step, metrics)
             # KTO's reward_accuracy needs both labels in a micro-batch; a window without such a row logs none.
             acc = metrics.get("train/reward_accuracy", float("nan"))
-            progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {acc:.2f}")
+            progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {acc:.2f}  "
+                                  f"{metrics['throughput/tokens_per_s']:.0f} tok/s")
             meter = MetricWindow(METRIC_KEYS)
             clock.new_window()
         if eval_due(tc, step) and data.eval:  # the last step's eval is the final one below

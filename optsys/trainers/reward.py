@@ -32,7 +32,6 @@ from optsys.parallel.dist import (
     torchrun_world,
 )
 from optsys.stages import stage_provenance
-from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
@@ -47,6 +46,7 @@ from optsys.trainers.common import (
     describe_batches,
     eval_due,
     locate_resume,
+    open_metrics,
     prepare_output_dir,
     ready_for_training,
     restore_run,
@@ -125,7 +125,7 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
                         fingerprint=fingerprint, max_steps=tc.max_steps)
     summary.update(state["summary"])
-    log = MetricsLog(out_dir, enabled=world.is_main)  # opened after a resume rewound metrics.jsonl
+    log = open_metrics(cfg, out_dir, world, start_step=state["step"])  # opened after a resume rewound metrics.jsonl
     step = start_step = state["step"]
     if data.eval and cfg.eval.before and resume_from is None:
         before = {f"{k}_before": v for k, v in evaluate(model, data.eval, cfg, world).items()}
@@ -157,7 +157,8 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
                        "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": clock.total_tokens,
                        "throughput/tokens_per_s": clock.window_tokens_per_s()}
             log.log(step, metrics)
-            progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/accuracy']:.2f}")
+            progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/accuracy']:.2f}  "
+                                  f"{metrics['throughput/tokens_per_s']:.0f} tok/s")
             meter = MetricWindow(KEYS)
             clock.new_window()
         if eval_due(tc, step) and data.eval:  # the last step's eval is the final one below

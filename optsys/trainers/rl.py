@@ -47,7 +47,6 @@ from optsys.rollout.engine import Sampling, resolve_engine_name, stable_seed
 from optsys.rollout.rewards import build_rewards, score_completions
 from optsys.rollout.sync import Canary, SyncError, sync_weights
 from optsys.stages import stage_provenance
-from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
@@ -60,6 +59,7 @@ from optsys.trainers.common import (
     epoch_order,
     held_out_accuracy,
     locate_resume,
+    open_metrics,
     prepare_output_dir,
     ready_for_training,
     restore_run,
@@ -636,7 +636,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                         fingerprint=fingerprint, max_steps=tc.max_steps)
     summary: dict = {"model/parameters": sum(p.numel() for p in model.parameters()),
                      "parallel/world_size": world.size, **stage_provenance(cfg), **state["summary"]}
-    log = MetricsLog(out_dir, enabled=world.is_main)
+    log = open_metrics(cfg, out_dir, world, start_step=state["step"])
     accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
                                  summary=summary)
     step = start_step = state["step"]

@@ -28,7 +28,6 @@ from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
 from optsys.models.load import load_model_and_tokenizer
 from optsys.parallel.dist import all_reduce_sum, broadcast_object, shared_batches, torchrun_world
 from optsys.stages import stage_provenance
-from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import nvtx_range
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
@@ -46,6 +45,7 @@ from optsys.trainers.common import (
     eval_due,
     held_out_accuracy,
     locate_resume,
+    open_metrics,
     prepare_output_dir,
     ready_for_training,
     restore_run,
@@ -174,7 +174,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
                         fingerprint=fingerprint, max_steps=tc.max_steps)
     summary.update(state["summary"])  # eval/accuracy_before is not recomputed
-    log = MetricsLog(out_dir, enabled=world.is_main)
+    log = open_metrics(cfg, out_dir, world, start_step=state["step"])
 
     accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
                                  summary=summary)
