@@ -97,6 +97,9 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 0  # steps between eval-loss runs; 0 = only at the end
     progress: bool = True
+    # Named phases (data, forward, loss.*, backward, optimizer, generate, weight_sync, ...) as NVTX ranges and
+    # torch.profiler ranges (optsys/telemetry/nvtx.py; ~1 us each); false removes them.
+    telemetry: bool = True
     save_every: int = 0  # steps between checkpoints (<output_dir>/checkpoints/); 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted after each save
 
