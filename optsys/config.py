@@ -104,6 +104,9 @@ class TrainerConfig:
     plots: bool = True
     wandb: bool = False
     wandb_project: str = "optsys"  # W&B project (with trainer.wandb=true); the run is named after output_dir
+    # Named phases (data, forward, loss.*, backward, optimizer, generate, weight_sync, ...) as NVTX ranges and
+    # torch.profiler ranges (optsys/telemetry/nvtx.py; ~1 us each); false removes them.
+    telemetry: bool = True
     save_every: int = 0  # steps between checkpoints (<output_dir>/checkpoints/); 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted after each save
 

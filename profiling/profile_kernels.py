@@ -9,13 +9,16 @@ algorithms), then one profiled step. Prints the top entries by self device time 
 CPU run) and writes <out>/profile-<op>-<impl>-<shape>-<mode>.{json,txt}: a Chrome trace (open it in
 Perfetto or chrome://tracing) and the table. The fused paths name their chunks (`optsys.hybrid_stats+grads
 chunk 0`, `optsys.triton_grads`, ...), so a chunk's matmuls and row kernels sit under one range.
-Under Nsight Systems, --nvtx turns those ranges into NVTX ranges instead of running torch.profiler:
-    nsys profile -t cuda,nvtx -o lce python profiling/profile_kernels.py --nvtx
+Under Nsight Systems or Nsight Compute, --nvtx turns those ranges into NVTX ranges instead of running
+torch.profiler, and on CUDA brackets the profiled step (not the warm-up) with cudaProfilerStart/Stop:
+    nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi -o lce python profiling/profile_kernels.py --nvtx
+    ncu --profile-from-start off ... python profiling/profile_kernels.py --nvtx   (profiling/ncu_profile.sh)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -71,9 +74,10 @@ def main() -> None:
     bench._sync(args.device)
 
     if args.nvtx:
-        with torch.autograd.profiler.emit_nvtx(record_shapes=False):
+        capture = torch.cuda.profiler.profile() if args.device == "cuda" else contextlib.nullcontext()
+        with capture, torch.autograd.profiler.emit_nvtx(record_shapes=False):
             bench.step(fn, args.mode, *inputs)
-        bench._sync(args.device)
+            bench._sync(args.device)
         print("step done under emit_nvtx (run this under nsys to record it)")
         return
 

@@ -16,6 +16,7 @@ import torch
 from optsys.kernels import fused_linear_cross_entropy, linear_token_logprobs
 from optsys.losses.sequence import IGNORE_INDEX, _token_logprobs, sequence_logprobs
 from optsys.models.heads import output_head
+from optsys.telemetry.nvtx import phase
 
 
 def block_diagonal_causal_mask(seq_lens: list[int], device, *, additive_dtype=None) -> torch.Tensor:
@@ -55,13 +56,15 @@ def packed_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, se
         mask = block_diagonal_causal_mask(seq_lens, input_ids.device, additive_dtype=model.dtype)
     else:
         mask = block_diagonal_causal_mask(seq_lens, input_ids.device)
-    out = backbone(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
+    with phase("forward"):
+        out = backbone(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
     return out.last_hidden_state[0]
 
 
 def padded_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Hidden states [B*L, H] of a right-padded batch (the baseline packing is measured against)."""
-    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    with phase("forward"):
+        out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
 
 
@@ -83,8 +86,9 @@ def token_loss_sum(model, targets: torch.Tensor, *, input_ids: torch.Tensor, bac
         hidden = padded_hidden(model, input_ids, attention_mask)
     head = output_head(model)
     hidden, bias = head.scaled(hidden)  # the CE op takes no scale
-    return fused_linear_cross_entropy(hidden, head.weight, targets.reshape(-1), bias=bias, softcap=head.softcap,
-                                      reduction=reduction, backend=backend)
+    with phase("loss.ce"):  # lm_head + cross-entropy, one fused kernel
+        return fused_linear_cross_entropy(hidden, head.weight, targets.reshape(-1), bias=bias, softcap=head.softcap,
+                                          reduction=reduction, backend=backend)
 
 
 def packed_sequence_logps(model, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_lens: list[int],
@@ -97,8 +101,9 @@ def packed_sequence_logps(model, input_ids: torch.Tensor, position_ids: torch.Te
     """
     hidden = packed_hidden(model, input_ids, position_ids, seq_lens)
     head = output_head(model)
-    return sequence_logprobs(hidden, head.weight, targets, cu_seqlens=cu_seqlens, bias=head.bias, scale=head.scale,
-                             softcap=head.softcap, average=average, backend=backend)
+    with phase("logprobs"):  # lm_head + log-softmax at the targets, one fused kernel
+        return sequence_logprobs(hidden, head.weight, targets, cu_seqlens=cu_seqlens, bias=head.bias,
+                                 scale=head.scale, softcap=head.softcap, average=average, backend=backend)
 
 
 def packed_token_logps(model, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_lens: list[int],
@@ -116,12 +121,14 @@ def packed_token_logps(model, input_ids: torch.Tensor, position_ids: torch.Tenso
     keep = targets.reshape(-1) != IGNORE_INDEX
     h, t = hidden[keep], targets.reshape(-1)[keep]
     if head.bias is None and head.softcap is None:
-        out = linear_token_logprobs(h, head.weight, t, temperature=temperature / head.scale,
-                                    return_entropy=return_entropy, backend=backend)
+        with phase("logprobs"):  # lm_head + log-softmax (+ entropy), one fused kernel
+            out = linear_token_logprobs(h, head.weight, t, temperature=temperature / head.scale,
+                                        return_entropy=return_entropy, backend=backend)
         return out if return_entropy else (out, None)
     if return_entropy:
         raise ValueError("entropy with an output bias or softcap is not supported by the fused kernels")
-    return _token_logprobs(h, head.weight, t, head.bias, head.scale, head.softcap, temperature, backend), None
+    with phase("logprobs"):
+        return _token_logprobs(h, head.weight, t, head.bias, head.scale, head.softcap, temperature, backend), None
 
 
 # Methods that run (part of) the model without calling `forward`. FSDP2 unshards the root module's

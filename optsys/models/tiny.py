@@ -54,6 +54,9 @@ PRESETS: dict[str, TinySpec] = {
     # ~30-50M params, vocab 32k: CPU benchmarks (realistic lm_head share of the FLOPs).
     "small": TinySpec("qwen2", 512, 6, 8, 2, 1536, 32000, 32000),
     "small-llama": TinySpec("llama", 512, 6, 8, 8, 1536, 32000, 32000),
+    # ~0.5B params (494M), Qwen2.5-0.5B's shape (24 layers, hidden 896, GQA 14/2 heads, vocab 151936, tied
+    # embeddings): the GPU suite's training steps (profiling/gpu_suite.sh sft|dpo|grpo). 2 GB in fp32 on disk.
+    "gpu-0.5b": TinySpec("qwen2", 896, 24, 14, 2, 4864, 151936, 32000, tie_word_embeddings=True),
 }
 
 

@@ -38,6 +38,7 @@ from optsys.parallel.dist import (
     shard_model,
 )
 from optsys.telemetry.metrics import MetricsLog
+from optsys.telemetry.nvtx import phase
 from optsys.trainers.precision import (
     Precision,
     fsdp_param_dtype,
@@ -138,6 +139,8 @@ def _check_resume_dir(cfg: TrainConfig) -> Path:
     for key in ("resume", "overwrite"):  # how a run was started, not what it is
         old.pop(key, None)
         new.pop(key, None)
+    for d in (old, new):  # profiler ranges on or off: a resumed run may be profiled
+        d.get("trainer", {}).pop("telemetry", None)
     diff = config_diff(old, new)
     if diff:
         raise ConfigError(
@@ -187,17 +190,19 @@ def backward_share(loss_sum: torch.Tensor, real: bool, step_count: int, world: W
     to keep FSDP's collectives in step). FSDP averages gradients over ranks, so the world size turns that
     average back into the sum the mean needs."""
     weight = float(real)
-    (loss_sum * (weight * world.size / max(1, step_count))).backward()
+    with phase("backward"):
+        (loss_sum * (weight * world.size / max(1, step_count))).backward()
     return weight * loss_sum.item()
 
 
 def clip_and_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> float:
     """Clip the global grad norm (0 disables), step optimizer and schedule, clear grads; returns the
     pre-clip norm (NaN when clipping is off). Works on FSDP2's DTensor parameters too."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else float("nan")
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    with phase("optimizer"):
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else float("nan")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
     return float(norm)
@@ -240,7 +245,7 @@ def held_out_accuracy(tag: str, step: int, *, model, tokenizer, cfg: TrainConfig
         return
     problems = task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
     t0 = time.time()
-    with autocast_context(cfg.trainer.precision, world.device):  # generate in the training compute dtype
+    with phase("eval"), autocast_context(cfg.trainer.precision, world.device):  # in the training compute dtype
         acc, records = task_accuracy(model, tokenizer, task, problems, max_new_tokens=cfg.eval.max_new_tokens,
                                      batch_size=cfg.eval.batch_size, world=world)
     summary[f"eval/accuracy_{tag}"] = acc
@@ -261,10 +266,11 @@ def save_final_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, world: W
     """<out_dir>/final/: a Hugging Face folder with the weights in model.dtype, gathered from the shards under
     torchrun (every rank calls; rank 0 writes). LoRA: peft's adapter folder, adapters as trained (fp32);
     in one process also final-merged/ with model.lora.save_merged."""
-    if not world.distributed and is_peft(model):
-        save_final(model, tokenizer, out_dir, cfg.model.lora, dtype=p.storage)
-        return
-    save_gathered(model, tokenizer, out_dir / "final", world, p, storage_dtype=not is_peft(model))
+    with phase("checkpoint"):
+        if not world.distributed and is_peft(model):
+            save_final(model, tokenizer, out_dir, cfg.model.lora, dtype=p.storage)
+            return
+        save_gathered(model, tokenizer, out_dir / "final", world, p, storage_dtype=not is_peft(model))
 
 
 def save_gathered(model, tokenizer, path: Path, world: World, p: Precision, *, storage_dtype: bool = True) -> None:
@@ -554,11 +560,12 @@ def save_training_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, world: 
     (JSON), an open metric window, the before-training summary. Every rank calls under torchrun (DCP shards,
     per-rank RNG; rank 0 writes the rest). The write's time is taken out of the training time."""
     t0 = time.time()
-    save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint,
-                    keep_last=cfg.trainer.keep_last, sharded=world.distributed,
-                    trainer_state={"data": {"epoch": position[0], "index": position[1]},
-                                   "counters": {**clock.state(), **counters}, "window": window,
-                                   "summary": before_summary(summary)})
+    with phase("checkpoint"):
+        save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                        fingerprint=fingerprint, keep_last=cfg.trainer.keep_last, sharded=world.distributed,
+                        trainer_state={"data": {"epoch": position[0], "index": position[1]},
+                                       "counters": {**clock.state(), **counters}, "window": window,
+                                       "summary": before_summary(summary)})
     clock.pause(time.time() - t0)
 
 

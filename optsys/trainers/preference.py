@@ -61,7 +61,7 @@ from optsys.parallel.dist import (
     torchrun_world,
 )
 from optsys.stages import stage_provenance
-from optsys.telemetry.nvtx import nvtx_range
+from optsys.telemetry.nvtx import phase, step_phase, telemetry
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     MetricWindow,
@@ -126,8 +126,9 @@ def row_logps(model, b: PackedBatch, *, average: bool, backend: str, device) -> 
 
     Goes through `model.packed_sequence_logps` when attached (what FSDP2 registers as a forward)."""
     fn = getattr(model, "packed_sequence_logps", None) or (lambda *a, **k: packed_sequence_logps(model, *a, **k))
-    return fn(b.input_ids.to(device), b.position_ids.to(device), b.seq_lens, b.targets.to(device),
-              b.cu_seqlens().to(device), average=average, backend=backend)
+    with phase("data"):
+        ids, pos, targets, cu = (t.to(device) for t in (b.input_ids, b.position_ids, b.targets, b.cu_seqlens()))
+    return fn(ids, pos, b.seq_lens, targets, cu, average=average, backend=backend)
 
 
 def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device,
@@ -263,7 +264,8 @@ def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str
                                   backend=cfg.trainer.kernel_backend, device=device)
         chosen = chosen.float()
         labels = torch.tensor(batch.labels, dtype=torch.bool, device=device)
-        loss, m = spec(chosen, ref[:, 0].to(device), None, None, labels, z0=z0, **hyper)
+        with phase(f"loss.{method}"):
+            loss, m = spec(chosen, ref[:, 0].to(device), None, None, labels, z0=z0, **hyper)
         r = m["rewards"]
         meter.add("kl", m["kl"].expand(len(chosen)))  # a per-example mean, like the other metrics
         meter.add("rewards_chosen", m["rewards_chosen"])
@@ -284,7 +286,8 @@ def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str
         ref_c, ref_r = (ref[:, 0].to(device), ref[:, 1].to(device)) if spec.needs_reference else (None, None)
         if method == "cpo":
             hyper["chosen_num_tokens"] = chosen_counts
-        loss, m = spec(chosen, rejected, ref_c, ref_r, **hyper)
+        with phase(f"loss.{method}"):
+            loss, m = spec(chosen, rejected, ref_c, ref_r, **hyper)
         for k in ("rewards_chosen", "rewards_rejected", "reward_accuracy", "margin"):
             meter.add(k, m[k])
         meter.add("logps_chosen", chosen)
@@ -399,8 +402,9 @@ def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: Prefere
         cached = load_reference_cache(path, fingerprint)
     else:
         scorer = separate_reference() if cfg.pref.reference_model else model
-        cached = {split: score_pairs(scorer, pairs, max_tokens=cfg.data.max_tokens, world=world, **common)
-                  for split, pairs in (("train", data.train), ("eval", data.eval))}
+        with phase("reference"):
+            cached = {split: score_pairs(scorer, pairs, max_tokens=cfg.data.max_tokens, world=world, **common)
+                      for split, pairs in (("train", data.train), ("eval", data.eval))}
         del scorer  # a separate reference leaves memory before training starts
         if world.is_main:
             save_reference_cache(path, cached, fingerprint)
@@ -414,7 +418,7 @@ def train(cfg: TrainConfig) -> dict | None:
     if METHODS[cfg.method].trainer != __name__:
         raise ConfigError(f"method={cfg.method!r} is not a preference method; choose one of "
                           f"{methods_of(__name__)}")
-    with torchrun_world(cfg.device) as world:
+    with telemetry(cfg.trainer.telemetry), torchrun_world(cfg.device) as world:
         return _train(cfg, world)
 
 
@@ -464,7 +468,8 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
                                  summary=summary)
 
     def evaluate_pairs() -> dict[str, float]:
-        return evaluate(model, data.eval, reference, method=method, cfg=cfg, device=device, world=world)
+        with phase("eval"):
+            return evaluate(model, data.eval, reference, method=method, cfg=cfg, device=device, world=world)
 
     step = start_step = state["step"]
     if resume_from is None:
@@ -485,25 +490,24 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     loss_value = state["counters"].get("loss", float("nan"))
     meter = MetricWindow.from_state(METRIC_KEYS, state["window"] if world.is_main else None)
     for step in range(start_step + 1, tc.max_steps + 1):
-        epoch, group = next(steps)  # every rank builds the same global step, then takes its share
-        n_pairs = sum(b.num_pairs for b in group)
-        step_loss = 0.0
-        with nvtx_range(f"step {step}"):
-            rows = list(shared_batches(group, world))
-            with nvtx_range("reference"):
+        with step_phase(step):
+            with phase("data"):
+                epoch, group = next(steps)  # every rank builds the same global step, then takes its share
+                rows = list(shared_batches(group, world))
+            n_pairs = sum(b.num_pairs for b in group)
+            step_loss = 0.0
+            with phase("reference"):
                 refs = [reference(batch, "train") if reference is not None else None for batch, _ in rows]
             z0 = None
             if method == "kto":
-                with nvtx_range("kto z0"):
+                with phase("kto_z0"):
                     z0 = kto_z0(model, rows, refs, cfg=cfg, device=device, world=world)
             for (batch, real), ref in zip(rows, refs):
-                with nvtx_range("forward + loss"):
-                    loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device,
-                                          meter=meter if real else None, z0=z0)
-                with nvtx_range("backward"):  # the step's loss is the mean over its pairs
-                    step_loss += backward_share(loss_sum, real, n_pairs, world)
-            with nvtx_range("optimizer"):
-                grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
+                # forward, logprobs and loss.<method> ranges inside; the step's loss is the mean over its pairs
+                loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device,
+                                      meter=meter if real else None, z0=z0)
+                step_loss += backward_share(loss_sum, real, n_pairs, world)  # the backward range
+            grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)  # the optimizer range
         (step_loss,) = all_reduce_sum([step_loss], world)
         loss_value = step_loss / n_pairs
         clock.add(sum(b.num_tokens for b in group))

@@ -32,7 +32,7 @@ from optsys.parallel.dist import (
     torchrun_world,
 )
 from optsys.stages import stage_provenance
-from optsys.telemetry.nvtx import nvtx_range
+from optsys.telemetry.nvtx import phase, step_phase, telemetry
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     MetricWindow,
@@ -65,10 +65,13 @@ def batch_loss(model, batch: PairBatch, cfg: TrainConfig, device, meter: MetricW
     """Sum of the row's per-pair losses; metrics go to `meter` (None: a filler row, not counted)."""
     b = batch.packed
     fn = getattr(model, "packed_rewards", None) or (lambda *a: packed_rewards(model, *a))
+    with phase("data"):
+        ids, pos = b.input_ids.to(device), b.position_ids.to(device)
+        margin = torch.tensor([cfg.rm.margin if m is None else m for m in batch.margins], device=device)
     with autocast_context(cfg.trainer.precision, device):
-        rewards = fn(b.input_ids.to(device), b.position_ids.to(device), b.seq_lens)
-    margin = torch.tensor([cfg.rm.margin if m is None else m for m in batch.margins], device=device)
-    loss, metrics = bradley_terry(rewards[0::2], rewards[1::2], margin=margin, center_coef=cfg.rm.center_coef)
+        rewards = fn(ids, pos, b.seq_lens)  # the forward range inside
+    with phase("loss.rm"):
+        loss, metrics = bradley_terry(rewards[0::2], rewards[1::2], margin=margin, center_coef=cfg.rm.center_coef)
     if meter is not None:
         for k, v in {"loss": loss.detach(), **metrics}.items():
             meter.add(k, v)
@@ -81,8 +84,9 @@ def evaluate(model, pairs: list[PreferencePair], cfg: TrainConfig, world: World)
     meter = MetricWindow(KEYS)
     was_training = model.training
     model.eval()
-    for batch, real in shared_batches(packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None), world):
-        batch_loss(model, batch, cfg, world.device, meter if real else None)
+    with phase("eval"):
+        for batch, real in shared_batches(packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None), world):
+            batch_loss(model, batch, cfg, world.device, meter if real else None)
     model.train(was_training)
     return meter.all_reduce(world).means("eval/")
 
@@ -91,7 +95,7 @@ def train(cfg: TrainConfig) -> dict | None:
     """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
     if cfg.model.lora.quantize != "none":
         raise ConfigError("method=rm supports LoRA but not QLoRA yet; set model.lora.quantize=none")
-    with torchrun_world(cfg.device) as world:
+    with telemetry(cfg.trainer.telemetry), torchrun_world(cfg.device) as world:
         return _train(cfg, world)
 
 
@@ -141,10 +145,11 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     loss_value = state["counters"].get("loss", float("nan"))
     meter = MetricWindow.from_state(KEYS, state["window"] if world.is_main else None)
     for step in range(start_step + 1, tc.max_steps + 1):
-        epoch, group = next(steps)
-        n_pairs = sum(b.num_pairs for b in group)
-        step_loss = 0.0
-        with nvtx_range(f"step {step}"):
+        with step_phase(step):
+            with phase("data"):
+                epoch, group = next(steps)
+            n_pairs = sum(b.num_pairs for b in group)
+            step_loss = 0.0
             for batch, real in shared_batches(group, world):
                 loss_sum = batch_loss(model, batch, cfg, device, meter if real else None)
                 step_loss += backward_share(loss_sum, real, n_pairs, world)  # mean over the step's pairs

@@ -47,7 +47,7 @@ from optsys.rollout.engine import Sampling, resolve_engine_name, stable_seed
 from optsys.rollout.rewards import build_rewards, score_completions
 from optsys.rollout.sync import Canary, SyncError, sync_weights
 from optsys.stages import stage_provenance
-from optsys.telemetry.nvtx import nvtx_range
+from optsys.telemetry.nvtx import phase, step_phase, telemetry
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     RunClock,
@@ -277,7 +277,8 @@ def generate_groups(engine, prompts: list[Prompt], sampling: Sampling, tokenizer
                     round_: int, groups: list[int]) -> list[Rollout]:
     """Sample each prompt's group; a prompt's seed depends on its global group index (world-size invariant)."""
     seeds = [stable_seed(seed, step, round_, g) for g in groups]
-    outs = engine.generate([p.ids for p in prompts], sampling, seeds)
+    with phase("generate"):
+        outs = engine.generate([p.ids for p in prompts], sampling, seeds)
     rollouts = []
     for i, (p, group) in zip(groups, zip(prompts, outs)):
         for c in group:
@@ -301,8 +302,10 @@ def play_groups(engine, prompts: list[Prompt], sampling: Sampling, tokenizer, cf
     owners = [(g, p) for g, p in zip(groups, prompts) for _ in range(k)]
     envs = [make_environment(task.environment, **task.env_kwargs(cfg.data.difficulty)) for _ in owners]
     seeds = [stable_seed(cfg.seed, step, round_, g, i % k) for i, (g, _) in enumerate(owners)]
-    episodes = run_episodes(engine, envs, tokenizer, replace(sampling, n=1), seeds, rows=[p.row for _, p in owners],
-                            max_turns=cfg.rl.max_turns, max_tokens=cfg.data.max_tokens)
+    with phase("generate"):  # the environment's steps included
+        episodes = run_episodes(engine, envs, tokenizer, replace(sampling, n=1), seeds,
+                                rows=[p.row for _, p in owners], max_turns=cfg.rl.max_turns,
+                                max_tokens=cfg.data.max_tokens)
     for key, value in summarize_episodes(episodes).items():
         stats.add(key, value * len(episodes), len(episodes))
     return [Rollout(Prompt(ep.prompt_ids, p.text, p.answer, p.row), g, ep.token_ids, ep.logprobs,
@@ -311,8 +314,9 @@ def play_groups(engine, prompts: list[Prompt], sampling: Sampling, tokenizer, cf
 
 
 def score(rollouts: list[Rollout], fns, cfg: TrainConfig, stats: StepStats) -> None:
-    result = score_completions(fns, [(r.prompt.text, r.text, r.prompt.answer) for r in rollouts],
-                               timeout_s=cfg.rl.reward_timeout_s, on_error=cfg.rl.on_reward_error)
+    with phase("reward"):
+        result = score_completions(fns, [(r.prompt.text, r.text, r.prompt.answer) for r in rollouts],
+                                   timeout_s=cfg.rl.reward_timeout_s, on_error=cfg.rl.on_reward_error)
     rl = cfg.rl
     lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.float32)
     penalty = (overlong_penalty(lengths, max_len=rl.max_new_tokens, buffer=rl.overlong_buffer)
@@ -373,7 +377,8 @@ def micro_batches(rollouts: list[Rollout], max_tokens: int, agg: str, max_len: i
 
 
 def token_logps(model, mb: MicroBatch, cfg: TrainConfig, device, *, entropy: bool = False):
-    b = mb.batch.to(device)
+    with phase("data"):
+        b = mb.batch.to(device)
     with autocast_context(cfg.trainer.precision, device):
         return model.packed_token_logps(b.input_ids, b.position_ids, b.seq_lens, b.targets,
                                         temperature=cfg.rl.temperature, return_entropy=entropy,
@@ -386,9 +391,16 @@ def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], cfg: TrainConfig,
     reference's (or teacher's) when there is one, and the critic's values (PPO). FSDP ranks run the same number
     of forwards: fillers too, results dropped."""
     for mb in mbs:
-        logp, ent = token_logps(model, mb, cfg, device, entropy=True) if model is not None else (None, None)
-        ref = token_logps(ref_model, mb, cfg, device)[0] if ref_model is not None else None
-        values = token_values(critic, mb, cfg, device) if critic is not None else None
+        logp, ent, ref, values = None, None, None, None
+        if model is not None:
+            with phase("old_logprobs"):
+                logp, ent = token_logps(model, mb, cfg, device, entropy=True)
+        if ref_model is not None:
+            with phase("reference"):  # the reference's (or the teacher's) log-probs
+                ref = token_logps(ref_model, mb, cfg, device)[0]
+        if critic is not None:
+            with phase("values"):
+                values = token_values(critic, mb, cfg, device)
         if not mb.real:
             continue
         start = 0
@@ -477,22 +489,28 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig,
         if fused_old and mb.real:  # the metrics the no-grad pass would have given
             stats.add("train/logp_gap_mean", float((sampler - old).abs().sum()), n)
             stats.add("train/entropy", float(ent.detach().sum()), n)
-        adv = mb.per_token("advantage").to(device)
-        seq_ids = mb.seq_ids().to(device)
-        is_w, is_metrics = sampler_correction(old, sampler,
-                                              torch.ones(n, dtype=torch.bool, device=device),
-                                              mode=rl.sampler_correction, cap=rl.correction_cap, seq_ids=seq_ids,
-                                              num_seqs=len(mb.rollouts))
-        ref = mb.per_token("ref_logp").to(device) if kl else None
-        loss, metrics = loss_fn(logp.float(), old, adv, torch.ones(n, dtype=torch.bool, device=device),
-                                ref_logp=ref, seq_ids=seq_ids, num_seqs=len(mb.rollouts),
-                                token_weights=mb.weights.to(device), is_weights=is_w, **kw)
+        with phase("data"):
+            adv = mb.per_token("advantage").to(device)
+            seq_ids = mb.seq_ids().to(device)
+            ref = mb.per_token("ref_logp").to(device) if kl else None
+            weights = mb.weights.to(device)
+        with phase(f"loss.{method}"):
+            is_w, is_metrics = sampler_correction(old, sampler,
+                                                  torch.ones(n, dtype=torch.bool, device=device),
+                                                  mode=rl.sampler_correction, cap=rl.correction_cap,
+                                                  seq_ids=seq_ids, num_seqs=len(mb.rollouts))
+            loss, metrics = loss_fn(logp.float(), old, adv, torch.ones(n, dtype=torch.bool, device=device),
+                                    ref_logp=ref, seq_ids=seq_ids, num_seqs=len(mb.rollouts),
+                                    token_weights=weights, is_weights=is_w, **kw)
         if critic is not None:
-            v_loss, v_metrics = value_loss(token_values(critic, mb, cfg, device), mb, rl.value_clip, device)
+            values = token_values(critic, mb, cfg, device)  # the critic's forward range inside
+            with phase("loss.value"):
+                v_loss, v_metrics = value_loss(values, mb, rl.value_clip, device)
             metrics = {**metrics, **v_metrics}
             loss = loss + v_loss  # separate parameters: one backward fills both models' gradients
         # FSDP averages gradients over ranks; the weights already sum over all ranks' tokens
-        (loss * world.size).backward()
+        with phase("backward"):
+            (loss * world.size).backward()
         loss_sum += float(loss.detach())
         if mb.real:
             for k, v in {**metrics, **is_metrics}.items():
@@ -501,7 +519,8 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig,
     # the micro-batch losses of all ranks sum to the mini-batch's loss: each rank counts 1 / world_size
     stats.add("train/loss", loss_sum, 1.0 / world.size)
     if critic is not None and cfg.trainer.grad_clip > 0:  # the critic's own norm (clip_and_step clips the policy)
-        norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.trainer.grad_clip)
+        with phase("optimizer"):
+            norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.trainer.grad_clip)
         stats.add("train/critic_grad_norm", float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm),
                   1.0 / world.size)
     return clip_and_step(model, optimizer, scheduler, cfg.trainer.grad_clip)
@@ -594,7 +613,7 @@ def value_loss(values: torch.Tensor, mb: MicroBatch, clip: float, device) -> tup
 
 def train(cfg: TrainConfig) -> dict | None:
     """One process, or one rank of a torchrun job (FSDP2; each rank generates its share of the prompts)."""
-    with torchrun_world(cfg.device) as world:
+    with telemetry(cfg.trainer.telemetry), torchrun_world(cfg.device) as world:
         return _train(cfg, world)
 
 
@@ -679,8 +698,9 @@ def _train(cfg: TrainConfig, world) -> dict | None:
         for prefix, temperature in (("eval/", 0.0), ("eval/sampled_", rl.temperature)):
             play = Sampling(n=1, temperature=temperature, top_p=rl.top_p, top_k=rl.top_k,
                             max_new_tokens=rl.max_new_tokens, stop_token_ids=stops)
-            result = task.evaluate(engine, tokenizer, rows, play, max_turns=rl.max_turns,
-                                   max_tokens=cfg.data.max_tokens)
+            with phase("eval"):
+                result = task.evaluate(engine, tokenizer, rows, play, max_turns=rl.max_turns,
+                                       max_tokens=cfg.data.max_tokens)
             named.update({f"{prefix}{k.removeprefix('eval/')}_{tag}": v for k, v in result.items()})
         summary.update(named)
         summary[f"time/eval_{tag}_s"] = time.perf_counter() - t
@@ -691,12 +711,14 @@ def _train(cfg: TrainConfig, world) -> dict | None:
 
     def sync_and_check(stats: StepStats, n_sync: int) -> None:
         t = time.perf_counter()
-        report = sync_policy(engine, model, cfg, precision.storage)
+        with phase("weight_sync"):
+            report = sync_policy(engine, model, cfg, precision.storage)
         stats.add("time/sync_s", time.perf_counter() - t)
         stats.add("sync/mb", report.bytes / 2**20)
         if rl.canary_every and n_sync % rl.canary_every == 0:
             t = time.perf_counter()
-            stats.add("sync/canary_error", canary.check(engine, model))
+            with phase("canary"):  # engine vs trainer log-probs of a fixed completion
+                stats.add("sync/canary_error", canary.check(engine, model))
             stats.add("time/canary_s", time.perf_counter() - t)
 
     start_stats = StepStats()
@@ -714,12 +736,13 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     metrics: dict = {}
     for step in range(start_step + 1, tc.max_steps + 1):
         stats = StepStats()
-        with nvtx_range(f"rollout step {step}"):
+        with step_phase(step):
             # ---- rollouts: this rank's share of the step's prompts, group_size completions each
             t = time.perf_counter()
-            mine = rank_groups(rl.prompts_per_step, rl.updates_per_batch, world)
-            step_list = step_prompts(train_prompts, step, rl.prompts_per_step, cfg.seed)
-            prompts = [step_list[g] for g in mine]
+            with phase("data"):
+                mine = rank_groups(rl.prompts_per_step, rl.updates_per_batch, world)
+                step_list = step_prompts(train_prompts, step, rl.prompts_per_step, cfg.seed)
+                prompts = [step_list[g] for g in mine]
             if env_task:
                 rollouts = play_groups(engine, prompts, sampling, tokenizer, cfg, step=step, round_=0, groups=mine,
                                        stats=stats)
@@ -742,20 +765,24 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                 rollouts = keep_informative(rollouts, rl, stats, engine, sampling, tokenizer, fns, cfg, step,
                                             train_prompts, mine, world)
             if rollouts:
-                group_advantages(rollouts, rl.group_size, method)
+                with phase("advantages"):
+                    group_advantages(rollouts, rl.group_size, method)
 
             # ---- the engine sleeps (GPU: KV cache freed, weights offloaded; CPU: a no-op that says so once)
             t = time.perf_counter()
-            engine.sleep()
+            with phase("engine_sleep"):
+                engine.sleep()
             sleep_s = time.perf_counter() - t
             # ---- old / reference log-probs, then the updates on mini-batches of whole groups
             t = time.perf_counter()
-            all_mbs = micro_batches(rollouts, cfg.data.max_tokens, algo.agg, max_len, world, filler)
+            with phase("data"):  # rollouts packed into rows
+                all_mbs = micro_batches(rollouts, cfg.data.max_tokens, algo.agg, max_len, world, filler)
             fused_old = on_policy_old(cfg, method)
             if not fused_old or ref_model is not None or critic is not None:
                 score_old_and_ref(None if fused_old else model, ref_model, all_mbs, cfg, device, critic)
             stats.add("time/ref_logprobs_s", time.perf_counter() - t)
-            set_token_advantages(rollouts, method, cfg, world)
+            with phase("advantages"):
+                set_token_advantages(rollouts, method, cfg, world)
             for r in rollouts if not fused_old else []:
                 if r.ref_logp is not None and algo.advantage == "teacher_kl":
                     stats.add("train/teacher_kl", float((r.old_logp - r.ref_logp).sum()), r.n_trained)
@@ -768,12 +795,14 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             for u in range(rl.updates_per_batch):
                 lo, hi = (u * n_groups // rl.updates_per_batch, (u + 1) * n_groups // rl.updates_per_batch)
                 part = rollouts[lo * rl.group_size : hi * rl.group_size]
-                mbs = all_mbs if rl.updates_per_batch == 1 else micro_batches(part, cfg.data.max_tokens, algo.agg,
-                                                                              max_len, world, filler)
+                with phase("data"):
+                    mbs = all_mbs if rl.updates_per_batch == 1 else micro_batches(part, cfg.data.max_tokens,
+                                                                                  algo.agg, max_len, world, filler)
                 grad_norm = update(model, optimizer, scheduler, mbs, cfg, method, world, device, stats, critic)
             stats.add("time/update_s", time.perf_counter() - t)
             t = time.perf_counter()
-            engine.wake()  # before the sync: the reload writes into the engine's weights
+            with phase("engine_wake"):
+                engine.wake()  # before the sync: the reload writes into the engine's weights
             stats.add("time/sleep_wake_s", sleep_s + time.perf_counter() - t)
             sync_and_check(stats, step)
         clock.add(sum(len(r.prompt.ids) + len(r.token_ids) for r in rollouts))

@@ -28,7 +28,7 @@ from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
 from optsys.models.load import load_model_and_tokenizer
 from optsys.parallel.dist import all_reduce_sum, broadcast_object, shared_batches, torchrun_world
 from optsys.stages import stage_provenance
-from optsys.telemetry.nvtx import nvtx_range
+from optsys.telemetry.nvtx import phase, step_phase, telemetry
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     MetricWindow,
@@ -110,32 +110,36 @@ def micro_batch_loss_sum(model, batch: PackedBatch, *, packing: bool, pad_id: in
 
     `model` carries `token_loss_sum` (optsys.models.packed.attach_forward_methods)."""
     if packing:
-        b = batch.to(device)
+        with phase("data"):
+            b = batch.to(device)
         return model.token_loss_sum(b.targets, input_ids=b.input_ids, position_ids=b.position_ids,
                                     seq_lens=b.seq_lens, backend=backend)
     # The same sequences as the packed row, laid out one per padded row (the baseline).
     pieces = zip(batch.input_ids[0].split(batch.seq_lens), batch.targets[0].split(batch.seq_lens))
-    padded = collate_padded([TokenizedExample(i.tolist(), t.tolist()) for i, t in pieces], pad_id)
-    return model.token_loss_sum(padded["targets"].to(device), input_ids=padded["input_ids"].to(device),
-                                attention_mask=padded["attention_mask"].to(device), backend=backend)
+    with phase("data"):
+        padded = collate_padded([TokenizedExample(i.tolist(), t.tolist()) for i, t in pieces], pad_id)
+        padded = {k: v.to(device) for k, v in padded.items()}
+    return model.token_loss_sum(padded["targets"], input_ids=padded["input_ids"],
+                                attention_mask=padded["attention_mask"], backend=backend)
 
 
 @torch.no_grad()
 def eval_loss(model, examples: list[TokenizedExample], cfg: TrainConfig, pad_id: int, device) -> float:
     total, n = 0.0, 0
     model.eval()
-    for batch in packed_batches(examples, cfg.data.max_tokens, shuffle_seed=None):
-        with autocast_context(cfg.trainer.precision, device):
-            total += micro_batch_loss_sum(model, batch, packing=True, pad_id=pad_id,
-                                          backend=cfg.trainer.kernel_backend, device=device).item()
-        n += batch.num_target_tokens
+    with phase("eval"):
+        for batch in packed_batches(examples, cfg.data.max_tokens, shuffle_seed=None):
+            with autocast_context(cfg.trainer.precision, device):
+                total += micro_batch_loss_sum(model, batch, packing=True, pad_id=pad_id,
+                                              backend=cfg.trainer.kernel_backend, device=device).item()
+            n += batch.num_target_tokens
     model.train()
     return total / max(1, n)
 
 
 def train(cfg: TrainConfig) -> dict | None:
     """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
-    with torchrun_world(cfg.device) as world:
+    with telemetry(cfg.trainer.telemetry), torchrun_world(cfg.device) as world:
         return _train(cfg, world)
 
 
@@ -194,10 +198,11 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     meter = MetricWindow.from_state(("loss",), state["window"] if world.is_main else None)
 
     for step in range(start_step + 1, tc.max_steps + 1):
-        epoch, group = next(groups)  # every rank builds the same global step, then takes its share
-        n_targets = sum(b.num_target_tokens for b in group)
-        step_loss = 0.0
-        with nvtx_range(f"step {step}"):
+        with step_phase(step):
+            with phase("data"):
+                epoch, group = next(groups)  # every rank builds the same global step, then takes its share
+            n_targets = sum(b.num_target_tokens for b in group)
+            step_loss = 0.0
             # A rank short of micro-batches reruns one with weight 0, keeping FSDP's collectives in step.
             for batch, real in shared_batches(group, world):
                 with autocast_context(tc.precision, device):
