@@ -32,6 +32,15 @@ def test_kernel_bench_quick(tmp_path):
             assert r["time_vs_naive"] == 1.0
 
 
+def test_packing_csrc_bench_quick(tmp_path):
+    out = tmp_path / "packing_csrc.json"
+    run_script(ROOT / "bench" / "packing_csrc.py", "--sizes", "3001", "--max-tokens", "512", "--repeats", "1",
+               "--out", out)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["same_bins"] and row["python"]["bins"] == row["cpp"]["bins"] > 1
+    assert row["python"]["s"] > 0 and row["cpp"]["s"] > 0 and row["cpp"]["core_s"] > 0 and row["speedup"] > 0
+
+
 @pytest.mark.slow
 def test_preference_bench_quick(tmp_path):
     # The script itself exits 1 when the fused and naive steps disagree (loss, log-probs, grad norm).

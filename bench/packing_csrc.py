@@ -1,0 +1,148 @@
+"""Best-fit-decreasing packing: the Python reference vs the C++ op (csrc/packing.cpp), same lengths, same run.
+
+    python bench/packing_csrc.py [--sizes 1000000 10000000] [--max-tokens 4096 8192] [--out PATH]
+
+Lengths are long-tailed like SFT data: lognormal(mu=5, sigma=1.2) clipped to [1, max_tokens] (median ~150,
+mean ~300, ~0.3% at the cap for 4096), passed as a Python list (what the trainers pass). Each (backend, size,
+max_tokens) runs in its own process, so its peak memory is its own: "peak MB" is how far the peak RSS rose over
+the RSS after the lengths were made, i.e. everything the packer allocated including its output. Columns:
+  python s   pack_best_fit_decreasing(..., backend="python"), one run (it takes tens of seconds at 10M)
+  cpp s      backend="cpp", list of lists out (what callers get), the best of --repeats
+  core s     the C++ op returning flat int32 indices + int64 offsets (bytearrays): the sort + packing alone
+  py conv s  turning those into lists in Python (torch.frombuffer(...).tolist() + slicing): the alternative
+             to building the lists in C++ (cpp s - core s)
+  same       both backends returned identical bins (a digest of every bin, in order)
+The op is built first if needed (the build time is printed). Writes bench/results/packing_csrc.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_lengths(n: int, max_tokens: int, seed: int = 0) -> list[int]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(5.0, 1.2, n).astype(np.int64), 1, max_tokens).tolist()
+
+
+def digest(bins: list[list[int]]) -> str:
+    from array import array
+
+    h = hashlib.sha256()
+    for b in bins:
+        h.update(array("q", [len(b), *b]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def child(backend: str, n: int, max_tokens: int, repeats: int) -> dict:
+    """One backend on one input, in this process: times, peak RSS growth, digest of the bins."""
+    import torch
+
+    from optsys import csrc
+    from optsys.data.packing import pack_best_fit_decreasing
+
+    lengths = make_lengths(n, max_tokens)
+    out: dict = {}
+    if backend == "cpp":
+        ext = csrc.load("packing", required=True)
+        base = rss_mb("VmRSS")
+        # Peak memory of the call callers make, measured first (before anything else raises the high-water mark).
+        t = time.perf_counter()
+        bins = pack_best_fit_decreasing(lengths, max_tokens, backend="cpp")
+        times = [time.perf_counter() - t]
+        out["peak_mb"] = rss_mb("VmHWM") - base
+        for _ in range(repeats - 1):
+            del bins
+            t = time.perf_counter()
+            bins = pack_best_fit_decreasing(lengths, max_tokens, backend="cpp")
+            times.append(time.perf_counter() - t)
+        out["s"] = min(times)
+        core, conv = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            (flat_b, off_b), bad = ext.pack_bfd(lengths, max_tokens, "auto", False)
+            t1 = time.perf_counter()
+            flat = torch.frombuffer(flat_b, dtype=torch.int32).tolist()
+            offsets = torch.frombuffer(off_b, dtype=torch.int64).tolist()
+            lists = [flat[a:b] for a, b in zip(offsets, offsets[1:])]
+            t2 = time.perf_counter()
+            assert bad == -1 and lists == bins
+            core.append(t1 - t)
+            conv.append(t2 - t1)
+            del flat, lists
+        out["core_s"], out["py_conv_s"] = min(core), min(conv)
+    else:
+        base = rss_mb("VmRSS")
+        t = time.perf_counter()
+        bins = pack_best_fit_decreasing(lengths, max_tokens, backend="python")
+        out["s"] = time.perf_counter() - t
+        out["peak_mb"] = rss_mb("VmHWM") - base
+    out.update(bins=len(bins), digest=digest(bins), efficiency=sum(lengths) / (len(bins) * max_tokens))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    p.add_argument("--max-tokens", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--repeats", type=int, default=2, help="C++ runs per case (best kept); Python runs once")
+    p.add_argument("--out", default="bench/results/packing_csrc.json")
+    p.add_argument("--child", nargs=4, metavar=("BACKEND", "N", "MAX_TOKENS", "REPEATS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        backend, n, cap, reps = args.child
+        print(json.dumps(child(backend, int(n), int(cap), int(reps))))
+        return
+
+    from optsys import csrc
+
+    t = time.perf_counter()
+    csrc.load("packing", required=True)
+    build_s = time.perf_counter() - t
+    print(f"C++ op built or loaded in {build_s:.2f}s (build dir {csrc.build_dir('packing')})")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows = []
+    print(f"{'lengths':>10} {'max_tok':>7} {'bins':>8} {'python s':>9} {'py MB':>7} {'cpp s':>7} {'core s':>7} "
+          f"{'py conv s':>9} {'cpp MB':>7} {'speedup':>8} {'same':>5}")
+    for n in args.sizes:
+        for cap in args.max_tokens:
+            res = {}
+            for backend in ("python", "cpp"):
+                cmd = [sys.executable, __file__, "--child", backend, str(n), str(cap), str(args.repeats)]
+                proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                res[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+            py, cc = res["python"], res["cpp"]
+            row = {"lengths": n, "max_tokens": cap, "python": py, "cpp": cc, "speedup": py["s"] / cc["s"],
+                   "same_bins": py["digest"] == cc["digest"] and py["bins"] == cc["bins"]}
+            rows.append(row)
+            print(f"{n:>10} {cap:>7} {cc['bins']:>8} {py['s']:>9.2f} {py['peak_mb']:>7.0f} {cc['s']:>7.3f} "
+                  f"{cc['core_s']:>7.3f} {cc['py_conv_s']:>9.3f} {cc['peak_mb']:>7.0f} {row['speedup']:>7.1f}x "
+                  f"{str(row['same_bins']):>5}", flush=True)
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "build_or_load_s": build_s, "loadavg": load, "rows": rows},
+                              indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
