@@ -63,8 +63,9 @@ def compare_table(comparison: dict) -> str:
     for task, methods in comparison["differences"].items():
         for method, d in methods.items():
             p = d.get("mcnemar", {}).get("p_value")
+            p_text = "-" if p is None else f"{p:.3g}"
             lines.append(f"| {task} | {method} | {_fmt(d['a'])} | {_fmt(d['b'])} | {_fmt(d['difference'])} | "
-                         f"{_interval(d)} | {_fmt(p, 4)} | {d['questions']} |")
+                         f"{_interval(d)} | {p_text} | {d['questions']} |")
     return "\n".join(lines) + "\n"
 
 
