@@ -18,7 +18,9 @@ beside the folder makes a second process wait for the one training the stage, th
 Under torchrun (WORLD_SIZE > 1) every rank calls resolve_stage inside the trainer's process group (the
 trainers resolve the model inside `torchrun_world`): rank 0 decides reuse or train and tells the others, and
 the stage is trained by the same ranks (FSDP2, the nested `torchrun_world` leaves the group open) before
-the main run continues. The cache root must be one folder that every rank sees (multi-node: a shared disk).
+the main run continues. The cache root must be one folder that every rank sees at the same path (multi-node: a
+shared disk, OPTSYS_CACHE_DIR on every node); a rank that does not see the stage complete stops every rank with
+a ConfigError saying so.
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ def ensure_stage(cfg: TrainConfig) -> Path:
         if done:
             if rank == 0:
                 _announce_reuse(cfg.recipe, out, final)
+            _check_every_rank_sees(cfg, rank, size)
             return final
         if rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,10 +198,32 @@ def ensure_stage(cfg: TrainConfig) -> Path:
         with _rng_kept():
             trainer.train(cfg)
         _barrier(size)  # rank 0 writes summary.json after the others have left the trainer
-    if rank == 0 and not is_complete(cfg):
+    if not _broadcast(is_complete(cfg) if rank == 0 else None, size):  # every rank raises alike
         raise RuntimeError(f"stage {cfg.recipe}: training ended but {out} lacks summary.json or {final.name}/")
+    _check_every_rank_sees(cfg, rank, size)
     _announced.add((str(out), _summary_mtime(out)))
     return final
+
+
+def _check_every_rank_sees(cfg: TrainConfig, rank: int, size: int) -> None:
+    """Rank 0 decided reuse or trained the stage (into its own folder: trainers use rank 0's output_dir), but every
+    rank loads the model from its own path: the same one, complete, on every rank, else a ConfigError on all of
+    them (a cache root that is not one shared folder across nodes) instead of a missing-folder error on a few."""
+    if size <= 1:
+        return
+    import torch
+
+    from optsys.parallel.dist import World, rank0_mismatch
+
+    world = World(rank, size, 0, torch.device("cpu"))  # only for the object collectives
+    view = {"folder": cfg.output_dir, "complete": is_complete(cfg)}
+    mismatch = rank0_mismatch(f"stage {cfg.recipe}: the ranks' views of its cache folder (folder, complete)",
+                              view, world)
+    folder = _broadcast(cfg.output_dir, size)  # rank 0's, so that every rank raises the same message
+    if mismatch:
+        raise ConfigError(f"{mismatch}. Rank 0 has the stage complete in {folder}; every rank must see that folder "
+                          "at the same path: under torchrun --nnodes, point OPTSYS_CACHE_DIR at one folder on a "
+                          "filesystem every node shares")
 
 
 def stage_provenance(cfg: TrainConfig) -> dict:

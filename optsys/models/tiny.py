@@ -209,4 +209,32 @@ def build_tiny(preset: str = "test", seed: int = 0, cache_dir: str | os.PathLike
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
+    if not folder.exists() and _not_rank0_of_a_group():
+        # transformers (5.x) writes a model's config and weights only on rank 0 of an initialized process group
+        # (should_save_on_this_rank): another rank would publish a folder holding the tokenizer alone (seen on a
+        # 2-node run with a node-local cache; on one node whenever rank 1 won the rename). Outside the group, a
+        # child process writes the whole folder (once per cache).
+        _build_in_child(preset, seed, root)
+        return folder
     return _atomic_dir(folder, write)
+
+
+def _not_rank0_of_a_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def _build_in_child(preset: str, seed: int, root: Path) -> None:
+    import subprocess
+    import sys
+
+    package_parent = str(Path(__file__).resolve().parents[2])  # optsys importable in the child as it is here
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+    code = ("import sys; from optsys.models.tiny import build_tiny; "
+            "build_tiny(sys.argv[1], int(sys.argv[2]), sys.argv[3])")
+    proc = subprocess.run([sys.executable, "-c", code, preset, str(seed), str(root)], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building tiny:{preset} (seed {seed}) into {root} in a child process failed:\n"
+                           f"{proc.stderr[-3000:]}")

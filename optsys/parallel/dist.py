@@ -2,6 +2,10 @@
 
 A single process (no WORLD_SIZE in the environment) gets a world of one and no process group, so
 trainers call these helpers unconditionally.
+
+Multi-node (`torchrun --nnodes N`): RANK orders the whole job, LOCAL_RANK only picks this node's device, and
+nothing else here depends on where a rank runs. Every rank loads the model and data itself (FSDP2 shards what
+each rank loaded; nothing is broadcast), so `rank0_mismatch` checks that the ranks agree before they train.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +26,7 @@ class World:
     size: int
     local_rank: int
     device: torch.device
+    nodes: int = 1  # torchrun's GROUP_WORLD_SIZE: how many launchers (machines) the job spans
 
     @property
     def is_main(self) -> bool:
@@ -35,7 +41,8 @@ def init_world(device_name: str = "auto", timeout_s: int = 600) -> World:
     """Join the torchrun group if launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # this node's device index, not a rank in the job
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1")) if size > 1 else 1
     use_cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
     if use_cuda:
         device = torch.device("cuda", local_rank)
@@ -47,7 +54,7 @@ def init_world(device_name: str = "auto", timeout_s: int = 600) -> World:
         # with a message naming the collective, instead of hanging forever.
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                  timeout=datetime.timedelta(seconds=timeout_s))
-    return World(rank, size, local_rank, device)
+    return World(rank, size, local_rank, device, nodes)
 
 
 def close_world(clean: bool = True) -> None:
@@ -171,6 +178,39 @@ def all_gather_objects(obj, world: World) -> list:
     out = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def rank0_mismatch(what: str, value: dict, world: World) -> str | None:
+    """None when every rank's `value` equals rank 0's; else (on every rank alike) a line naming the ranks that
+    differ, their hosts and the first keys where they do. Two small collectives: rank 0's dict is broadcast and
+    each rank sends back only its verdict, so the cost does not grow with the number of ranks times the dict."""
+    if not world.distributed:
+        return None
+    reference = broadcast_object(value, world)
+    keys = sorted(str(k) for k in set(reference) | set(value) if reference.get(k) != value.get(k))
+    verdicts = all_gather_objects((socket.gethostname(), keys[:3], len(keys), len(value)), world)
+    bad = [(r, *verdict) for r, verdict in enumerate(verdicts) if verdict[2]]
+    if not bad:
+        return None
+    shown = "; ".join(f"rank {r} on {host}: {n} of {total} entries differ ({', '.join(first)}"
+                      f"{', ...' if n > len(first) else ''})" for r, host, first, n, total in bad[:4])
+    more = f"; and {len(bad) - 4} more ranks" if len(bad) > 4 else ""
+    return f"{what} differ from rank 0's (on {verdicts[0][0]}) on {len(bad)} of {world.size} ranks: {shown}{more}"
+
+
+def weight_checksums(model) -> dict[str, int]:
+    """{parameter name: integer sum of its raw bits}: exact and independent of summation order (unlike a float
+    sum), so two ranks holding the same weights always agree and different random inits or checkpoints do not.
+    One pass over the weights on their device; one transfer."""
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    names, sums = [], []
+    for name, p in model.named_parameters():
+        as_int = bits.get(p.element_size())
+        if as_int is None or p.is_meta:
+            continue
+        names.append(name)
+        sums.append(p.detach().view(as_int).sum(dtype=torch.int64))
+    return dict(zip(names, torch.stack(sums).cpu().tolist())) if sums else {}
 
 
 def rank_share(items: list, world: World) -> list:

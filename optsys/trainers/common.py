@@ -8,6 +8,7 @@ import math
 import os
 import random
 import resource
+import secrets
 import sys
 import time
 from itertools import count
@@ -35,7 +36,9 @@ from optsys.parallel.dist import (
     broadcast_object,
     full_state_dict,
     local_steps,
+    rank0_mismatch,
     shard_model,
+    weight_checksums,
 )
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import phase
@@ -84,6 +87,29 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     existing.write_text(dump_yaml(cfg))
     return out
+
+
+def run_output_dir(cfg: TrainConfig, world: World) -> Path:
+    """The run folder on every rank: rank 0 prepares it (prepare_output_dir; the default name has rank 0's
+    timestamp) and the others take its path. Under torchrun each rank then looks for a file rank 0 just made there
+    (a fresh name, so no cached lookup answers): a folder that is not shared (a node-local disk, or a relative
+    path on ranks in different working directories) stops every rank now, not at the first checkpoint, where
+    each rank writes its own shards."""
+    if not world.distributed:
+        return prepare_output_dir(cfg)
+    if world.is_main:
+        out_dir, probe = prepare_output_dir(cfg), f".rank0-probe-{secrets.token_hex(4)}"
+        (out_dir / probe).touch()
+    out_dir, probe = broadcast_object((out_dir, probe) if world.is_main else None, world)  # after the touch
+    sees = (out_dir / probe).exists()
+    mismatch = rank0_mismatch(f"the ranks' views of output_dir {out_dir}", {"sees rank 0's files": sees}, world)
+    if world.is_main:
+        (out_dir / probe).unlink()
+    if mismatch:
+        raise ConfigError(f"{mismatch}. Every rank writes its checkpoint shards into output_dir: under torchrun "
+                          "--nnodes give an absolute output_dir on a filesystem every node shares (the default "
+                          "runs/<recipe>-<timestamp> is relative to each rank's working directory)")
+    return out_dir
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -255,9 +281,19 @@ def held_out_accuracy(tag: str, step: int, *, model, tokenizer, cfg: TrainConfig
         print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
 
 
+SAME_INPUTS_HINT = ("Every rank loads the model and data itself, so under torchrun --nnodes every node must read "
+                    "the same files: model folders and data.dataset on a shared filesystem, and one OPTSYS_CACHE_DIR "
+                    "(tiny: models, stage: runs) that every node sees, with the same optsys version everywhere")
+
+
 def ready_for_training(model, world: World, p: Precision, methods: dict | None = None):
     """fp32 master weights, the fused-loss forward methods attached, and FSDP2 shards under torchrun
-    (all-gathered in the compute dtype under mixed precision)."""
+    (all-gathered in the compute dtype under mixed precision). Under torchrun the ranks first check that they
+    loaded the same weights: FSDP2 keeps each rank's own shard of what that rank loaded, so a node that read
+    other weights (a node-local cache, another folder) would otherwise train a silently mixed model."""
+    mismatch = rank0_mismatch("the loaded weights", weight_checksums(model), world)
+    if mismatch:
+        raise ConfigError(f"{mismatch}. {SAME_INPUTS_HINT}.")
     model = attach_forward_methods(to_master(model, p), methods)
     return shard_model(model, world, fsdp_param_dtype(p))
 
@@ -491,6 +527,9 @@ def restore_run(path: Path | None, out_dir: Path, world: World, *, model, optimi
     """The trainer state to start from: a fresh one when `path` is None; else load checkpoint `path` into
     model / optimizer / scheduler (after its fingerprint and hashes check), drop the metrics rows a killed
     run logged after it, and return its trainer state."""
+    mismatch = rank0_mismatch("the run fingerprints (model, data, settings)", fingerprint, world)
+    if mismatch:  # e.g. a node with another copy of data.dataset: its ranks would train on other batches
+        raise ConfigError(f"{mismatch}. {SAME_INPUTS_HINT}.")
     if path is None:
         return {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "window": None, "summary": {}}
     state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint)

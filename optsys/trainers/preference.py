@@ -79,9 +79,9 @@ from optsys.trainers.common import (
     held_out_accuracy,
     locate_resume,
     open_metrics,
-    prepare_output_dir,
     ready_for_training,
     restore_run,
+    run_output_dir,
     save_final_model,
     save_training_checkpoint,
     set_seed,
@@ -428,7 +428,7 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     spec = PREFERENCE_LOSSES[method]
     device = world.device
     set_seed(cfg.seed)
-    out_dir = broadcast_object(prepare_output_dir(cfg) if world.is_main else None, world)
+    out_dir = run_output_dir(cfg, world)
     resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
 
     precision = resolve_precision(tc.precision, cfg.model.dtype, device)
@@ -437,7 +437,7 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     data = build_preference_data(cfg, tokenizer, kto=not spec.paired)
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
                      "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
-                     "parallel/world_size": world.size, **stage_provenance(cfg),
+                     "parallel/world_size": world.size, "parallel/nodes": world.nodes, **stage_provenance(cfg),
                      **describe_batches(pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
                                         unit="pairs", count=lambda b: b.num_pairs, batch_tokens=tc.batch_tokens,
                                         max_tokens=cfg.data.max_tokens)}

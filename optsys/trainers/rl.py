@@ -42,7 +42,7 @@ from optsys.losses.policy import (
 from optsys.methods import RL_ALGORITHMS
 from optsys.models.load import load_model_and_tokenizer, resolve_model_path
 from optsys.models.packed import attach_forward_methods
-from optsys.parallel.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_object, torchrun_world
+from optsys.parallel.dist import all_gather_objects, all_reduce_sum, barrier, torchrun_world
 from optsys.rollout.engine import Sampling, resolve_engine_name, stable_seed
 from optsys.rollout.rewards import build_rewards, score_completions
 from optsys.rollout.sync import Canary, SyncError, sync_weights
@@ -60,9 +60,9 @@ from optsys.trainers.common import (
     held_out_accuracy,
     locate_resume,
     open_metrics,
-    prepare_output_dir,
     ready_for_training,
     restore_run,
+    run_output_dir,
     save_final_model,
     save_training_checkpoint,
     set_seed,
@@ -622,7 +622,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     device, tc, rl, method = world.device, cfg.trainer, cfg.rl, cfg.method
     algo = RL_ALGORITHMS[method]
     set_seed(cfg.seed)
-    out_dir = broadcast_object(prepare_output_dir(cfg) if world.is_main else None, world)
+    out_dir = run_output_dir(cfg, world)
     resume_from = locate_resume(cfg, out_dir, world)
     fns = build_rewards(cfg.rl.rewards, cfg.rl.reward_weights, device)
 
@@ -654,7 +654,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     state = restore_run(resume_from, out_dir, world, model=trained, optimizer=optimizer, scheduler=scheduler,
                         fingerprint=fingerprint, max_steps=tc.max_steps)
     summary: dict = {"model/parameters": sum(p.numel() for p in model.parameters()),
-                     "parallel/world_size": world.size, **stage_provenance(cfg), **state["summary"]}
+                     "parallel/world_size": world.size, "parallel/nodes": world.nodes, **stage_provenance(cfg),
+                     **state["summary"]}
     log = open_metrics(cfg, out_dir, world, start_step=state["step"])
     accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
                                  summary=summary)

@@ -26,7 +26,7 @@ from optsys.data.sources import load_rows
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
 from optsys.models.load import load_model_and_tokenizer
-from optsys.parallel.dist import all_reduce_sum, broadcast_object, shared_batches, torchrun_world
+from optsys.parallel.dist import all_reduce_sum, shared_batches, torchrun_world
 from optsys.stages import stage_provenance
 from optsys.telemetry.nvtx import phase, step_phase, telemetry
 from optsys.telemetry.progress import StepProgress
@@ -46,9 +46,9 @@ from optsys.trainers.common import (
     held_out_accuracy,
     locate_resume,
     open_metrics,
-    prepare_output_dir,
     ready_for_training,
     restore_run,
+    run_output_dir,
     save_final_model,
     save_training_checkpoint,
     set_seed,
@@ -148,9 +148,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     device = world.device
     set_seed(cfg.seed)
     tc = cfg.trainer
-    # Rank 0 owns the output folder (its default name has a timestamp): every rank uses rank 0's.
-    out_dir = prepare_output_dir(cfg) if world.is_main else None
-    out_dir = broadcast_object(out_dir, world)
+    out_dir = run_output_dir(cfg, world)
     resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
 
     precision = resolve_precision(tc.precision, cfg.model.dtype, device)
@@ -162,7 +160,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             packed_batches(data.train, cfg.data.max_tokens, shuffle_seed=None), cfg.data.max_tokens),
         "model/parameters": sum(p.numel() for p in model.parameters()),
         **stage_provenance(cfg),  # model/stage: the cached stage folder a stage:<recipe> model came from
-        "parallel/world_size": world.size,
+        "parallel/world_size": world.size, "parallel/nodes": world.nodes,
         **describe_batches(step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
                            unit="sequences", count=lambda b: len(b.seq_lens), batch_tokens=tc.batch_tokens,
                            max_tokens=cfg.data.max_tokens),
