@@ -32,6 +32,13 @@ resume matches an uninterrupted run to rounding, not bit for bit, and says so in
 allow it rather than refuse because losing a node should not strand a run, and nothing in the SFT
 loop draws random numbers per rank. A single-process checkpoint (model.safetensors) is refused under
 torchrun: its optimizer state is keyed by parameter index, not by name, so it cannot be resharded.
+
+DeepSpeed (parallel.backend=deepspeed, optsys/parallel/zero.py) runs take the sharded path with DeepSpeed's own
+save_checkpoint in place of DCP: `deepspeed/` holds its files (`mp_rank_00_model_states.pt` with the weights and
+LR schedule under ZeRO-2, rank 0's; `zero_pp_rank_<r>_mp_rank_00_{optim,model}_states.pt`, rank r's partitions),
+`zero_to_fp32.py` is DeepSpeed's converter to a plain state dict, and scheduler.pt is absent (DeepSpeed saves the
+schedule). The manifest records `"backend": "deepspeed"`; such a checkpoint resumes only under DeepSpeed and
+with the world size that saved it (ZeRO partitions are not resharded at load).
 """
 
 from __future__ import annotations
@@ -157,14 +164,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-_RANK_FILE = re.compile(r"^(?:dcp/__(\d+)_\d+\.distcp|rng-rank-(\d+)\.pt)$")
+_RANK_FILE = re.compile(r"^(?:dcp/__(\d+)_\d+\.distcp|rng-rank-(\d+)\.pt"
+                        r"|deepspeed/zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt)$")
 
 
 def file_owner(name: str) -> int:
     """The rank that writes checkpoint file `name` (a path relative to the checkpoint folder): DCP's shard
-    files `dcp/__<r>_<i>.distcp` and `rng-rank-<r>.pt` are rank r's; everything else is rank 0's."""
+    files `dcp/__<r>_<i>.distcp`, `rng-rank-<r>.pt` and DeepSpeed's `deepspeed/zero_pp_rank_<r>_*` are rank r's;
+    everything else is rank 0's."""
     m = _RANK_FILE.match(name)
-    return int(m.group(1) or m.group(2)) if m else 0
+    return int(next(g for g in m.groups() if g is not None)) if m else 0
 
 
 def rank_share(names, rank: int, world_size: int) -> list[str]:
@@ -251,16 +260,18 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def save_checkpoint(out_dir, step: int, *, model, optimizer, scheduler, trainer_state: dict,
-                    fingerprint: dict, keep_last: int = 2, rank: int = 0, sharded: bool = False) -> Path:
+                    fingerprint: dict, keep_last: int = 2, rank: int = 0, sharded: bool = False,
+                    engine=None) -> Path:
     """Write checkpoint `step` atomically, then keep only the newest `keep_last` complete ones.
 
     Returns the checkpoint folder. trainer_state must be JSON-serializable (floats round-trip exactly).
+    With a DeepSpeed `engine` (which owns model, optimizer and schedule) every rank calls, in one process too.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    if sharded:
+    if sharded or engine is not None:
         return _save_sharded(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                             trainer_state=trainer_state, fingerprint=fingerprint, keep_last=keep_last)
+                             trainer_state=trainer_state, fingerprint=fingerprint, keep_last=keep_last, engine=engine)
     if rank != 0:
         raise ValueError("an unsharded checkpoint is written by rank 0 alone; pass sharded=True under FSDP2")
     tmp = _new_tmp(out_dir, step)
@@ -285,7 +296,7 @@ def _new_tmp(out_dir, step: int) -> Path:
 
 
 def _publish(tmp: Path, out_dir, step: int, *, world_size: int, sharded: bool, fingerprint: dict,
-             keep_last: int, files: dict | None = None) -> Path:
+             keep_last: int, files: dict | None = None, backend: str | None = None) -> Path:
     """Write the manifest LAST, rename into place, prune. `files`: every file's size and sha256 (sharded saves
     gather them from the ranks); None hashes every file under `tmp` (subfolders too) here."""
     if files is None:
@@ -294,6 +305,8 @@ def _publish(tmp: Path, out_dir, step: int, *, world_size: int, sharded: bool, f
         _fsync(folder)  # the shard files' directory entries
     manifest = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "sharded": sharded,
                 "files": files, "fingerprint": fingerprint}
+    if backend is not None:
+        manifest["backend"] = backend
     _write_json(tmp / "manifest.json", manifest)
     _fsync(tmp / "manifest.json")
     final = checkpoint_dir(out_dir, step)
@@ -325,10 +338,10 @@ def _dcp_state(model, optimizer) -> dict:
 
 
 def _save_sharded(out_dir, step: int, *, model, optimizer, scheduler, trainer_state: dict, fingerprint: dict,
-                  keep_last: int) -> Path:
+                  keep_last: int, engine=None) -> Path:
     """Every rank must call. Rank 0 makes the tmp folder and tells the others its name; every rank
-    writes its DCP shards and its RNG state; after a barrier rank 0 writes the rest and the manifest,
-    renames and prunes; a last barrier keeps ranks from racing ahead of the rename."""
+    writes its DCP shards (DeepSpeed: its engine checkpoint) and its RNG state; after a barrier rank 0 writes the
+    rest and the manifest, renames and prunes; a last barrier keeps ranks from racing ahead of the rename."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -336,10 +349,16 @@ def _save_sharded(out_dir, step: int, *, model, optimizer, scheduler, trainer_st
     box = [str(_new_tmp(out_dir, step)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
-    dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / "dcp")  # collective
+    if engine is not None:
+        from optsys.parallel.zero import save_engine
+
+        save_engine(engine, tmp)  # collective: weights, optimizer partitions and LR schedule
+    else:
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / "dcp")  # collective
     torch.save(rng_state(), tmp / f"rng-rank-{rank}.pt")
     if rank == 0:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if engine is None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
     dist.barrier()  # every rank's files are in tmp
     names = _relative_files(tmp)
@@ -352,7 +371,7 @@ def _save_sharded(out_dir, step: int, *, model, optimizer, scheduler, trainer_st
             raise CheckpointError(f"the ranks saw different files in {tmp} (hashed {sorted(files)}, rank 0 sees "
                                   f"{names}): the ranks must share the output folder's filesystem")
         _publish(tmp, out_dir, step, world_size=world_size, sharded=True, fingerprint=fingerprint,
-                 keep_last=keep_last, files=files)
+                 keep_last=keep_last, files=files, backend="deepspeed" if engine is not None else None)
     dist.barrier()
     return checkpoint_dir(out_dir, step)
 
@@ -407,11 +426,12 @@ def _fallback_hint(path: Path) -> str:
     return f"Delete the folder {path} to {then}."
 
 
-def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, restore_rng: bool = True) -> dict:
+def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, restore_rng: bool = True,
+                    engine=None) -> dict:
     """Verify checkpoint `path` (fingerprint, then file hashes), then restore model, optimizer,
     scheduler and RNG in place; return its trainer_state (with "step"). Under torchrun every rank calls
     it: rank 0 checks the manifest and fingerprint, each rank verifies the files it owns, and each restores
-    its own shards and RNG (see the module docstring)."""
+    its own shards and RNG (see the module docstring). A DeepSpeed `engine` restores its own state."""
     path = Path(path)
     rank, world_size = _rank_and_size()
     # Under torchrun rank 0 checks the fingerprint and tells the others; then each rank hashes its share of the
@@ -419,7 +439,8 @@ def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, res
     manifest, error = None, None
     if rank == 0:
         try:
-            manifest = _fingerprint_checked(path, fingerprint, world_size)
+            manifest = _fingerprint_checked(path, fingerprint, world_size,
+                                            backend="deepspeed" if engine is not None else None)
         except CheckpointError as e:
             error = str(e)
     manifest, error = _shared_from_rank0((manifest, error), world_size)
@@ -433,7 +454,7 @@ def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, res
         raise CheckpointError(error)
     if manifest.get("sharded"):
         return _load_sharded(path, manifest, model=model, optimizer=optimizer, scheduler=scheduler,
-                             restore_rng=restore_rng)
+                             restore_rng=restore_rng, engine=engine)
 
     state = _load_weights(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -481,7 +502,9 @@ def _checked_manifest(path: Path, fingerprint: dict, world_size: int) -> dict:
     return manifest
 
 
-def _fingerprint_checked(path: Path, fingerprint: dict, world_size: int) -> dict:
+def _fingerprint_checked(path: Path, fingerprint: dict, world_size: int, backend: str | None = None) -> dict:
+    """The manifest after the fingerprint check and the layout checks: a single-process checkpoint is not
+    resharded; a DeepSpeed one (backend="deepspeed") resumes only under DeepSpeed, with the world that saved it."""
     manifest = read_manifest(path)
     diff = _fingerprint_diff(manifest["fingerprint"], fingerprint)
     if diff:
@@ -490,16 +513,28 @@ def _fingerprint_checked(path: Path, fingerprint: dict, world_size: int) -> dict
             + "\n  ".join(diff)
             + "\nResume only with the settings the run started with, or drop resume=true and pick a new "
               "output_dir to start a new run.")
+    saved = manifest.get("backend")
+    if saved != backend:
+        ran = {"deepspeed": "parallel.backend=deepspeed", None: "parallel.backend=fsdp2"}
+        raise CheckpointError(f"checkpoint {path} was saved by a {ran.get(saved, saved)} run; this run has "
+                              f"{ran[backend]}, which cannot read it. Resume with {ran.get(saved, saved)}.")
     if world_size > 1 and not manifest.get("sharded"):
         raise CheckpointError(
             f"checkpoint {path} was saved by a single process (model.safetensors, optimizer state keyed by "
             f"parameter index), so it cannot be resharded over this job's {world_size} ranks. Resume it with "
             f"one process (python -m optsys.train ... resume=true), or start a new run under torchrun.")
+    if saved == "deepspeed" and int(manifest.get("world_size", 1)) != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was saved by {manifest.get('world_size')} DeepSpeed rank(s) and this job has "
+            f"{world_size}: ZeRO partitions are not resharded at load. Resume with {manifest.get('world_size')} "
+            f"rank(s) in all, or start a new run from the weights (zero_to_fp32.py beside them converts them).")
     return manifest
 
 
-def _load_sharded(path: Path, manifest: dict, *, model, optimizer, scheduler, restore_rng: bool) -> dict:
-    """Every rank must call (DCP reads the shards it needs, resharding for another world size)."""
+def _load_sharded(path: Path, manifest: dict, *, model, optimizer, scheduler, restore_rng: bool,
+                  engine=None) -> dict:
+    """Every rank must call (DCP reads the shards it needs, resharding for another world size; DeepSpeed reads
+    its own files)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -508,6 +543,13 @@ def _load_sharded(path: Path, manifest: dict, *, model, optimizer, scheduler, re
     )
 
     rank, world_size = _rank_and_size()
+    if engine is not None:  # same world size (checked with the fingerprint); schedule restored by DeepSpeed
+        from optsys.parallel.zero import load_engine
+
+        load_engine(engine, path)
+        if restore_rng:
+            set_rng_state(torch.load(path / f"rng-rank-{rank}.pt", map_location="cpu", weights_only=True))
+        return json.loads((path / "trainer_state.json").read_text())
     saved = int(manifest.get("world_size", 1))
     if saved != world_size and rank == 0:
         print(f"checkpoint {path.name} was saved by {saved} ranks and resumes with {world_size}: model and "

@@ -112,6 +112,17 @@ class TrainerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks torchrun starts share the model (one process is a world of one)."""
+
+    # fsdp2: torch's fully_shard, one unit per decoder layer (every method). deepspeed: DeepSpeed ZeRO
+    # (method=sft; `pip install deepspeed`), its generated config in <output_dir>/deepspeed_config.json.
+    backend: Literal["fsdp2", "deepspeed"] = "fsdp2"
+    # backend=deepspeed: 2 partitions AdamW state and gradients over the ranks, 3 the weights too.
+    zero_stage: int = 2
+
+
+@dataclass
 class EvalConfig:
     before: bool = True  # greedy task accuracy before training (eval/accuracy_before)
     after: bool = True  # and after (eval/accuracy_after)
@@ -211,6 +222,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
@@ -644,8 +656,35 @@ def check_telemetry(cfg: TrainConfig) -> None:
                           "or drop trainer.wandb")
 
 
+def check_parallel(cfg: TrainConfig) -> None:
+    """parallel.backend=deepspeed: a method whose trainer runs it, full weights, and the deepspeed package
+    (checked here, before any model loads); parallel.zero_stage 2 or 3, and only with that backend."""
+    from optsys.parallel import zero
+
+    par = cfg.parallel
+    if par.backend != "deepspeed":
+        if par.zero_stage != ParallelConfig().zero_stage:
+            raise ConfigError(f"parallel.zero_stage={par.zero_stage} applies to parallel.backend=deepspeed; "
+                              f"parallel.backend={par.backend} does not read it. Drop it, or set "
+                              "parallel.backend=deepspeed")
+        return
+    if par.zero_stage not in zero.ZERO_STAGES:
+        raise ConfigError(f"parallel.zero_stage must be 2 (optimizer state and gradients partitioned) or 3 "
+                          f"(weights too), got {par.zero_stage}")
+    if cfg.method not in zero.SUPPORTED_METHODS:
+        raise ConfigError(f"parallel.backend=deepspeed is implemented for method={', '.join(zero.SUPPORTED_METHODS)} "
+                          f"only; method={cfg.method} runs on parallel.backend=fsdp2 (the default, under torchrun "
+                          "too). Drop parallel.backend.")
+    if cfg.model.lora.r > 0:
+        raise ConfigError("parallel.backend=deepspeed trains full weights; model.lora.r > 0 (LoRA) runs on "
+                          "parallel.backend=fsdp2. Drop one of them.")
+    if zero.deepspeed_missing():
+        raise ConfigError(f"parallel.backend=deepspeed needs the deepspeed package, which is not installed: "
+                          f"{zero.DEEPSPEED_INSTALL}; or drop parallel.backend (FSDP2)")
+
+
 VALIDATORS = (check_ranges, check_lora, check_data, check_method, check_device, check_model_paths, check_run,
-              check_telemetry)
+              check_telemetry, check_parallel)
 
 
 # ---------------------------------------------------------------------------- loading

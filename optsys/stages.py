@@ -39,10 +39,11 @@ from optsys.config import ConfigError, TrainConfig, load_config, recipe_path, to
 
 PREFIX = "stage:"
 MAX_STAGE_DEPTH = 3  # stages below a run: run <- a <- b <- c
-# Settings that change how a run is logged or where it is written, not the weights it trains.
+# Settings that change how a run is logged, where it is written or how it is spread over ranks (like the world
+# size: the same weights to rounding), not the weights it trains.
 STAGE_KEY_IGNORES = ("output_dir", "overwrite", "resume", "trainer.progress", "trainer.telemetry",
                      "trainer.log_every", "trainer.save_every", "trainer.keep_last", "trainer.tensorboard",
-                     "trainer.plots", "trainer.wandb", "trainer.wandb_project")
+                     "trainer.plots", "trainer.wandb", "trainer.wandb_project", "parallel")
 
 _chain: list[str] = []  # the recipes whose validation is in progress, outermost first (cycle detection)
 _announced: set[tuple[str, int]] = set()  # (folder, summary mtime) already reported "reusing" in this process

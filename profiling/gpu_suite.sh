@@ -10,6 +10,8 @@
 #               training steps of the method on tiny:gpu-0.5b (494M random-init Qwen2, Qwen2.5-0.5B's shape),
 #               bf16, under torch.profiler (profiling/torch_profile.py: trace, summary, SFT/DPO memory
 #               timeline); GRPO with HF generate (vLLM cannot travel to the GPU machine)
+#   deepspeed   SFT on tiny:gpu-0.5b through DeepSpeed ZeRO-3 in bf16 on one GPU (NCCL), 6 steps with a checkpoint
+#               at step 3, then a resume from it whose steps 4-6 must equal the first run's to the bit
 #   bash profiling/gpu_suite.sh                 # all stages
 #   bash profiling/gpu_suite.sh sft             # one
 # Results land in $OUT (the device tool's output folder) when set, else in bench/results/. With the device
@@ -19,13 +21,16 @@
 # the suite exits 1 naming the failed stages. Without a CUDA device nothing runs: it prints the commands it
 # would run and exits 3 (a dry run).
 # Liger-Kernel, optional: here, `pip download --no-deps liger-kernel -d .whl` (pure Python), carry `.whl`.
+# DeepSpeed, for the deepspeed stage: here, `pip wheel --no-deps deepspeed==0.19.0 hjson msgpack py-cpuinfo einops
+# -w .whl` (deepspeed is an sdist; no C++ op is built); pydantic and psutil must be on the GPU machine already or
+# carried as wheels for its Python. Every wheel in .whl is installed into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source profiling/_common.sh
 out="${OUT:-bench/results}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"  # python3 is the torch one on the GPU machine
 export out PY PYTHONUNBUFFERED=1
-all=(tests bench preference profile sft dpo grpo)
+all=(tests bench preference profile sft dpo grpo deepspeed)
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=("${all[@]}")
 
@@ -53,6 +58,21 @@ stage_cmd() {  # the stage's commands, as text run by `bash -euo pipefail -c` (a
     # no memory timeline: with_stack over 16 generate steps would make a trace too big to bring back
     grpo) echo "$train --method grpo --engine hf --no-memory trainer.precision=bf16 rl.prompts_per_step=16" \
                "rl.group_size=8 rl.max_new_tokens=16 rl.canary_tolerance=5e-2 $(tee_to train-grpo.txt)" ;;
+    # resumed in place (a copy of the run would copy ~7 GB of fp32 master weights + AdamW state per checkpoint)
+    deepspeed) local ds='$PY -m optsys.train model.name_or_path=tiny:gpu-0.5b parallel.backend=deepspeed'
+               ds+=' parallel.zero_stage=3 trainer.precision=bf16 data.num_train=2000 data.num_eval=50'
+               ds+=' data.max_tokens=2048 trainer.batch_tokens=8192 trainer.max_steps=6 trainer.save_every=3'
+               ds+=' trainer.log_every=1 trainer.progress=false trainer.plots=false eval.before=false eval.after=false'
+               ds+=' output_dir=/tmp/ds-run'
+               echo "\$PY -c 'import deepspeed' || { echo 'deepspeed is not importable: carry its wheels (see the" \
+                    "header)'; exit 1; }"
+               echo "rm -rf /tmp/ds-run && $ds $(tee_to train-deepspeed.txt)"
+               echo 'cp /tmp/ds-run/metrics.jsonl /tmp/ds-full-metrics.jsonl && rm -rf /tmp/ds-run/summary.json' \
+                    '/tmp/ds-run/checkpoints/step-00000006'
+               echo "$ds resume=true $(tee_to train-deepspeed-resume.txt)"
+               echo "\$PY profiling/same_metrics.py /tmp/ds-full-metrics.jsonl /tmp/ds-run/metrics.jsonl --steps 4 5 6" \
+                    "$(tee_to deepspeed-resume-check.txt)"
+               echo 'cp /tmp/ds-run/deepspeed_config.json "$out/"' ;;
     *) return 1 ;;
   esac
 }
@@ -74,8 +94,11 @@ fi
 mkdir -p "$out"
 nvidia-smi | tee "$out/nvidia-smi.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$out/versions.txt"
-if ls .whl/liger_kernel*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/liger_kernel*.whl && export PYTHONPATH=/tmp/site
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels: Liger-Kernel, DeepSpeed and its deps (see the header)
+  for wheel in .whl/*.whl; do
+    $PY -m pip install -q --no-index --no-deps --target /tmp/site "$wheel" || echo "could not install $wheel"
+  done
+  export PYTHONPATH=/tmp/site
 fi
 # optsys.kernels is kernels/ mapped by setuptools: install in place (no registry there: no build isolation).
 # If that fails (setuptools < 77 cannot read the SPDX license field), a link makes kernels/ importable as

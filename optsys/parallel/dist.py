@@ -37,8 +37,10 @@ class World:
         return self.size > 1
 
 
-def init_world(device_name: str = "auto", timeout_s: int = 600) -> World:
-    """Join the torchrun group if launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+def init_world(device_name: str = "auto", timeout_s: int = 600, group_of_one: bool = False) -> World:
+    """Join the torchrun group if launched by torchrun (NCCL on CUDA, gloo on CPU). With `group_of_one`, a
+    single process opens a 1-rank group of its own (in-memory store, no port): DeepSpeed needs
+    torch.distributed even in one process (without it, it looks for MPI)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # this node's device index, not a rank in the job
@@ -54,6 +56,9 @@ def init_world(device_name: str = "auto", timeout_s: int = 600) -> World:
         # with a message naming the collective, instead of hanging forever.
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                  timeout=datetime.timedelta(seconds=timeout_s))
+    elif size == 1 and group_of_one and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=datetime.timedelta(seconds=timeout_s))
     return World(rank, size, local_rank, device, nodes)
 
 
@@ -71,12 +76,13 @@ def close_world(clean: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def torchrun_world(device_name: str = "auto"):
+def torchrun_world(device_name: str = "auto", group_of_one: bool = False):
     """`with torchrun_world(cfg.device) as world:` init_world, and close_world on the way out (a barrier first
     only when the body ended normally). Nested in an open group (a trainer training a stage:<recipe> first,
-    optsys.stages), it joins that group and leaves it open for the outer run: only its opener closes it."""
+    optsys.stages), it joins that group and leaves it open for the outer run: only its opener closes it.
+    `group_of_one`: see init_world (parallel.backend=deepspeed)."""
     was_open = dist.is_available() and dist.is_initialized()
-    world = init_world(device_name)
+    world = init_world(device_name, group_of_one=group_of_one)
     if was_open or not dist.is_initialized():
         # Not ours to close: an outer run's group, or none at all in one process (where an in-process vLLM
         # engine may open a 1-rank group of its own, which its shutdown destroys).

@@ -40,6 +40,14 @@ from optsys.parallel.dist import (
     shard_model,
     weight_checksums,
 )
+from optsys.parallel.zero import (
+    deepspeed_config,
+    full_fp32_state_dict,
+    write_deepspeed_config,
+    zero_backward,
+    zero_engine,
+    zero_step,
+)
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.nvtx import phase
 from optsys.trainers.precision import (
@@ -210,20 +218,30 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
-def backward_share(loss_sum: torch.Tensor, real: bool, step_count: int, world: World) -> float:
+def backward_share(loss_sum: torch.Tensor, real: bool, step_count: int, world: World, *, engine=None,
+                   last: bool = True) -> float:
     """Backward of one micro-batch's summed loss as its part of the step's mean over `step_count` units (target
     tokens, pairs) of ALL ranks; returns the micro-batch's loss sum (0 for a zero-weight filler, which runs only
-    to keep FSDP's collectives in step). FSDP averages gradients over ranks, so the world size turns that
-    average back into the sum the mean needs."""
+    to keep FSDP's collectives in step). FSDP (and DeepSpeed ZeRO) average gradients over ranks, so the world
+    size turns that average back into the sum the mean needs. A DeepSpeed `engine` runs the backward, `last`
+    marking the step's last micro-batch (its gradient accumulation boundary)."""
     weight = float(real)
+    scaled = loss_sum * (weight * world.size / max(1, step_count))
     with phase("backward"):
-        (loss_sum * (weight * world.size / max(1, step_count))).backward()
+        if engine is None:
+            scaled.backward()
+        else:
+            zero_backward(engine, scaled, last)
     return weight * loss_sum.item()
 
 
-def clip_and_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> float:
+def clip_and_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float, engine=None) -> float:
     """Clip the global grad norm (0 disables), step optimizer and schedule, clear grads; returns the
-    pre-clip norm (NaN when clipping is off). Works on FSDP2's DTensor parameters too."""
+    pre-clip norm (NaN when clipping is off). Works on FSDP2's DTensor parameters too. A DeepSpeed `engine`
+    does all of it (clipping at its gradient_clipping = trainer.grad_clip) and reports its norm."""
+    if engine is not None:
+        with phase("optimizer"):
+            return zero_step(engine)
     with phase("optimizer"):
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else float("nan")
         optimizer.step()
@@ -286,34 +304,54 @@ SAME_INPUTS_HINT = ("Every rank loads the model and data itself, so under torchr
                     "(tiny: models, stage: runs) that every node sees, with the same optsys version everywhere")
 
 
-def ready_for_training(model, world: World, p: Precision, methods: dict | None = None):
+def ready_for_training(model, world: World, p: Precision, methods: dict | None = None, backend: str = "fsdp2"):
     """fp32 master weights, the fused-loss forward methods attached, and FSDP2 shards under torchrun
-    (all-gathered in the compute dtype under mixed precision). Under torchrun the ranks first check that they
-    loaded the same weights: FSDP2 keeps each rank's own shard of what that rank loaded, so a node that read
-    other weights (a node-local cache, another folder) would otherwise train a silently mixed model."""
+    (all-gathered in the compute dtype under mixed precision); backend="deepspeed" leaves the model whole:
+    `deepspeed_engine` partitions it. Under torchrun the ranks first check that they loaded the same weights:
+    each rank keeps its own shard of what that rank loaded, so a node that read other weights (a node-local
+    cache, another folder) would otherwise train a silently mixed model."""
     mismatch = rank0_mismatch("the loaded weights", weight_checksums(model), world)
     if mismatch:
         raise ConfigError(f"{mismatch}. {SAME_INPUTS_HINT}.")
     model = attach_forward_methods(to_master(model, p), methods)
-    return shard_model(model, world, fsdp_param_dtype(p))
+    return shard_model(model, world, fsdp_param_dtype(p)) if backend == "fsdp2" else model
 
 
-def save_final_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, world: World, p: Precision) -> None:
+def deepspeed_engine(cfg: TrainConfig, world: World, p: Precision, out_dir: Path, *, model, optimizer, scheduler):
+    """parallel.backend=deepspeed: the ZeRO engine that owns `model`, `optimizer` and `scheduler` from here (see
+    optsys.parallel.zero); its generated config goes to <out_dir>/deepspeed_config.json (rank 0 writes)."""
+    config = deepspeed_config(zero_stage=cfg.parallel.zero_stage, batch_tokens=cfg.trainer.batch_tokens,
+                              max_tokens=cfg.data.max_tokens, world_size=world.size, grad_clip=cfg.trainer.grad_clip,
+                              bf16=p.mixed)
+    if world.is_main:
+        path = write_deepspeed_config(out_dir, config)
+        print(f"parallel: DeepSpeed ZeRO-{cfg.parallel.zero_stage} over {world.size} rank(s), config in {path}")
+    return zero_engine(model, optimizer, scheduler, config, world.device)
+
+
+def save_final_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, world: World, p: Precision,
+                     engine=None) -> None:
     """<out_dir>/final/: a Hugging Face folder with the weights in model.dtype, gathered from the shards under
-    torchrun (every rank calls; rank 0 writes). LoRA: peft's adapter folder, adapters as trained (fp32);
-    in one process also final-merged/ with model.lora.save_merged."""
+    torchrun (every rank calls; rank 0 writes); under DeepSpeed from the ZeRO optimizer's fp32 master weights.
+    LoRA: peft's adapter folder, adapters as trained (fp32); in one process also final-merged/ with
+    model.lora.save_merged."""
     with phase("checkpoint"):
+        if engine is not None:
+            save_gathered(model, tokenizer, out_dir / "final", world, p, state_dict=full_fp32_state_dict(engine, model))
+            return
         if not world.distributed and is_peft(model):
             save_final(model, tokenizer, out_dir, cfg.model.lora, dtype=p.storage)
             return
         save_gathered(model, tokenizer, out_dir / "final", world, p, storage_dtype=not is_peft(model))
 
 
-def save_gathered(model, tokenizer, path: Path, world: World, p: Precision, *, storage_dtype: bool = True) -> None:
+def save_gathered(model, tokenizer, path: Path, world: World, p: Precision, *, storage_dtype: bool = True,
+                  state_dict: dict | None = None) -> None:
     """A Hugging Face folder from the model's full state dict (gathered from the shards under torchrun: every
-    rank calls, rank 0 writes), its floating-point weights cast to model.dtype unless `storage_dtype` is False
-    (a peft adapter keeps the dtype it was trained in)."""
-    state_dict = full_state_dict(model, world)  # a collective under torchrun
+    rank calls, rank 0 writes; or `state_dict`, already gathered), its floating-point weights cast to model.dtype
+    unless `storage_dtype` is False (a peft adapter keeps the dtype it was trained in)."""
+    if state_dict is None:
+        state_dict = full_state_dict(model, world)  # a collective under torchrun
     if world.is_main:
         if storage_dtype:
             state_dict = storage_state_dict(state_dict, p)
@@ -523,16 +561,17 @@ def locate_resume(cfg: TrainConfig, out_dir: Path, world: World) -> Path | None:
 
 
 def restore_run(path: Path | None, out_dir: Path, world: World, *, model, optimizer, scheduler,
-                fingerprint: dict, max_steps: int) -> dict:
+                fingerprint: dict, max_steps: int, engine=None) -> dict:
     """The trainer state to start from: a fresh one when `path` is None; else load checkpoint `path` into
-    model / optimizer / scheduler (after its fingerprint and hashes check), drop the metrics rows a killed
-    run logged after it, and return its trainer state."""
+    model / optimizer / scheduler (or the DeepSpeed `engine` that owns them) after its fingerprint and hashes
+    check, drop the metrics rows a killed run logged after it, and return its trainer state."""
     mismatch = rank0_mismatch("the run fingerprints (model, data, settings)", fingerprint, world)
     if mismatch:  # e.g. a node with another copy of data.dataset: its ranks would train on other batches
         raise ConfigError(f"{mismatch}. {SAME_INPUTS_HINT}.")
     if path is None:
         return {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "window": None, "summary": {}}
-    state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint)
+    state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint,
+                            engine=engine)
     if world.is_main:
         rewind_metrics(out_dir / "metrics.jsonl", state["step"])
         print(f"resuming {out_dir} from {path.name} (step {state['step']} of {max_steps})")
@@ -594,13 +633,14 @@ def checkpoint_due(tc, step: int) -> bool:
 
 def save_training_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, world: World, *, model, optimizer,
                              scheduler, fingerprint: dict, clock: RunClock, position: tuple[int, int],
-                             counters: dict, summary: dict, window: dict | None = None) -> None:
+                             counters: dict, summary: dict, window: dict | None = None, engine=None) -> None:
     """Checkpoint `step` with what the loop needs to continue: data position, the clock plus `counters`
-    (JSON), an open metric window, the before-training summary. Every rank calls under torchrun (DCP shards,
-    per-rank RNG; rank 0 writes the rest). The write's time is taken out of the training time."""
+    (JSON), an open metric window, the before-training summary. Every rank calls under torchrun (DCP shards or
+    the DeepSpeed `engine`'s checkpoint, per-rank RNG; rank 0 writes the rest). The write's time is taken out of
+    the training time."""
     t0 = time.time()
     with phase("checkpoint"):
-        save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+        save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine,
                         fingerprint=fingerprint, keep_last=cfg.trainer.keep_last, sharded=world.distributed,
                         trainer_state={"data": {"epoch": position[0], "index": position[1]},
                                        "counters": {**clock.state(), **counters}, "window": window,

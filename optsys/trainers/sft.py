@@ -7,6 +7,8 @@ sequences fall into rows (a per-row mean would overweight tokens in short rows).
 The loss runs from hidden states through the fused linear cross-entropy: no [T, V] logits.
 Checkpoints (optsys/checkpoint.py) every trainer.save_every steps and at the end; resume=true continues
 from the latest one bit for bit: same weights, optimizer, schedule, RNG, data position and log windows.
+parallel.backend=deepspeed hands weights, AdamW and schedule to a DeepSpeed ZeRO engine (optsys/parallel/zero.py):
+the losses then run through `net` (the engine), and backward, step and checkpoints go through it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from optsys.trainers.common import (
     checkpoint_due,
     clip_and_step,
     close_run,
+    deepspeed_engine,
     describe_batches,
     epoch_order,
     eval_due,
@@ -139,7 +142,8 @@ def eval_loss(model, examples: list[TokenizedExample], cfg: TrainConfig, pad_id:
 
 def train(cfg: TrainConfig) -> dict | None:
     """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
-    with telemetry(cfg.trainer.telemetry), torchrun_world(cfg.device) as world:
+    one_rank_group = cfg.parallel.backend == "deepspeed"  # DeepSpeed needs a process group in one process too
+    with telemetry(cfg.trainer.telemetry), torchrun_world(cfg.device, group_of_one=one_rank_group) as world:
         return _train(cfg, world)
 
 
@@ -167,14 +171,20 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     }
     if world.is_main:
         print(precision.describe())
-    model = ready_for_training(model, world, precision)  # fp32 master weights; FSDP2 under torchrun
+    # fp32 master weights; FSDP2 under torchrun (parallel.backend=fsdp2)
+    model = ready_for_training(model, world, precision, backend=cfg.parallel.backend)
     model.train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
     fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=examples_sha256(data.train))
+    engine = None  # parallel.backend=deepspeed: the ZeRO engine, which owns model, optimizer and schedule from here
+    if cfg.parallel.backend == "deepspeed":
+        engine = deepspeed_engine(cfg, world, precision, out_dir, model=model, optimizer=optimizer,
+                                  scheduler=scheduler)
+    net = model if engine is None else engine  # what the losses run through
     state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
-                        fingerprint=fingerprint, max_steps=tc.max_steps)
+                        fingerprint=fingerprint, max_steps=tc.max_steps, engine=engine)
     summary.update(state["summary"])  # eval/accuracy_before is not recomputed
     log = open_metrics(cfg, out_dir, world, start_step=state["step"])
 
@@ -202,15 +212,16 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             n_targets = sum(b.num_target_tokens for b in group)
             step_loss = 0.0
             # A rank short of micro-batches reruns one with weight 0, keeping FSDP's collectives in step.
-            for batch, real in shared_batches(group, world):
+            shares = list(shared_batches(group, world))
+            for i, (batch, real) in enumerate(shares):
                 with autocast_context(tc.precision, device):
-                    loss_sum = micro_batch_loss_sum(model, batch, packing=cfg.data.packing, pad_id=pad_id,
+                    loss_sum = micro_batch_loss_sum(net, batch, packing=cfg.data.packing, pad_id=pad_id,
                                                     backend=tc.kernel_backend, device=device)
                 # Normalized by the whole step's target count (see module docstring)
-                part = backward_share(loss_sum, real, n_targets, world)
+                part = backward_share(loss_sum, real, n_targets, world, engine=engine, last=i == len(shares) - 1)
                 meter.add_total("loss", part, batch.num_target_tokens if real else 0)
                 step_loss += part
-            grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)
+            grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip, engine=engine)
             (step_loss,) = all_reduce_sum([step_loss], world)
 
         clock.add(sum(b.num_tokens for b in group))
@@ -229,25 +240,25 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             meter = MetricWindow(("loss",))
             clock.new_window()
         if eval_due(tc, step) and data.eval:
-            log.log(step, {"eval/loss": eval_loss(model, data.eval, cfg, pad_id, device)})
+            log.log(step, {"eval/loss": eval_loss(net, data.eval, cfg, pad_id, device)})
         if not torch.isfinite(torch.tensor(loss_value)):
             progress.close()
             raise FloatingPointError(
                 f"train/loss became {loss_value} at step {step}; lower trainer.lr or check the data "
                 f"(metrics so far are in {out_dir / 'metrics.jsonl'})")
         if checkpoint_due(tc, step):
-            save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer,
+            save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer, engine=engine,
                                      scheduler=scheduler, fingerprint=fingerprint, clock=clock,
                                      position=groups.position, summary=summary, counters={"loss": loss_value},
                                      window=meter.summed_state(world))
     progress.close()
     summary.update(clock.totals(loss=loss_value, steps=tc.max_steps))
     if data.eval:
-        summary["eval/loss"] = eval_loss(model, data.eval, cfg, pad_id, device)
+        summary["eval/loss"] = eval_loss(net, data.eval, cfg, pad_id, device)
         log.log(step, {"eval/loss": summary["eval/loss"]})
     if cfg.eval.after:
         accuracy("after", step)
 
-    save_final_model(model, tokenizer, out_dir, cfg, world, precision)
+    save_final_model(model, tokenizer, out_dir, cfg, world, precision, engine=engine)
     close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
     return summary if world.is_main else None  # rank 0 reports for the job
