@@ -4,7 +4,17 @@ the user's ~/.cache and never depend on what an earlier run left there."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch  # importing torch does not import triton
+
+# The Triton kernels run on CPU through the interpreter, and TRITON_INTERPRET must be set before triton is first
+# imported in this process: test modules collected before tests/kernels (tests/eval imports the fused kernels,
+# vLLM imports triton) would otherwise import it first, and the interpreter tests would skip (tests/kernels/
+# conftest.py). With CUDA the kernels compile for the GPU instead, so the variable is left alone there.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)
