@@ -775,6 +775,15 @@ def _set_dotted(data: dict, dotted: str, value: str) -> None:
     node[parts[-1]] = value
 
 
+def apply_overrides(data: dict, overrides, *, example: str) -> None:
+    """Set each `key.sub=value` override into the nested dict (values are coerced later, by _merge)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like {example}")
+        key, value = item.split("=", 1)
+        _set_dotted(data, key.strip(), value)
+
+
 def recipe_path(name: str) -> Path:
     path = RECIPES_DIR / f"{name}.yaml"
     if not path.exists():
@@ -806,11 +815,7 @@ def load_config(recipe: str | None = None, config_file: str | None = None,
         name = recipe or "quickstart"
         data = read_yaml(recipe_path(name))
     data.setdefault("recipe", name)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. trainer.lr=2e-5)")
-        key, value = item.split("=", 1)
-        _set_dotted(data, key.strip(), value)
+    apply_overrides(data, overrides, example="key.sub=value (e.g. trainer.lr=2e-5)")
     cfg = TrainConfig()
     _merge(cfg, data)
     cfg.validate()

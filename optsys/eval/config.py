@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optsys.config import RECIPES_DIR, ConfigError, _did_you_mean, _merge, _set_dotted, read_yaml
+from optsys.config import RECIPES_DIR, ConfigError, _did_you_mean, _merge, apply_overrides, read_yaml
 
 EVAL_RECIPES_DIR = RECIPES_DIR / "eval"
 
@@ -147,11 +147,7 @@ def load_eval_config(recipe: str | None = None, config_file: str | None = None, 
         raise ConfigError("pass either --recipe or --config, not both")
     data = read_yaml(Path(config_file)) if config_file else read_yaml(recipe_file(recipe)) if recipe else {}
     data.update({k: v for k, v in (flags or {}).items() if v is not None})
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. temperature=0.7)")
-        key, value = item.split("=", 1)
-        _set_dotted(data, key.strip(), value)
+    apply_overrides(data, overrides, example="key=value (e.g. temperature=0.7)")
     cfg = EvalRunConfig()
     _merge(cfg, data)
     check(cfg)
