@@ -7,10 +7,10 @@ checked by hand the same way; README.md, GPUs and torchrun)."""
 import importlib.util
 import json
 import sys
-import textwrap
 
 import pytest
 import torch
+from failing_rank import failing_rank_script
 from safetensors.torch import load_file
 from test_distributed import losses, run  # tests/ is on sys.path (pytest's rootdir-relative imports)
 from test_profiling import _shell, needs_no_cuda
@@ -170,27 +170,6 @@ def assert_follows_one_process(one_process, out, tol=1e-4) -> float:
     return diff
 
 
-FAILING_RANK = textwrap.dedent("""
-    import os, sys
-    from optsys.trainers import sft
-
-    done = {"steps": 0}
-    clip_and_step, loss_sum = sft.clip_and_step, sft.micro_batch_loss_sum
-
-    def counting_clip_and_step(*args, **kwargs):
-        done["steps"] += 1
-        return clip_and_step(*args, **kwargs)
-
-    def failing_loss_sum(*args, **kwargs):
-        if os.environ["RANK"] == "1" and done["steps"] == 6:
-            raise RuntimeError("injected failure on rank 1 at step 7")
-        return loss_sum(*args, **kwargs)
-
-    sft.clip_and_step, sft.micro_batch_loss_sum = counting_clip_and_step, failing_loss_sum
-    from optsys.train import main
-
-    main(sys.argv[1:])
-""")
 
 
 @needs_deepspeed
@@ -201,7 +180,7 @@ def test_zero3_job_whose_rank_dies_resumes_exactly(one_process, tmp_path, tiny_p
     position, RNG and counters: steps 5 and 6 come out bit for bit as the dead job logged them, and the whole run
     follows the 1-process trainer."""
     script = tmp_path / "fail_rank1.py"
-    script.write_text(FAILING_RANK)
+    script.write_text(failing_rank_script(7))
     out = tmp_path / "zero3"
     args = [*overrides(tiny_path, out), "parallel.backend=deepspeed", "parallel.zero_stage=3"]
     proc = run([*TORCHRUN, str(script), *args])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from failing_rank import failing_rank_script
 from safetensors.torch import load_file
 
 from optsys.checkpoint import CheckpointError, _checked_manifest, latest_checkpoint, read_manifest
@@ -224,27 +225,6 @@ def test_each_rank_hashes_only_its_own_files_at_save_and_load(tmp_path, tiny_pat
         set(hashed[0])
 
 
-FAILING_RANK = textwrap.dedent("""
-    import os, sys
-    from optsys.trainers import sft
-
-    done = {"steps": 0}
-    clip_and_step, loss_sum = sft.clip_and_step, sft.micro_batch_loss_sum
-
-    def counting_clip_and_step(*args, **kwargs):
-        done["steps"] += 1
-        return clip_and_step(*args, **kwargs)
-
-    def failing_loss_sum(*args, **kwargs):
-        if os.environ["RANK"] == "1" and done["steps"] == 2:
-            raise RuntimeError("injected failure on rank 1 at step 3")
-        return loss_sum(*args, **kwargs)
-
-    sft.clip_and_step, sft.micro_batch_loss_sum = counting_clip_and_step, failing_loss_sum
-    from optsys.train import main
-
-    main(sys.argv[1:])
-""")
 
 
 @pytest.mark.slow
@@ -253,7 +233,7 @@ def test_a_rank_that_dies_ends_the_job(tmp_path, tiny_path):
     failed worker and SIGTERMs the other (or gloo fails rank 0's collective first), so the job exits
     non-zero promptly with rank 1's error, instead of rank 0 hanging until the process-group timeout."""
     script = tmp_path / "fail_rank1.py"
-    script.write_text(FAILING_RANK)
+    script.write_text(failing_rank_script(3))
     out = tmp_path / "fail"
     t0 = time.time()
     proc = run([*TORCHRUN, str(script), *overrides(tiny_path, out)], timeout=180)
