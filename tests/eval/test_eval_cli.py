@@ -11,15 +11,11 @@ from optsys.eval.__main__ import main
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def run(args, capsys=None):
-    return main(args)
-
-
 def fail(args, capsys) -> str:
+    """The message of a CLI run that exits with an input error."""
     with pytest.raises(SystemExit) as e:
         main(args)
-    text = str(e.value.code)
-    return text
+    return str(e.value.code)
 
 
 def test_every_method_end_to_end_writes_results_samples_and_plots(tiny_path, tmp_path):
