@@ -121,7 +121,8 @@ def run_optsys(args, engine: str) -> dict:
 # ---------------------------------------------------------------------------- TRL (child process)
 
 
-def run_trl(args) -> dict:
+def run_trl(args, extra: dict | None = None) -> dict:
+    """TRL's GRPOTrainer on the same work; `extra` = more GRPOConfig settings (bench/e2e.py's best settings)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -188,6 +189,7 @@ def run_trl(args) -> dict:
         warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
         max_steps=args.steps, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
         shuffle_dataset=False, seed=cfg.seed, use_vllm=False, dataloader_num_workers=0, disable_tqdm=True,
+        **(extra or {}),
     )
     t0 = time.perf_counter()
     trainer = GRPOTrainer(model=model, reward_funcs=[correct_reward, length_bonus], args=targs,

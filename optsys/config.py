@@ -45,8 +45,9 @@ class ModelConfig:
     # How weights are stored: loaded in this dtype and final/ written in it. Training keeps fp32 master weights
     # and optimizer state whatever it is; trainer.precision says what the matmuls run in.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # "auto": flash_attention_2 on CUDA when installed (varlen, packing by position_ids), else sdpa
-    # with a block-diagonal mask. "eager" works too (additive mask).
+    # "auto": flash_attention_2 on CUDA when installed (varlen, packing by position_ids), else sdpa run once per
+    # packed sequence (optsys.models.attention). "sdpa": one call per row under a dense block-diagonal mask (T^2
+    # work for a row of T tokens). "eager" works too (additive mask).
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False

@@ -68,23 +68,53 @@ def test_lora_sync_bench_quick(tmp_path):
 
 @pytest.mark.slow
 def test_rl_bench_quick(tmp_path):
-    # The script itself fails when TRL is handed other prompts than optsys's trainer draws, step for step.
+    # Its optsys-vllm and trl-hf variants (and the check that TRL saw optsys's prompts) run in
+    # test_e2e_bench_quick, as bench/e2e.py's GRPO rows: skipped here to keep CI's time.
     pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra")
-    pytest.importorskip("trl", reason="TRL is the baseline of bench/rl.py")
     out = tmp_path / "rl.json"
     run_script(ROOT / "bench" / "rl.py", "--model", "test", "--steps", "2", "--prompts", "2", "--group", "2",
-               "--max-new-tokens", "4", "--sync-repeats", "1", "--json", out)
+               "--max-new-tokens", "4", "--sync-repeats", "1", "--skip", "optsys-vllm,trl-hf", "--json", out)
     result = json.loads(out.read_text())
-    assert set(result["results"]) == {"optsys-vllm", "optsys-hf", "trl-hf"}
+    assert set(result["results"]) == {"optsys-hf"}
     for name, r in result["results"].items():
         assert [s["step"] for s in r["steps"]] == [1, 2], name
         timed = r["steps"][1]
         assert timed["step_s"] > 0 and timed["parts_s"]["generate"] > 0 and timed["completion_tokens"] > 0, name
         assert result["summary"][name]["s_per_step"] > 0
-    vllm_run = result["results"]["optsys-vllm"]
-    assert vllm_run["engine"] == "vllm" and vllm_run["engine_start_s"] > 0
-    assert result["trl_over_variant"]["trl-hf"] == 1.0
+    assert result["results"]["optsys-hf"]["engine"] == "hf"
     assert result["sync"]["median_s"] > 0 and result["sync"]["s_per_m_params"] > 0
     assert result["sync"]["canary_error"] < 1e-4
     assert {"torch", "vllm", "trl", "transformers"} <= set(result["versions"])
     assert result["machine"]["cores"] > 0 and len(result["machine"]["load_average_start"]) == 3
+
+
+@pytest.mark.slow
+def test_e2e_bench_quick(tmp_path):
+    # The script itself exits 1 when a TRL variant's step-1 loss or grad norm differs from optsys's (SFT, DPO), or
+    # when TRL's GRPO reward calls saw other prompts than optsys draws.
+    pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra")
+    pytest.importorskip("trl", reason="TRL is the baseline of bench/e2e.py")
+    out = tmp_path / "e2e.json"
+    run_script(ROOT / "bench" / "e2e.py", "--model", "test", "--steps", "2", "--sft-seqs", "8", "--dpo-pairs", "8",
+               "--prompt-words", "6", "--completion-words", "12", "--max-words", "40", "--max-tokens", "256",
+               "--grpo-prompts", "2", "--grpo-group", "2", "--grpo-new-tokens", "4",
+               # the same code as the rows run here (optsys with one override; trl-default's GRPOTrainer)
+               "--skip", "sft:optsys-mask,grpo:trl-best", "--out", out)
+    result = json.loads(out.read_text())
+    assert result["problems"] == []
+    trl = {"optsys", "trl-default", "trl-best"}
+    variants = {"sft": trl, "dpo": trl | {"optsys-mask"}, "grpo": trl - {"trl-best"}}  # the others: --skip
+    assert set(result["summary"]) == {"sft", "dpo", "grpo"}
+    for section, summ in result["summary"].items():
+        assert set(summ) == variants[section], section
+        for name, s in summ.items():
+            assert s["s_per_step"] > 0 and s["tokens_per_s"] > 0 and s["peak_rss_mb"] > 0
+            if section == "grpo":
+                assert 0 < s["s_per_step_no_gen"] < s["s_per_step"], name
+            else:  # the same computation: step 1's loss on the same weights and tokens
+                assert s["loss_step1"] == pytest.approx(summ["optsys"]["loss_step1"], rel=1e-3), (section, name)
+    rows = {(r["section"], r["variant"]): r for r in result["table"]}
+    assert rows[("sft", "optsys")]["optsys_speedup"] == 1.0
+    assert result["results"]["sft"]["trl-best"]["micro_batches_per_step"] < 8  # packed rows, not 8 sequences
+    assert result["results"]["dpo"]["trl-default"]["micro_batches_per_step"] == 1  # 8 pairs, one padded batch
+    assert result["results"]["dpo"]["trl-best"]["micro_batches_per_step"] == 8  # one pair per micro-batch

@@ -32,7 +32,9 @@ def pick_attn_implementation(requested: str, device: torch.device) -> str:
         return requested
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    from optsys.models.attention import register
+
+    return register()  # sdpa, once per packed sequence (optsys.models.attention)
 
 
 def from_pretrained(loader, path: str, **kwargs):

@@ -4,7 +4,8 @@ Restarting position_ids alone does not separate packed sequences under sdpa or e
 (logits drift by ~1.0; verified on transformers 5.19). So on those paths we pass an explicit 4D
 block-diagonal causal mask. It is O(T^2) memory: fine for CPU rows of a few thousand tokens.
 With flash_attention_2, transformers derives varlen cu_seqlens from the restarting position_ids,
-so no mask is built at all.
+so no mask is built at all; with optsys's `optsys_sdpa_varlen` (what `auto` picks without flash-attn,
+optsys.models.attention) sdpa runs once per sequence and the mask is only a fallback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from optsys.kernels import fused_linear_cross_entropy, linear_token_logprobs
 from optsys.losses.sequence import IGNORE_INDEX, _token_logprobs, sequence_logprobs
+from optsys.models.attention import ATTN_IMPLEMENTATION
 from optsys.models.heads import output_head
 from optsys.telemetry.nvtx import phase
 
@@ -50,14 +52,19 @@ def lm_head_weight(model) -> torch.Tensor:
 def packed_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
     """Hidden states [T, H] of a packed row input_ids [1, T]; no logits are computed."""
     impl = model.config._attn_implementation
+    extra = {}
     if impl == "flash_attention_2":
         mask = None
     elif impl == "eager":
         mask = block_diagonal_causal_mask(seq_lens, input_ids.device, additive_dtype=model.dtype)
     else:
         mask = block_diagonal_causal_mask(seq_lens, input_ids.device)
+        if impl == ATTN_IMPLEMENTATION:
+            # sdpa per sequence; the mask stays, so a model whose layers do not pass the keyword on is still right
+            extra["packed_seq_lens"] = tuple(int(n) for n in seq_lens)
     with phase("forward"):
-        out = backbone(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
+        out = backbone(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False,
+                              **extra)
     return out.last_hidden_state[0]
 
 

