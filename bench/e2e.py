@@ -61,7 +61,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -347,15 +346,7 @@ def child(name: str, args, data_file: Path, rows_file: Path) -> dict:
         x for k, v in vars(args).items()
         if k not in ("child", "data", "rows", "out", "sections", "skip") and v is not None
         for x in (f"--{k.replace('_', '-')}", str(v))]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"variant {name} failed (exit {proc.returncode})")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_s"] = time.perf_counter() - t0
-    return result
+    return rl_bench.run_variant(cmd, name, {"TOKENIZERS_PARALLELISM": "false"})
 
 
 def mean(xs):

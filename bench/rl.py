@@ -287,7 +287,12 @@ def child(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--only", name] + [
         x for k, v in vars(args).items() if k not in ("only", "json", "skip") and v is not None
         for x in (f"--{k.replace('_', '-')}", str(v))]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return run_variant(cmd, name)
+
+
+def run_variant(cmd: list[str], name: str, env: dict | None = None) -> dict:
+    """One variant in its own process (bench/e2e.py's too): its JSON result is the last line of its stdout."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
