@@ -18,11 +18,11 @@ every variant sees the same sequences and step 1's loss is computed on the same 
 step 1's loss and grad norm agree (rtol 1e-3) and exits 1 when they do not.
 
   sft  optsys        optsys.trainers.sft.train: best-fit-decreasing packed rows of --max-tokens tokens, attention
-                     per sequence (`attn_implementation: auto` without flash-attn = sdpa once per packed sequence,
+                     per sequence (model.attn_implementation=sdpa_varlen: sdpa once per packed sequence,
                      optsys.models.attention), fused chunked cross-entropy (no [tokens x vocab] logits),
                      micro-batches summed into one step normalized by its target tokens.
-       optsys-mask   the same with model.attn_implementation=sdpa: one sdpa call per row under the dense
-                     block-diagonal [T, T] mask (optsys before per-sequence attention; the ablation).
+       optsys-mask   the same with model.attn_implementation=sdpa, which is what `auto` picks without flash-attn
+                     today: one sdpa call per row under the dense block-diagonal [T, T] mask.
        trl-default   SFTTrainer, padded batches of 8 (its per_device_train_batch_size default) x gradient
                      accumulation to the whole set; completion-only loss.
        trl-best      SFTTrainer, packing=True (BFD, which turns on padding-free; attention stays inside each
@@ -175,8 +175,8 @@ def run_optsys(args, section: str, variant: str, data: dict, tmp: Path) -> dict:
     ]
     if section == "dpo":
         overrides += ["pref.beta=0.1", "pref.reference=precompute"]
-    if variant == "optsys-mask":  # the ablation: plain sdpa under the dense block-diagonal mask
-        overrides += ["model.attn_implementation=sdpa"]
+    # optsys: sdpa once per packed sequence; optsys-mask: sdpa under the dense block-diagonal mask (auto's choice)
+    overrides += [f"model.attn_implementation={'sdpa' if variant == 'optsys-mask' else 'sdpa_varlen'}"]
     cfg = load_config(config_file=str(base), overrides=overrides)
     summary = (sft if section == "sft" else preference).train(cfg)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

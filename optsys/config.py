@@ -45,10 +45,11 @@ class ModelConfig:
     # How weights are stored: loaded in this dtype and final/ written in it. Training keeps fp32 master weights
     # and optimizer state whatever it is; trainer.precision says what the matmuls run in.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # "auto": flash_attention_2 on CUDA when installed (varlen, packing by position_ids), else sdpa run once per
-    # packed sequence (optsys.models.attention). "sdpa": one call per row under a dense block-diagonal mask (T^2
-    # work for a row of T tokens). "eager" works too (additive mask).
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # "auto": flash_attention_2 on CUDA when installed (varlen, packing by position_ids), else sdpa: one call per
+    # packed row under a dense block-diagonal mask (T^2 work for a row of T tokens). "sdpa_varlen": sdpa once per
+    # packed sequence (optsys.models.attention; 1.71x faster SFT steps in bench/e2e.py, not yet the default: see
+    # there). "eager" works too (additive mask).
+    attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)

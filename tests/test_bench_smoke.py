@@ -90,31 +90,50 @@ def test_rl_bench_quick(tmp_path):
 
 @pytest.mark.slow
 def test_e2e_bench_quick(tmp_path):
-    # The script itself exits 1 when a TRL variant's step-1 loss or grad norm differs from optsys's (SFT, DPO), or
-    # when TRL's GRPO reward calls saw other prompts than optsys draws.
-    pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra")
+    # The script itself exits 1 when a TRL variant's step-1 loss or grad norm differs from optsys's. Its GRPO rows
+    # are bench/rl.py's run_optsys / run_trl (test_rl_bench_quick covers rl.py; the GRPO summary is checked below).
     pytest.importorskip("trl", reason="TRL is the baseline of bench/e2e.py")
     out = tmp_path / "e2e.json"
     run_script(ROOT / "bench" / "e2e.py", "--model", "test", "--steps", "2", "--sft-seqs", "8", "--dpo-pairs", "8",
                "--prompt-words", "6", "--completion-words", "12", "--max-words", "40", "--max-tokens", "256",
-               "--grpo-prompts", "2", "--grpo-group", "2", "--grpo-new-tokens", "4",
-               # the same code as the rows run here (optsys with one override; trl-default's GRPOTrainer)
-               "--skip", "sft:optsys-mask,grpo:trl-best", "--out", out)
+               # skipped: the same code as rows that run (optsys with one override; DPOTrainer with other settings)
+               "--sections", "sft,dpo", "--skip", "sft:optsys-mask,dpo:trl-default", "--out", out)
     result = json.loads(out.read_text())
     assert result["problems"] == []
-    trl = {"optsys", "trl-default", "trl-best"}
-    variants = {"sft": trl, "dpo": trl | {"optsys-mask"}, "grpo": trl - {"trl-best"}}  # the others: --skip
-    assert set(result["summary"]) == {"sft", "dpo", "grpo"}
+    variants = {"sft": {"optsys", "trl-default", "trl-best"}, "dpo": {"optsys", "optsys-mask", "trl-best"}}
+    assert {sec: set(summ) for sec, summ in result["summary"].items()} == variants
     for section, summ in result["summary"].items():
-        assert set(summ) == variants[section], section
         for name, s in summ.items():
             assert s["s_per_step"] > 0 and s["tokens_per_s"] > 0 and s["peak_rss_mb"] > 0
-            if section == "grpo":
-                assert 0 < s["s_per_step_no_gen"] < s["s_per_step"], name
-            else:  # the same computation: step 1's loss on the same weights and tokens
-                assert s["loss_step1"] == pytest.approx(summ["optsys"]["loss_step1"], rel=1e-3), (section, name)
+            # the same computation: step 1's loss on the same weights and tokens
+            assert s["loss_step1"] == pytest.approx(summ["optsys"]["loss_step1"], rel=1e-3), (section, name)
     rows = {(r["section"], r["variant"]): r for r in result["table"]}
     assert rows[("sft", "optsys")]["optsys_speedup"] == 1.0
     assert result["results"]["sft"]["trl-best"]["micro_batches_per_step"] < 8  # packed rows, not 8 sequences
-    assert result["results"]["dpo"]["trl-default"]["micro_batches_per_step"] == 1  # 8 pairs, one padded batch
+    assert result["results"]["sft"]["trl-default"]["micro_batches_per_step"] == 1  # 8 sequences, one padded batch
     assert result["results"]["dpo"]["trl-best"]["micro_batches_per_step"] == 8  # one pair per micro-batch
+
+
+def test_e2e_grpo_summary_and_checks():
+    """bench/e2e.py's GRPO rows (generation included and excluded) and its same-computation check, on made-up
+    child results (the children themselves are bench/rl.py's, run by test_rl_bench_quick and test_e2e_bench_quick's
+    siblings)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import e2e
+
+    def grpo(step_s, gen_s):
+        return {"peak_rss_mb": 900.0, "steps": [{"step_s": 99.0, "parts_s": {"generate": 50.0}, "completion_tokens": 1},
+                                                {"step_s": step_s, "parts_s": {"generate": gen_s},
+                                                 "completion_tokens": 64}]}
+
+    summ = {name: e2e.summarize("grpo", r, floor_mb=400.0)
+            for name, r in {"optsys": grpo(2.0, 1.0), "trl-default": grpo(3.0, 1.0)}.items()}
+    assert summ["optsys"]["tokens_per_s"] == 32.0 and summ["optsys"]["tokens_per_s_no_gen"] == 64.0  # step 1 left out
+    assert summ["trl-default"]["s_per_step_no_gen"] == 2.0 and summ["trl-default"]["peak_over_floor_mb"] == 500.0
+    rows = {r["variant"]: r for r in e2e.print_table({}, {"grpo": summ})}
+    assert rows["trl-default"]["optsys_speedup"] == 1.5 and rows["trl-default"]["optsys_speedup_no_gen"] == 2.0
+    assert e2e.check_same_computation("grpo", summ) == []
+    sft = {"optsys": {"loss_step1": 2.0, "grad_norm_step1": 1.0},
+           "trl-best": {"loss_step1": 2.0, "grad_norm_step1": 1.1}}
+    (problem,) = e2e.check_same_computation("sft", sft)
+    assert "trl-best grad_norm_step1" in problem

@@ -45,9 +45,10 @@ def test_block_diagonal_mask_layout():
     assert torch.equal(add == 0, expected)
 
 
-def test_auto_attention_without_flash_attn_is_sdpa_per_sequence():
-    assert pick_attn_implementation("auto", torch.device("cpu")) == VARLEN
-    assert pick_attn_implementation("sdpa", torch.device("cpu")) == "sdpa"  # asked for: the masked baseline
+def test_attention_choices_without_flash_attn():
+    assert pick_attn_implementation("sdpa_varlen", torch.device("cpu")) == VARLEN
+    assert pick_attn_implementation("auto", torch.device("cpu")) == "sdpa"  # the masked path, for now
+    assert pick_attn_implementation("sdpa", torch.device("cpu")) == "sdpa"
 
 
 @pytest.mark.parametrize("preset", ["test", "test-llama"])

@@ -2,9 +2,9 @@
 
 A packed row concatenates whole sequences; `position_ids` restart at 0 per sequence and
 `seq_lens` / `cu_seqlens()` tell attention where each sequence starts, so no token attends
-across a boundary (varlen flash-attention on GPU; without it sdpa once per sequence from `seq_lens`,
-optsys/models/attention.py, or the block-diagonal mask built in optsys/models/packed.py). Targets are already shifted per sequence (see
-tokenize.py), so concatenation leaks no label either.
+across a boundary (varlen flash-attention on GPU; without it the block-diagonal mask built in
+optsys/models/packed.py, or sdpa once per sequence, optsys/models/attention.py). Targets are already
+shifted per sequence (see tokenize.py), so concatenation leaks no label either.
 """
 
 from __future__ import annotations

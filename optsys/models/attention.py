@@ -7,10 +7,13 @@ tiny model the dense-mask step took 1.71x as long). flash-attn's varlen kernel a
 `position_ids`; this is the same idea for sdpa (CPU, or a GPU without flash-attn): split q, k, v at the sequence
 boundaries and run transformers' own `sdpa_attention_forward` causally on each piece, so the math is sdpa's.
 
-The implementation is registered with transformers as `ATTN_IMPLEMENTATION` and is what `attn_implementation:
-auto` picks when flash-attn is not there. It takes the per-sequence path only when the forward carries
-`packed_seq_lens` (optsys.models.packed.packed_hidden passes it); every other call (generation, padded batches,
-a model with a sliding window) goes to plain sdpa with the mask it was given, so it is sdpa everywhere else.
+The implementation is registered with transformers as `ATTN_IMPLEMENTATION`; `model.attn_implementation:
+sdpa_varlen` selects it. It is not `auto`'s choice yet: it changes float summation order (~1e-6), and three
+seeded recipe checks whose outcome sits on a learning transition moved with it in CI (grpo_tiny's SFT start
+0.678 -> 0.906, leaving GRPO less than its +0.1 headroom; see bench/README.md, "End to end"). It takes the
+per-sequence path only when the forward carries `packed_seq_lens` (optsys.models.packed.packed_hidden passes
+it); every other call (generation, padded batches, a model with a sliding window) goes to plain sdpa with the
+mask it was given, so it is sdpa everywhere else.
 """
 
 from __future__ import annotations

@@ -28,13 +28,15 @@ def resolve_model_path(name_or_path: str, seed: int = 0) -> str:
 
 
 def pick_attn_implementation(requested: str, device: torch.device) -> str:
+    if requested == "sdpa_varlen":
+        from optsys.models.attention import register
+
+        return register()  # sdpa, once per packed sequence (optsys.models.attention)
     if requested != "auto":
         return requested
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    from optsys.models.attention import register
-
-    return register()  # sdpa, once per packed sequence (optsys.models.attention)
+    return "sdpa"
 
 
 def from_pretrained(loader, path: str, **kwargs):

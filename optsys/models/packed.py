@@ -4,7 +4,7 @@ Restarting position_ids alone does not separate packed sequences under sdpa or e
 (logits drift by ~1.0; verified on transformers 5.19). So on those paths we pass an explicit 4D
 block-diagonal causal mask. It is O(T^2) memory: fine for CPU rows of a few thousand tokens.
 With flash_attention_2, transformers derives varlen cu_seqlens from the restarting position_ids,
-so no mask is built at all; with optsys's `optsys_sdpa_varlen` (what `auto` picks without flash-attn,
+so no mask is built at all; with optsys's `optsys_sdpa_varlen` (`model.attn_implementation: sdpa_varlen`,
 optsys.models.attention) sdpa runs once per sequence and the mask is only a fallback.
 """
 
