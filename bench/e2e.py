@@ -119,7 +119,7 @@ def tokenized(args, sft_rows, dpo_rows) -> dict:
     from optsys.data.tokenize import tokenize_rows
     from optsys.models.load import load_tokenizer, resolve_model_path
 
-    tok = load_tokenizer(resolve_model_path(model_name(args.model), seed=args.seed))
+    tok = load_tokenizer(resolve_model_path(rl_bench.model_name(args.model), seed=args.seed))
     sft, _ = tokenize_rows(sft_rows, tok, max_tokens=args.max_tokens, source="e2e-sft")
     pairs, _ = tokenize_pairs(dpo_rows, tok, max_tokens=args.max_tokens, source="e2e-dpo")
     sft_ids = []
@@ -133,10 +133,6 @@ def tokenized(args, sft_rows, dpo_rows) -> dict:
         assert p == p2, "chosen and rejected must share the prompt's tokens"
         dpo_ids.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
     return {"sft": sft_ids, "dpo": dpo_ids}
-
-
-def model_name(model: str) -> str:
-    return rl_bench.model_name(model)
 
 
 # ---------------------------------------------------------------------------- children
@@ -163,7 +159,7 @@ def run_optsys(args, section: str, variant: str, data: dict, tmp: Path) -> dict:
     base.write_text("recipe: e2e_bench\n")
     out = tmp / "run"
     overrides = [
-        f"method={section}", f"model.name_or_path={model_name(args.model)}",
+        f"method={section}", f"model.name_or_path={rl_bench.model_name(args.model)}",
         "data.task=null", f"data.dataset={write_jsonl(rows, tmp / 'rows.jsonl')}", f"data.max_tokens={args.max_tokens}",
         # the whole set in every step: a step never crosses an epoch's end (StepStream), so a bigger budget is fine
         f"trainer.batch_tokens={4 * tokens + args.max_tokens}",
@@ -190,27 +186,25 @@ def run_optsys(args, section: str, variant: str, data: dict, tmp: Path) -> dict:
             "summary": {k: v for k, v in summary.items() if k.startswith(("batch/", "data/", "time/"))}}
 
 
-class _Timer:
-    """TRL step times (on_step_begin .. on_step_end) and its logged loss / grad norm."""
+def step_timer():
+    """A TrainerCallback recording TRL's step times (on_step_begin .. on_step_end) and its logged loss / grad norm."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.steps, self.logs = [], {}
 
-        class StepTimer(TrainerCallback):
-            def __init__(self):
-                self.steps, self.logs = [], {}
+        def on_step_begin(self, targs, state, control, **kw):
+            self.t0 = time.perf_counter()
 
-            def on_step_begin(self, targs, state, control, **kw):
-                self.t0 = time.perf_counter()
+        def on_step_end(self, targs, state, control, **kw):
+            self.steps.append({"step": state.global_step, "step_s": time.perf_counter() - self.t0})
 
-            def on_step_end(self, targs, state, control, **kw):
-                self.steps.append({"step": state.global_step, "step_s": time.perf_counter() - self.t0})
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.logs[state.global_step] = logs
 
-            def on_log(self, targs, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    self.logs[state.global_step] = logs
-
-        return StepTimer()
+    return StepTimer()
 
 
 def trl_common(args, tmp: Path) -> dict:
@@ -234,7 +228,7 @@ def load_hf(args):
 
     from optsys.models.load import resolve_model_path
 
-    path = resolve_model_path(model_name(args.model), seed=args.seed)
+    path = resolve_model_path(rl_bench.model_name(args.model), seed=args.seed)
     torch.manual_seed(args.seed)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
@@ -259,7 +253,7 @@ def run_trl_sft(args, variant: str, data: dict, tmp: Path) -> dict:
                      gradient_accumulation_steps=packed_rows)
     model, tok = load_hf(args)
     targs = SFTConfig(**trl_common(args, tmp), completion_only_loss=True, **extra)
-    timer = _Timer()
+    timer = step_timer()
     t0 = time.perf_counter()
     trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tok, callbacks=[timer])
     setup_s = time.perf_counter() - t0
@@ -288,7 +282,7 @@ def run_trl_dpo(args, variant: str, data: dict, tmp: Path) -> dict:
                  precompute_ref_log_probs=variant == "trl-best", max_length=args.max_tokens)
     model, tok = load_hf(args)
     targs = DPOConfig(**trl_common(args, tmp), beta=0.1, loss_type=["sigmoid"], **extra)
-    timer = _Timer()
+    timer = step_timer()
     t0 = time.perf_counter()
     trainer = PreTokenized(model=model, args=targs, train_dataset=dataset, processing_class=tok, callbacks=[timer])
     setup_s = time.perf_counter() - t0  # includes the reference precompute for trl-best
@@ -465,7 +459,7 @@ def main() -> None:
     load_start, t_start = os.getloadavg(), time.time()
     from optsys.models.load import resolve_model_path
 
-    resolve_model_path(model_name(args.model), seed=args.seed)  # built (and cached) once, here
+    resolve_model_path(rl_bench.model_name(args.model), seed=args.seed)  # built (and cached) once, here
     sft_rows, dpo_rows = make_rows(args)
     data = tokenized(args, sft_rows, dpo_rows)
     expected_prompts = rl_bench.step_prompt_texts(rl_args(args)) if "grpo" in sections else None
@@ -497,7 +491,8 @@ def main() -> None:
         problems += check_same_computation(sec, summ)
 
     lengths = sorted(len(r["input_ids"]) for r in data["sft"])
-    print(f"\nmodel {model_name(args.model)} ({floor['params'] / 1e6:.1f}M params); SFT {len(lengths)} sequences/step "
+    print(f"\nmodel {rl_bench.model_name(args.model)} ({floor['params'] / 1e6:.1f}M params); "
+          f"SFT {len(lengths)} sequences/step "
           f"(tokens: median {lengths[len(lengths) // 2]}, max {lengths[-1]}, total {sum(lengths)}); DPO "
           f"{len(data['dpo'])} pairs/step; GRPO {args.grpo_prompts} prompts x {args.grpo_group}, <= "
           f"{args.grpo_new_tokens} new tokens; {args.steps} steps (means over 2..{args.steps}); "
