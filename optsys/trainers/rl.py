@@ -239,6 +239,9 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch.dtype):
     name = resolve_engine_name(cfg.rl.engine)
+    if name == "hf" and cfg.rl.engine_tensor_parallel > 1:
+        raise ConfigError(f"rl.engine_tensor_parallel={cfg.rl.engine_tensor_parallel} needs vLLM, and rl.engine="
+                          f"{cfg.rl.engine} resolved to HF generate (vLLM is not installed)")
     if name == "hf":
         from optsys.rollout.hf_engine import HFEngine
 
@@ -249,7 +252,7 @@ def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch
     return VLLMEngine(resolve_model_path(cfg.model.name_or_path, seed=cfg.seed), dtype=storage_dtype,
                       max_model_len=cfg.data.max_tokens, seed=cfg.seed, device=world.device,
                       gpu_memory_utilization=cfg.rl.engine_memory_fraction, lora_rank=lora,
-                      distributed=world.distributed)
+                      distributed=world.distributed, tensor_parallel=cfg.rl.engine_tensor_parallel)
 
 
 def sync_policy(engine, model, cfg: TrainConfig, dtype: torch.dtype):
@@ -668,6 +671,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     engine = build_engine(cfg, model, tokenizer, world, precision.storage)
     summary["time/engine_start_s"] = time.perf_counter() - t0
     summary["rollout/engine"] = engine.name
+    summary["rollout/tensor_parallel"] = getattr(engine, "tensor_parallel", 1)
     stops = tuple(stop_token_ids(model, tokenizer))
     sampling = Sampling(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                         max_new_tokens=rl.max_new_tokens, stop_token_ids=stops)
