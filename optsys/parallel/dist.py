@@ -177,12 +177,13 @@ def broadcast_object(obj, world: World):
     return box[0]
 
 
-def all_gather_objects(obj, world: World) -> list:
-    """Every rank's value of a small picklable object, in rank order (one process: [obj])."""
-    if not world.distributed:
+def all_gather_objects(obj, world: World | None = None, group=None) -> list:
+    """Every rank's value of a small picklable object, in rank order (one process: [obj]); with `group`, the
+    ranks of that process group only."""
+    if group is None and not world.distributed:
         return [obj]
-    out = [None] * world.size
-    dist.all_gather_object(out, obj)
+    out = [None] * (world.size if group is None else dist.get_world_size(group))
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

@@ -169,11 +169,23 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
         """sampling.n completions per prompt; `seeds` (one per prompt) make each prompt's samples reproducible."""
-        if self.tp_group is not None:  # every rank of the group submits the group's requests, in rank order
-            parts = _gather(self.tp_group, (list(prompts), list(seeds)))
-            outs = self._generate([p for ps, _ in parts for p in ps], sampling, [s for _, ss in parts for s in ss])
-            return _my_part(outs, [len(ps) for ps, _ in parts], self.tp_group)
-        return self._generate(prompts, sampling, seeds)
+        return self._as_group(lambda ps, ss: self._generate(ps, sampling, ss), prompts, seeds)
+
+    def _as_group(self, fn, requests: list, per_request: list) -> list:
+        """fn(requests, per_request) -> one result per request. Tensor parallel: every rank of the group runs fn on
+        the group's requests (all ranks', in rank order: the group's schedulers must see the same ones) and keeps
+        its own results."""
+        if self.tp_group is None:
+            return fn(requests, per_request)
+        import torch.distributed as dist
+
+        from optsys.parallel.dist import all_gather_objects
+
+        parts = all_gather_objects((list(requests), list(per_request)), group=self.tp_group)
+        outs = fn([r for rs, _ in parts for r in rs], [x for _, xs in parts for x in xs])
+        me = dist.get_rank(self.tp_group)
+        start = sum(len(rs) for rs, _ in parts[:me])
+        return outs[start:start + len(requests)]
 
     def _generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
         vllm = self._vllm
@@ -195,11 +207,7 @@ class VLLMEngine:
 
     def token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         """log p(token | prefix) of sequence[start:] for each sequence, at temperature 1 (prompt log-probs)."""
-        if self.tp_group is not None:
-            parts = _gather(self.tp_group, (list(sequences), list(starts)))
-            outs = self._token_logprobs([q for qs, _ in parts for q in qs], [s for _, ss in parts for s in ss])
-            return _my_part(outs, [len(qs) for qs, _ in parts], self.tp_group)
-        return self._token_logprobs(sequences, starts)
+        return self._as_group(self._token_logprobs, sequences, starts)
 
     def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
@@ -340,22 +348,6 @@ def tensor_parallel_group(k: int):
         if first <= rank < first + k:
             mine = group
     return mine
-
-
-def _gather(group, item) -> list:
-    import torch.distributed as dist
-
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, item, group=group)
-    return out
-
-
-def _my_part(outs: list, sizes: list[int], group) -> list:
-    import torch.distributed as dist
-
-    me = dist.get_rank(group)
-    start = sum(sizes[:me])
-    return outs[start:start + sizes[me]]
 
 
 def _check_pairs(tensors: dict) -> None:
