@@ -117,9 +117,10 @@ def tokenized(args, sft_rows, dpo_rows) -> dict:
     """The token ids both frameworks train on (optsys's tokenization)."""
     from optsys.data.preference import tokenize_pairs
     from optsys.data.tokenize import tokenize_rows
-    from optsys.models.load import load_tokenizer, resolve_model_path
+    from optsys.models.load import load_tokenizer
+    from optsys.sources import resolve_source
 
-    tok = load_tokenizer(resolve_model_path(rl_bench.model_name(args.model), seed=args.seed))
+    tok = load_tokenizer(resolve_source(rl_bench.model_name(args.model), seed=args.seed))
     sft, _ = tokenize_rows(sft_rows, tok, max_tokens=args.max_tokens, source="e2e-sft")
     pairs, _ = tokenize_pairs(dpo_rows, tok, max_tokens=args.max_tokens, source="e2e-dpo")
     sft_ids = []
@@ -149,8 +150,8 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 
 def run_optsys(args, section: str, variant: str, data: dict, tmp: Path) -> dict:
-    from optsys.config import load_config
-    from optsys.trainers import preference, sft
+    from optsys.train import run
+    from optsys.validation import load_config
 
     rows = json.loads(Path(args.rows).read_text())[section]
     tokens = sum(len(r["input_ids"]) for r in data["sft"]) if section == "sft" else \
@@ -174,7 +175,7 @@ def run_optsys(args, section: str, variant: str, data: dict, tmp: Path) -> dict:
     # optsys: sdpa once per packed sequence; optsys-mask: sdpa under the dense block-diagonal mask (auto's choice)
     overrides += [f"model.attn_implementation={'sdpa' if variant == 'optsys-mask' else 'sdpa_varlen'}"]
     cfg = load_config(config_file=str(base), overrides=overrides)
-    summary = (sft if section == "sft" else preference).train(cfg)
+    summary = run(cfg)  # the method's trainer (sft or preference), model sources resolved as the CLI does
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     metrics = [m for m in metrics if "train/loss" in m]
     if [m["train/epoch"] for m in metrics] != list(range(args.steps)):
@@ -226,9 +227,9 @@ def load_hf(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optsys.models.load import resolve_model_path
+    from optsys.sources import resolve_source
 
-    path = resolve_model_path(rl_bench.model_name(args.model), seed=args.seed)
+    path = resolve_source(rl_bench.model_name(args.model), seed=args.seed)
     torch.manual_seed(args.seed)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
@@ -457,9 +458,9 @@ def main() -> None:
 
     command = " ".join([Path(sys.executable).name, *sys.argv])
     load_start, t_start = os.getloadavg(), time.time()
-    from optsys.models.load import resolve_model_path
+    from optsys.sources import resolve_source
 
-    resolve_model_path(rl_bench.model_name(args.model), seed=args.seed)  # built (and cached) once, here
+    resolve_source(rl_bench.model_name(args.model), seed=args.seed)  # built (and cached) once, here
     sft_rows, dpo_rows = make_rows(args)
     data = tokenized(args, sft_rows, dpo_rows)
     expected_prompts = rl_bench.step_prompt_texts(rl_args(args)) if "grpo" in sections else None

@@ -61,12 +61,13 @@ def main() -> None:
     from optsys.eval.run import load_hf_model
     from optsys.eval.scaling import MethodSettings
     from optsys.eval.tasks import resolve_tasks
-    from optsys.models.load import load_tokenizer, resolve_model_path
+    from optsys.models.load import load_tokenizer
     from optsys.rollout.hf_engine import HFEngine
     from optsys.rollout.vllm_engine import VLLMEngine
+    from optsys.sources import resolve_source
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    path = resolve_model_path(args.model)
+    path = resolve_source(args.model)
     tok = load_tokenizer(path)
     (task,) = resolve_tasks([args.task])
     questions = task.load("test", args.num, 2, 0)

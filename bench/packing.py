@@ -23,8 +23,9 @@ import torch
 
 from optsys.data.packing import collate_padded, packed_batches, packing_efficiency
 from optsys.data.tokenize import tokenize_rows
-from optsys.models.load import load_tokenizer, resolve_model_path
+from optsys.models.load import load_tokenizer
 from optsys.models.packed import token_loss_sum
+from optsys.sources import resolve_source
 from optsys.trainers.common import peak_memory_mb
 
 WORDS = ("the model learns to add sort reverse count numbers tokens answer question step check list value "
@@ -82,7 +83,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
 
-    model_path = resolve_model_path(args.preset if "/" in args.preset else f"tiny:{args.preset}")
+    model_path = resolve_source(args.preset if "/" in args.preset else f"tiny:{args.preset}")
     tok = load_tokenizer(model_path)
     examples, _ = tokenize_rows(long_tailed_rows(args.rows, 0, max_words=args.max_tokens // 3), tok,
                                 max_tokens=args.max_tokens, overlong="truncate", source="bench:long-tailed")

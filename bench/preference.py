@@ -39,7 +39,8 @@ from optsys.data.preference import PreferencePair, packed_pair_batches, tokenize
 from optsys.data.tasks import TASKS, get_task
 from optsys.data.tokenize import IGNORE
 from optsys.losses import PREFERENCE_LOSSES
-from optsys.models.load import load_model_and_tokenizer, load_tokenizer, resolve_model_path
+from optsys.models.load import load_model_and_tokenizer, load_tokenizer
+from optsys.sources import resolve_source
 from optsys.trainers.common import autocast_context, build_optimizer
 from optsys.trainers.preference import pair_logps
 
@@ -248,7 +249,7 @@ def main() -> None:
 
     # Built (and cached) here so the children only load it. The parent stays small; the children's
     # memory is read from VmHWM, which does not inherit the parent's peak anyway.
-    path = resolve_model_path(model_name(args.model))
+    path = resolve_source(model_name(args.model))
     pairs = build_pairs(args, load_tokenizer(path))
     lengths = sorted(len(ex.input_ids) for q in pairs for ex in (q.chosen, q.rejected))
 

@@ -67,7 +67,7 @@ def optsys_overrides(args, engine: str, out_dir: Path) -> list[str]:
 
 
 def optsys_config(args, engine: str, out_dir: Path):
-    from optsys.config import load_config
+    from optsys.validation import load_config
 
     base = out_dir.parent / "rl_bench.yaml"
     base.write_text("recipe: rl_bench\n")
@@ -76,12 +76,13 @@ def optsys_config(args, engine: str, out_dir: Path):
 
 def step_prompt_texts(args) -> list[list[str]]:
     """The user turns of each step's prompts, as optsys's trainer draws them (build_prompts + step_prompts)."""
-    from optsys.models.load import load_tokenizer, resolve_model_path
+    from optsys.models.load import load_tokenizer
+    from optsys.sources import resolve_source
     from optsys.trainers.rl import build_prompts, step_prompts
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = optsys_config(args, "hf", Path(tmp) / "run")
-    train, _ = build_prompts(cfg, load_tokenizer(resolve_model_path(cfg.model.name_or_path, seed=cfg.seed)))
+    train, _ = build_prompts(cfg, load_tokenizer(resolve_source(cfg.model.name_or_path, seed=cfg.seed)))
     return [[p.text for p in step_prompts(train, s, args.prompts, cfg.seed)] for s in range(1, args.steps + 1)]
 
 
@@ -89,13 +90,13 @@ def step_prompt_texts(args) -> list[list[str]]:
 
 
 def run_optsys(args, engine: str) -> dict:
-    from optsys.trainers import rl
+    from optsys.train import run
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cfg = optsys_config(args, engine, out)
         t0 = time.perf_counter()
-        summary = rl.train(cfg)
+        summary = run(cfg)
         total_s = time.perf_counter() - t0
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/generate_s" in r]
@@ -130,8 +131,8 @@ def run_trl(args, extra: dict | None = None) -> dict:
     from trl.extras import profiling
 
     from optsys.data.tasks import get_task
-    from optsys.models.load import resolve_model_path
     from optsys.rollout.rewards import correct
+    from optsys.sources import resolve_source
     from optsys.trainers.rl import step_prompts
 
     events: list[tuple[str, float]] = []  # TRL's profiling timers, in the order they finish
@@ -143,7 +144,7 @@ def run_trl(args, extra: dict | None = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = optsys_config(args, "hf", Path(tmp) / "run")
-    path = resolve_model_path(cfg.model.name_or_path, seed=cfg.seed)
+    path = resolve_source(cfg.model.name_or_path, seed=cfg.seed)
     # The rows optsys's build_prompts renders, in the order its trainer draws them, step after step.
     rows = get_task(cfg.data.task).rl_prompts("train", cfg.data.num_train, difficulty=cfg.data.difficulty,
                                               seed=cfg.seed)
@@ -228,17 +229,18 @@ def run_sync(args) -> dict:
     import torch
 
     from optsys.config import ModelConfig
-    from optsys.models.load import load_model_and_tokenizer, resolve_model_path
+    from optsys.models.load import load_model_and_tokenizer
     from optsys.models.packed import attach_forward_methods
     from optsys.rollout.sync import Canary, sync_weights
     from optsys.rollout.vllm_engine import VLLMEngine
+    from optsys.sources import resolve_source
 
     device = torch.device("cpu")
     name = model_name(args.model)
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=name), device, seed=args.seed)
     model = attach_forward_methods(model)  # the canary scores with the trainer's packed log-prob path
     t0 = time.perf_counter()
-    engine = VLLMEngine(resolve_model_path(name, seed=args.seed), dtype=torch.float32, max_model_len=args.max_tokens,
+    engine = VLLMEngine(resolve_source(name, seed=args.seed), dtype=torch.float32, max_model_len=args.max_tokens,
                         seed=args.seed, device=device)
     start_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
@@ -349,9 +351,9 @@ def main() -> None:
     command = " ".join([Path(sys.executable).name, *sys.argv])
     load_start = os.getloadavg()
     t_start = time.time()
-    from optsys.models.load import resolve_model_path
+    from optsys.sources import resolve_source
 
-    resolve_model_path(model_name(args.model), seed=args.seed)  # built (and cached) once, here
+    resolve_source(model_name(args.model), seed=args.seed)  # built (and cached) once, here
     expected = step_prompt_texts(args)
     skip = {s for s in args.skip.split(",") if s}
     results = {}

@@ -50,9 +50,12 @@ import random
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 import torch
+
+from optsys.errors import CheckpointError
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -60,8 +63,15 @@ _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_DIR = re.compile(r"^step-\d{8,}\.tmp-")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from, with the folder and what to do."""
+def move_aside(out: Path) -> Path:
+    """Rename run folder `out` to a free `<out>.old-<timestamp>[-N]` beside it and return the new path."""
+    base = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside, n = base, 0
+    while aside.exists():
+        n += 1
+        aside = base.with_name(f"{base.name}-{n}")
+    os.rename(out, aside)
+    return aside
 
 
 # ---------------------------------------------------------------------------- fingerprint
@@ -83,12 +93,8 @@ def weights_stamp(name_or_path: str | None) -> str | None:
     """Identity of the weight files in a local model folder: sha256 over each file's relative name, size
     and mtime (cheap: nothing is read), so a checkpoint retrained into the same path no longer matches.
     None for anything that is not a local folder (hub ids are named by id and revision; `tiny:` models
-    are rebuilt deterministically). A `stage:<recipe>` is its cached final model, trained first if needed
-    (every rank calls under torchrun), so a fingerprint taken before and after the stage trained agree."""
-    if name_or_path and name_or_path.startswith("stage:"):
-        from optsys.stages import resolve_stage
-
-        name_or_path = resolve_stage(name_or_path)
+    are rebuilt deterministically). Sources such as `stage:<recipe>` are resolved to their folder by the
+    caller (optsys.sources)."""
     if not name_or_path or not Path(name_or_path).is_dir():
         return None
     root = Path(name_or_path)
@@ -261,17 +267,19 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 def save_checkpoint(out_dir, step: int, *, model, optimizer, scheduler, trainer_state: dict,
                     fingerprint: dict, keep_last: int = 2, rank: int = 0, sharded: bool = False,
-                    engine=None) -> Path:
+                    saver=None) -> Path:
     """Write checkpoint `step` atomically, then keep only the newest `keep_last` complete ones.
 
     Returns the checkpoint folder. trainer_state must be JSON-serializable (floats round-trip exactly).
-    With a DeepSpeed `engine` (which owns model, optimizer and schedule) every rank calls, in one process too.
+    A `saver` is a sharded-state saver for a backend that owns model, optimizer and schedule (DeepSpeed:
+    optsys.parallel.zero.EngineState): `saver.save(folder)` / `saver.load(folder)`, every rank calls, and
+    `saver.backend` names it in the manifest; with one, every rank calls, in one process too.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    if sharded or engine is not None:
+    if sharded or saver is not None:
         return _save_sharded(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                             trainer_state=trainer_state, fingerprint=fingerprint, keep_last=keep_last, engine=engine)
+                             trainer_state=trainer_state, fingerprint=fingerprint, keep_last=keep_last, saver=saver)
     if rank != 0:
         raise ValueError("an unsharded checkpoint is written by rank 0 alone; pass sharded=True under FSDP2")
     tmp = _new_tmp(out_dir, step)
@@ -338,9 +346,9 @@ def _dcp_state(model, optimizer) -> dict:
 
 
 def _save_sharded(out_dir, step: int, *, model, optimizer, scheduler, trainer_state: dict, fingerprint: dict,
-                  keep_last: int, engine=None) -> Path:
-    """Every rank must call. Rank 0 makes the tmp folder and tells the others its name; every rank
-    writes its DCP shards (DeepSpeed: its engine checkpoint) and its RNG state; after a barrier rank 0 writes the
+                  keep_last: int, saver=None) -> Path:
+    """Every rank must call. Rank 0 makes the tmp folder and tells the others its name; every rank writes its DCP
+    shards (or the saver's: DeepSpeed's engine checkpoint) and its RNG state; after a barrier rank 0 writes the
     rest and the manifest, renames and prunes; a last barrier keeps ranks from racing ahead of the rename."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -349,15 +357,13 @@ def _save_sharded(out_dir, step: int, *, model, optimizer, scheduler, trainer_st
     box = [str(_new_tmp(out_dir, step)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
-    if engine is not None:
-        from optsys.parallel.zero import save_engine
-
-        save_engine(engine, tmp)  # collective: weights, optimizer partitions and LR schedule
+    if saver is not None:
+        saver.save(tmp)  # collective: weights, optimizer partitions and LR schedule
     else:
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / "dcp")  # collective
     torch.save(rng_state(), tmp / f"rng-rank-{rank}.pt")
     if rank == 0:
-        if engine is None:
+        if saver is None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
     dist.barrier()  # every rank's files are in tmp
@@ -371,7 +377,7 @@ def _save_sharded(out_dir, step: int, *, model, optimizer, scheduler, trainer_st
             raise CheckpointError(f"the ranks saw different files in {tmp} (hashed {sorted(files)}, rank 0 sees "
                                   f"{names}): the ranks must share the output folder's filesystem")
         _publish(tmp, out_dir, step, world_size=world_size, sharded=True, fingerprint=fingerprint,
-                 keep_last=keep_last, files=files, backend="deepspeed" if engine is not None else None)
+                 keep_last=keep_last, files=files, backend=saver.backend if saver is not None else None)
     dist.barrier()
     return checkpoint_dir(out_dir, step)
 
@@ -427,11 +433,11 @@ def _fallback_hint(path: Path) -> str:
 
 
 def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, restore_rng: bool = True,
-                    engine=None) -> dict:
+                    saver=None) -> dict:
     """Verify checkpoint `path` (fingerprint, then file hashes), then restore model, optimizer,
     scheduler and RNG in place; return its trainer_state (with "step"). Under torchrun every rank calls
     it: rank 0 checks the manifest and fingerprint, each rank verifies the files it owns, and each restores
-    its own shards and RNG (see the module docstring). A DeepSpeed `engine` restores its own state."""
+    its own shards and RNG (see the module docstring). A `saver` (see save_checkpoint) restores its own state."""
     path = Path(path)
     rank, world_size = _rank_and_size()
     # Under torchrun rank 0 checks the fingerprint and tells the others; then each rank hashes its share of the
@@ -440,7 +446,7 @@ def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, res
     if rank == 0:
         try:
             manifest = _fingerprint_checked(path, fingerprint, world_size,
-                                            backend="deepspeed" if engine is not None else None)
+                                            backend=saver.backend if saver is not None else None)
         except CheckpointError as e:
             error = str(e)
     manifest, error = _shared_from_rank0((manifest, error), world_size)
@@ -454,7 +460,7 @@ def load_checkpoint(path, *, model, optimizer, scheduler, fingerprint: dict, res
         raise CheckpointError(error)
     if manifest.get("sharded"):
         return _load_sharded(path, manifest, model=model, optimizer=optimizer, scheduler=scheduler,
-                             restore_rng=restore_rng, engine=engine)
+                             restore_rng=restore_rng, saver=saver)
 
     state = _load_weights(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -532,7 +538,7 @@ def _fingerprint_checked(path: Path, fingerprint: dict, world_size: int, backend
 
 
 def _load_sharded(path: Path, manifest: dict, *, model, optimizer, scheduler, restore_rng: bool,
-                  engine=None) -> dict:
+                  saver=None) -> dict:
     """Every rank must call (DCP reads the shards it needs, resharding for another world size; DeepSpeed reads
     its own files)."""
     import torch.distributed.checkpoint as dcp
@@ -543,10 +549,8 @@ def _load_sharded(path: Path, manifest: dict, *, model, optimizer, scheduler, re
     )
 
     rank, world_size = _rank_and_size()
-    if engine is not None:  # same world size (checked with the fingerprint); schedule restored by DeepSpeed
-        from optsys.parallel.zero import load_engine
-
-        load_engine(engine, path)
+    if saver is not None:  # same world size (checked with the fingerprint); schedule restored by the saver
+        saver.load(path)
         if restore_rng:
             set_rng_state(torch.load(path / f"rng-rank-{rank}.pt", map_location="cpu", weights_only=True))
         return json.loads((path / "trainer_state.json").read_text())

@@ -1,13 +1,14 @@
 """Dataclass configs filled from a recipe or YAML file plus dotted `key.sub=value` overrides.
 
 Validation is strict and happens before any model loads: an unknown key (with a did-you-mean),
-a value of the wrong type, or a missing required field raises ConfigError naming the key.
+a value of the wrong type, or a missing required field raises ConfigError naming the key. This module is a
+leaf (it imports only optsys.errors and optsys.methods): the checks that need other modules live in
+optsys.validation, whose load_config is what a run uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,11 +17,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from optsys.errors import ConfigError, did_you_mean
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A config problem, with the key and what to do."""
 
 
 @dataclass
@@ -234,13 +233,11 @@ class TrainConfig:
     rl: RLConfig = field(default_factory=RLConfig)
 
     def validate(self) -> None:
-        """Refuse, naming the key, every setting that is out of range, contradicts another, or would be
-        ignored by this method; checks local model paths too. Runs before any model loads."""
-        from optsys.methods import METHODS
-
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r} is not a training method{_did_you_mean(self.method, METHODS)}")
-        for check in VALIDATORS:
+        """Refuse, naming the key, every setting that this config alone shows to be out of range, contradictory
+        or ignored by the method. The checks that need other modules (tasks, rewards, model sources and
+        stages, W&B, DeepSpeed) run in optsys.validation, whose load_config runs both before any model loads."""
+        check_method_name(self)
+        for check in LOCAL_VALIDATORS:
             check(self)
 
 
@@ -354,46 +351,28 @@ def check_ranges(cfg: TrainConfig) -> None:
         value = _get(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key} must be {wording}{RANGE_HINTS.get(key, '')}, got {value!r}")
-    if cfg.trainer.batch_tokens < cfg.data.max_tokens and not _is_rl(cfg):
+    if cfg.trainer.batch_tokens < cfg.data.max_tokens and not is_rl(cfg):
         raise ConfigError(
             f"trainer.batch_tokens={cfg.trainer.batch_tokens} is less than data.max_tokens={cfg.data.max_tokens}: "
             "a step holds at least one packed row of up to data.max_tokens tokens, so the step would be bigger "
             "than trainer.batch_tokens. Raise trainer.batch_tokens or lower data.max_tokens.")
 
 
-def check_data(cfg: TrainConfig) -> None:
-    """Exactly one data source; for a built-in task, sizes it can supply; dataset-only keys without a task."""
+def check_method_name(cfg: TrainConfig) -> None:
+    from optsys.methods import METHODS
+
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method={cfg.method!r} is not a training method{did_you_mean(cfg.method, METHODS)}")
+
+
+def check_data_source(cfg: TrainConfig) -> None:
+    """Exactly one data source (the task's own checks are in optsys.validation)."""
     d = cfg.data
     if (d.task is None) == (d.dataset is None):
         raise ConfigError(
             "set exactly one of data.task (a built-in task) and data.dataset (a file, folder "
             f"or hub id); got data.task={d.task!r}, data.dataset={d.dataset!r}"
         )
-    if d.task is None:
-        return
-    from optsys.data.tasks import TASKS
-
-    if d.task not in TASKS:
-        raise ConfigError(f"data.task={d.task!r} is not a built-in task{_did_you_mean(d.task, TASKS)}")
-    defaults = DataConfig()
-    for key in ("eval_dataset", "split", "eval_split"):
-        if getattr(d, key) != getattr(defaults, key):
-            raise ConfigError(f"data.{key}={getattr(d, key)!r} applies to data.dataset, but data.task={d.task} is "
-                              "set: a built-in task has fixed train/test splits. Drop data."
-                              f"{key}, or use data.task=null data.dataset=...")
-    for key in ("num_train", "num_eval", "difficulty"):
-        if getattr(d, key) < 1:
-            raise ConfigError(f"data.{key} must be >= 1 with a built-in task, got {getattr(d, key)}"
-                              + (" (to skip accuracy, set eval.before=false eval.after=false)"
-                                 if key == "num_eval" else ""))
-    task = TASKS[d.task]
-    sizes, total = task.split_sizes(d.difficulty), task.count(d.difficulty)
-    has = (f"{sizes[0]} distinct training and {sizes[1]} held-out problems" if sizes
-           else f"{total} distinct problems")
-    if (d.num_train + d.num_eval > total) or (sizes and (d.num_train > sizes[0] or d.num_eval > sizes[1])):
-        raise ConfigError(
-            f"data.task={d.task} at data.difficulty={d.difficulty} has {has}; data.num_train={d.num_train} and "
-            f"data.num_eval={d.num_eval} ask for more. Lower data.num_train / data.num_eval, or raise data.difficulty.")
 
 
 def check_method(cfg: TrainConfig) -> None:
@@ -416,92 +395,12 @@ def check_method(cfg: TrainConfig) -> None:
     refuse_unused_settings(cfg, method, METHODS)
     if method.section == "pref":
         _check_pref_keys(cfg, method)
-    if method.section == "rl":
-        _check_rl_keys(cfg)
 
 
-def _is_rl(cfg: TrainConfig) -> bool:
+def is_rl(cfg: TrainConfig) -> bool:
     from optsys.methods import METHODS
 
     return cfg.method in METHODS and METHODS[cfg.method].section == "rl"
-
-
-def _check_rl_keys(cfg: TrainConfig) -> None:
-    rl, world = cfg.rl, _launcher_world_size()
-    defaults = TrainConfig()
-    if cfg.trainer.batch_tokens != defaults.trainer.batch_tokens:
-        raise ConfigError(f"trainer.batch_tokens={cfg.trainer.batch_tokens} has no effect with method={cfg.method}: an "
-                          "RL step is rl.prompts_per_step x rl.group_size completions. Drop trainer.batch_tokens.")
-    if rl.prompts_per_step % rl.updates_per_batch:
-        raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not split into rl.updates_per_batch="
-                          f"{rl.updates_per_batch} mini-batches of whole prompt groups; make prompts_per_step a "
-                          "multiple of updates_per_batch")
-    if rl.prompts_per_step % (rl.updates_per_batch * world):
-        raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not divide over rl.updates_per_batch="
-                          f"{rl.updates_per_batch} mini-batches x {world} ranks (each rank generates an equal share "
-                          "of every mini-batch's prompt groups); make it a multiple of updates_per_batch x world size")
-    from optsys.rollout.rewards import check_reward_names
-
-    try:  # imports user reward modules, loads nothing
-        check_reward_names(rl.rewards, rl.reward_weights)
-    except ConfigError as e:
-        raise ConfigError(f"rl.rewards / rl.reward_weights: {e}") from None
-    if rl.max_new_tokens >= cfg.data.max_tokens:
-        raise ConfigError(f"rl.max_new_tokens={rl.max_new_tokens} leaves no room for the prompt in data.max_tokens="
-                          f"{cfg.data.max_tokens} (the per-sequence limit, prompt + completion); raise data.max_tokens")
-    if rl.overlong_buffer >= rl.max_new_tokens:
-        raise ConfigError(f"rl.overlong_buffer={rl.overlong_buffer} must be less than rl.max_new_tokens="
-                          f"{rl.max_new_tokens} (the penalty ramps over the last overlong_buffer tokens)")
-    from optsys.data.tasks import get_task
-    from optsys.methods import RL_ALGORITHMS
-
-    algo = RL_ALGORITHMS[cfg.method]
-    multi_turn = cfg.data.task is not None and getattr(get_task(cfg.data.task), "environment", None)
-    if multi_turn and (rl.rewards != defaults.rl.rewards or rl.reward_weights is not None):
-        raise ConfigError(f"rl.rewards / rl.reward_weights have no effect with data.task={cfg.data.task}: its "
-                          "environment gives the rewards. Drop them.")
-    if multi_turn and world > 1 and rl.engine == "hf":
-        raise ConfigError(f"data.task={cfg.data.task} under torchrun needs the vLLM engine (rl.engine=vllm or auto): "
-                          "with HF generate on the FSDP model the ranks' episodes would end at different turns")
-    tp = rl.engine_tensor_parallel
-    if tp > 1 and (rl.engine == "hf" or world % tp):
-        raise ConfigError(f"rl.engine_tensor_parallel={tp} needs the vLLM engine (rl.engine=vllm or auto) and a world "
-                          f"size it divides (torchrun launches {world} rank(s)); set it to a divisor of the ranks "
-                          "per node, or 1")
-    if tp > 1 and multi_turn:
-        raise ConfigError(f"rl.engine_tensor_parallel={tp} with data.task={cfg.data.task} is not supported yet: a "
-                          "tensor-parallel group generates in lock step, and its ranks' episodes end at different "
-                          "turns. Set rl.engine_tensor_parallel=1")
-    if tp > 1 and cfg.model.lora.r and rl.lora_sync == "adapter":
-        raise ConfigError(f"rl.engine_tensor_parallel={tp} with rl.lora_sync=adapter is untested (vLLM would shard "
-                          "the adapter); use rl.lora_sync=merged, or rl.engine_tensor_parallel=1")
-    if rl.max_turns != defaults.rl.max_turns and not multi_turn:
-        raise ConfigError(f"rl.max_turns={rl.max_turns} applies to multi-turn tasks (data.task=guess); "
-                          f"data.task={cfg.data.task} is single-turn. Drop rl.max_turns.")
-    if algo.advantage in ("grpo", "rloo") and rl.group_size < 2:
-        raise ConfigError(f"rl.group_size must be >= 2 for method={cfg.method} (its advantages compare completions "
-                          f"of the same prompt), got {rl.group_size}")
-    if algo.advantage == "teacher_kl":
-        if rl.teacher is None:
-            raise ConfigError("method=distill needs rl.teacher: the model (folder, hub id, tiny:<preset> or "
-                              "stage:<recipe>) whose log-probs the student learns to match")
-        if rl.kl_coef > 0:
-            raise ConfigError("rl.kl_coef > 0 with method=distill: the teacher takes the reference's place; drop "
-                              "rl.kl_coef")
-    if rl.kl_coef == 0 and rl.kl_estimator != defaults.rl.kl_estimator:
-        raise ConfigError(f"rl.kl_estimator={rl.kl_estimator} has no effect with rl.kl_coef=0; set rl.kl_coef > 0 "
-                          "or drop rl.kl_estimator")
-    if rl.sampler_correction == "none" and rl.correction_cap != defaults.rl.correction_cap:
-        raise ConfigError("rl.correction_cap has no effect with rl.sampler_correction=none; drop it")
-    if cfg.model.lora.r == 0 and rl.lora_sync != defaults.rl.lora_sync:
-        raise ConfigError("rl.lora_sync applies to LoRA runs (model.lora.r > 0); drop it")
-    if cfg.model.lora.quantize != "none" and rl.engine != "hf":
-        raise ConfigError(f"model.lora.quantize={cfg.model.lora.quantize} (QLoRA) with rl.engine={rl.engine}: vLLM "
-                          "would sample from the unquantized base while the trainer scores with the 4-bit one, so "
-                          "the sync check could never pass. Use rl.engine=hf with QLoRA, or plain LoRA")
-    if cfg.model.lora.save_merged:
-        raise ConfigError(f"model.lora.save_merged with method={cfg.method} is not supported yet; final/ holds the "
-                          "adapter. Drop model.lora.save_merged")
 
 
 def refuse_unused_settings(cfg: TrainConfig, method, methods) -> None:
@@ -565,13 +464,13 @@ def check_lora(cfg: TrainConfig) -> None:
         if cfg.method == "rm":
             raise ConfigError("method=rm always writes merged weights to final/ (the adapter to final-adapter/); "
                               "drop model.lora.save_merged")
-        if _launcher_world_size() > 1:
+        if launcher_world_size() > 1:
             raise ConfigError("model.lora.save_merged=true is not supported under torchrun yet (final/ is written "
                               "from the gathered shards); drop it and merge afterwards in one process, or train "
                               "in one process.")
 
 
-def _launcher_world_size() -> int:
+def launcher_world_size() -> int:
     """WORLD_SIZE as torchrun sets it (1 without a launcher)."""
     import os
 
@@ -598,50 +497,9 @@ def check_device(cfg: TrainConfig) -> None:
         index, count = int(match.group(1)), torch.cuda.device_count()
         if index >= count:
             raise ConfigError(f"device={name}, but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-        if _launcher_world_size() > 1:
+        if launcher_world_size() > 1:
             raise ConfigError(f"device={name}: under torchrun each rank uses cuda:<LOCAL_RANK>; set device=cuda "
                               "or auto (choose GPUs with CUDA_VISIBLE_DEVICES)")
-
-
-def check_model_paths(cfg: TrainConfig) -> None:
-    """tiny:<preset> must name a preset; a local path must exist and hold *.safetensors. Hub ids are
-    checked when they load (optsys.models.load turns an unreachable id into a ConfigError)."""
-    check_model_source("model.name_or_path", cfg.model.name_or_path, owner=cfg.recipe)
-    if cfg.pref.reference_model is not None:
-        check_model_source("pref.reference_model", cfg.pref.reference_model, owner=cfg.recipe)
-    if cfg.rl.teacher is not None:
-        check_model_source("rl.teacher", cfg.rl.teacher, owner=cfg.recipe)
-
-
-def check_model_source(key: str, value: str, owner: str | None = None) -> None:
-    """`value` of model-source setting `key` of recipe `owner`: tiny:<preset>, stage:<recipe> (optsys.stages:
-    the recipe exists and validates, no cycle), a local folder with *.safetensors, or a hub id."""
-    import os
-
-    if value.startswith("stage:"):
-        from optsys.stages import check_stage_source
-
-        check_stage_source(key, value, owner)
-        return
-    if value.startswith("tiny:"):
-        from optsys.models.tiny import PRESETS
-
-        preset = value.split(":", 1)[1]
-        if preset not in PRESETS:
-            raise ConfigError(f"{key}={value!r}: no tiny preset {preset!r}{_did_you_mean(preset, PRESETS)}")
-        return
-    path = Path(os.path.expanduser(value))
-    if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"{key}={value!r} is a file; point it at a Hugging Face model folder (config.json and "
-                              "*.safetensors) or a hub id")
-        if not any(path.glob("*.safetensors")):
-            raise ConfigError(f"{key}={value!r}: the folder holds no *.safetensors weights; optsys reads safetensors "
-                              "only (convert .bin checkpoints with save_pretrained(safe_serialization=True))")
-        return
-    if value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1:
-        raise ConfigError(f"{key}={value!r} does not exist (resolved to {path.resolve()}); point it at a local "
-                          "Hugging Face model folder, a hub id such as 'org/name', or tiny:<preset>")
 
 
 def check_run(cfg: TrainConfig) -> None:
@@ -652,65 +510,21 @@ def check_run(cfg: TrainConfig) -> None:
                           "pass only one of them")
 
 
-def check_telemetry(cfg: TrainConfig) -> None:
-    """trainer.wandb needs the wandb package (checked here, before any model loads); trainer.wandb_project is
-    refused while W&B is off (it would be ignored) and must be a name W&B accepts."""
-    import importlib.util
-
-    tc, default = cfg.trainer, TrainerConfig()
-    if not tc.wandb:
-        if tc.wandb_project != default.wandb_project:
-            raise ConfigError(f"trainer.wandb_project={tc.wandb_project!r} has no effect with trainer.wandb=false; "
-                              "set trainer.wandb=true to log to W&B, or drop trainer.wandb_project")
-        return
-    bad = sorted(set(tc.wandb_project) & set("/\\#?%:"))
-    if not tc.wandb_project.strip() or bad or len(tc.wandb_project) > 128:
-        raise ConfigError(f"trainer.wandb_project={tc.wandb_project!r} is not a W&B project name: 1 to 128 characters, "
-                          "none of / \\ # ? % :")
-    if importlib.util.find_spec("wandb") is None:
-        from optsys.telemetry.sinks import WANDB_INSTALL
-
-        raise ConfigError(f"trainer.wandb=true needs the wandb package, which is not installed: {WANDB_INSTALL}; "
-                          "or drop trainer.wandb")
-
-
-def check_parallel(cfg: TrainConfig) -> None:
-    """parallel.backend=deepspeed: a method whose trainer runs it, full weights, and the deepspeed package
-    (checked here, before any model loads); parallel.zero_stage 2 or 3, and only with that backend."""
-    from optsys.parallel import zero
-
+def check_parallel_keys(cfg: TrainConfig) -> None:
+    """parallel.zero_stage only with parallel.backend=deepspeed (the backend's own checks: optsys.validation)."""
     par = cfg.parallel
-    if par.backend != "deepspeed":
-        if par.zero_stage != ParallelConfig().zero_stage:
-            raise ConfigError(f"parallel.zero_stage={par.zero_stage} applies to parallel.backend=deepspeed; "
-                              f"parallel.backend={par.backend} does not read it. Drop it, or set "
-                              "parallel.backend=deepspeed")
-        return
-    if par.zero_stage not in zero.ZERO_STAGES:
-        raise ConfigError(f"parallel.zero_stage must be 2 (optimizer state and gradients partitioned) or 3 "
-                          f"(weights too), got {par.zero_stage}")
-    if cfg.method not in zero.SUPPORTED_METHODS:
-        raise ConfigError(f"parallel.backend=deepspeed is implemented for method={', '.join(zero.SUPPORTED_METHODS)} "
-                          f"only; method={cfg.method} runs on parallel.backend=fsdp2 (the default, under torchrun "
-                          "too). Drop parallel.backend.")
-    if cfg.model.lora.r > 0:
-        raise ConfigError("parallel.backend=deepspeed trains full weights; model.lora.r > 0 (LoRA) runs on "
-                          "parallel.backend=fsdp2. Drop one of them.")
-    if zero.deepspeed_missing():
-        raise ConfigError(f"parallel.backend=deepspeed needs the deepspeed package, which is not installed: "
-                          f"{zero.DEEPSPEED_INSTALL}; or drop parallel.backend (FSDP2)")
+    if par.backend != "deepspeed" and par.zero_stage != ParallelConfig().zero_stage:
+        raise ConfigError(f"parallel.zero_stage={par.zero_stage} applies to parallel.backend=deepspeed; "
+                          f"parallel.backend={par.backend} does not read it. Drop it, or set "
+                          "parallel.backend=deepspeed")
 
 
-VALIDATORS = (check_ranges, check_lora, check_data, check_method, check_device, check_model_paths, check_run,
-              check_telemetry, check_parallel)
+# The checks that need only the config, in the order optsys.validation runs them among its own.
+LOCAL_VALIDATORS = (check_ranges, check_lora, check_data_source, check_method, check_device, check_run,
+                    check_parallel_keys)
 
 
 # ---------------------------------------------------------------------------- loading
-
-
-def _did_you_mean(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f"; valid: {', '.join(sorted(options))}"
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -766,7 +580,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp}")  # a bug in this file, not user input
 
 
-def _merge(obj: Any, data: dict, prefix: str = "") -> None:
+def merge_into(obj: Any, data: dict, prefix: str = "") -> None:
     """Set fields of dataclass `obj` from a nested dict, strictly."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} expects a mapping, got {data!r}")
@@ -775,10 +589,10 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}{_did_you_mean(key, names)}")
+            raise ConfigError(f"unknown config key {full!r}{did_you_mean(key, names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, prefix=f"{full}.")
+            merge_into(current, value, prefix=f"{full}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
 
@@ -794,7 +608,7 @@ def _set_dotted(data: dict, dotted: str, value: str) -> None:
 
 
 def apply_overrides(data: dict, overrides, *, example: str) -> None:
-    """Set each `key.sub=value` override into the nested dict (values are coerced later, by _merge)."""
+    """Set each `key.sub=value` override into the nested dict (values are coerced later, by merge_into)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like {example}")
@@ -806,7 +620,7 @@ def recipe_path(name: str) -> Path:
     path = RECIPES_DIR / f"{name}.yaml"
     if not path.exists():
         names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown recipe {name!r}{_did_you_mean(name, names)}. Recipes live in {RECIPES_DIR}.")
+        raise ConfigError(f"unknown recipe {name!r}{did_you_mean(name, names)}. Recipes live in {RECIPES_DIR}.")
     return path
 
 
@@ -822,9 +636,10 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def load_config(recipe: str | None = None, config_file: str | None = None,
+def read_config(recipe: str | None = None, config_file: str | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults <- recipe (or config file) <- overrides; then validate."""
+    """Defaults <- recipe (or config file) <- overrides, with the config's own checks (TrainConfig.validate).
+    A run loads its config through optsys.validation.load_config, which adds the checks that need other modules."""
     if recipe and config_file:
         raise ConfigError("pass either --recipe or --config, not both")
     if config_file:
@@ -835,7 +650,7 @@ def load_config(recipe: str | None = None, config_file: str | None = None,
     data.setdefault("recipe", name)
     apply_overrides(data, overrides, example="key.sub=value (e.g. trainer.lr=2e-5)")
     cfg = TrainConfig()
-    _merge(cfg, data)
+    merge_into(cfg, data)
     cfg.validate()
     return cfg
 

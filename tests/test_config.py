@@ -1,6 +1,7 @@
 import pytest
 
-from optsys.config import ConfigError, TrainConfig, dump_yaml, load_config
+from optsys.config import ConfigError, TrainConfig, dump_yaml
+from optsys.validation import load_config
 
 
 def test_default_is_quickstart_recipe():

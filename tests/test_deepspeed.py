@@ -16,8 +16,9 @@ from test_distributed import losses, run  # tests/ is on sys.path (pytest's root
 from test_profiling import _shell, needs_no_cuda
 
 import optsys.checkpoint as ck
-from optsys.config import ConfigError, load_config
+from optsys.config import ConfigError
 from optsys.parallel.zero import deepspeed_config
+from optsys.validation import load_config
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (pip install deepspeed; the dev extra has it)")

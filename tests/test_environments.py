@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from optsys.data.errors import DataError
+from optsys.errors import DataError
 from optsys.rollout.engine import Completion, Sampling
 from optsys.rollout.environments import (
     ENVIRONMENTS,

@@ -7,10 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from optsys.config import ConfigError, LoraConfig, ModelConfig, load_config
+from optsys.config import ConfigError, LoraConfig, ModelConfig
 from optsys.models import lora as lora_mod
 from optsys.models.load import load_model_and_tokenizer
 from optsys.models.packed import lm_head_weight, packed_hidden
+from optsys.validation import load_config
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes missing")
 

@@ -4,9 +4,10 @@ import inspect
 
 import pytest
 
-from optsys.config import ConfigError, PreferenceConfig, RewardConfig, TrainConfig, dump_yaml, load_config
+from optsys.config import ConfigError, PreferenceConfig, RewardConfig, TrainConfig, dump_yaml
 from optsys.losses import PREFERENCE_LOSSES
 from optsys.methods import FAMILY_SECTIONS, METHODS, takes
+from optsys.validation import load_config
 
 
 def test_every_preference_method_has_its_loss_and_the_loss_takes_its_hyper_parameters():

@@ -12,10 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from optsys.config import load_config
 from optsys.models.load import load_model_and_tokenizer
 from optsys.trainers import sft
 from optsys.trainers.precision import resolve_precision, to_master
+from optsys.validation import load_config
 
 # lr 1e-6: an AdamW step moves a weight by ~lr, under half a bf16 ulp of nearly every weight of the tiny model
 # (|w| ~ 0.02 -> half-ulp ~ 4e-5; only |w| < 2.6e-4 and zero-init biases can move), so in-place bf16 updates

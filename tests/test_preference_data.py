@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from optsys.data.errors import DataError
 from optsys.data.preference import packed_pair_batches, tokenize_pairs, unpaired_rows
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import IGNORE
+from optsys.errors import DataError
 from optsys.losses import sequence_logprobs
 from optsys.models.load import load_tokenizer
 from optsys.models.packed import lm_head_weight

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from optsys.checkpoint import latest_checkpoint
-from optsys.config import load_config
 from optsys.trainers import preference, reward
+from optsys.validation import load_config
 
 COMMON = ["data.num_train=60", "data.num_eval=24", "data.max_tokens=256", "trainer.batch_tokens=600",
           "trainer.max_steps=6", "trainer.warmup_steps=1", "trainer.log_every=1", "trainer.eval_every=3",

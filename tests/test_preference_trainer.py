@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from optsys.config import ConfigError, load_config
+from optsys.config import ConfigError
 from optsys.trainers import preference
+from optsys.validation import load_config
 
 METRICS = ("train/loss", "train/rewards_chosen", "train/rewards_rejected", "train/reward_accuracy", "train/margin",
            "train/logps_chosen", "train/logps_rejected", "throughput/tokens_per_s")

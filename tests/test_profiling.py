@@ -102,7 +102,8 @@ def test_phase_is_a_profiler_range_unless_telemetry_is_off():
 
 
 def test_telemetry_must_be_a_bool():
-    from optsys.config import ConfigError, load_config
+    from optsys.config import ConfigError
+    from optsys.validation import load_config
 
     assert load_config("quickstart", None, ["trainer.telemetry=false"]).trainer.telemetry is False
     with pytest.raises(ConfigError, match="trainer.telemetry"):

@@ -15,10 +15,12 @@ SCRIPT = r'''
 import hashlib, json, os, sys
 from pathlib import Path
 import torch
-from optsys.config import ConfigError, load_config
+from optsys.config import ConfigError
+from optsys.validation import load_config
 from optsys.models.tiny import build_tiny
 from optsys.parallel.dist import barrier, rank0_mismatch, torchrun_world, weight_checksums
-from optsys.stages import ensure_stage, stage_config
+from optsys.sources import ensure_stage
+from optsys.stages import stage_config
 from optsys.trainers.common import ready_for_training, run_output_dir
 from optsys.trainers.precision import resolve_precision
 

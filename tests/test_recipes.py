@@ -7,8 +7,9 @@ tests/test_preference_trainer.py::test_dpo_on_sft_model_raises_heldout_reward_ac
 
 import pytest
 
-from optsys.config import load_config
+from optsys.sources import resolve_source
 from optsys.trainers import preference, reward
+from optsys.validation import load_config
 
 # recipe -> the header's claim, as (held-out reward accuracy at least, task accuracy may not drop)
 PREFERENCE_CLAIMS = {
@@ -23,7 +24,7 @@ PREFERENCE_CLAIMS = {
 def test_preference_recipe_keeps_its_header(tmp_path, quickstart_run, recipe):
     # as written: stage:quickstart is the fixture's model (it trained through the stage cache)
     cfg = load_config(recipe, overrides=[f"output_dir={tmp_path / recipe}", "trainer.progress=false"])
-    s = preference.train(cfg)
+    s = preference.train(cfg, resolve=resolve_source)
     print(recipe, {k: round(v, 3) for k, v in s.items() if k.startswith("eval/") and isinstance(v, float)})
     assert s["eval/reward_accuracy"] >= PREFERENCE_CLAIMS[recipe]
     assert s["eval/accuracy_before"] >= 0.8  # it starts from a model that can add
@@ -34,7 +35,7 @@ def test_preference_recipe_keeps_its_header(tmp_path, quickstart_run, recipe):
 def test_rm_tiny_as_written(tmp_path):
     """Header: held-out pair accuracy 0.604 -> 0.964 from the random-init tiny:quickstart backbone."""
     cfg = load_config("rm_tiny", overrides=[f"output_dir={tmp_path / 'rm'}", "trainer.progress=false"])
-    s = reward.train(cfg)
+    s = reward.train(cfg, resolve=resolve_source)
     print({k: round(v, 3) for k, v in s.items() if k.startswith("eval/") and isinstance(v, float)})
     assert s["eval/accuracy_before"] < 0.75 and s["eval/accuracy"] >= 0.93
 
@@ -54,7 +55,7 @@ def test_rl_recipe_keeps_its_header(tmp_path, quickstart_run, recipe):
     from optsys.trainers import rl
 
     cfg = load_config(recipe, overrides=[f"output_dir={tmp_path / recipe}", "trainer.progress=false"])
-    s = rl.train(cfg)
+    s = rl.train(cfg, resolve=resolve_source)
     print(recipe, {k: round(v, 3) for k, v in s.items() if isinstance(v, float) and k.startswith(("eval/", "time/"))})
     assert s["eval/accuracy_after"] >= s["eval/accuracy_before"] + RL_CLAIMS[recipe]
     assert s["sync/canary_error"] < 1e-4
@@ -68,6 +69,6 @@ def test_guess_tiny_as_written(tmp_path):
     from optsys.trainers import rl
 
     cfg = load_config("guess_tiny", overrides=[f"output_dir={tmp_path / 'guess'}", "trainer.progress=false"])
-    s = rl.train(cfg)
+    s = rl.train(cfg, resolve=resolve_source)
     assert s["eval/sampled_success_rate_after"] >= s["eval/sampled_success_rate_before"] + 0.10
     assert s["eval/success_rate_after"] >= s["eval/success_rate_before"] - 0.02

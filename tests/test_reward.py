@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from optsys.config import ConfigError, load_config
+from optsys.config import ConfigError
 from optsys.losses.reward import bradley_terry
 from optsys.models.load import load_tokenizer
 from optsys.trainers import reward
+from optsys.validation import load_config
 
 
 def test_bradley_terry_margin_and_centering():

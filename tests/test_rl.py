@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from optsys.config import ConfigError, load_config
+from optsys.config import ConfigError
 from optsys.methods import RL_ALGORITHMS
+from optsys.validation import load_config
 
 BASE = [
     "model.name_or_path=tiny:test", "data.task=arithmetic_reversed", "data.num_train=64", "data.num_eval=8",
@@ -66,9 +67,9 @@ def test_grpo_step_with_vllm_generates_rewards_updates_syncs_and_checks(tmp_path
     assert (out / "final" / "model.safetensors").exists()
     from transformers import AutoModelForCausalLM
 
-    from optsys.models.load import resolve_model_path
+    from optsys.models.sources import local_source
 
-    before = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny:test"))
+    before = AutoModelForCausalLM.from_pretrained(local_source("tiny:test"))
     after = AutoModelForCausalLM.from_pretrained(out / "final")
     moved = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters())]
     assert sum(moved) > len(moved) // 2  # the updates changed the policy
@@ -121,9 +122,9 @@ def test_every_rl_method_trains_with_the_hf_engine(tmp_path, method):
 def test_distill_refuses_a_teacher_with_another_tokenizer(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optsys.models.load import resolve_model_path
+    from optsys.models.sources import local_source
 
-    path = resolve_model_path("tiny:test")
+    path = local_source("tiny:test")
     teacher = tmp_path / "teacher"
     AutoModelForCausalLM.from_pretrained(path).save_pretrained(teacher)
     tok = AutoTokenizer.from_pretrained(path)
@@ -208,7 +209,7 @@ def test_rl_settings_are_refused_for_other_methods():
 
 
 def test_a_prompt_longer_than_the_context_is_a_data_error(tmp_path):
-    from optsys.data.errors import DataError
+    from optsys.errors import DataError
 
     with pytest.raises(DataError, match="row 0: the prompt has"):
         run(tmp_path, "grpo", "rl.engine=hf", "data.max_tokens=12", "rl.max_new_tokens=4")
@@ -342,10 +343,10 @@ def test_multi_turn_guessing_game_trains_on_model_tokens_only(tmp_path):
 def test_a_tokenizer_without_a_chat_template_is_a_data_error(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optsys.data.errors import DataError
-    from optsys.models.load import resolve_model_path
+    from optsys.errors import DataError
+    from optsys.models.sources import local_source
 
-    path = resolve_model_path("tiny:test")
+    path = local_source("tiny:test")
     bare = tmp_path / "bare"
     AutoModelForCausalLM.from_pretrained(path).save_pretrained(bare)
     tok = AutoTokenizer.from_pretrained(path)
@@ -361,7 +362,7 @@ def test_rl_on_a_dataset_of_prompts_and_bad_rows(tmp_path):
     data error naming the file and row."""
     import json as _json
 
-    from optsys.data.errors import DataError
+    from optsys.errors import DataError
 
     good = tmp_path / "prompts.jsonl"
     rows_ = [{"prompt": f"{a}+{b}=", "answer": str(a + b)[::-1]} for a, b in [(12, 34), (56, 7), (40, 40), (9, 91)]]

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from optsys.config import load_config
 from optsys.trainers import preference, reward, sft
 from optsys.trainers.common import eval_due
+from optsys.validation import load_config
 
 
 def eval_steps(out, key):
@@ -92,7 +92,7 @@ def test_mostly_filler_steps_warn(capsys):
 def test_7b_rl_recipes_validate_on_8_ranks(recipe, monkeypatch, tmp_path):
     """The 8-GPU RL examples load as their headers say (torchrun, 8 ranks, a prompts file): every rank gets an
     equal share of every mini-batch's prompt groups."""
-    from optsys.config import load_config
+    from optsys.validation import load_config
 
     monkeypatch.setenv("WORLD_SIZE", "8")
     prompts = tmp_path / "gsm8k_rl.jsonl"

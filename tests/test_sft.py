@@ -6,13 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from optsys.config import ConfigError, load_config
+from optsys.config import ConfigError
 from optsys.data.packing import packed_batches
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import tokenize_rows
 from optsys.models.load import load_tokenizer
 from optsys.models.packed import attach_forward_methods
 from optsys.trainers import sft
+from optsys.validation import load_config
 
 
 def tiny_cfg(tmp_path, tiny_path, *extra):
@@ -103,7 +104,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_path):
 
 
 def test_missing_dataset_file_is_a_clear_error(tmp_path, tiny_path):
-    from optsys.data.errors import DataError
+    from optsys.errors import DataError
 
     cfg = tiny_cfg(tmp_path, tiny_path, "data.task=null", f"data.dataset={tmp_path / 'nope.jsonl'}")
     with pytest.raises(DataError, match="nope.jsonl"):

@@ -13,9 +13,11 @@ import pytest
 import yaml
 
 import optsys.config
-from optsys import stages
-from optsys.config import ConfigError, load_config
+from optsys import sources, stages
+from optsys.config import ConfigError
+from optsys.sources import resolve_source
 from optsys.trainers import preference, sft
+from optsys.validation import load_config
 
 SMALL_DATA = {"task": "arithmetic_reversed", "num_train": 40, "num_eval": 8, "max_tokens": 128}
 
@@ -35,7 +37,7 @@ def recipes(tmp_path, monkeypatch, tiny_path):
     root.mkdir()
     monkeypatch.setattr(optsys.config, "RECIPES_DIR", root)
     monkeypatch.setenv("OPTSYS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(stages, "_announced", set())
+    monkeypatch.setattr(sources, "_announced", set())
 
     def write(name, recipe):
         (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
@@ -57,7 +59,7 @@ def stage_dirs(tmp_path, name="sft_stage"):
 
 
 def test_first_run_trains_the_stage_and_the_second_reuses_it(tmp_path, recipes, capsys):
-    first = sft.train(main_cfg(tmp_path))
+    first = sft.train(main_cfg(tmp_path), resolve=resolve_source)
     out = capsys.readouterr().out
     assert "stage sft_stage: training it first into" in out
     (folder,) = stage_dirs(tmp_path)
@@ -68,8 +70,8 @@ def test_first_run_trains_the_stage_and_the_second_reuses_it(tmp_path, recipes, 
     assert saved["model/stage"] == str(stage / "final")
     stamp = (stage / "summary.json").stat().st_mtime_ns
 
-    stages._announced.clear()  # as a new process would
-    second = sft.train(main_cfg(tmp_path))
+    sources._announced.clear()  # as a new process would
+    second = sft.train(main_cfg(tmp_path), resolve=resolve_source)
     out = capsys.readouterr().out
     assert f"stage sft_stage: reusing {stage / 'final'} (trained " in out and "training it first" not in out
     assert (stage / "summary.json").stat().st_mtime_ns == stamp  # not retrained
@@ -92,16 +94,16 @@ def test_a_changed_stage_setting_trains_a_new_cached_stage(tmp_path, recipes, ti
     recipes("sft_stage", sft_recipe(tiny_path, lr=2e-4))
     assert stages.stage_config("outer").output_dir != outer
 
-    stages.ensure_stage(stages.stage_config("sft_stage"))
+    sources.ensure_stage(stages.stage_config("sft_stage"))
     recipes("sft_stage", sft_recipe(tiny_path, max_steps=4))
-    stages.ensure_stage(stages.stage_config("sft_stage"))
+    sources.ensure_stage(stages.stage_config("sft_stage"))
     assert len(stage_dirs(tmp_path)) == 2
 
 
 @pytest.mark.parametrize("damage", ["no_summary", "no_weights"])
 def test_an_incomplete_cached_stage_is_moved_aside_and_retrained(tmp_path, recipes, capsys, damage):
     cfg = stages.stage_config("sft_stage")
-    stages.ensure_stage(cfg)
+    sources.ensure_stage(cfg)
     out = Path(cfg.output_dir)
     if damage == "no_summary":  # killed before the end: summary.json is written last
         (out / "summary.json").unlink()
@@ -109,7 +111,7 @@ def test_an_incomplete_cached_stage_is_moved_aside_and_retrained(tmp_path, recip
         (out / "final" / "model.safetensors").unlink()
     assert not stages.is_complete(cfg)
     capsys.readouterr()
-    final = stages.ensure_stage(stages.stage_config("sft_stage"))
+    final = sources.ensure_stage(stages.stage_config("sft_stage"))
     printed = capsys.readouterr().out
     assert "is incomplete" in printed and "training again" in printed
     assert stages.is_complete(cfg) and final == out / "final"
@@ -153,7 +155,7 @@ def test_stage_as_the_reference_model(tmp_path, recipes, capsys):
                  "trainer.max_steps=1", "data.max_tokens=256"]
     cfg = main_cfg(tmp_path, "main", *overrides)
     assert cfg.pref.reference_model == "stage:sft_stage"
-    s = preference.train(cfg)
+    s = preference.train(cfg, resolve=resolve_source)
     printed = capsys.readouterr().out
     assert printed.count("stage sft_stage: training it first") == 1 and "reusing" not in printed
     (folder,) = stage_dirs(tmp_path)
@@ -233,4 +235,4 @@ def test_resolving_a_stage_under_torchrun_needs_the_trainers_group(recipes, monk
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"train the stage first in one process \(python -m optsys.train "
                                           r"--recipe <stage>; it is cached in .*stages\)"):
-        stages.resolve_stage("stage:sft_stage")
+        sources.resolve_stage("stage:sft_stage")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from optsys.config import ConfigError, load_config
+from optsys.config import ConfigError
 from optsys.telemetry import sinks
 from optsys.telemetry.metrics import MetricsLog
 from optsys.telemetry.plots import family, main, plot_run
+from optsys.validation import load_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROWS = [  # (step, metrics) as trainers log them: an eval row at a train row's step, a NaN, ints, a tensor

@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from optsys.data.errors import DataError
+from optsys.config import DataConfig
 from optsys.data.packing import PackedBatch, collate_packed, pack_best_fit_decreasing
+from optsys.data.sources import load_rows
+from optsys.data.tasks import get_task
 from optsys.data.tokenize import IGNORE, DataReport, TokenizedExample, _encode_prompt_completion
+from optsys.errors import DataError
 
 BAD_PAIR_POLICIES = ("error", "skip")
 
@@ -292,3 +295,30 @@ def pairs_sha256(pairs: list[PreferencePair]) -> str:
             h.update(array("q", [len(ex.input_ids), *ex.input_ids, *ex.targets]).tobytes())
         h.update(bytes([2 if p.label is None else int(p.label)]))
     return h.hexdigest()
+
+
+@dataclass
+class PreferenceData:
+    train: list[PreferencePair]
+    eval: list[PreferencePair]
+    train_report: DataReport
+
+
+def build_preference_data(d: DataConfig, tokenizer, *, seed: int, kto: bool) -> PreferenceData:
+    """Pairs from a built-in task (Task.preference_pairs, fixed train/test splits) or a dataset, tokenized; for KTO
+    (`kto`) each pair becomes an unpaired desirable and undesirable example."""
+    if d.task is not None:
+        task = get_task(d.task)
+        train_rows = task.preference_pairs("train", d.num_train, difficulty=d.difficulty, seed=seed)
+        eval_rows = task.preference_pairs("test", d.num_eval, difficulty=d.difficulty, seed=seed)
+        if kto:
+            train_rows, eval_rows = unpaired_rows(train_rows), unpaired_rows(eval_rows)
+        train_name, eval_name = f"task:{d.task}/train", f"task:{d.task}/test"
+    else:
+        train_rows = load_rows(d.dataset, split=d.split)
+        eval_rows = load_rows(d.eval_dataset, split=d.eval_split) if d.eval_dataset else []
+        train_name, eval_name = d.dataset, d.eval_dataset or ""
+    kw = dict(max_tokens=d.max_tokens, kto=kto, overlong=d.overlong, on_bad_pair=d.on_bad_pair)
+    train, report = tokenize_pairs(train_rows, tokenizer, source=train_name, **kw)
+    evals = tokenize_pairs(eval_rows, tokenizer, source=eval_name, **kw)[0] if eval_rows else []
+    return PreferenceData(train, evals, report)

@@ -10,7 +10,7 @@ import inspect
 import os
 from pathlib import Path
 
-from optsys.data.errors import DataError
+from optsys.errors import DataError
 
 # File suffix -> the `datasets` builder that reads it.
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from optsys.data.errors import DataError
 from optsys.data.sources import row_format
+from optsys.errors import DataError
 
 IGNORE = -100
 OVERLONG_POLICIES = ("error", "truncate", "skip")

@@ -8,7 +8,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optsys.config import RECIPES_DIR, ConfigError, _did_you_mean, _merge, apply_overrides, read_yaml
+from optsys.config import RECIPES_DIR, ConfigError, apply_overrides, merge_into, read_yaml
+from optsys.errors import did_you_mean
+from optsys.models.sources import check_local_source
 
 EVAL_RECIPES_DIR = RECIPES_DIR / "eval"
 
@@ -73,7 +75,7 @@ def check(cfg: EvalRunConfig) -> None:
         raise ConfigError("tasks is empty; name at least one task (e.g. --tasks arithmetic_reversed)")
     for m in cfg.methods:
         if m not in METHODS:
-            raise ConfigError(f"unknown method {m!r}{_did_you_mean(m, METHODS)}")
+            raise ConfigError(f"unknown method {m!r}{did_you_mean(m, METHODS)}")
     if not cfg.methods:
         raise ConfigError(f"methods is empty; choose from {', '.join(METHODS)}")
     if not cfg.n or any(k < 1 for k in cfg.n):
@@ -116,10 +118,9 @@ def check(cfg: EvalRunConfig) -> None:
 
 
 def check_model_folder(key: str, value: str) -> None:
-    """A local model folder must exist and hold config.json, weights and a tokenizer (tiny:/stage:/hub ids pass)."""
-    from optsys.config import check_model_source
-
-    check_model_source(key, value)
+    """A local model folder must exist and hold config.json, weights and a tokenizer (tiny:/hub ids pass; a
+    `stage:` recipe is checked by the eval CLI, optsys.eval_cli, which resolves it)."""
+    check_local_source(key, value)
     path = Path(os.path.expanduser(value))
     if path.is_dir():
         missing = [name for name, ok in (
@@ -136,7 +137,7 @@ def recipe_file(name: str) -> Path:
     path = EVAL_RECIPES_DIR / f"{name}.yaml"
     if not path.exists():
         names = sorted(p.stem for p in EVAL_RECIPES_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown eval recipe {name!r}{_did_you_mean(name, names)}. They live in {EVAL_RECIPES_DIR}")
+        raise ConfigError(f"unknown eval recipe {name!r}{did_you_mean(name, names)}. They live in {EVAL_RECIPES_DIR}")
     return path
 
 
@@ -149,7 +150,7 @@ def load_eval_config(recipe: str | None = None, config_file: str | None = None, 
     data.update({k: v for k, v in (flags or {}).items() if v is not None})
     apply_overrides(data, overrides, example="key=value (e.g. temperature=0.7)")
     cfg = EvalRunConfig()
-    _merge(cfg, data)
+    merge_into(cfg, data)
     check(cfg)
     return cfg
 

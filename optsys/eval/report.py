@@ -71,7 +71,7 @@ def compare_table(comparison: dict) -> str:
 
 def plot_results(result: dict, out: Path, prefix: str = "") -> list[Path]:
     """Per generation task: accuracy vs N (pool methods) and accuracy vs generated tokens (every method)."""
-    from optsys.eval.plots import plot_curves
+    from optsys.telemetry.curves import plot_curves
 
     paths = []
     for task, r in result["tasks"].items():

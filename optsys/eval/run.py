@@ -24,6 +24,7 @@ from optsys.eval.scaling import (
     self_correct,
 )
 from optsys.eval.tasks import EvalTask, resolve_tasks
+from optsys.models.sources import local_source
 
 
 class CountingEngine:
@@ -74,14 +75,15 @@ def load_hf_model(path: str, dtype: str):
     return model.to(_device()).eval()
 
 
-def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_model: bool) -> Opened:
+def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_model: bool,
+               resolve=local_source) -> Opened:
     """Tokenizer, and the engine and/or HF model the tasks need. An endpoint needs the served model's tokenizer
     locally (the chat template is rendered here): give --model too, or the endpoint's folder."""
     from optsys.eval.generate import stop_token_ids
-    from optsys.models.load import load_tokenizer, resolve_model_path
+    from optsys.models.load import load_tokenizer
     from optsys.rollout.engine import resolve_engine_name
 
-    path = resolve_model_path(name, seed=cfg.seed)
+    path = resolve(name, cfg.seed)
     tokenizer = load_tokenizer(path)
     if tokenizer.chat_template is None:
         from optsys.config import ConfigError
@@ -112,19 +114,19 @@ def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_mod
     return opened
 
 
-def open_endpoint(cfg: EvalRunConfig, tokenizer_source: str | None) -> Opened:
+def open_endpoint(cfg: EvalRunConfig, tokenizer_source: str | None, resolve=local_source) -> Opened:
     """The endpoint engine and a local tokenizer: from --model, else the served model's name when it is one
     (`tiny:` / `stage:` / a folder path: optsys.serve names a tiny/stage model as given)."""
     from optsys.config import ConfigError
     from optsys.eval.endpoint import EndpointEngine
     from optsys.eval.generate import stop_token_ids
-    from optsys.models.load import load_tokenizer, resolve_model_path
+    from optsys.models.load import load_tokenizer
 
     engine = EndpointEngine(cfg.endpoint, model=cfg.endpoint_model, timeout_s=cfg.endpoint_timeout_s,
                             retries=cfg.endpoint_retries)
     source = tokenizer_source or engine.model
     try:
-        path = resolve_model_path(source, seed=cfg.seed)
+        path = resolve(source, cfg.seed)
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--endpoint {cfg.endpoint}: the prompts are rendered here, so the served model's "
@@ -159,13 +161,13 @@ def _generation_config(path: str):
         return SimpleNamespace(generation_config=None)
 
 
-def make_scorer(name: str, device) -> tuple:
+def make_scorer(name: str, device, resolve=local_source) -> tuple:
     """A batch scorer [(prompt, completion, answer)] -> [float] from a reward name, and its failure counter.
     A function that raises, returns junk or hangs (60 s) scores NaN for that sample (never chosen by best_of_n,
     never accepted by self_correct) and is counted: one score per sample, always."""
     from optsys.rollout.rewards import build_rewards, score_completions
 
-    fns = build_rewards([name], None, device)
+    fns = build_rewards([name], None, device, resolve=resolve)
     failures = {"count": 0}
 
     def scorer(samples: list[tuple]) -> list[float]:
@@ -286,23 +288,26 @@ def run_perplexity_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig) -> d
             "seconds": time.perf_counter() - t0}}, "samples": [], "per_question": {}}
 
 
-def evaluate(cfg: EvalRunConfig, name: str | None = None) -> dict:
-    """All tasks of cfg on one model (or the endpoint): {"model", "engine", "tasks": {task: result}}."""
+def evaluate(cfg: EvalRunConfig, name: str | None = None, resolve=local_source) -> dict:
+    """All tasks of cfg on one model (or the endpoint): {"model", "engine", "tasks": {task: result}}.
+    `resolve(source, seed)` turns a model source into a folder (optsys.models.sources.local_source; the eval
+    CLI passes optsys.sources.resolve_source, which trains or reuses `stage:` recipes)."""
     tasks = resolve_tasks(cfg.tasks, cfg.task_files)
     need_generation = any(t.kind == "generate" for t in tasks)
     need_model = any(t.kind != "generate" for t in tasks)
     scorers = {}
     if cfg.endpoint is not None:
-        opened = open_endpoint(cfg, cfg.model)
+        opened = open_endpoint(cfg, cfg.model, resolve)
     else:
-        opened = open_model(cfg, name or cfg.model, need_generation=need_generation, need_model=need_model)
+        opened = open_model(cfg, name or cfg.model, need_generation=need_generation, need_model=need_model,
+                            resolve=resolve)
     try:
         for key in ("scorer", "verifier"):
             wanted = "best_of_n" if key == "scorer" else "self_correct"
             if getattr(cfg, key) == CONFIDENCE:
                 scorers[key] = (CONFIDENCE, {"count": 0})
             elif getattr(cfg, key) and wanted in cfg.methods:
-                scorers[key] = make_scorer(getattr(cfg, key), _device())
+                scorers[key] = make_scorer(getattr(cfg, key), _device(), resolve)
         if opened.engine is not None:  # warm-up (vLLM's first call builds its kernels): not in engine tokens/s
             from optsys.rollout.engine import Sampling
 
@@ -321,11 +326,11 @@ def evaluate(cfg: EvalRunConfig, name: str | None = None) -> dict:
         opened.close()
 
 
-def compare(cfg: EvalRunConfig) -> dict:
+def compare(cfg: EvalRunConfig, resolve=local_source) -> dict:
     """Two models on the same questions and seeds: each one's results and, per task and method, the paired
     difference A - B with its interval (and McNemar's exact test when each question has one 0/1 score)."""
     a_name, b_name = cfg.compare
-    a, b = evaluate(cfg, a_name), evaluate(cfg, b_name)
+    a, b = evaluate(cfg, a_name, resolve), evaluate(cfg, b_name, resolve)
     diffs = {}
     for task, ra in a["tasks"].items():
         rb = b["tasks"][task]

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from optsys.config import ConfigError, _did_you_mean, _merge, read_yaml
+from optsys.config import ConfigError, merge_into, read_yaml
 from optsys.data.answers import MATCH_MODES
-from optsys.data.errors import DataError
+from optsys.errors import DataError, did_you_mean
 
 KINDS = ("generate", "choice", "perplexity")
 
@@ -225,7 +225,7 @@ def _spec_texts(spec: TaskSpec, name: str):
 def task_from_spec(name: str, data: dict, source: str = "") -> EvalTask:
     """An EvalTask from a YAML entry; unknown keys and bad values are ConfigErrors naming the task and key."""
     spec = TaskSpec()
-    _merge(spec, data, prefix=f"{source + ': ' if source else ''}task {name}.")
+    merge_into(spec, data, prefix=f"{source + ': ' if source else ''}task {name}.")
     where = f"{source + ': ' if source else ''}task {name!r}"
     if spec.kind not in KINDS:
         raise ConfigError(f"{where}: kind {spec.kind!r} is not one of {', '.join(KINDS)}")
@@ -310,7 +310,7 @@ def resolve_tasks(names: list[str], task_files: list[str] = ()) -> list[EvalTask
         elif ":" in name or ("." in name and not name.startswith(".")):
             out.append(_task_from_path(name))
         else:
-            hint = _did_you_mean(name, known)
+            hint = did_you_mean(name, known)
             if name == "guess":
                 hint = ("; guess is a multi-turn task scored by playing it: the RL trainer reports "
                         "eval/success_rate (recipe guess_tiny)")

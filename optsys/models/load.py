@@ -1,4 +1,6 @@
-"""Load a causal LM and its tokenizer: a tiny factory preset, a local HF folder or a hub id."""
+"""Load a causal LM and its tokenizer from a local HF folder or a hub id (or what `resolve` turns a source into:
+optsys.models.sources.local_source builds `tiny:` presets; the entry points pass optsys.sources.resolve_source,
+which also trains or reuses `stage:` recipes). Loading never trains anything."""
 
 from __future__ import annotations
 
@@ -9,22 +11,9 @@ import torch
 
 from optsys.config import ConfigError, ModelConfig
 from optsys.models.lora import apply_lora, quantization_config
+from optsys.models.sources import local_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_model_path(name_or_path: str, seed: int = 0) -> str:
-    """`tiny:<preset>` builds (or reuses) a factory model; `stage:<recipe>` trains (or reuses) that recipe's run
-    and gives its final model (optsys.stages); anything else is passed to transformers."""
-    if name_or_path.startswith("stage:"):
-        from optsys.stages import resolve_stage
-
-        return resolve_stage(name_or_path)
-    if name_or_path.startswith("tiny:"):
-        from optsys.models.tiny import build_tiny
-
-        return str(build_tiny(name_or_path.split(":", 1)[1], seed=seed))
-    return name_or_path
 
 
 def pick_attn_implementation(requested: str, device: torch.device) -> str:
@@ -61,11 +50,12 @@ def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code:
     return tok
 
 
-def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device, seed: int = 0):
-    """Weights are read from safetensors only; remote code runs only if the config allows it."""
+def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device, seed: int = 0, resolve=local_source):
+    """Weights are read from safetensors only; remote code runs only if the config allows it. `resolve(source,
+    seed)` gives the folder or hub id of cfg.name_or_path."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(cfg.name_or_path, seed)
+    path = resolve(cfg.name_or_path, seed)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
         raise ConfigError(
             f"model folder {path} holds no *.safetensors weights; optsys reads safetensors only "

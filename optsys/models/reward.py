@@ -21,16 +21,18 @@ import torch
 from optsys.config import ModelConfig
 from optsys.data.packing import collate_packed, pack_best_fit_decreasing
 from optsys.data.tokenize import IGNORE, TokenizedExample
-from optsys.models.load import DTYPES, load_tokenizer, pick_attn_implementation, resolve_model_path
+from optsys.models.load import DTYPES, load_tokenizer, pick_attn_implementation
 from optsys.models.lora import apply_lora
 from optsys.models.packed import packed_hidden
+from optsys.models.sources import local_source
 
 
-def load_reward_model(cfg: ModelConfig, device: torch.device, seed: int = 0):
-    """(sequence-classification model with one label, tokenizer); pad_token_id set so HF finds the last token."""
+def load_reward_model(cfg: ModelConfig, device: torch.device, seed: int = 0, resolve=local_source):
+    """(sequence-classification model with one label, tokenizer); pad_token_id set so HF finds the last token.
+    `resolve(source, seed)` gives the folder of cfg.name_or_path (optsys.models.load)."""
     from transformers import AutoModelForSequenceClassification
 
-    path = resolve_model_path(cfg.name_or_path, seed)
+    path = resolve(cfg.name_or_path, seed)
     tokenizer = load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     torch.manual_seed(seed)  # the fresh score head
     model = AutoModelForSequenceClassification.from_pretrained(

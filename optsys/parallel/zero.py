@@ -21,6 +21,7 @@ Checkpoints go through DeepSpeed's save_checkpoint / load_checkpoint inside opts
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -115,10 +116,11 @@ class ForwardMethods(torch.nn.Module):
         return getattr(self.model, method)(*args, **kwargs)
 
 
-def zero_engine(model, optimizer, scheduler, config: dict, device: torch.device):
+def zero_engine(model, optimizer, scheduler, config: dict, device: torch.device, head: torch.nn.Module):
     """The DeepSpeed engine around `model` (with its forward methods attached), stepping `optimizer` and
-    `scheduler` (a per-step LambdaLR) itself. Every rank calls; torch.distributed must be up (a 1-rank group in
-    one process: optsys.parallel.dist.init_world(group_of_one=True))."""
+    `scheduler` (a per-step LambdaLR) itself. `head` is the model's output layer (optsys.models.heads.output_head).
+    Every rank calls; torch.distributed must be up (a 1-rank group in one process:
+    optsys.parallel.dist.init_world(group_of_one=True))."""
     deepspeed = import_deepspeed(device)
     os.environ.setdefault("LOCAL_RANK", "0")  # what torchrun sets; DeepSpeed asserts it, in one process too
     engine, *_ = deepspeed.initialize(model=ForwardMethods(model), optimizer=optimizer, lr_scheduler=scheduler,
@@ -126,9 +128,6 @@ def zero_engine(model, optimizer, scheduler, config: dict, device: torch.device)
     if config["zero_optimization"]["stage"] == 3:
         # The fused losses read the output layer's weight (and bias) directly instead of calling lm_head:
         # ZeRO-3 gathers them around the wrapper's forward and backward like the layers' own.
-        from optsys.models.heads import output_head
-
-        head = output_head(model)
         for p in (head.weight, head.bias):
             if isinstance(p, torch.nn.Parameter):
                 deepspeed.zero.register_external_parameter(engine.module, p)
@@ -169,6 +168,21 @@ def full_fp32_state_dict(engine, model) -> dict:
         if name not in params:
             out[name] = b.detach().cpu()
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineState:
+    """The sharded-state saver optsys.checkpoint takes for a DeepSpeed run (it knows nothing of DeepSpeed):
+    the engine owns model, optimizer partitions and LR schedule, and saves and loads them itself."""
+
+    engine: object
+    backend: str = "deepspeed"
+
+    def save(self, folder: Path) -> None:
+        save_engine(self.engine, folder)
+
+    def load(self, folder: Path) -> None:
+        load_engine(self.engine, folder)
 
 
 def save_engine(engine, folder: Path) -> None:

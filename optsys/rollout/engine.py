@@ -21,9 +21,7 @@ import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 
-
-class EngineError(RuntimeError):
-    """A rollout engine could not start, generate or take weights; the message says why and what to do."""
+from optsys.errors import EngineError
 
 
 @dataclass(frozen=True)

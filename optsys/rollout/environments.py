@@ -38,8 +38,8 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Callable, Protocol, Sequence
 
-from optsys.data.errors import DataError
 from optsys.data.tokenize import IGNORE, TokenizedExample
+from optsys.errors import DataError
 from optsys.rollout.engine import Sampling
 
 Observation = Any  # str | dict (a chat message) | None

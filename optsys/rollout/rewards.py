@@ -27,13 +27,11 @@ from typing import Callable
 from optsys.config import ConfigError
 from optsys.data.answers import extract_answer, numeric_answer, parse_number  # noqa: F401 (re-exported)
 from optsys.data.tasks import normalize_answer as _normalize  # Task.check's rule, shared
+from optsys.errors import RewardError
+from optsys.models.sources import check_local_source, local_source
 
 REWARD_MODEL_PREFIX = "reward_model:"
 RewardFn = Callable[..., float]
-
-
-class RewardError(ValueError):
-    """A reward function failed on a sample (raised, returned a non-number, or timed out) with on_error='error'."""
 
 
 # ---------------------------------------------------------------------------- built-in reward functions
@@ -168,12 +166,10 @@ def check_reward_names(names: list[str], weights: list[float] | None) -> None:
         raise ConfigError(f"reward {dupes[0]!r} is listed twice; each reward is named once (weight it instead)")
     for name in names:
         if isinstance(name, str) and name.startswith(REWARD_MODEL_PREFIX):
-            from optsys.config import check_model_source
-
             path = name[len(REWARD_MODEL_PREFIX):]
             if not path:
                 raise ConfigError(f"reward {name!r}: give the reward model folder, 'reward_model:<path>'")
-            check_model_source(f"reward {name!r}", path)
+            check_local_source(f"reward {name!r}", path)
         else:
             resolve_reward(name)
     if weights is None:
@@ -186,7 +182,7 @@ def check_reward_names(names: list[str], weights: list[float] | None) -> None:
             raise ConfigError(f"reward {name!r}: weight {w!r} must be a finite number")
 
 
-def reward_model_fn(path: str, device) -> RewardFn:
+def reward_model_fn(path: str, device, resolve=local_source) -> RewardFn:
     """A reward function scoring (prompt, completion) with a reward model from optsys.trainers.reward.
 
     Scored as the reward trainer trained it on string prompts: a conversation [user: prompt, assistant:
@@ -199,7 +195,7 @@ def reward_model_fn(path: str, device) -> RewardFn:
     from optsys.config import ModelConfig
     from optsys.models.reward import load_reward_model, score
 
-    model, tokenizer = load_reward_model(ModelConfig(name_or_path=path), torch.device(device))
+    model, tokenizer = load_reward_model(ModelConfig(name_or_path=path), torch.device(device), resolve=resolve)
     model.eval()
 
     def item(prompt: str, completion: str):
@@ -218,11 +214,12 @@ def reward_model_fn(path: str, device) -> RewardFn:
     return reward_model
 
 
-def build_rewards(names: list[str], weights: list[float] | None, device) -> list[tuple[str, RewardFn, float]]:
+def build_rewards(names: list[str], weights: list[float] | None, device,
+                  resolve=local_source) -> list[tuple[str, RewardFn, float]]:
     """(name, function, weight) for score_completions; loads the reward models named 'reward_model:<path>'."""
     check_reward_names(names, weights)
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    return [(n, reward_model_fn(n[len(REWARD_MODEL_PREFIX):], device) if n.startswith(REWARD_MODEL_PREFIX)
+    return [(n, reward_model_fn(n[len(REWARD_MODEL_PREFIX):], device, resolve) if n.startswith(REWARD_MODEL_PREFIX)
              else resolve_reward(n), w) for n, w in zip(names, weights)]
 
 

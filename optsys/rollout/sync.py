@@ -16,11 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from optsys.errors import SyncError
 from optsys.rollout.engine import EngineError, SyncReport
-
-
-class SyncError(RuntimeError):
-    """The engine is not running the trainer's weights (the canary disagrees)."""
 
 
 def engine_weights(model, *, dtype: torch.dtype, bucket_bytes: int, report: SyncReport, skip=()):

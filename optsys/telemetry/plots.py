@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from optsys.eval.plots import plot_curves
+from optsys.telemetry.curves import plot_curves
 
 PLOTS_DIR = "plots"
 SPLITS = ("train", "eval")  # the same quantity on the training data and on held-out data

@@ -22,11 +22,14 @@ from optsys.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
     load_checkpoint,
+    move_aside,
     resume_checkpoint,
     rewind_metrics,
     save_checkpoint,
 )
 from optsys.config import ConfigError, TrainConfig, drop_other_sections, dump_yaml, to_dict
+from optsys.data.preference import PairBatch, PreferencePair, packed_pair_batches
+from optsys.models.heads import output_head
 from optsys.models.lora import is_peft, save_final
 from optsys.models.packed import attach_forward_methods
 from optsys.parallel.dist import (
@@ -41,6 +44,7 @@ from optsys.parallel.dist import (
     weight_checksums,
 )
 from optsys.parallel.zero import (
+    EngineState,
     deepspeed_config,
     full_fp32_state_dict,
     write_deepspeed_config,
@@ -146,17 +150,6 @@ def check_output_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"output_dir {out} holds {CHECKPOINTS}/ but no config.yaml (a run whose config was "
                           "removed): a new run would prune or resume those checkpoints. Move them away, or pick "
                           "another output_dir.")
-
-
-def move_aside(out: Path) -> Path:
-    """Rename run folder `out` to a free `<out>.old-<timestamp>[-N]` beside it and return the new path."""
-    base = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    aside, n = base, 0
-    while aside.exists():
-        n += 1
-        aside = base.with_name(f"{base.name}-{n}")
-    os.rename(out, aside)
-    return aside
 
 
 def _check_resume_dir(cfg: TrainConfig) -> Path:
@@ -326,7 +319,7 @@ def deepspeed_engine(cfg: TrainConfig, world: World, p: Precision, out_dir: Path
     if world.is_main:
         path = write_deepspeed_config(out_dir, config)
         print(f"parallel: DeepSpeed ZeRO-{cfg.parallel.zero_stage} over {world.size} rank(s), config in {path}")
-    return zero_engine(model, optimizer, scheduler, config, world.device)
+    return zero_engine(model, optimizer, scheduler, config, world.device, head=output_head(model))
 
 
 def save_final_model(model, tokenizer, out_dir: Path, cfg: TrainConfig, world: World, p: Precision,
@@ -571,7 +564,7 @@ def restore_run(path: Path | None, out_dir: Path, world: World, *, model, optimi
     if path is None:
         return {"step": 0, "data": {"epoch": 0, "index": 0}, "counters": {}, "window": None, "summary": {}}
     state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint,
-                            engine=engine)
+                            saver=EngineState(engine) if engine is not None else None)
     if world.is_main:
         rewind_metrics(out_dir / "metrics.jsonl", state["step"])
         print(f"resuming {out_dir} from {path.name} (step {state['step']} of {max_steps})")
@@ -640,7 +633,8 @@ def save_training_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, world: 
     the training time."""
     t0 = time.time()
     with phase("checkpoint"):
-        save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine,
+        save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                        saver=EngineState(engine) if engine is not None else None,
                         fingerprint=fingerprint, keep_last=cfg.trainer.keep_last, sharded=world.distributed,
                         trainer_state={"data": {"epoch": position[0], "index": position[1]},
                                        "counters": {**clock.state(), **counters}, "window": window,
@@ -651,3 +645,15 @@ def save_training_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, world: 
 def before_summary(summary: dict) -> dict:
     """The summary entries measured before training (kept through a resume, not measured again)."""
     return {k: v for k, v in summary.items() if k.endswith("_before") or k.endswith("before_s")}
+
+
+def pair_steps(pairs: list[PreferencePair], max_tokens: int, batch_tokens: int, seed: int,
+               position: tuple[int, int] = (0, 0)) -> StepStream:
+    """Endless (epoch, [PairBatch, ...]) optimizer steps; pairs reshuffled and repacked every epoch;
+    resumable at a saved `position` (see StepStream)."""
+
+    def epoch_batches(epoch: int) -> list[PairBatch]:
+        return packed_pair_batches(pairs, max_tokens, shuffle_seed=seed + epoch,
+                                   order=epoch_order(len(pairs), seed, epoch))
+
+    return StepStream(epoch_batches, batch_tokens, position)

@@ -26,7 +26,6 @@ import functools
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,20 +35,18 @@ from optsys.config import ConfigError, TrainConfig
 from optsys.data.packing import PackedBatch
 from optsys.data.preference import (
     PairBatch,
+    PreferenceData,
     PreferencePair,
+    build_preference_data,
     packed_pair_batches,
     pairs_sha256,
-    tokenize_pairs,
-    unpaired_rows,
 )
-from optsys.data.sources import load_rows
-from optsys.data.tasks import get_task
-from optsys.data.tokenize import DataReport
 from optsys.losses import PREFERENCE_LOSSES
 from optsys.methods import METHODS, methods_of
 from optsys.models.load import load_model_and_tokenizer
 from optsys.models.lora import is_peft
 from optsys.models.packed import attach_forward_methods, packed_sequence_logps
+from optsys.models.sources import local_source
 from optsys.parallel.dist import (
     World,
     all_reduce_sum,
@@ -60,13 +57,12 @@ from optsys.parallel.dist import (
     shared_batches,
     torchrun_world,
 )
-from optsys.stages import stage_provenance
+from optsys.stages import is_stage, stage_provenance
 from optsys.telemetry.nvtx import phase, step_phase, telemetry
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     MetricWindow,
     RunClock,
-    StepStream,
     autocast_context,
     backward_share,
     build_optimizer,
@@ -74,11 +70,11 @@ from optsys.trainers.common import (
     clip_and_step,
     close_run,
     describe_batches,
-    epoch_order,
     eval_due,
     held_out_accuracy,
     locate_resume,
     open_metrics,
+    pair_steps,
     ready_for_training,
     restore_run,
     run_output_dir,
@@ -92,33 +88,6 @@ from optsys.trainers.precision import Precision, frozen_for_compute, fsdp_param_
 REF_CACHE = "ref_logps.safetensors"
 METRIC_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin", "logps_chosen",
                "logps_rejected", "kl")  # kl: KTO's z0 only
-
-
-@dataclass
-class PreferenceData:
-    train: list[PreferencePair]
-    eval: list[PreferencePair]
-    train_report: DataReport
-
-
-def build_preference_data(cfg: TrainConfig, tokenizer, *, kto: bool) -> PreferenceData:
-    """Pairs from a built-in task (Task.preference_pairs, fixed train/test splits) or a dataset."""
-    d = cfg.data
-    if d.task is not None:
-        task = get_task(d.task)
-        train_rows = task.preference_pairs("train", d.num_train, difficulty=d.difficulty, seed=cfg.seed)
-        eval_rows = task.preference_pairs("test", d.num_eval, difficulty=d.difficulty, seed=cfg.seed)
-        if kto:
-            train_rows, eval_rows = unpaired_rows(train_rows), unpaired_rows(eval_rows)
-        train_name, eval_name = f"task:{d.task}/train", f"task:{d.task}/test"
-    else:
-        train_rows = load_rows(d.dataset, split=d.split)
-        eval_rows = load_rows(d.eval_dataset, split=d.eval_split) if d.eval_dataset else []
-        train_name, eval_name = d.dataset, d.eval_dataset or ""
-    kw = dict(max_tokens=d.max_tokens, kto=kto, overlong=d.overlong, on_bad_pair=d.on_bad_pair)
-    train, report = tokenize_pairs(train_rows, tokenizer, source=train_name, **kw)
-    evals = tokenize_pairs(eval_rows, tokenizer, source=eval_name, **kw)[0] if eval_rows else []
-    return PreferenceData(train, evals, report)
 
 
 def row_logps(model, b: PackedBatch, *, average: bool, backend: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,18 +117,24 @@ def pair_logps(model, batch: PairBatch, *, average: bool, backend: str, device,
 # ---------------------------------------------------------------------------- reference log-probs
 
 
-def reference_fingerprint(cfg: TrainConfig, model, tokenizer, data: PreferenceData, average: bool) -> dict:
+def reference_fingerprint(cfg: TrainConfig, model, tokenizer, data: PreferenceData, average: bool,
+                          resolve=local_source) -> dict:
     """What the cached reference log-probs depend on; a cache whose fingerprint differs is refused.
 
     Local checkpoints are identified by path plus their weight files' names, sizes and mtimes
-    (`weights_stamp`): one retrained into the same folder is seen. Hub ids are named by id and revision."""
+    (`weights_stamp`; a `stage:` source through `resolve`): one retrained into the same folder is seen. Hub ids
+    are named by id and revision, `tiny:` presets by name (they are rebuilt deterministically)."""
+
+    def stamp(source: str | None) -> str | None:
+        return weights_stamp(resolve(source, cfg.seed) if is_stage(source) else source)
+
     return {
         "model.name_or_path": cfg.model.name_or_path,
         "model.revision": cfg.model.revision,
-        "model.weights_stamp": weights_stamp(cfg.model.name_or_path),
+        "model.weights_stamp": stamp(cfg.model.name_or_path),
         "model.config_sha256": model_config_sha256(model),
         "pref.reference_model": cfg.pref.reference_model,
-        "pref.reference_model.weights_stamp": weights_stamp(cfg.pref.reference_model),
+        "pref.reference_model.weights_stamp": stamp(cfg.pref.reference_model),
         "tokenizer.vocab_size": len(tokenizer),
         "data.train_sha256": pairs_sha256(data.train),
         "data.eval_sha256": pairs_sha256(data.eval),
@@ -215,18 +190,6 @@ def load_reference_cache(path: Path, fingerprint: dict) -> dict[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------------- steps and metrics
-
-
-def pair_steps(pairs: list[PreferencePair], max_tokens: int, batch_tokens: int, seed: int,
-               position: tuple[int, int] = (0, 0)) -> StepStream:
-    """Endless (epoch, [PairBatch, ...]) optimizer steps; pairs reshuffled and repacked every epoch;
-    resumable at a saved `position` (see StepStream)."""
-
-    def epoch_batches(epoch: int) -> list[PairBatch]:
-        return packed_pair_batches(pairs, max_tokens, shuffle_seed=seed + epoch,
-                                   order=epoch_order(len(pairs), seed, epoch))
-
-    return StepStream(epoch_batches, batch_tokens, position)
 
 
 @torch.no_grad()
@@ -337,13 +300,13 @@ def evaluate(model, pairs: list[PreferencePair], reference: Reference | None, *,
     return meter.all_reduce(world).means("eval/")
 
 
-def load_reference_model(cfg: TrainConfig, policy, tokenizer, device, precision: Precision):
+def load_reference_model(cfg: TrainConfig, policy, tokenizer, device, precision: Precision, resolve=local_source):
     """pref.reference_model, loaded frozen; a ConfigError if its tokenizer or architecture is not the policy's
     (log-probs under another vocabulary are not comparable token for token)."""
     path = cfg.pref.reference_model
     ref_cfg = dataclasses.replace(cfg.model, name_or_path=path, gradient_checkpointing=False,
                                   lora=dataclasses.replace(cfg.model.lora, r=0, quantize="none"))
-    ref, ref_tokenizer = load_model_and_tokenizer(ref_cfg, device, seed=cfg.seed)
+    ref, ref_tokenizer = load_model_and_tokenizer(ref_cfg, device, seed=cfg.seed, resolve=resolve)
     problems = []
     vocab, ref_vocab = tokenizer.get_vocab(), ref_tokenizer.get_vocab()
     if vocab != ref_vocab:
@@ -369,7 +332,8 @@ def lm_head_rows(model) -> int:
 
 
 def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: PreferenceData, out_dir: Path,
-                    world: World, *, average: bool, summary: dict, precision: Precision) -> Reference:
+                    world: World, *, average: bool, summary: dict, precision: Precision,
+                    resolve=local_source) -> Reference:
     """The reference log-prob source for `mode`: pref.reference_model if set, else the policy as loaded
     (built before any resume, and for `copy` before the policy is sharded).
 
@@ -384,7 +348,7 @@ def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: Prefere
         return shard_model(ref, world, fsdp_param_dtype(precision))
 
     def separate_reference():
-        return shard_frozen(load_reference_model(cfg, model, tokenizer, world.device, precision))
+        return shard_frozen(load_reference_model(cfg, model, tokenizer, world.device, precision, resolve))
 
     if mode == "copy":  # the policy's master weights, frozen in the dtype they were loaded in
         frozen = (separate_reference() if cfg.pref.reference_model else
@@ -394,7 +358,7 @@ def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: Prefere
         return Reference(mode, model=model, **common)
     t0 = time.time()
     path = out_dir / REF_CACHE
-    fingerprint = reference_fingerprint(cfg, model, tokenizer, data, average)
+    fingerprint = reference_fingerprint(cfg, model, tokenizer, data, average, resolve)
     found = None
     if world.is_main:  # a mismatched cache is an error on rank 0; the others learn whether one exists
         found = load_reference_cache(path, fingerprint) is not None
@@ -413,16 +377,18 @@ def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: Prefere
     return Reference(mode, cached=cached, **common)
 
 
-def train(cfg: TrainConfig) -> dict | None:
-    """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs, cache and the model)."""
+def train(cfg: TrainConfig, resolve=local_source) -> dict | None:
+    """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs, cache and the model).
+    `resolve(source, seed)` turns a model source into a folder (optsys.models.sources.local_source; the entry
+    points pass optsys.sources.resolve_source, which trains or reuses `stage:` recipes)."""
     if METHODS[cfg.method].trainer != __name__:
         raise ConfigError(f"method={cfg.method!r} is not a preference method; choose one of "
                           f"{methods_of(__name__)}")
     with telemetry(cfg.trainer.telemetry), torchrun_world(cfg.device) as world:
-        return _train(cfg, world)
+        return _train(cfg, world, resolve)
 
 
-def _train(cfg: TrainConfig, world: World) -> dict | None:
+def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
     t_start = time.time()
     method, tc = cfg.method, cfg.trainer
     spec = PREFERENCE_LOSSES[method]
@@ -432,9 +398,9 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
 
     precision = resolve_precision(tc.precision, cfg.model.dtype, device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed, resolve=resolve)
     attach_forward_methods(to_master(model, precision))  # master weights before a reference copies them
-    data = build_preference_data(cfg, tokenizer, kto=not spec.paired)
+    data = build_preference_data(cfg.data, tokenizer, seed=cfg.seed, kto=not spec.paired)
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
                      "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
                      "parallel/world_size": world.size, "parallel/nodes": world.nodes, **stage_provenance(cfg),
@@ -448,7 +414,8 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     reference = None
     if spec.needs_reference and cfg.pref.reference == "copy":
         reference = build_reference("copy", cfg, model, tokenizer, data, out_dir, world,
-                                    average=spec.average_logps, summary=summary, precision=precision)
+                                    average=spec.average_logps, summary=summary, precision=precision,
+                                    resolve=resolve)
     model = ready_for_training(model, world, precision)  # FSDP2 under torchrun; a no-op for one process
     # The optimizer takes the parameters now, while they are all in sharded form (see dist.reshard).
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
@@ -456,7 +423,8 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
                                                                            tc.min_lr_ratio))
     if spec.needs_reference and reference is None:
         reference = build_reference(cfg.pref.reference, cfg, model, tokenizer, data, out_dir, world,
-                                    average=spec.average_logps, summary=summary, precision=precision)
+                                    average=spec.average_logps, summary=summary, precision=precision,
+                                    resolve=resolve)
 
     fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=pairs_sha256(data.train))
     state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,

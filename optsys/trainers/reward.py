@@ -19,11 +19,12 @@ import torch
 
 from optsys.checkpoint import run_fingerprint
 from optsys.config import ConfigError, TrainConfig
-from optsys.data.preference import PairBatch, PreferencePair, packed_pair_batches, pairs_sha256
+from optsys.data.preference import PairBatch, PreferencePair, build_preference_data, packed_pair_batches, pairs_sha256
 from optsys.losses.reward import bradley_terry
 from optsys.models.lora import is_peft, merged_model
 from optsys.models.reward import load_reward_model, packed_rewards
 from optsys.models.reward import score as score  # re-exported: `from optsys.trainers.reward import score`
+from optsys.models.sources import local_source
 from optsys.parallel.dist import (
     World,
     all_reduce_sum,
@@ -46,6 +47,7 @@ from optsys.trainers.common import (
     eval_due,
     locate_resume,
     open_metrics,
+    pair_steps,
     ready_for_training,
     restore_run,
     run_output_dir,
@@ -55,7 +57,6 @@ from optsys.trainers.common import (
     warmup_cosine,
 )
 from optsys.trainers.precision import Precision, resolve_precision
-from optsys.trainers.preference import build_preference_data, pair_steps
 
 KEYS = ("loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin")
 
@@ -90,15 +91,15 @@ def evaluate(model, pairs: list[PreferencePair], cfg: TrainConfig, world: World)
     return meter.all_reduce(world).means("eval/")
 
 
-def train(cfg: TrainConfig) -> dict | None:
+def train(cfg: TrainConfig, resolve=local_source) -> dict | None:
     """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
     if cfg.model.lora.quantize != "none":
         raise ConfigError("method=rm supports LoRA but not QLoRA yet; set model.lora.quantize=none")
     with telemetry(cfg.trainer.telemetry), torchrun_world(cfg.device) as world:
-        return _train(cfg, world)
+        return _train(cfg, world, resolve)
 
 
-def _train(cfg: TrainConfig, world: World) -> dict | None:
+def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
     t_start = time.time()
     tc = cfg.trainer
     device = world.device
@@ -106,11 +107,11 @@ def _train(cfg: TrainConfig, world: World) -> dict | None:
     out_dir = run_output_dir(cfg, world)
     resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
     precision = resolve_precision(tc.precision, cfg.model.dtype, device)
-    model, tokenizer = load_reward_model(cfg.model, device, seed=cfg.seed)
+    model, tokenizer = load_reward_model(cfg.model, device, seed=cfg.seed, resolve=resolve)
     if world.distributed and is_peft(model):
         raise ConfigError("LoRA (model.lora.r > 0) is not supported under torchrun by the reward trainer yet; "
                           "train full weights, or run LoRA in one process")
-    data = build_preference_data(cfg, tokenizer, kto=False)
+    data = build_preference_data(cfg.data, tokenizer, seed=cfg.seed, kto=False)
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
                      "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
                      "parallel/world_size": world.size, "parallel/nodes": world.nodes, **stage_provenance(cfg),

@@ -26,10 +26,10 @@ import torch
 
 from optsys.checkpoint import run_fingerprint
 from optsys.config import ConfigError, TrainConfig
-from optsys.data.errors import DataError
 from optsys.data.packing import PackedBatch, collate_packed, pack_best_fit_decreasing
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import IGNORE, TokenizedExample
+from optsys.errors import DataError
 from optsys.eval.generate import stop_token_ids
 from optsys.losses.policy import (
     ADVANTAGE_ESTIMATORS,
@@ -40,8 +40,9 @@ from optsys.losses.policy import (
     sampler_correction,
 )
 from optsys.methods import RL_ALGORITHMS
-from optsys.models.load import load_model_and_tokenizer, resolve_model_path
+from optsys.models.load import load_model_and_tokenizer
 from optsys.models.packed import attach_forward_methods
+from optsys.models.sources import local_source
 from optsys.parallel.dist import all_gather_objects, all_reduce_sum, barrier, torchrun_world
 from optsys.rollout.engine import Sampling, resolve_engine_name, stable_seed
 from optsys.rollout.rewards import build_rewards, score_completions
@@ -237,7 +238,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(epoch_order(n, seed, epoch))
 
 
-def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch.dtype):
+def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch.dtype, path: str):
     name = resolve_engine_name(cfg.rl.engine)
     if name == "hf" and cfg.rl.engine_tensor_parallel > 1:
         raise ConfigError(f"rl.engine_tensor_parallel={cfg.rl.engine_tensor_parallel} needs vLLM, and rl.engine="
@@ -249,7 +250,7 @@ def build_engine(cfg: TrainConfig, model, tokenizer, world, storage_dtype: torch
     from optsys.rollout.vllm_engine import VLLMEngine
 
     lora = cfg.model.lora.r if cfg.model.lora.r and cfg.rl.lora_sync == "adapter" else 0
-    return VLLMEngine(resolve_model_path(cfg.model.name_or_path, seed=cfg.seed), dtype=storage_dtype,
+    return VLLMEngine(path, dtype=storage_dtype,
                       max_model_len=cfg.data.max_tokens, seed=cfg.seed, device=world.device,
                       gpu_memory_utilization=cfg.rl.engine_memory_fraction, lora_rank=lora,
                       distributed=world.distributed, tensor_parallel=cfg.rl.engine_tensor_parallel)
@@ -418,14 +419,14 @@ def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], cfg: TrainConfig,
             start += n
 
 
-def load_teacher(cfg: TrainConfig, tokenizer, device, precision):
+def load_teacher(cfg: TrainConfig, tokenizer, device, precision, resolve):
     """rl.teacher, frozen; a ConfigError if its tokenizer is not the student's (per-token log-probs of the same
     token ids must mean the same tokens). Its architecture and size may differ: that is the point."""
     import dataclasses
 
     teacher_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.rl.teacher, gradient_checkpointing=False,
                                       lora=dataclasses.replace(cfg.model.lora, r=0, quantize="none"))
-    teacher, teacher_tok = load_model_and_tokenizer(teacher_cfg, device, seed=cfg.seed)
+    teacher, teacher_tok = load_model_and_tokenizer(teacher_cfg, device, seed=cfg.seed, resolve=resolve)
     vocab, other = tokenizer.get_vocab(), teacher_tok.get_vocab()
     if vocab != other:
         differing = sorted(set(vocab.items()) ^ set(other.items()))[:3]
@@ -614,27 +615,29 @@ def value_loss(values: torch.Tensor, mb: MicroBatch, clip: float, device) -> tup
     return (per_token * w).sum(), metrics
 
 
-def train(cfg: TrainConfig) -> dict | None:
-    """One process, or one rank of a torchrun job (FSDP2; each rank generates its share of the prompts)."""
+def train(cfg: TrainConfig, resolve=local_source) -> dict | None:
+    """One process, or one rank of a torchrun job (FSDP2; each rank generates its share of the prompts).
+    `resolve(source, seed)` turns a model source into a folder (optsys.models.sources.local_source; the entry
+    points pass optsys.sources.resolve_source, which trains or reuses `stage:` recipes)."""
     with telemetry(cfg.trainer.telemetry), torchrun_world(cfg.device) as world:
-        return _train(cfg, world)
+        return _train(cfg, world, resolve)
 
 
-def _train(cfg: TrainConfig, world) -> dict | None:
+def _train(cfg: TrainConfig, world, resolve) -> dict | None:
     t_start = time.time()
     device, tc, rl, method = world.device, cfg.trainer, cfg.rl, cfg.method
     algo = RL_ALGORITHMS[method]
     set_seed(cfg.seed)
     out_dir = run_output_dir(cfg, world)
     resume_from = locate_resume(cfg, out_dir, world)
-    fns = build_rewards(cfg.rl.rewards, cfg.rl.reward_weights, device)
+    fns = build_rewards(cfg.rl.rewards, cfg.rl.reward_weights, device, resolve=resolve)
 
     precision = resolve_precision(tc.precision, cfg.model.dtype, device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed, resolve=resolve)
     train_prompts, eval_prompts = build_prompts(cfg, tokenizer)
     ref_model = None
     if algo.advantage == "teacher_kl":  # distillation: the teacher scores in the reference's place
-        ref_model = load_teacher(cfg, tokenizer, device, precision)
+        ref_model = load_teacher(cfg, tokenizer, device, precision, resolve)
     elif rl.kl_coef > 0:  # the initial policy, frozen
         ref_model = attach_forward_methods(frozen_for_compute(copy.deepcopy(model).eval().requires_grad_(False),
                                                               precision))
@@ -668,7 +671,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
         model.train()
 
     t0 = time.perf_counter()
-    engine = build_engine(cfg, model, tokenizer, world, precision.storage)
+    engine = build_engine(cfg, model, tokenizer, world, precision.storage, resolve(cfg.model.name_or_path, cfg.seed))
     summary["time/engine_start_s"] = time.perf_counter() - t0
     summary["rollout/engine"] = engine.name
     summary["rollout/tensor_parallel"] = getattr(engine, "tensor_parallel", 1)

@@ -28,6 +28,7 @@ from optsys.data.sources import load_rows
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
 from optsys.models.load import load_model_and_tokenizer
+from optsys.models.sources import local_source
 from optsys.parallel.dist import all_reduce_sum, shared_batches, torchrun_world
 from optsys.stages import stage_provenance
 from optsys.telemetry.nvtx import phase, step_phase, telemetry
@@ -140,14 +141,16 @@ def eval_loss(model, examples: list[TokenizedExample], cfg: TrainConfig, pad_id:
     return total / max(1, n)
 
 
-def train(cfg: TrainConfig) -> dict | None:
-    """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model)."""
+def train(cfg: TrainConfig, resolve=local_source) -> dict | None:
+    """One process, or one rank of a torchrun job (FSDP2; only rank 0 writes logs and the model).
+    `resolve(source, seed)` turns a model source into a folder (optsys.models.sources.local_source; the entry
+    points pass optsys.sources.resolve_source, which trains or reuses `stage:` recipes)."""
     one_rank_group = cfg.parallel.backend == "deepspeed"  # DeepSpeed needs a process group in one process too
     with telemetry(cfg.trainer.telemetry), torchrun_world(cfg.device, group_of_one=one_rank_group) as world:
-        return _train(cfg, world)
+        return _train(cfg, world, resolve)
 
 
-def _train(cfg: TrainConfig, world) -> dict | None:
+def _train(cfg: TrainConfig, world, resolve) -> dict | None:
     t_start = time.time()
     device = world.device
     set_seed(cfg.seed)
@@ -156,7 +159,7 @@ def _train(cfg: TrainConfig, world) -> dict | None:
     resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
 
     precision = resolve_precision(tc.precision, cfg.model.dtype, device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed, resolve=resolve)
     data = build_sft_data(cfg.data, tokenizer, cfg.seed)
     summary: dict = {
         **data.train_report.metrics("data/"),  # rows, kept, truncated, skipped_<reason>, tokens

@@ -3,8 +3,8 @@
 import datasets
 import pytest
 
-from optsys.data.errors import DataError
 from optsys.data.sources import load_rows, row_format
+from optsys.errors import DataError
 
 ROWS = [
     {"messages": [{"role": "user", "content": "2+3="}, {"role": "assistant", "content": "5"}]},

@@ -4,8 +4,8 @@ import copy
 
 import pytest
 
-from optsys.data.errors import DataError
 from optsys.data.tokenize import IGNORE, DataReport, tokenize_rows
+from optsys.errors import DataError
 from optsys.models.tiny import load_tiny_tokenizer
 
 END = "<|im_end|>"

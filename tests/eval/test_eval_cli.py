@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from optsys.eval.__main__ import main
+from optsys.eval_cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

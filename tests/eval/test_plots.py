@@ -2,7 +2,7 @@
 
 import pytest
 
-from optsys.eval.plots import plot_curves
+from optsys.telemetry.curves import plot_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -62,4 +62,4 @@ def test_plot_curves_without_matplotlib_says_how_to_install(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes `from matplotlib.figure import` fail
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_curves(_curves(False), x="n", path=tmp_path / "x.png")
-    assert "optsys.eval.plots" in sys.modules  # the module itself imported without needing it
+    assert "optsys.telemetry.curves" in sys.modules  # the module itself imported without needing it

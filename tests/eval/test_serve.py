@@ -344,11 +344,11 @@ def test_lora_adapter_is_served_by_name(server_url, tiny_path, lora_adapter):
 def test_eval_through_the_endpoint_equals_the_in_process_eval(server_url, local_engine, tiny_path, tmp_path):
     """`python -m optsys.eval --endpoint URL` (test-time methods included: pools and budget forcing on token ids)
     gives the same completions, answers and scores as the same eval on the in-process engine."""
-    from optsys.eval.__main__ import main
     from optsys.eval.config import load_eval_config
     from optsys.eval.generate import stop_token_ids
     from optsys.eval.run import Opened, _generation_config, run_generate_task
     from optsys.eval.tasks import resolve_tasks
+    from optsys.eval_cli import main
     from optsys.models.load import load_tokenizer
 
     settings = {"tasks": ["arithmetic"], "num": 4, "methods": ["greedy", "sample", "self_consistency", "budget"],

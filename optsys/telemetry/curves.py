@@ -1,5 +1,6 @@
-"""PNG curves of accuracy against samples per question (N) or tokens generated, one line per method (and, with
-`y=`, any metric against another: optsys.telemetry.plots draws a training run's curves with it).
+"""PNG curves, one line per method with its interval band: eval's accuracy against samples per question (N) or
+tokens generated (optsys.eval.report), and with `y=` any metric against another (optsys.telemetry.plots draws
+a training run's curves with it). It lives here, below both, so that telemetry never imports eval.
 
 matplotlib is imported inside `plot_curves`, so importing this module (and optsys.eval) does not need it.
 The figure is drawn on a bare `matplotlib.figure.Figure`, whose `savefig` renders through the Agg canvas:

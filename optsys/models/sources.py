@@ -1,0 +1,59 @@
+"""Model sources below the entry points: `tiny:<preset>` (the factory), a local folder, a hub id.
+
+`stage:<recipe>` sources are trained (or reused) by optsys.sources at the top: a model load never trains a
+run. Loaders take a `resolve` callable, `local_source` by default; `python -m optsys.train`, `optsys.eval` and
+`optsys.serve` pass optsys.sources.resolve_source, which adds `stage:`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from optsys.errors import ConfigError, did_you_mean
+
+STAGE_PREFIX = "stage:"
+TINY_PREFIX = "tiny:"
+
+
+def local_source(value: str, seed: int = 0) -> str:
+    """`tiny:<preset>` -> its built (cached) folder; a folder or hub id as it is. `stage:` is refused: only the
+    entry points resolve it."""
+    if value.startswith(STAGE_PREFIX):
+        raise ConfigError(f"{value!r} is a training stage, which only the entry points train or reuse: run it "
+                          "through python -m optsys.train (or optsys.train.run(cfg), python -m optsys.eval, "
+                          "python -m optsys.serve), or pass resolve=optsys.sources.resolve_source")
+    if value.startswith(TINY_PREFIX):
+        from optsys.models.tiny import build_tiny
+
+        return str(build_tiny(value[len(TINY_PREFIX):], seed=seed))
+    return value
+
+
+def check_local_source(key: str, value: str) -> None:
+    """Config check of model source `value` of setting `key` (nothing loads): tiny:<preset> names a preset, a
+    local path exists and holds *.safetensors, a path-like name that does not exist is refused. A `stage:` value
+    is checked here only for a recipe name (optsys.validation checks the recipe itself)."""
+    if value.startswith(STAGE_PREFIX):
+        if not value[len(STAGE_PREFIX):].strip():
+            raise ConfigError(f"{key}={value!r} names no recipe; write stage:<recipe>, e.g. stage:quickstart")
+        return
+    if value.startswith(TINY_PREFIX):
+        from optsys.models.tiny import PRESETS
+
+        preset = value.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ConfigError(f"{key}={value!r}: no tiny preset {preset!r}{did_you_mean(preset, PRESETS)}")
+        return
+    path = Path(os.path.expanduser(value))
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{key}={value!r} is a file; point it at a Hugging Face model folder (config.json and "
+                              "*.safetensors) or a hub id")
+        if not any(path.glob("*.safetensors")):
+            raise ConfigError(f"{key}={value!r}: the folder holds no *.safetensors weights; optsys reads safetensors "
+                              "only (convert .bin checkpoints with save_pretrained(safe_serialization=True))")
+        return
+    if value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1:
+        raise ConfigError(f"{key}={value!r} does not exist (resolved to {path.resolve()}); point it at a local "
+                          "Hugging Face model folder, a hub id such as 'org/name', or tiny:<preset>")
