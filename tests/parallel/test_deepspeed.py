@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 from failing_rank import failing_rank_script
+from helpers import needs_no_cuda, profiling_dry_run
 from safetensors.torch import load_file
 from test_distributed import losses, run  # tests/ is on sys.path (pytest's rootdir-relative imports)
-from test_profiling import _shell, needs_no_cuda
 
 import optsys.checkpoint as ck
 from optsys.config import ConfigError, load_config
@@ -131,7 +131,7 @@ def test_the_gpu_suite_stage_trains_a_valid_config_and_resumes_it(monkeypatch):
     import optsys.parallel.zero
 
     monkeypatch.setattr(optsys.parallel.zero, "deepspeed_missing", lambda: False)  # validated without the package
-    res = _shell("gpu_suite.sh", "deepspeed")
+    res = profiling_dry_run("gpu_suite.sh", "deepspeed")
     assert res.returncode == 3, res.stdout + res.stderr
     runs = [line.split("-m optsys.train ", 1)[1].split(" 2>&1")[0].split()
             for line in res.stdout.splitlines() if line.startswith("  [deepspeed] ") and "-m optsys.train " in line]
