@@ -49,6 +49,24 @@ def tiny_path(tiny_cache):
     return build_tiny("test", seed=0, cache_dir=tiny_cache)
 
 
+@pytest.fixture(scope="module")
+def tok(request, tiny_cache):
+    """The tokenizer of the tiny `test` model (tiny_path), loaded as the trainers load it (optsys.models.load.
+    load_tokenizer). A module that sets `TOKENIZER = "factory"` gets the tiny factory's own tokenizer instead
+    (optsys.models.tiny.load_tiny_tokenizer, vocab 512), without building a model: the same vocabulary and chat
+    template, but transformers loads the model folder's as a Qwen2Tokenizer, whose pre-tokenizer (Qwen's split
+    regex, NFC) replaces the factory's one-digit split. One per module: a module that changes it changes its own."""
+    kind = getattr(request.module, "TOKENIZER", "model")
+    if kind == "factory":
+        from optsys.models.tiny import load_tiny_tokenizer
+
+        return load_tiny_tokenizer(512, cache_dir=tiny_cache)
+    assert kind == "model", f"{request.module.__name__}.TOKENIZER={kind!r}: 'model' (the default) or 'factory'"
+    from optsys.models.load import load_tokenizer
+
+    return load_tokenizer(str(request.getfixturevalue("tiny_path")))
+
+
 def quickstart_stage_config():
     """The quickstart recipe as the stage `stage:quickstart` (its cache folder under OPTSYS_CACHE_DIR), without
     the progress bar (trainer.progress is not part of the stage's cache key: the folder is the same)."""
