@@ -28,8 +28,8 @@ def optsys_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def no_run_plots(request, monkeypatch):
-    """Runs draw no end-of-run PNGs here except in tests marked `run_plots` (tests/test_telemetry.py): a figure
-    costs ~0.2 s on 2 cores (~1 s for an SFT run's five, more for RL's), and the suite trains ~80 times in
+    """Runs draw no end-of-run PNGs here except in tests marked `run_plots` (tests/telemetry/test_telemetry.py): a
+    figure costs ~0.2 s on 2 cores (~1 s for an SFT run's five, more for RL's), and the suite trains ~80 times in
     process. A plot failure never fails a run, so nothing the other tests check depends on them."""
     if request.node.get_closest_marker("run_plots") is None:
         import optsys.telemetry.plots
