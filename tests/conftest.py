@@ -28,8 +28,8 @@ def optsys_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def no_run_plots(request, monkeypatch):
-    """Runs draw no end-of-run PNGs here except in tests marked `run_plots` (tests/test_telemetry.py): a figure
-    costs ~0.2 s on 2 cores (~1 s for an SFT run's five, more for RL's), and the suite trains ~80 times in
+    """Runs draw no end-of-run PNGs here except in tests marked `run_plots` (tests/telemetry/test_telemetry.py): a
+    figure costs ~0.2 s on 2 cores (~1 s for an SFT run's five, more for RL's), and the suite trains ~80 times in
     process. A plot failure never fails a run, so nothing the other tests check depends on them."""
     if request.node.get_closest_marker("run_plots") is None:
         import optsys.telemetry.plots
@@ -47,6 +47,24 @@ def tiny_path(tiny_cache):
     from optsys.models.tiny import build_tiny
 
     return build_tiny("test", seed=0, cache_dir=tiny_cache)
+
+
+@pytest.fixture(scope="module")
+def tok(request, tiny_cache):
+    """The tokenizer of the tiny `test` model (tiny_path), loaded as the trainers load it (optsys.models.load.
+    load_tokenizer). A module that sets `TOKENIZER = "factory"` gets the tiny factory's own tokenizer instead
+    (optsys.models.tiny.load_tiny_tokenizer, vocab 512), without building a model: the same vocabulary and chat
+    template, but transformers loads the model folder's as a Qwen2Tokenizer, whose pre-tokenizer (Qwen's split
+    regex, NFC) replaces the factory's one-digit split. One per module: a module that changes it changes its own."""
+    kind = getattr(request.module, "TOKENIZER", "model")
+    if kind == "factory":
+        from optsys.models.tiny import load_tiny_tokenizer
+
+        return load_tiny_tokenizer(512, cache_dir=tiny_cache)
+    assert kind == "model", f"{request.module.__name__}.TOKENIZER={kind!r}: 'model' (the default) or 'factory'"
+    from optsys.models.load import load_tokenizer
+
+    return load_tokenizer(str(request.getfixturevalue("tiny_path")))
 
 
 def quickstart_stage_config():

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from helpers import sft_run_overrides
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -30,14 +31,12 @@ from optsys.trainers import sft
 from optsys.trainers.common import build_optimizer, prepare_output_dir, warmup_cosine
 from optsys.validation import load_config
 
-RUN = ["data.num_train=300", "data.num_eval=20", "data.max_tokens=256", "trainer.batch_tokens=1024",
-       "trainer.max_steps=8", "trainer.warmup_steps=2", "trainer.save_every=1", "trainer.log_every=1",
-       "eval.before=false", "eval.after=false", "trainer.progress=false", "trainer.plots=false"]
+RUN = ["data.max_tokens=256", "trainer.batch_tokens=1024", "trainer.max_steps=8", "trainer.warmup_steps=2",
+       "trainer.save_every=1"]  # on top of sft_run_overrides
 
 
 def cli(tiny_path, out, *extra):
-    return [sys.executable, "-m", "optsys.train", f"model.name_or_path={tiny_path}", f"output_dir={out}", *RUN,
-            *extra]
+    return [sys.executable, "-m", "optsys.train", *sft_run_overrides(tiny_path, out, *RUN, *extra)]
 
 
 def metric_rows(out):
@@ -94,9 +93,8 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path, tiny_path):
 
 
 def test_in_process_resume_keeps_eval_before_and_rewinds_metrics(tmp_path, tiny_path):
-    base = [f"model.name_or_path={tiny_path}", f"output_dir={tmp_path / 'run'}", *RUN, "trainer.max_steps=4",
-            "trainer.save_every=2", "trainer.log_every=1", "eval.before=true", "eval.batch_size=20",
-            "eval.max_new_tokens=4"]
+    base = sft_run_overrides(tiny_path, tmp_path / "run", *RUN, "trainer.max_steps=4", "trainer.save_every=2",
+                             "trainer.log_every=1", "eval.before=true", "eval.batch_size=20", "eval.max_new_tokens=4")
     first = sft.train(load_config("quickstart", overrides=base))
     out = tmp_path / "run"
     losses = {s: r["train/loss"] for s, r in train_rows(out).items()}
@@ -119,8 +117,7 @@ def test_in_process_resume_keeps_eval_before_and_rewinds_metrics(tmp_path, tiny_
 
 
 def tiny_cfg(tmp_path, tiny_path, *extra):
-    return load_config("quickstart", overrides=[f"model.name_or_path={tiny_path}", f"output_dir={tmp_path / 'run'}",
-                                                *RUN, *extra])
+    return load_config("quickstart", overrides=sft_run_overrides(tiny_path, tmp_path / "run", *RUN, *extra))
 
 
 def trained_parts(cfg, model=None):

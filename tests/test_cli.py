@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import run_torchrun
 
 
 def assert_one_paragraph(stderr: str, head: str) -> None:
@@ -75,8 +76,7 @@ def test_torchrun_input_error_is_printed_once_and_no_rank_dumps_a_traceback(tmp_
     run.mkdir()
     (run / "config.yaml").write_text("recipe: other\n")
     args = ["trainer.min_lr_ratio=5"] if case == "bad value" else [f"output_dir={run}", "model.name_or_path=tiny:test"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "optsys.train",
-                           *args], capture_output=True, text=True, timeout=120)
+    proc = run_torchrun(["-m", "optsys.train", *args], timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("config error: ") == 1, proc.stderr[-3000:]
     assert "[rank1]" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr[-3000:]

@@ -2,8 +2,8 @@
 
 The preference and RL recipes start from SFT stages (`stage:quickstart` is the shared `quickstart_run` fixture's
 model, trained through the stage cache); nothing is overridden but the output folder and the progress bar.
-quickstart itself: tests/test_sft.py::test_quickstart_learns_addition; dpo_tiny:
-tests/test_preference_trainer.py::test_dpo_on_sft_model_raises_heldout_reward_accuracy."""
+quickstart itself: tests/trainers/test_sft.py::test_quickstart_learns_addition; dpo_tiny:
+tests/trainers/test_preference_trainer.py::test_dpo_on_sft_model_raises_heldout_reward_accuracy."""
 
 import pytest
 
@@ -47,7 +47,7 @@ RL_CLAIMS = {"grpo_tiny": 0.10, "ppo_tiny": 0.10, "distill_tiny": 0.10}
 
 
 # ppo_tiny (~4 min) runs on request (-m recipe_full) to keep CI within its time budget; PPO itself is exercised
-# end to end in tests/test_rl.py (every method, kill-and-resume).
+# end to end in tests/trainers/test_rl.py (every method, kill-and-resume).
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.recipe_full) if r == "ppo_tiny" else r
                                     for r in RL_CLAIMS])

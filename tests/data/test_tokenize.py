@@ -6,14 +6,9 @@ import pytest
 
 from optsys.data.tokenize import IGNORE, DataReport, tokenize_rows
 from optsys.errors import DataError
-from optsys.models.tiny import load_tiny_tokenizer
 
 END = "<|im_end|>"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
+TOKENIZER = "factory"  # the tok fixture (tests/conftest.py): the tiny factory's own tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import optsys.eval.loglik as loglik
 import optsys.models.packed as packed
@@ -17,11 +17,6 @@ from optsys.eval.loglik import (
     perplexity,
     task_choice_items,
 )
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_path):
-    return AutoTokenizer.from_pretrained(tiny_path)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])

@@ -35,13 +35,6 @@ class TextEngine:
         return out
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_path):
-    from optsys.models.load import load_tokenizer
-
-    return load_tokenizer(str(tiny_path))
-
-
 def _questions(n=3):
     return [Question(f"q{i}", ({"role": "user", "content": f"{i}+{i}="},), str(2 * i)) for i in range(n)]
 

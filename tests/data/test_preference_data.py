@@ -10,14 +10,8 @@ from optsys.data.tasks import get_task
 from optsys.data.tokenize import IGNORE
 from optsys.errors import DataError
 from optsys.losses import sequence_logprobs
-from optsys.models.load import load_tokenizer
 from optsys.models.packed import lm_head_weight
 from optsys.trainers.preference import pair_logps
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_path):
-    return load_tokenizer(str(tiny_path))
 
 
 def test_pairs_target_completion_only_and_share_prompt(tok):

@@ -27,12 +27,7 @@ from optsys.rollout.environments import (
     summarize_episodes,
 )
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from optsys.models.tiny import load_tiny_tokenizer
-
-    return load_tiny_tokenizer(512, cache_dir=tmp_path_factory.mktemp("tok"))
+TOKENIZER = "factory"  # the tok fixture (tests/conftest.py): the tiny factory's own tokenizer
 
 
 class ScriptedEngine:

@@ -14,21 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 from failing_rank import failing_rank_script
+from helpers import run_torchrun, sft_run_overrides, torchrun_cmd, worker_env
 from safetensors.torch import load_file
 
 from optsys.checkpoint import CheckpointError, _checked_manifest, latest_checkpoint, read_manifest
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = worker_env()
 
 
 def overrides(tiny_path, out):
     # As in test_distributed.py (uneven rank shares, filler micro-batches), plus a checkpoint every step;
     # keep_last=8 keeps them all, so the uninterrupted run can also serve as a run to resume.
-    return [f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.num_train=300", "data.num_eval=20",
-            "data.max_tokens=128", "trainer.batch_tokens=300", "trainer.max_steps=8", "trainer.log_every=1",
-            "trainer.save_every=1", "trainer.keep_last=8", "trainer.progress=false", "trainer.plots=false",
-            "eval.before=false", "eval.after=false"]
+    return sft_run_overrides(tiny_path, out, "data.max_tokens=128", "trainer.batch_tokens=300", "trainer.max_steps=8",
+                             "trainer.save_every=1", "trainer.keep_last=8")
 
 
 def run(cmd, timeout=300):
@@ -51,7 +49,7 @@ def train_rows(out):
 def full_run(tmp_path_factory, tiny_path):
     """An uninterrupted 2-process run of 8 steps, a checkpoint after each."""
     out = tmp_path_factory.mktemp("dist-ckpt") / "full"
-    proc = run([*TORCHRUN, "-m", "optsys.train", *overrides(tiny_path, out)])
+    proc = run_torchrun(["-m", "optsys.train", *overrides(tiny_path, out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, train_rows(out)
 
@@ -93,7 +91,7 @@ def test_kill_and_resume_two_ranks_is_bit_for_bit(full_run, tmp_path, tiny_path)
     full, a = full_run
     killed = tmp_path / "killed"
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([*TORCHRUN, "-m", "optsys.train", *overrides(tiny_path, killed)], env=ENV,
+        proc = subprocess.Popen(torchrun_cmd(["-m", "optsys.train", *overrides(tiny_path, killed)]), env=ENV,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
@@ -107,7 +105,7 @@ def test_kill_and_resume_two_ranks_is_bit_for_bit(full_run, tmp_path, tiny_path)
     k = int(latest_checkpoint(killed).name.removeprefix("step-"))
     assert read_manifest(latest_checkpoint(killed))["world_size"] == 2
 
-    resumed = run([*TORCHRUN, "-m", "optsys.train", *overrides(tiny_path, killed), "resume=true"])
+    resumed = run_torchrun(["-m", "optsys.train", *overrides(tiny_path, killed), "resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(step {k} of 8)" in resumed.stdout
     assert resumed.stdout.count("resuming ") == 1  # rank 0 alone reports (and rewinds metrics.jsonl)
@@ -176,7 +174,7 @@ def test_a_damaged_shard_stops_every_rank_with_one_message(full_run, tmp_path, t
     shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
 
     t0 = time.time()
-    proc = run([*TORCHRUN, "-m", "optsys.train", *overrides(tiny_path, out), "resume=true"], timeout=300)
+    proc = run_torchrun(["-m", "optsys.train", *overrides(tiny_path, out), "resume=true"], timeout=300)
     print(f"\ndamaged rank-1 shard: torchrun exited rc {proc.returncode} after {time.time() - t0:.1f} s")
     assert proc.returncode != 0
     assert proc.stderr.count("checkpoint error: checkpoint file") == 1, proc.stderr[-3000:]
@@ -211,10 +209,9 @@ def test_each_rank_hashes_only_its_own_files_at_save_and_load(tmp_path, tiny_pat
     script.write_text(COUNTING_HASHES)
     out, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
-    env = {**ENV, "HASH_LOG": str(logs)}
-    args = [*TORCHRUN, str(script), *overrides(tiny_path, out), "trainer.max_steps=2"]  # the last value wins
+    args = [script, *overrides(tiny_path, out), "trainer.max_steps=2"]  # the last value wins
     for extra in ([], ["resume=true"]):
-        proc = subprocess.run([*args, *extra], capture_output=True, text=True, timeout=300, env=env)
+        proc = run_torchrun([*args, *extra], env={"HASH_LOG": str(logs)}, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     hashed = {r: (logs / f"rank-{r}.log").read_text().split() for r in (0, 1)}
     print(f"\nfiles hashed over 2 saves and 1 resume: rank 0 {len(hashed[0])}, rank 1 {len(hashed[1])}")
@@ -236,7 +233,7 @@ def test_a_rank_that_dies_ends_the_job(tmp_path, tiny_path):
     script.write_text(failing_rank_script(3))
     out = tmp_path / "fail"
     t0 = time.time()
-    proc = run([*TORCHRUN, str(script), *overrides(tiny_path, out)], timeout=180)
+    proc = run_torchrun([script, *overrides(tiny_path, out)], timeout=180)
     elapsed = time.time() - t0
     print(f"\nrank 1 raised at step 3: torchrun exited rc {proc.returncode} after {elapsed:.1f} s")
     assert proc.returncode != 0

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT, needs_no_cuda, profiling_dry_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT  # the repository: profiling/ holds the scripts under test
 
 
 def test_profile_kernels_writes_trace_and_table(tmp_path):
@@ -110,35 +111,25 @@ def test_telemetry_must_be_a_bool():
         load_config("quickstart", None, ["trainer.telemetry=maybe"])
 
 
-def _shell(script: str, *args):
-    """A profiling shell script, on a machine without CUDA (its dry run)."""
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": "/tmp/optsys-dry-run"}
-    return subprocess.run(["bash", str(ROOT / "profiling" / script), *args], capture_output=True, text=True,
-                          timeout=60, env=env)
-
-
-needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry runs are what a CUDA-less machine does")
-
-
 @needs_no_cuda
 def test_nsys_and_ncu_scripts_print_their_command_and_fail_without_cuda():
-    res = _shell("nsys_profile.sh", "grpo", "--model", "tiny:gpu-0.5b")
+    res = profiling_dry_run("nsys_profile.sh", "grpo", "--model", "tiny:gpu-0.5b")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "not run:" in res.stdout
     assert "nsys profile --trace cuda,nvtx,osrt --capture-range=cudaProfilerApi" in res.stdout
     assert "profiling/torch_profile.py --method grpo --under nsys --device cuda --model tiny:gpu-0.5b" in res.stdout
-    res = _shell("ncu_profile.sh", "--op", "logprobs")
+    res = profiling_dry_run("ncu_profile.sh", "--op", "logprobs")
     assert res.returncode == 2, res.stdout + res.stderr
     assert ("ncu --set detailed" in res.stdout and "--kernel-name 'regex:_(row_)?(stats|grad)_kernel'" in res.stdout
             and "profiling/profile_kernels.py --nvtx --device cuda" in res.stdout and res.stdout.rstrip().endswith(
                 "--op logprobs"))
-    res = _shell("nsys_profile.sh", "ppo")
+    res = profiling_dry_run("nsys_profile.sh", "ppo")
     assert res.returncode == 2 and "one of sft | dpo | grpo, got 'ppo'" in res.stderr
 
 
 @needs_no_cuda
 def test_gpu_suite_dry_run_prints_every_stage_and_fails_without_cuda():
-    res = _shell("gpu_suite.sh", "tests", "sft", "dpo", "grpo")
+    res = profiling_dry_run("gpu_suite.sh", "tests", "sft", "dpo", "grpo")
     assert res.returncode == 3, res.stdout + res.stderr
     lines = res.stdout.splitlines()
     assert "a dry run, nothing was run" in lines[0]
@@ -148,5 +139,5 @@ def test_gpu_suite_dry_run_prints_every_stage_and_fails_without_cuda():
         assert "profiling/torch_profile.py --model tiny:gpu-0.5b --device cuda" in line
         assert f"--method {method}" in line and "trainer.precision=bf16" in line
     assert not any(x.startswith("  [bench]") for x in lines)  # only the stages asked for
-    res = _shell("gpu_suite.sh", "sft", "nope")
+    res = profiling_dry_run("gpu_suite.sh", "sft", "nope")
     assert res.returncode == 2 and "unknown stage 'nope'" in res.stderr

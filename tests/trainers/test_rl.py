@@ -228,20 +228,24 @@ def test_grpo_on_two_ranks_matches_one_process(tmp_path, engine):
     import subprocess
     import sys
 
+    from helpers import run_torchrun, worker_env
+
     base = tmp_path / "base.yaml"
     base.write_text("recipe: rl_test\n")
     args = [f"--config={base}", "method=grpo", *BASE, f"rl.engine={engine}", "trainer.max_steps=3", "eval.before=false",
             "eval.after=false", "rl.updates_per_batch=2"]
     here = os.path.dirname(__file__)  # test_rl.length_reward is imported by dotted path in the workers
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     outs = {}
     for n, tp in ((1, 1), (2, 1), (2, 2)) if engine == "vllm" else ((1, 1), (2, 1)):
         out = tmp_path / f"n{n}-tp{tp}"
-        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={n}"] if n > 1 else []
         extra = [f"rl.engine_tensor_parallel={tp}"] if tp > 1 else []
-        proc = subprocess.run([sys.executable, *launcher, "-m", "optsys.train", *args, *extra, f"output_dir={out}"],
-                              capture_output=True, text=True, timeout=600, env=env)
+        train = ["-m", "optsys.train", *args, *extra, f"output_dir={out}"]
+        if n > 1:
+            proc = run_torchrun(train, nproc=n, env=env, timeout=600)
+        else:
+            proc = subprocess.run([sys.executable, *train], capture_output=True, text=True, timeout=600,
+                                  env=worker_env(**env))
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[n, tp] = {r["step"]: r for r in rows(out) if "train/loss" in r}
         if engine == "vllm":  # what vLLM reports it runs

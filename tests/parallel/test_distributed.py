@@ -2,13 +2,12 @@
 node and on two (two torchrun launchers joined by a c10d rendezvous)."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import free_port, run_torchrun, sft_run_overrides, torchrun_cmd, train_losses, worker_env
 from safetensors.torch import load_file
 
 from optsys.parallel.dist import World, local_steps, rank_share
@@ -18,19 +17,11 @@ def overrides(tiny_path, out):
     # max_tokens 128 / batch_tokens 360: steps of ~3 micro-batches (rows of ~116 tokens), so shares are uneven
     # and the zero-weighted filler path runs too (asserted below through batch/filler_fraction; at
     # batch_tokens 300 every step had exactly 2 micro-batches and no filler ever ran).
-    return [f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.num_train=300", "data.num_eval=20",
-            "data.max_tokens=128", "trainer.batch_tokens=360", "trainer.max_steps=6", "trainer.log_every=1",
-            "trainer.progress=false", "trainer.plots=false", "eval.before=false", "eval.after=false"]
+    return sft_run_overrides(tiny_path, out, "data.max_tokens=128", "trainer.batch_tokens=360", "trainer.max_steps=6")
 
 
 def run(cmd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
-
-
-def losses(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=worker_env(), **kw)
 
 
 EXTRA = {"full": [], "lora": ["model.lora.r=8", "eval.before=true", "eval.after=true", "eval.max_new_tokens=4"],
@@ -63,10 +54,9 @@ def test_two_ranks_match_one_process(tmp_path, tiny_path, one_process, kind):
     lora, extra = kind == "lora", EXTRA[kind]
     tol = 2e-2 if kind == "bf16" else 1e-4  # bf16 compute: reduction order and the norms' weight dtype differ
     one_dir = one_process(kind)
-    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "optsys.train",
-               *overrides(tiny_path, tmp_path / "two"), *extra])
+    two = run_torchrun(["-m", "optsys.train", *overrides(tiny_path, tmp_path / "two"), *extra], timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = losses(one_dir), losses(tmp_path / "two")
+    a, b = train_losses(one_dir), train_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     diff = max(abs(a[s] - b[s]) for s in a)
     print(f"1 vs 2 processes ({kind}): steps 1..6, max |train/loss diff| = {diff:.3g}")
@@ -92,24 +82,17 @@ def test_two_ranks_match_one_process(tmp_path, tiny_path, one_process, kind):
             assert summary[key] == summary_one[key], key
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_nodes_match_one_process(tmp_path, tiny_path, one_process):
     """`torchrun --nnodes 2 --nproc_per_node 1` twice on this machine, as on two hosts: a c10d rendezvous on
     localhost (node 0 hosts the store), gloo, FSDP2 over both "nodes". RANK is 0 and 1 while LOCAL_RANK is 0
     on both: the same losses and final weights as one process (the run the 2-rank test compares with)."""
     endpoint = f"localhost:{free_port()}"
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                               f"--node_rank={n}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-                               f"--rdzv_id={tmp_path.name}", f"--rdzv_conf=is_host={int(n == 0)}",
-                               "-m", "optsys.train", *overrides(tiny_path, tmp_path / "two")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    nodes = [subprocess.Popen(torchrun_cmd(["-m", "optsys.train", *overrides(tiny_path, tmp_path / "two")], nproc=1,
+                                           launcher=["--nnodes=2", f"--node_rank={n}", "--rdzv_backend=c10d",
+                                                     f"--rdzv_endpoint={endpoint}", f"--rdzv_id={tmp_path.name}",
+                                                     f"--rdzv_conf=is_host={int(n == 0)}"]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
              for n in (0, 1)]
     try:
         for node in nodes:
@@ -119,7 +102,7 @@ def test_two_nodes_match_one_process(tmp_path, tiny_path, one_process):
         for node in nodes:
             node.kill()  # after a failure: no launcher left waiting for its peer
     one_dir = one_process("full")
-    a, b = losses(one_dir), losses(tmp_path / "two")
+    a, b = train_losses(one_dir), train_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     diff = max(abs(a[s] - b[s]) for s in a)
     print(f"1 process vs 2 nodes: steps 1..6, max |train/loss diff| = {diff:.3g}")

@@ -2,11 +2,10 @@
 working (the cause of a rank's SIGABRT at exit under load); after an error, no rank waits for the others."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from helpers import run_torchrun
 
 SCRIPT = r'''
 import json, sys, time
@@ -28,10 +27,8 @@ with torchrun_world("cpu") as world:
 def launch(tmp_path, mode):
     script = tmp_path / "exit.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), mode,
-                          str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    res = run_torchrun([script, mode, tmp_path], timeout=300)
     return res, time.time() - t0
 
 

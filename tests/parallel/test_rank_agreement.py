@@ -3,11 +3,9 @@ cache or folder), instead of FSDP2 training a silently mixed model."""
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
+from helpers import REPO_ROOT, run_torchrun
 
 from optsys.parallel.dist import weight_checksums
 
@@ -97,10 +95,8 @@ def test_ranks_with_different_weights_or_cache_views_stop_alike(tmp_path):
     bytes as rank 0's, so node-local tiny caches agree."""
     script = tmp_path / "agree.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
-                          str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    res = run_torchrun([script, tmp_path], timeout=300,
+                       env={"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])})
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for result in ranks:

@@ -9,9 +9,9 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
 from optsys.config import ConfigError
 from optsys.data.tasks import TASKS
@@ -317,7 +317,7 @@ def test_a_hung_reward_does_not_block_interpreter_exit(tmp_path):
         r = score_completions([("forever", forever, 1.0)], [("q", "c", None)], timeout_s=0.2, on_error="zero")
         print("scored", r.total, r.timeouts, flush=True)
     ''')
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(REPO_ROOT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, env=env)

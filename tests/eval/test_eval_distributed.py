@@ -2,8 +2,6 @@
 process, in order; uneven shares (7 problems on 2 ranks, batches of 3) take the padded path."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,10 +23,10 @@ def accuracy_records(model_path, world=None):
 
 
 def test_two_ranks_give_one_process_records(tmp_path, tiny_path):
+    from helpers import run_torchrun  # here, not at the top: each torchrun rank runs this file as a script
+
     acc, records = accuracy_records(tiny_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", __file__,
-                          str(tiny_path), str(tmp_path)], capture_output=True, text=True, timeout=180, env=env)
+    res = run_torchrun([__file__, tiny_path, tmp_path], timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import run_torchrun
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -171,15 +172,9 @@ close_world()
 def test_fsdp2_all_gathers_bf16_and_keeps_fp32_shards(tmp_path, tiny_path):
     """2 ranks on gloo: the layer computes with bf16 weights (all-gathered by the MixedPrecisionPolicy) while its
     shard, gradient and AdamW state stay fp32."""
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "fsdp_mp.py"
     script.write_text(FSDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
-                          str(tiny_path)], capture_output=True, text=True, timeout=300, env=env)
+    out = run_torchrun([script, tiny_path], timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = sorted(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT"))
     assert [r[0] for r in rows] == ["0", "1"]

@@ -11,9 +11,8 @@ import sys
 import pytest
 import torch
 from failing_rank import failing_rank_script
+from helpers import needs_no_cuda, profiling_dry_run, run_torchrun, sft_run_overrides, train_losses
 from safetensors.torch import load_file
-from test_distributed import losses, run  # tests/ is on sys.path (pytest's rootdir-relative imports)
-from test_profiling import _shell, needs_no_cuda
 
 import optsys.checkpoint as ck
 from optsys.config import ConfigError
@@ -22,16 +21,13 @@ from optsys.validation import load_config
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (pip install deepspeed; the dev extra has it)")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
 
 
 def overrides(tiny_path, out):
-    # As tests/test_distributed.py (steps of ~3 micro-batches for 2 ranks: uneven shares, zero-weight fillers),
-    # 8 steps, a checkpoint at step 4 (and at the end).
-    return [f"model.name_or_path={tiny_path}", f"output_dir={out}", "data.num_train=300", "data.num_eval=20",
-            "data.max_tokens=128", "trainer.batch_tokens=360", "trainer.max_steps=8", "trainer.log_every=1",
-            "trainer.save_every=4", "trainer.progress=false", "trainer.plots=false", "trainer.tensorboard=false",
-            "eval.before=false", "eval.after=false"]
+    # As tests/parallel/test_distributed.py (steps of ~3 micro-batches for 2 ranks: uneven shares, zero-weight
+    # fillers), 8 steps, a checkpoint at step 4 (and at the end).
+    return sft_run_overrides(tiny_path, out, "data.max_tokens=128", "trainer.batch_tokens=360", "trainer.max_steps=8",
+                             "trainer.save_every=4", "trainer.tensorboard=false")
 
 
 def rows(out):
@@ -132,7 +128,7 @@ def test_the_gpu_suite_stage_trains_a_valid_config_and_resumes_it(monkeypatch):
     import optsys.parallel.zero
 
     monkeypatch.setattr(optsys.parallel.zero, "deepspeed_missing", lambda: False)  # validated without the package
-    res = _shell("gpu_suite.sh", "deepspeed")
+    res = profiling_dry_run("gpu_suite.sh", "deepspeed")
     assert res.returncode == 3, res.stdout + res.stderr
     runs = [line.split("-m optsys.train ", 1)[1].split(" 2>&1")[0].split()
             for line in res.stdout.splitlines() if line.startswith("  [deepspeed] ") and "-m optsys.train " in line]
@@ -153,13 +149,13 @@ def one_process(tmp_path_factory, tiny_path):
 
     out = tmp_path_factory.mktemp("ds-ref") / "one"
     sft.train(load_config(overrides=overrides(tiny_path, out)))
-    return out, losses(out)
+    return out, train_losses(out)
 
 
 def assert_follows_one_process(one_process, out, tol=1e-4) -> float:
     """Steps 1..8 of `out` within `tol` of the 1-process losses, final/ within 1e-5 of its weights; the max diff."""
     ref_dir, ref = one_process
-    got = losses(out)
+    got = train_losses(out)
     assert sorted(got) == sorted(ref) == list(range(1, 9))
     diff = max(abs(ref[s] - got[s]) for s in ref)
     assert diff < tol
@@ -184,7 +180,7 @@ def test_zero3_job_whose_rank_dies_resumes_exactly(one_process, tmp_path, tiny_p
     script.write_text(failing_rank_script(7))
     out = tmp_path / "zero3"
     args = [*overrides(tiny_path, out), "parallel.backend=deepspeed", "parallel.zero_stage=3"]
-    proc = run([*TORCHRUN, str(script), *args])
+    proc = run_torchrun([script, *args], timeout=600)
     assert proc.returncode != 0 and "RuntimeError: injected failure on rank 1 at step 7" in proc.stderr
     before = rows(out)
     assert sorted(before) == list(range(1, 7)) and not (out / "summary.json").exists()
@@ -195,7 +191,7 @@ def test_zero3_job_whose_rank_dies_resumes_exactly(one_process, tmp_path, tiny_p
             "deepspeed/zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(manifest["files"])
     assert "scheduler.pt" not in manifest["files"]  # DeepSpeed saves the schedule
 
-    resumed = run([*TORCHRUN, "-m", "optsys.train", *args, "resume=true"])
+    resumed = run_torchrun(["-m", "optsys.train", *args, "resume=true"], timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(step 4 of 8)" in resumed.stdout
     after = rows(out)

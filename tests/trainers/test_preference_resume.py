@@ -2,12 +2,12 @@
 under torchrun (2 processes, FSDP2 on gloo) they follow the 1-process run on the same global steps."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import run_torchrun, worker_env
 from safetensors.torch import load_file
 
 from optsys.checkpoint import latest_checkpoint
@@ -92,8 +92,7 @@ def test_resume_with_changed_data_is_refused(tmp_path, tiny_path):
 
 
 def _run(cmd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=worker_env())
 
 
 @pytest.mark.slow
@@ -106,8 +105,7 @@ def test_two_ranks_match_one_process(case, tmp_path, tiny_path):
             "trainer.save_every=3"]
     one = _run([sys.executable, "-m", "optsys.train", *args, f"output_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "optsys.train", *args,
-                f"output_dir={tmp_path / 'two'}"])
+    two = run_torchrun(["-m", "optsys.train", *args, f"output_dir={tmp_path / 'two'}"], timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b]
