@@ -11,6 +11,7 @@ import pytest
 import yaml
 from helpers import run_torchrun
 
+import optsys.checkpoint
 import optsys.config
 from optsys import sources, stages
 from optsys.config import ConfigError
@@ -77,6 +78,20 @@ def test_first_run_trains_the_stage_and_the_second_reuses_it(tmp_path, recipes, 
     assert stage_dirs(tmp_path) == [folder]
     # the caller's RNG is kept around the stage's training: a run continues alike whether it trained or reused
     assert second["train/loss"] == first["train/loss"]
+
+
+def test_a_model_load_never_trains_a_stage(tmp_path, recipes):
+    """Below the entry points a `stage:` source is refused, naming what resolves it: a trainer called without the
+    entry point's resolver trains nothing (no stage folder, no run folder contents beyond the config)."""
+    from optsys.errors import ConfigError
+    from optsys.models.sources import local_source
+
+    with pytest.raises(ConfigError, match=r"'stage:sft_stage' is a training stage.*optsys.train"):
+        local_source("stage:sft_stage")
+    with pytest.raises(ConfigError, match="is a training stage"):
+        sft.train(main_cfg(tmp_path))
+    assert optsys.checkpoint.weights_stamp("stage:sft_stage") is None  # a source string, not a folder: no stamp
+    assert stage_dirs(tmp_path) == []
 
 
 def test_a_changed_stage_setting_trains_a_new_cached_stage(tmp_path, recipes, tiny_path):
@@ -196,6 +211,7 @@ def test_cache_key_ignores_logging_keys_and_the_cache_root_follows_the_environme
 TORCHRUN_SCRIPT = """
 import sys
 from pathlib import Path
+import optsys.checkpoint
 import optsys.config
 optsys.config.RECIPES_DIR = Path(sys.argv[1])
 from optsys.train import main
