@@ -26,7 +26,8 @@ from optsys.data.tasks import get_task
 from optsys.data.tokenize import tokenize_rows
 from optsys.models.load import load_model_and_tokenizer
 from optsys.models.packed import attach_forward_methods
-from optsys.trainers.common import build_optimizer, peak_memory_mb
+from optsys.trainers.common import build_optimizer
+from optsys.trainers.run import peak_memory_mb
 
 VARIANTS = {
     "full": LoraConfig(),

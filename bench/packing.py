@@ -26,7 +26,7 @@ from optsys.data.tokenize import tokenize_rows
 from optsys.models.load import load_tokenizer
 from optsys.models.packed import token_loss_sum
 from optsys.sources import resolve_source
-from optsys.trainers.common import peak_memory_mb
+from optsys.trainers.run import peak_memory_mb
 
 WORDS = ("the model learns to add sort reverse count numbers tokens answer question step check list value "
          "first second third large small packed padded sequence attention mask").split()

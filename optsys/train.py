@@ -68,7 +68,7 @@ def run(cfg) -> dict | None:
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        from optsys.trainers.common import check_output_dir
+        from optsys.trainers.run import check_output_dir
         from optsys.validation import load_config
 
         cfg = load_config(args.recipe, args.config, args.overrides)

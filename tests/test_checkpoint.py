@@ -28,7 +28,8 @@ from optsys.data.tasks import get_task
 from optsys.data.tokenize import tokenize_rows
 from optsys.models.load import load_tokenizer
 from optsys.trainers import sft
-from optsys.trainers.common import build_optimizer, prepare_output_dir, warmup_cosine
+from optsys.trainers.common import build_optimizer, warmup_cosine
+from optsys.trainers.run import prepare_output_dir
 from optsys.validation import load_config
 
 RUN = ["data.max_tokens=256", "trainer.batch_tokens=1024", "trainer.max_steps=8", "trainer.warmup_steps=2",

@@ -57,33 +57,34 @@ from optsys.parallel.dist import (
     shared_batches,
     torchrun_world,
 )
-from optsys.stages import is_stage, stage_provenance
+from optsys.stages import is_stage
 from optsys.telemetry.nvtx import phase, step_phase, telemetry
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     MetricWindow,
-    RunClock,
     autocast_context,
     backward_share,
     build_optimizer,
-    checkpoint_due,
     clip_and_step,
-    close_run,
     describe_batches,
-    eval_due,
     held_out_accuracy,
-    locate_resume,
-    open_metrics,
     pair_steps,
     ready_for_training,
-    restore_run,
-    run_output_dir,
     save_final_model,
-    save_training_checkpoint,
-    set_seed,
     warmup_cosine,
 )
-from optsys.trainers.precision import Precision, frozen_for_compute, fsdp_param_dtype, resolve_precision, to_master
+from optsys.trainers.precision import Precision, frozen_for_compute, fsdp_param_dtype, to_master
+from optsys.trainers.run import (
+    checkpoint_due,
+    eval_due,
+    finish_run,
+    resume_loop,
+    run_summary,
+    save_training_checkpoint,
+    start_run,
+    stop_if_not_finite,
+    train_metrics,
+)
 
 REF_CACHE = "ref_logps.safetensors"
 METRIC_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin", "logps_chosen",
@@ -389,26 +390,17 @@ def train(cfg: TrainConfig, resolve=local_source) -> dict | None:
 
 
 def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
-    t_start = time.time()
-    method, tc = cfg.method, cfg.trainer
+    run = start_run(cfg, world)
+    method, tc, device, out_dir, precision = cfg.method, cfg.trainer, world.device, run.out_dir, run.precision
     spec = PREFERENCE_LOSSES[method]
-    device = world.device
-    set_seed(cfg.seed)
-    out_dir = run_output_dir(cfg, world)
-    resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
-
-    precision = resolve_precision(tc.precision, cfg.model.dtype, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed, resolve=resolve)
     attach_forward_methods(to_master(model, precision))  # master weights before a reference copies them
     data = build_preference_data(cfg.data, tokenizer, seed=cfg.seed, kto=not spec.paired)
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
-                     "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
-                     "parallel/world_size": world.size, "parallel/nodes": world.nodes, **stage_provenance(cfg),
+                     "data/eval_pairs": len(data.eval), **run_summary(run, model),
                      **describe_batches(pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
                                         unit="pairs", count=lambda b: b.num_pairs, batch_tokens=tc.batch_tokens,
                                         max_tokens=cfg.data.max_tokens)}
-    if world.is_main:
-        print(precision.describe())
 
     # The reference is the model as loaded: build it (copy, or the precomputed cache) before any resume.
     reference = None
@@ -427,10 +419,9 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
                                     resolve=resolve)
 
     fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=pairs_sha256(data.train))
-    state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
-                        fingerprint=fingerprint, max_steps=tc.max_steps)
-    summary.update(state["summary"])  # the before-training evals are not measured again
-    log = open_metrics(cfg, out_dir, world, start_step=state["step"])  # opened after a resume rewound metrics.jsonl
+    loop = resume_loop(run, summary, model=model, optimizer=optimizer, scheduler=scheduler,
+                       fingerprint=fingerprint, keys=METRIC_KEYS)  # the before-training evals are not measured again
+    log, clock, meter, loss_value = loop.log, loop.clock, loop.meter, loop.loss
 
     accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
                                  summary=summary)
@@ -439,8 +430,8 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
         with phase("eval"):
             return evaluate(model, data.eval, reference, method=method, cfg=cfg, device=device, world=world)
 
-    step = start_step = state["step"]
-    if resume_from is None:
+    step = start_step = loop.start_step
+    if run.resume_from is None:
         if cfg.eval.before:
             accuracy("before", step)
         if data.eval and cfg.eval.before:
@@ -449,14 +440,8 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
             log.log(step, before)
 
     model.train()
-    steps = pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed,
-                       position=(state["data"]["epoch"], state["data"]["index"]))
+    steps = pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed, position=loop.position)
     progress = StepProgress(tc.max_steps, f"{method} {cfg.recipe}", enabled=tc.progress and world.is_main)
-    # Running counters and the open metric window, restored on resume so logged means match an uninterrupted
-    # run. A saved window holds every rank's sums: rank 0 takes it back, the others start empty.
-    clock = RunClock(state["counters"])
-    loss_value = state["counters"].get("loss", float("nan"))
-    meter = MetricWindow.from_state(METRIC_KEYS, state["window"] if world.is_main else None)
     for step in range(start_step + 1, tc.max_steps + 1):
         with step_phase(step):
             with phase("data"):
@@ -480,9 +465,7 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
         loss_value = step_loss / n_pairs
         clock.add(sum(b.num_tokens for b in group))
         if step % tc.log_every == 0 or step == tc.max_steps:
-            metrics = {**meter.all_reduce(world).means("train/"), "train/lr": scheduler.get_last_lr()[0],
-                       "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": clock.total_tokens,
-                       "throughput/tokens_per_s": clock.window_tokens_per_s()}
+            metrics = train_metrics(meter, world, scheduler=scheduler, grad_norm=grad_norm, epoch=epoch, clock=clock)
             log.log(step, metrics)
             # KTO's reward_accuracy needs both labels in a micro-batch; a window without such a row logs none.
             acc = metrics.get("train/reward_accuracy", float("nan"))
@@ -492,10 +475,8 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
             clock.new_window()
         if eval_due(tc, step) and data.eval:  # the last step's eval is the final one below
             log.log(step, evaluate_pairs())
-        if not torch.isfinite(torch.tensor(loss_value)):
-            progress.close()
-            raise FloatingPointError(f"train/loss became {loss_value} at step {step}; lower trainer.lr or "
-                                     f"pref.beta (metrics so far are in {out_dir / 'metrics.jsonl'})")
+        stop_if_not_finite(loss_value, step, progress, hint=f"lower trainer.lr or pref.beta (metrics so far are in "
+                                                            f"{out_dir / 'metrics.jsonl'})")
         if checkpoint_due(tc, step):
             # A saved window holds every rank's sums: on resume rank 0 takes it back, the others start empty.
             save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer,
@@ -511,6 +492,5 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
     if cfg.eval.after:
         accuracy("after", step)
     save_final_model(model, tokenizer, out_dir, cfg, world, precision)
-    close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
-    return summary if world.is_main else None  # rank 0 reports for the job
+    return finish_run(run, log, summary)  # rank 0 reports for the job
 

@@ -12,7 +12,6 @@ steps, and resume=true continues bit for bit (optsys/checkpoint.py).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -31,32 +30,32 @@ from optsys.parallel.dist import (
     shared_batches,
     torchrun_world,
 )
-from optsys.stages import stage_provenance
 from optsys.telemetry.nvtx import phase, step_phase, telemetry
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     MetricWindow,
-    RunClock,
     autocast_context,
     backward_share,
     build_optimizer,
-    checkpoint_due,
     clip_and_step,
-    close_run,
     describe_batches,
-    eval_due,
-    locate_resume,
-    open_metrics,
     pair_steps,
     ready_for_training,
-    restore_run,
-    run_output_dir,
     save_gathered,
-    save_training_checkpoint,
-    set_seed,
     warmup_cosine,
 )
-from optsys.trainers.precision import Precision, resolve_precision
+from optsys.trainers.precision import Precision
+from optsys.trainers.run import (
+    checkpoint_due,
+    eval_due,
+    finish_run,
+    resume_loop,
+    run_summary,
+    save_training_checkpoint,
+    start_run,
+    stop_if_not_finite,
+    train_metrics,
+)
 
 KEYS = ("loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin")
 
@@ -100,50 +99,36 @@ def train(cfg: TrainConfig, resolve=local_source) -> dict | None:
 
 
 def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
-    t_start = time.time()
-    tc = cfg.trainer
-    device = world.device
-    set_seed(cfg.seed)
-    out_dir = run_output_dir(cfg, world)
-    resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
-    precision = resolve_precision(tc.precision, cfg.model.dtype, device)
+    run = start_run(cfg, world)
+    tc, device, out_dir, precision = cfg.trainer, world.device, run.out_dir, run.precision
     model, tokenizer = load_reward_model(cfg.model, device, seed=cfg.seed, resolve=resolve)
     if world.distributed and is_peft(model):
         raise ConfigError("LoRA (model.lora.r > 0) is not supported under torchrun by the reward trainer yet; "
                           "train full weights, or run LoRA in one process")
     data = build_preference_data(cfg.data, tokenizer, seed=cfg.seed, kto=False)
     summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
-                     "data/eval_pairs": len(data.eval), "model/parameters": sum(p.numel() for p in model.parameters()),
-                     "parallel/world_size": world.size, "parallel/nodes": world.nodes, **stage_provenance(cfg),
+                     "data/eval_pairs": len(data.eval), **run_summary(run, model),
                      **describe_batches(pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
                                         unit="pairs", count=lambda b: b.num_pairs, batch_tokens=tc.batch_tokens,
                                         max_tokens=cfg.data.max_tokens)}
-    if world.is_main:
-        print(precision.describe())
     model = ready_for_training(model, world, precision, {"packed_rewards": packed_rewards})
     model.train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.max_steps,
                                                                            tc.min_lr_ratio))
     fingerprint = run_fingerprint(cfg, model, num_rows=len(data.train), data_sha256=pairs_sha256(data.train))
-    state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
-                        fingerprint=fingerprint, max_steps=tc.max_steps)
-    summary.update(state["summary"])
-    log = open_metrics(cfg, out_dir, world, start_step=state["step"])  # opened after a resume rewound metrics.jsonl
-    step = start_step = state["step"]
-    if data.eval and cfg.eval.before and resume_from is None:
+    loop = resume_loop(run, summary, model=model, optimizer=optimizer, scheduler=scheduler,
+                       fingerprint=fingerprint, keys=KEYS)
+    log, clock, meter, loss_value = loop.log, loop.clock, loop.meter, loop.loss
+    step = start_step = loop.start_step
+    if data.eval and cfg.eval.before and run.resume_from is None:
         before = {f"{k}_before": v for k, v in evaluate(model, data.eval, cfg, world).items()}
         summary.update(before)
         log.log(step, before)
 
     model.train()
-    steps = pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed,
-                       position=(state["data"]["epoch"], state["data"]["index"]))
+    steps = pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed, position=loop.position)
     progress = StepProgress(tc.max_steps, f"rm {cfg.recipe}", enabled=tc.progress and world.is_main)
-    # Counters and the open metric window survive a resume (see the preference trainer).
-    clock = RunClock(state["counters"])
-    loss_value = state["counters"].get("loss", float("nan"))
-    meter = MetricWindow.from_state(KEYS, state["window"] if world.is_main else None)
     for step in range(start_step + 1, tc.max_steps + 1):
         with step_phase(step):
             with phase("data"):
@@ -158,9 +143,7 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
         loss_value = step_loss / n_pairs
         clock.add(sum(b.num_tokens for b in group))
         if step % tc.log_every == 0 or step == tc.max_steps:
-            metrics = {**meter.all_reduce(world).means("train/"), "train/lr": scheduler.get_last_lr()[0],
-                       "train/grad_norm": grad_norm, "train/epoch": epoch, "train/tokens": clock.total_tokens,
-                       "throughput/tokens_per_s": clock.window_tokens_per_s()}
+            metrics = train_metrics(meter, world, scheduler=scheduler, grad_norm=grad_norm, epoch=epoch, clock=clock)
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/accuracy']:.2f}  "
                                   f"{metrics['throughput/tokens_per_s']:.0f} tok/s")
@@ -168,9 +151,7 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
             clock.new_window()
         if eval_due(tc, step) and data.eval:  # the last step's eval is the final one below
             log.log(step, evaluate(model, data.eval, cfg, world))
-        if not torch.isfinite(torch.tensor(loss_value)):
-            progress.close()
-            raise FloatingPointError(f"train/loss became {loss_value} at step {step}; lower trainer.lr")
+        stop_if_not_finite(loss_value, step, progress, hint="lower trainer.lr")
         if checkpoint_due(tc, step):
             # A saved window holds every rank's sums: on resume rank 0 takes it back, the others start empty.
             save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer,
@@ -184,8 +165,7 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
         summary.update(final_eval)
         log.log(step, final_eval)
     save_reward_model(model, tokenizer, out_dir / "final", world, precision)
-    close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
-    return summary if world.is_main else None
+    return finish_run(run, log, summary)
 
 
 def save_reward_model(model, tokenizer, path: Path, world: World, precision: Precision) -> None:

@@ -54,22 +54,24 @@ from optsys.trainers.common import (
     RunClock,
     autocast_context,
     build_optimizer,
-    checkpoint_due,
     clip_and_step,
-    close_run,
     epoch_order,
     held_out_accuracy,
-    locate_resume,
-    open_metrics,
     ready_for_training,
-    restore_run,
-    run_output_dir,
     save_final_model,
-    save_training_checkpoint,
-    set_seed,
     warmup_cosine,
 )
 from optsys.trainers.precision import frozen_for_compute, resolve_precision
+from optsys.trainers.run import (
+    checkpoint_due,
+    close_run,
+    locate_resume,
+    open_metrics,
+    restore_run,
+    run_output_dir,
+    save_training_checkpoint,
+    set_seed,
+)
 
 
 @dataclass

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import time
 from array import array
 from dataclasses import dataclass
 
@@ -30,35 +29,34 @@ from optsys.data.tokenize import DataReport, TokenizedExample, tokenize_rows
 from optsys.models.load import load_model_and_tokenizer
 from optsys.models.sources import local_source
 from optsys.parallel.dist import all_reduce_sum, shared_batches, torchrun_world
-from optsys.stages import stage_provenance
 from optsys.telemetry.nvtx import phase, step_phase, telemetry
 from optsys.telemetry.progress import StepProgress
 from optsys.trainers.common import (
     MetricWindow,
-    RunClock,
     StepStream,
     autocast_context,
     backward_share,
     build_optimizer,
-    checkpoint_due,
     clip_and_step,
-    close_run,
     deepspeed_engine,
     describe_batches,
     epoch_order,
-    eval_due,
     held_out_accuracy,
-    locate_resume,
-    open_metrics,
     ready_for_training,
-    restore_run,
-    run_output_dir,
     save_final_model,
-    save_training_checkpoint,
-    set_seed,
     warmup_cosine,
 )
-from optsys.trainers.precision import resolve_precision
+from optsys.trainers.run import (
+    checkpoint_due,
+    eval_due,
+    finish_run,
+    resume_loop,
+    run_summary,
+    save_training_checkpoint,
+    start_run,
+    stop_if_not_finite,
+    train_metrics,
+)
 
 
 @dataclass
@@ -151,29 +149,19 @@ def train(cfg: TrainConfig, resolve=local_source) -> dict | None:
 
 
 def _train(cfg: TrainConfig, world, resolve) -> dict | None:
-    t_start = time.time()
-    device = world.device
-    set_seed(cfg.seed)
-    tc = cfg.trainer
-    out_dir = run_output_dir(cfg, world)
-    resume_from = locate_resume(cfg, out_dir, world)  # fails before anything loads
-
-    precision = resolve_precision(tc.precision, cfg.model.dtype, device)
+    run = start_run(cfg, world)
+    device, tc, out_dir, precision = world.device, cfg.trainer, run.out_dir, run.precision
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed, resolve=resolve)
     data = build_sft_data(cfg.data, tokenizer, cfg.seed)
     summary: dict = {
         **data.train_report.metrics("data/"),  # rows, kept, truncated, skipped_<reason>, tokens
         "data/packing_efficiency": packing_efficiency(
             packed_batches(data.train, cfg.data.max_tokens, shuffle_seed=None), cfg.data.max_tokens),
-        "model/parameters": sum(p.numel() for p in model.parameters()),
-        **stage_provenance(cfg),  # model/stage: the cached stage folder a stage:<recipe> model came from
-        "parallel/world_size": world.size, "parallel/nodes": world.nodes,
+        **run_summary(run, model),  # model/stage: the cached stage folder a stage:<recipe> model came from
         **describe_batches(step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
                            unit="sequences", count=lambda b: len(b.seq_lens), batch_tokens=tc.batch_tokens,
                            max_tokens=cfg.data.max_tokens),
     }
-    if world.is_main:
-        print(precision.describe())
     # fp32 master weights; FSDP2 under torchrun (parallel.backend=fsdp2)
     model = ready_for_training(model, world, precision, backend=cfg.parallel.backend)
     model.train()
@@ -186,27 +174,20 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
         engine = deepspeed_engine(cfg, world, precision, out_dir, model=model, optimizer=optimizer,
                                   scheduler=scheduler)
     net = model if engine is None else engine  # what the losses run through
-    state = restore_run(resume_from, out_dir, world, model=model, optimizer=optimizer, scheduler=scheduler,
-                        fingerprint=fingerprint, max_steps=tc.max_steps, engine=engine)
-    summary.update(state["summary"])  # eval/accuracy_before is not recomputed
-    log = open_metrics(cfg, out_dir, world, start_step=state["step"])
+    loop = resume_loop(run, summary, model=model, optimizer=optimizer, scheduler=scheduler,
+                       fingerprint=fingerprint, keys=("loss",), engine=engine)  # eval/accuracy_before: kept
+    log, clock, meter, loss_value = loop.log, loop.clock, loop.meter, loop.loss
 
     accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
                                  summary=summary)
-    step = start_step = state["step"]
-    if cfg.eval.before and resume_from is None:
+    step = start_step = loop.start_step
+    if cfg.eval.before and run.resume_from is None:
         accuracy("before", step)
         model.train()
 
-    groups = step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed,
-                         position=(state["data"]["epoch"], state["data"]["index"]))
+    groups = step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed, position=loop.position)
     progress = StepProgress(tc.max_steps, f"sft {cfg.recipe}", enabled=tc.progress and world.is_main)
     pad_id = tokenizer.pad_token_id
-    # The clock and the open metric window (token-weighted loss: sums and target counts) are restored on resume,
-    # so logged means match an uninterrupted run. A saved window holds every rank's sums: rank 0 takes it back.
-    clock = RunClock(state["counters"])
-    loss_value = state["counters"].get("loss", float("nan"))
-    meter = MetricWindow.from_state(("loss",), state["window"] if world.is_main else None)
 
     for step in range(start_step + 1, tc.max_steps + 1):
         with step_phase(step):
@@ -230,25 +211,16 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
         clock.add(sum(b.num_tokens for b in group))
         loss_value = step_loss / max(1, n_targets)
         if step % tc.log_every == 0 or step == tc.max_steps:
-            metrics = {
-                **meter.all_reduce(world).means("train/"),  # train/loss: the window's token-weighted mean
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": grad_norm,
-                "train/epoch": epoch,
-                "train/tokens": clock.total_tokens,
-                "throughput/tokens_per_s": clock.window_tokens_per_s(),
-            }
+            # train/loss: the window's token-weighted mean
+            metrics = train_metrics(meter, world, scheduler=scheduler, grad_norm=grad_norm, epoch=epoch, clock=clock)
             log.log(step, metrics)
             progress.update(step, f"loss {metrics['train/loss']:.4f}  {metrics['throughput/tokens_per_s']:.0f} tok/s")
             meter = MetricWindow(("loss",))
             clock.new_window()
         if eval_due(tc, step) and data.eval:
             log.log(step, {"eval/loss": eval_loss(net, data.eval, cfg, pad_id, device)})
-        if not torch.isfinite(torch.tensor(loss_value)):
-            progress.close()
-            raise FloatingPointError(
-                f"train/loss became {loss_value} at step {step}; lower trainer.lr or check the data "
-                f"(metrics so far are in {out_dir / 'metrics.jsonl'})")
+        stop_if_not_finite(loss_value, step, progress, hint=f"lower trainer.lr or check the data (metrics so far "
+                                                            f"are in {out_dir / 'metrics.jsonl'})")
         if checkpoint_due(tc, step):
             save_training_checkpoint(out_dir, step, cfg, world, model=model, optimizer=optimizer, engine=engine,
                                      scheduler=scheduler, fingerprint=fingerprint, clock=clock,
@@ -263,5 +235,4 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
         accuracy("after", step)
 
     save_final_model(model, tokenizer, out_dir, cfg, world, precision, engine=engine)
-    close_run(log, summary, device=device, t_start=t_start, out_dir=out_dir)
-    return summary if world.is_main else None  # rank 0 reports for the job
+    return finish_run(run, log, summary)  # rank 0 reports for the job

@@ -19,7 +19,8 @@ from optsys.models.tiny import build_tiny
 from optsys.parallel.dist import barrier, rank0_mismatch, torchrun_world, weight_checksums
 from optsys.sources import ensure_stage
 from optsys.stages import stage_config
-from optsys.trainers.common import ready_for_training, run_output_dir
+from optsys.trainers.common import ready_for_training
+from optsys.trainers.run import run_output_dir
 from optsys.trainers.precision import resolve_precision
 
 root = Path(sys.argv[1])

@@ -326,7 +326,7 @@ def test_a_run_from_before_the_telemetry_settings_resumes(tmp_path):
     import yaml
 
     from optsys.config import dump_yaml
-    from optsys.trainers.common import check_output_dir
+    from optsys.trainers.run import check_output_dir
 
     cfg = load_config("quickstart", overrides=[f"output_dir={tmp_path}"])
     old = yaml.safe_load(dump_yaml(cfg))

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from optsys.trainers import preference, reward, sft
-from optsys.trainers.common import eval_due
+from optsys.trainers.run import eval_due
 from optsys.validation import load_config
 
 
