@@ -44,6 +44,7 @@ from optsys.models.load import load_model_and_tokenizer, resolve_model_path
 from optsys.models.packed import attach_forward_methods
 from optsys.parallel.dist import all_gather_objects, all_reduce_sum, barrier, torchrun_world
 from optsys.rollout.engine import Sampling, resolve_engine_name, stable_seed
+from optsys.rollout.games import evaluate_environment
 from optsys.rollout.rewards import build_rewards, score_completions
 from optsys.rollout.sync import Canary, SyncError, sync_weights
 from optsys.stages import stage_provenance
@@ -704,8 +705,8 @@ def _train(cfg: TrainConfig, world) -> dict | None:
             play = Sampling(n=1, temperature=temperature, top_p=rl.top_p, top_k=rl.top_k,
                             max_new_tokens=rl.max_new_tokens, stop_token_ids=stops)
             with phase("eval"):
-                result = task.evaluate(engine, tokenizer, rows, play, max_turns=rl.max_turns,
-                                       max_tokens=cfg.data.max_tokens)
+                result = evaluate_environment(env_task, engine, tokenizer, rows, play, max_turns=rl.max_turns,
+                                              max_tokens=cfg.data.max_tokens)
             named.update({f"{prefix}{k.removeprefix('eval/')}_{tag}": v for k, v in result.items()})
         summary.update(named)
         summary[f"time/eval_{tag}_s"] = time.perf_counter() - t
