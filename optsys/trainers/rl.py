@@ -39,7 +39,9 @@ from optsys.losses.policy import (
     overlong_penalty,
     sampler_correction,
 )
+from optsys.losses.value import value_loss
 from optsys.methods import RL_ALGORITHMS
+from optsys.models.critic import build_critic, packed_values
 from optsys.models.load import load_model_and_tokenizer, resolve_model_path
 from optsys.models.packed import attach_forward_methods
 from optsys.parallel.dist import all_gather_objects, all_reduce_sum, barrier, torchrun_world
@@ -509,7 +511,8 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig,
         if critic is not None:
             values = token_values(critic, mb, cfg, device)  # the critic's forward range inside
             with phase("loss.value"):
-                v_loss, v_metrics = value_loss(values, mb, rl.value_clip, device)
+                v_loss, v_metrics = value_loss(values, mb.per_token("returns").to(device),
+                                               mb.per_token("old_values").to(device), weights, clip=rl.value_clip)
             metrics = {**metrics, **v_metrics}
             loss = loss + v_loss  # separate parameters: one backward fills both models' gradients
         # FSDP averages gradients over ranks; the weights already sum over all ranks' tokens
@@ -533,48 +536,10 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], cfg: TrainConfig,
 # ---- PPO with a critic ---------------------------------------------------------------------------------
 
 
-class ValueModel(torch.nn.Module):
-    """PPO's critic: the policy's decoder (a copy, trained on its own) and a scalar head on its hidden states."""
-
-    def __init__(self, lm):
-        super().__init__()
-        lm.lm_head = torch.nn.Identity()  # unused: the value head reads the final hidden states
-        self.lm = lm
-        hidden = lm.config.hidden_size
-        self.value_head = torch.nn.Linear(hidden, 1)
-        torch.nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: the first advantages are the returns
-        torch.nn.init.zeros_(self.value_head.bias)
-
-    def get_decoder(self):  # what shard_model and packed_hidden use
-        return self.lm.get_decoder()
-
-    @property
-    def config(self):
-        return self.lm.config
-
-    @property
-    def dtype(self):  # packed_hidden builds eager attention's additive mask in it
-        return self.lm.dtype
-
-
-def packed_values(critic, input_ids, position_ids, seq_lens, targets) -> torch.Tensor:
-    """V(s_t) at every trained position of a packed row (the state before each model token), [N]."""
-    from optsys.models.packed import packed_hidden
-
-    hidden = packed_hidden(critic, input_ids, position_ids, seq_lens)
-    keep = targets.reshape(-1) != IGNORE
-    return critic.value_head(hidden[keep]).squeeze(-1).float()
-
-
 def token_values(critic, mb: MicroBatch, cfg: TrainConfig, device) -> torch.Tensor:
     b = mb.batch.to(device)
     with autocast_context(cfg.trainer.precision, device):
         return critic.packed_values(b.input_ids, b.position_ids, b.seq_lens, b.targets)
-
-
-def build_critic(policy, world, precision):
-    critic = ValueModel(copy.deepcopy(policy))
-    return ready_for_training(critic, world, precision, methods={"packed_values": packed_values})
 
 
 def gae_advantages(rollouts: list[Rollout], cfg: TrainConfig, world) -> None:
@@ -599,20 +564,6 @@ def gae_advantages(rollouts: list[Rollout], cfg: TrainConfig, world) -> None:
     adv = (adv - mean) / (std + 1e-6)
     for i, r in enumerate(rollouts):
         r.token_adv, r.returns = adv[i, : r.n_trained].clone(), returns[i, : r.n_trained].clone()
-
-
-def value_loss(values: torch.Tensor, mb: MicroBatch, clip: float, device) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss (PPO2 / OpenAI baselines): 0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2),
-    weighted per token like the policy loss."""
-    old, ret = mb.per_token("old_values").to(device), mb.per_token("returns").to(device)
-    clipped = old + (values - old).clamp(-clip, clip)
-    per_token = 0.5 * torch.maximum((values - ret) ** 2, (clipped - ret) ** 2)
-    w = mb.weights.to(device)
-    live = w > 0
-    count = live.sum().clamp(min=1)
-    metrics = {"value_loss": (per_token.detach() * live).sum() / count,
-               "value_clip_fraction": (((values - old).abs() > clip) & live).float().sum() / count}
-    return (per_token * w).sum(), metrics
 
 
 def train(cfg: TrainConfig) -> dict | None:
@@ -641,7 +592,9 @@ def _train(cfg: TrainConfig, world) -> dict | None:
                                                               precision))
     if world.is_main:
         print(precision.describe())
-    critic = build_critic(model, world, precision) if algo.advantage == "gae" else None
+    critic = None
+    if algo.advantage == "gae":
+        critic = ready_for_training(build_critic(model), world, precision, methods={"packed_values": packed_values})
     model = ready_for_training(model, world, precision)
     model.train()
     total_updates = tc.max_steps * rl.updates_per_batch
