@@ -77,11 +77,12 @@ def optsys_config(args, engine: str, out_dir: Path):
 def step_prompt_texts(args) -> list[list[str]]:
     """The user turns of each step's prompts, as optsys's trainer draws them (build_prompts + step_prompts)."""
     from optsys.models.load import load_tokenizer, resolve_model_path
-    from optsys.trainers.rl import build_prompts, step_prompts
+    from optsys.trainers.rl_batch import build_prompts, step_prompts
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = optsys_config(args, "hf", Path(tmp) / "run")
-    train, _ = build_prompts(cfg, load_tokenizer(resolve_model_path(cfg.model.name_or_path, seed=cfg.seed)))
+    train, _ = build_prompts(cfg.data, load_tokenizer(resolve_model_path(cfg.model.name_or_path, seed=cfg.seed)),
+                             seed=cfg.seed, max_new_tokens=cfg.rl.max_new_tokens, model_name=cfg.model.name_or_path)
     return [[p.text for p in step_prompts(train, s, args.prompts, cfg.seed)] for s in range(1, args.steps + 1)]
 
 
@@ -132,7 +133,7 @@ def run_trl(args, extra: dict | None = None) -> dict:
     from optsys.data.tasks import get_task
     from optsys.models.load import resolve_model_path
     from optsys.rollout.rewards import correct
-    from optsys.trainers.rl import step_prompts
+    from optsys.trainers.rl_batch import step_prompts
 
     events: list[tuple[str, float]] = []  # TRL's profiling timers, in the order they finish
 
