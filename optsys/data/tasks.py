@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from optsys.data.guess import guess_rows, guess_sft_rows
+
 
 def normalize_answer(text: str) -> str:
     """The answer-matching rule (Task.check, and the `correct` reward): trim, collapse inner whitespace runs."""
@@ -164,7 +166,9 @@ class EnvironmentTask:
     "guess": find a secret number in 0..n-1 (n = 5 x difficulty, so 10 at the default 2) from "higher" / "lower"
     replies within rl.max_turns guesses. Its SFT rows are transcripts of legal but random play (each guess uniform
     in the interval still possible), so an SFT start knows the format and rules and RL has room to learn to
-    search; RL rows hold the secret; held-out play is scored by `evaluate` (success rate)."""
+    search; RL rows hold the secret (optsys.data.guess). Held-out play runs on a rollout engine, above this layer:
+    optsys.rollout.games.evaluate_environment(task.environment, ...) gives the success rate (the RL trainer calls
+    it)."""
 
     name: str
     environment: str  # optsys.rollout.environments.ENVIRONMENTS key
@@ -180,19 +184,10 @@ class EnvironmentTask:
         return 10**9
 
     def sft_rows(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[dict]:
-        from optsys.rollout.environments import guess_sft_rows
-
         return guess_sft_rows(split, n, n=5 * difficulty, seed=seed, strategy="random")
 
     def rl_prompts(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[dict]:
-        from optsys.rollout.environments import guess_rows
-
         return guess_rows(split, n, n=5 * difficulty, seed=seed)
-
-    def evaluate(self, engine, tokenizer, rows: list[dict], sampling, *, max_turns: int, max_tokens: int) -> dict:
-        from optsys.rollout.environments import evaluate_guessing
-
-        return evaluate_guessing(engine, tokenizer, rows, sampling, max_turns=max_turns, max_tokens=max_tokens)
 
 
 TASKS: dict[str, Task | EnvironmentTask] = {

@@ -5,6 +5,7 @@ POLICY_LOSSES: ppo_clip, gspo, cispo; KL_ESTIMATORS: k1, k2, k3; ADVANTAGE_ESTIM
     reinforce_pp_token, gae; SAMPLER_CORRECTIONS: none, tis, mis_token, mis_seq; aggregation_weights,
     overlong_penalty, informative_groups (policy.py)
 sequence_logprobs: per-sequence log-probs of packed rows from hidden states, no logits (sequence.py)
+value_loss: PPO's clipped value loss (value.py)
 """
 
 from .policy import (
@@ -32,6 +33,7 @@ from .policy import (
 )
 from .preference import PREFERENCE_LOSSES, PreferenceLoss, cpo, dpo, ipo, kto, orpo, robust, simpo
 from .sequence import sequence_logprobs
+from .value import value_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -65,4 +67,5 @@ __all__ = [
     "sampler_correction",
     "sequence_logprobs",
     "simpo",
+    "value_loss",
 ]

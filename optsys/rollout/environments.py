@@ -1,4 +1,4 @@
-"""Multi-turn RL environments: the protocol, lock-step episodes on a rollout engine, tool calls, built-in games.
+"""Multi-turn RL environments: the protocol, lock-step episodes on a rollout engine, the built-in registry.
 
 An environment is any object with
 
@@ -17,30 +17,22 @@ the extra turn (TurnRenderer); with a template that renders every turn the same 
 prompt_ids + token_ids equal the template's tokens of the whole conversation (tests/rollout/test_environments.py).
 The sequence is what the sampler conditioned on, so the trainer scores exactly the tokens that were drawn.
 
-Tool calls use the Qwen2 / Hermes format, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in the
-model's text; ToolUse wraps an environment, runs the calls (TOOLS) and replies with a "tool" message. The tiny
-ChatML template renders any role by name, so a tool result becomes `<|im_start|>tool\\n...<|im_end|>`; with a
-template that rejects or drops the "tool" role it becomes a user turn wrapped in <tool_response> tags.
-
-Built-in environments (ENVIRONMENTS): "guess" (GuessingGame: find a secret number in 0..n-1 from
-"higher"/"lower" replies; prompts, SFT transcripts and a held-out success rate below) and "arithmetic_tool"
-(answer an integer expression, with the calculator tool).
+Tool calls (optsys.rollout.tools: ToolUse wraps an environment and answers `<tool_call>` turns with a "tool"
+message) and the built-in games (optsys.rollout.games) build on this protocol. Built-in environments
+(ENVIRONMENTS, make_environment): "guess" (GuessingGame: find a secret number in 0..n-1 from "higher"/"lower"
+replies) and "arithmetic_tool" (answer an integer expression, with the calculator tool).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import random
-import re
-from dataclasses import dataclass, field, replace
-from fractions import Fraction
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from optsys.data.tokenize import IGNORE, TokenizedExample
 from optsys.errors import DataError
 from optsys.rollout.engine import Sampling
+from optsys.rollout.tools import ToolUse
 
 Observation = Any  # str | dict (a chat message) | None
 
@@ -265,354 +257,22 @@ def summarize_episodes(episodes: Sequence[Episode], prefix: str = "env/") -> dic
     }
 
 
-# ---------------------------------------------------------------------------- tools
-
-
-class ToolError(ValueError):
-    """A tool refused its input; the message goes back to the model as the tool's error."""
-
-
-@dataclass(frozen=True)
-class Tool:
-    name: str
-    fn: Callable[[dict], str]  # arguments -> result text
-    description: str
-
-
-_CALC_TOKEN = re.compile(r"\s*(?:(\d+)|(.))")
-_CALC_MAX_CHARS, _CALC_MAX_DEPTH, _CALC_MAX_DIGITS = 200, 32, 60
-
-
-def calculate(expression: str) -> Fraction:
-    """Exact value of an integer expression with + - * / (exact division), unary minus and parentheses.
-
-    A recursive-descent parser, not eval(): anything else (names, **, %, floats, calls) is refused with a
-    ToolError, as are division by zero, more than 200 characters, nesting deeper than 32, and values over
-    60 digits."""
-    if not isinstance(expression, str):
-        raise ToolError(f"expression must be a string, got {type(expression).__name__}")
-    if len(expression) > _CALC_MAX_CHARS:
-        raise ToolError(f"expression longer than {_CALC_MAX_CHARS} characters")
-    tokens: list[str] = []
-    for m in _CALC_TOKEN.finditer(expression):
-        if m.group(1) is not None:
-            tokens.append(m.group(1))
-        elif m.group(2) is not None:
-            if m.group(2) not in "+-*/()":
-                raise ToolError(f"unsupported character {m.group(2)!r}; only integers, + - * / and parentheses")
-            tokens.append(m.group(2))
-    if not tokens:
-        raise ToolError("empty expression")
-    pos = 0
-
-    def peek() -> str | None:
-        return tokens[pos] if pos < len(tokens) else None
-
-    def take() -> str:
-        nonlocal pos
-        pos += 1
-        return tokens[pos - 1]
-
-    def check(x: Fraction) -> Fraction:
-        if max(abs(x.numerator), x.denominator) >= 10**_CALC_MAX_DIGITS:
-            raise ToolError(f"value too large (over {_CALC_MAX_DIGITS} digits)")
-        return x
-
-    def expr(depth: int) -> Fraction:
-        value = term(depth)
-        while peek() in ("+", "-"):
-            value = check(value + term(depth) if take() == "+" else value - term(depth))
-        return value
-
-    def term(depth: int) -> Fraction:
-        value = factor(depth)
-        while peek() in ("*", "/"):
-            op, rhs = take(), factor(depth)
-            if op == "/" and rhs == 0:
-                raise ToolError("division by zero")
-            value = check(value * rhs if op == "*" else value / rhs)
-        return value
-
-    def factor(depth: int) -> Fraction:
-        if depth > _CALC_MAX_DEPTH:
-            raise ToolError(f"nesting deeper than {_CALC_MAX_DEPTH}")
-        tok = peek()
-        if tok is None:
-            raise ToolError("unexpected end of expression")
-        take()
-        if tok == "-":
-            return -factor(depth + 1)
-        if tok == "+":
-            return factor(depth + 1)
-        if tok == "(":
-            value = expr(depth + 1)
-            if peek() != ")":
-                raise ToolError("missing ')'")
-            take()
-            return value
-        if tok.isdigit():
-            if len(tok) > _CALC_MAX_DIGITS:
-                raise ToolError(f"number longer than {_CALC_MAX_DIGITS} digits")
-            return Fraction(int(tok))
-        raise ToolError(f"unexpected {tok!r}")
-
-    value = expr(0)
-    if pos != len(tokens):
-        raise ToolError(f"unexpected {tokens[pos]!r}")
-    return value
-
-
-def format_number(x: Fraction) -> str:
-    """An integer as itself; otherwise a decimal with 12 significant digits."""
-    return str(x.numerator) if x.denominator == 1 else format(float(x), ".12g")
-
-
-def _calculator(arguments: dict) -> str:
-    if set(arguments) != {"expression"}:
-        raise ToolError(f"calculator takes one argument, 'expression'; got {sorted(arguments)}")
-    return format_number(calculate(arguments["expression"]))
-
-
-TOOLS: dict[str, Tool] = {
-    "calculator": Tool("calculator", _calculator,
-                       'evaluate + - * / and parentheses on integers: {"expression": "12*(3+4)"}'),
-}
-
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    name: str | None
-    arguments: dict
-    error: str | None = None  # set for a malformed call
-
-
-def parse_tool_calls(text: str) -> list[ToolCall]:
-    """Every `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in text; a malformed one (bad JSON, a missing
-    name, arguments that are not an object, an unclosed tag) comes back with `error` set instead of raising."""
-    calls = []
-    for m in _TOOL_CALL.finditer(text):
-        try:
-            obj = json.loads(m.group(1))
-        except json.JSONDecodeError as e:
-            calls.append(ToolCall(None, {}, f"malformed tool call: invalid JSON ({e.msg})"))
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            calls.append(ToolCall(None, {}, 'malformed tool call: expected {"name": ..., "arguments": {...}}'))
-            continue
-        args = obj.get("arguments", {})
-        if isinstance(args, str):  # some models write the arguments as a JSON string
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                pass
-        if not isinstance(args, dict):
-            calls.append(ToolCall(obj["name"], {}, "malformed tool call: 'arguments' must be an object"))
-            continue
-        calls.append(ToolCall(obj["name"], args))
-    rest = _TOOL_CALL.sub("", text)
-    if "<tool_call>" in rest:
-        calls.append(ToolCall(None, {}, "malformed tool call: <tool_call> without </tool_call>"))
-    return calls
-
-
-def run_tool_call(call: ToolCall, tools: dict[str, Tool]) -> tuple[str, bool]:
-    """(result JSON text, ok). Errors, a tool's refusal included, are results the model sees, never raised."""
-    if call.error is not None:
-        return json.dumps({"error": call.error}), False
-    if call.name not in tools:
-        return json.dumps({"name": call.name, "error": f"unknown tool {call.name!r}; tools: {sorted(tools)}"}), False
-    try:
-        return json.dumps({"name": call.name, "result": tools[call.name].fn(call.arguments)}), True
-    except ToolError as e:
-        return json.dumps({"name": call.name, "error": str(e)}), False
-
-
-class ToolUse:
-    """Wrap an environment with tools: a model turn with tool calls gets the results as one "tool" message
-    (reward 0, not done; it still counts as a turn); a turn without one goes to the wrapped environment."""
-
-    def __init__(self, env, tools: Sequence[str] = ("calculator",)):
-        unknown = [t for t in tools if t not in TOOLS]
-        if unknown:
-            raise ValueError(f"unknown tools {unknown}; registered: {sorted(TOOLS)}")
-        self.env = env
-        self.tools = {t: TOOLS[t] for t in tools}
-        self.calls = 0
-        self.errors = 0
-
-    @property
-    def system(self) -> str | None:
-        return getattr(self.env, "system", None)
-
-    def reset(self, row: dict) -> str:
-        return self.env.reset(row)
-
-    def step(self, completion_text: str):
-        calls = parse_tool_calls(completion_text)
-        if not calls:
-            return self.env.step(completion_text)
-        results = []
-        for call in calls:
-            text, ok = run_tool_call(call, self.tools)
-            self.calls += 1
-            self.errors += not ok
-            results.append(text)
-        return {"role": "tool", "content": "\n".join(results)}, 0.0, False
-
-
 # ---------------------------------------------------------------------------- built-in environments
 
 
-def _hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+def _guess(**kwargs) -> Environment:
+    from optsys.rollout.games import GuessingGame  # games.py builds on this module: imported when one is made
+
+    return GuessingGame(**kwargs)
 
 
-def _guess(text: str) -> int | None:
-    m = re.fullmatch(r"\s*(\d{1,6})\s*", text)
-    return int(m.group(1)) if m else None
+def _arithmetic_tool(**kwargs) -> Environment:
+    from optsys.rollout.games import ArithmeticEnv
+
+    return ToolUse(ArithmeticEnv(**kwargs), tools=("calculator",))
 
 
-class GuessingGame:
-    """Find a secret number in 0..n-1. Each turn the model answers one number (e.g. "5"); the reply is
-    "higher", "lower" or "invalid" (not a number in range), and a right guess ends the episode with reward
-    1 - turn_penalty * (turns - 1) (floored at 0), so fewer turns score more. Binary search always wins within
-    ceil(log2(n + 1)) turns (4 for n=10): the suggested max_turns.
-
-    Measured on tiny:quickstart (3.4M, n=10, max_turns=4, plain AdamW lr 1e-3, batches of 16 transcripts of
-    ~55 tokens, a loaded 2-core CPU): SFT on binary-search transcripts reaches 1.00 held-out success (greedy
-    and T=1) in 150 steps (~100 s); SFT on random consistent play (300 steps) reaches 0.69 greedy and 0.44
-    at T=1 (true random play wins 0.76), leaving RL the gap to 1.0 and to fewer turns (the turn penalty)."""
-
-    system = None
-
-    def __init__(self, n: int = 10, turn_penalty: float = 0.1):
-        if n < 2:
-            raise ValueError(f"GuessingGame needs n >= 2, got {n}")
-        self.n, self.turn_penalty = n, turn_penalty
-        self.secret: int | None = None
-        self.turns = 0
-
-    @staticmethod
-    def prompt_text(n: int) -> str:
-        return f"Guess a number from 0 to {n - 1}."
-
-    def reset(self, row: dict) -> str:
-        self.n = int(row.get("n", self.n))
-        self.secret = int(row["secret"])
-        if not 0 <= self.secret < self.n:
-            raise ValueError(f"GuessingGame: secret {self.secret} is outside 0..{self.n - 1}")
-        self.turns = 0
-        return self.prompt_text(self.n)
-
-    def step(self, completion_text: str):
-        if self.secret is None:
-            raise EpisodeError("GuessingGame.step before reset")
-        self.turns += 1
-        guess = _guess(completion_text)
-        if guess is None or guess >= self.n:
-            return "invalid", 0.0, False
-        if guess == self.secret:
-            return None, max(0.0, 1.0 - self.turn_penalty * (self.turns - 1)), True
-        return ("higher" if self.secret > guess else "lower"), 0.0, False
-
-
-def guess_rows(split: str, count: int, *, n: int = 10, seed: int = 0) -> list[dict]:
-    """`count` games of `split` ("train" / "test"): each a row {"secret", "n", "game", "prompt", "answer"}.
-
-    Game keys f"guess-{n}-{seed}-{k}" fall into test for 1 key in 8 (by hash) and the secret is another hash
-    of the key, so the split is fixed and deterministic. The prompt text is the same for every game (the
-    secret is hidden), so held-out games test play against unseen secret sequences, not unseen prompts."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    rows, k = [], 0
-    while len(rows) < count:
-        key = f"guess-{n}-{seed}-{k}"
-        k += 1
-        if ("test" if _hash(key) % 8 == 0 else "train") != split:
-            continue
-        secret = _hash(key + "/secret") % n
-        rows.append({"secret": secret, "n": n, "game": key, "answer": str(secret),
-                     "prompt": [{"role": "user", "content": GuessingGame.prompt_text(n)}]})
-    return rows
-
-
-def guess_transcript(row: dict, strategy: str = "binary", *, max_turns: int | None = None) -> list[dict]:
-    """A played game as chat messages. "binary": guess the middle of the interval still possible (always wins in
-    ceil(log2(n+1)) turns); "random": a uniform guess in that interval (seeded by the game: legal but slower
-    play, an SFT start that RL can improve on). Stops after max_turns guesses if given."""
-    if strategy not in ("binary", "random"):
-        raise ValueError(f"strategy must be 'binary' or 'random', got {strategy!r}")
-    env = GuessingGame(row["n"])
-    rng = random.Random(row["game"] + "/play")
-    messages = [{"role": "user", "content": env.reset(row)}]
-    lo, hi = 0, row["n"] - 1
-    while max_turns is None or env.turns < max_turns:
-        guess = (lo + hi) // 2 if strategy == "binary" else rng.randint(lo, hi)
-        messages.append({"role": "assistant", "content": str(guess)})
-        reply, _, done = env.step(str(guess))
-        if done:
-            break
-        messages.append({"role": "user", "content": reply})
-        lo, hi = (guess + 1, hi) if reply == "higher" else (lo, guess - 1)
-    return messages
-
-
-def guess_sft_rows(split: str, count: int, *, n: int = 10, seed: int = 0, strategy: str = "binary",
-                   max_turns: int | None = None) -> list[dict]:
-    """SFT rows {"messages": [...]} of played games: they teach the format (one number per turn) and the rules."""
-    return [{"messages": guess_transcript(r, strategy, max_turns=max_turns)}
-            for r in guess_rows(split, count, n=n, seed=seed)]
-
-
-def binary_search_turns(n: int) -> int:
-    """Turns binary search needs in the worst case: the max_turns at which perfect play always wins."""
-    return math.ceil(math.log2(n + 1))
-
-
-def evaluate_guessing(engine, tokenizer, rows: Sequence[dict], sampling: Sampling, *, max_turns: int,
-                      max_tokens: int, seed: int = 0) -> dict[str, float]:
-    """Held-out play: success rate (won within max_turns), mean turns and reward. Pass a greedy `sampling`
-    (temperature 0 on vLLM) for the task's headline number."""
-    envs = [GuessingGame(r["n"]) for r in rows]
-    episodes = run_episodes(engine, envs, tokenizer, replace(sampling, n=1), [seed + i for i in range(len(rows))],
-                            rows=rows, max_turns=max_turns, max_tokens=max_tokens)
-    n = max(1, len(episodes))
-    return {"eval/success_rate": sum(e.done for e in episodes) / n,
-            "eval/mean_turns": sum(e.turns for e in episodes) / n,
-            "eval/mean_reward": sum(e.reward for e in episodes) / n}
-
-
-class ArithmeticEnv:
-    """Answer an integer expression (row {"question", "answer"}); the final answer ends the episode with reward
-    1.0 if right, else 0.0. Wrapped in ToolUse as "arithmetic_tool", the model may call the calculator first."""
-
-    system = ('Answer with the number only. You may call the calculator: <tool_call>{"name": "calculator", '
-              '"arguments": {"expression": "..."}}</tool_call>')
-
-    def reset(self, row: dict) -> str:
-        self.answer = str(row["answer"]).strip()
-        return str(row["question"])
-
-    def step(self, completion_text: str):
-        return None, float(completion_text.strip() == self.answer), True
-
-
-def arithmetic_rows(count: int, *, seed: int = 0, digits: int = 2) -> list[dict]:
-    """`count` questions a*b+c with `digits`-digit operands, answers exact."""
-    rng = random.Random(f"arithmetic_tool-{digits}-{seed}")
-    rows = []
-    for _ in range(count):
-        a, b, c = (rng.randrange(10 ** (digits - 1), 10**digits) for _ in range(3))
-        rows.append({"question": f"{a}*{b}+{c}=", "answer": str(a * b + c)})
-    return rows
-
-
-ENVIRONMENTS: dict[str, Callable[..., Environment]] = {
-    "guess": GuessingGame,
-    "arithmetic_tool": lambda **kw: ToolUse(ArithmeticEnv(**kw), tools=("calculator",)),
-}
+ENVIRONMENTS: dict[str, Callable[..., Environment]] = {"guess": _guess, "arithmetic_tool": _arithmetic_tool}
 
 
 def make_environment(name: str, **kwargs) -> Environment:

@@ -7,25 +7,12 @@ from fractions import Fraction
 
 import pytest
 
+from optsys.data.guess import binary_search_turns, guess_rows, guess_sft_rows, guess_transcript
 from optsys.errors import DataError
 from optsys.rollout.engine import Completion, Sampling
-from optsys.rollout.environments import (
-    ENVIRONMENTS,
-    ArithmeticEnv,
-    GuessingGame,
-    ToolError,
-    ToolUse,
-    TurnRenderer,
-    binary_search_turns,
-    calculate,
-    guess_rows,
-    guess_sft_rows,
-    guess_transcript,
-    make_environment,
-    parse_tool_calls,
-    run_episodes,
-    summarize_episodes,
-)
+from optsys.rollout.environments import ENVIRONMENTS, TurnRenderer, make_environment, run_episodes, summarize_episodes
+from optsys.rollout.games import ArithmeticEnv, GuessingGame
+from optsys.rollout.tools import ToolError, ToolUse, calculate, parse_tool_calls
 
 TOKENIZER = "factory"  # the tok fixture (tests/conftest.py): the tiny factory's own tokenizer
 
@@ -180,7 +167,7 @@ def test_calculator_is_exact_and_refuses_unsafe_input():
     assert calculate("((1+2)*(3+4))/7 - 10") == -7
     assert calculate("12*34+56") == 464
     assert ENVIRONMENTS and make_environment("guess").n == 10
-    from optsys.rollout.environments import TOOLS
+    from optsys.rollout.tools import TOOLS
 
     calc = TOOLS["calculator"].fn
     assert calc({"expression": "7/2"}) == "3.5" and calc({"expression": "10/5"}) == "2"
@@ -284,7 +271,7 @@ def test_hf_engine_plays_four_episodes(tiny_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optsys.rollout.environments import evaluate_guessing
+    from optsys.rollout.games import evaluate_guessing
     from optsys.rollout.hf_engine import HFEngine
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_path)
