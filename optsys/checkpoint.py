@@ -271,9 +271,9 @@ def save_checkpoint(out_dir, step: int, *, model, optimizer, scheduler, trainer_
     """Write checkpoint `step` atomically, then keep only the newest `keep_last` complete ones.
 
     Returns the checkpoint folder. trainer_state must be JSON-serializable (floats round-trip exactly).
-    A `saver` is a sharded-state saver for a backend that owns model, optimizer and schedule (DeepSpeed:
-    optsys.parallel.zero.EngineState): `saver.save(folder)` / `saver.load(folder)`, every rank calls, and
-    `saver.backend` names it in the manifest; with one, every rank calls, in one process too.
+    `saver` is the sharded-state saver of a backend that owns model, optimizer and schedule (DeepSpeed:
+    optsys.parallel.zero.EngineState): `saver.save(folder)` / `saver.load(folder)`, with `saver.backend` named in
+    the manifest. With a saver every rank calls, in one process too.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")

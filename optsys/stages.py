@@ -25,9 +25,9 @@ from pathlib import Path
 import yaml
 
 from optsys.config import TrainConfig, to_dict
+from optsys.models.sources import STAGE_PREFIX
 from optsys.validation import load_stage_recipe
 
-PREFIX = "stage:"
 # Settings that change how a run is logged, where it is written or how it is spread over ranks (like the world
 # size: the same weights to rounding), not the weights it trains.
 STAGE_KEY_IGNORES = ("output_dir", "overwrite", "resume", "trainer.progress", "trainer.telemetry",
@@ -37,11 +37,11 @@ STAGE_KEY_IGNORES = ("output_dir", "overwrite", "resume", "trainer.progress", "t
 
 
 def is_stage(value) -> bool:
-    return isinstance(value, str) and value.startswith(PREFIX)
+    return isinstance(value, str) and value.startswith(STAGE_PREFIX)
 
 
 def stage_name(value: str) -> str:
-    return value[len(PREFIX):].strip()
+    return value[len(STAGE_PREFIX):].strip()
 
 
 def stage_root() -> Path:
