@@ -67,7 +67,7 @@ def optsys_overrides(args, engine: str, out_dir: Path) -> list[str]:
 
 
 def optsys_config(args, engine: str, out_dir: Path):
-    from optsys.config import load_config
+    from optsys.validation import load_config
 
     base = out_dir.parent / "rl_bench.yaml"
     base.write_text("recipe: rl_bench\n")
