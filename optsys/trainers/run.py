@@ -133,12 +133,6 @@ def finish_run(run: Run, log: MetricsLog, summary: dict) -> dict | None:
     return summary if run.world.is_main else None
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # seeds CUDA too
