@@ -194,6 +194,9 @@ class RLConfig:
     sync_bucket_mb: float = 256.0  # weight-sync bucket: the most extra memory a sync holds
     canary_every: int = 1  # syncs between canary checks (engine vs trainer log-probs of a fixed completion)
     canary_tolerance: float = 1e-4  # max |log-prob difference| (fp32; a bf16 engine needs ~5e-2)
+    # completions written to <output dir>/completions.jsonl every trainer.log_every steps, with their prompt, reward
+    # (and each reward function's value) and advantage: a sample of rank 0's rollouts of that step. 0: off
+    log_completions: int = 4
     engine_memory_fraction: float = 0.3  # GPU memory vLLM may take (weights + KV cache)
     # vLLM engines split over this many consecutive ranks (tensor parallel); each group of ranks generates its
     # ranks' prompts together. 1: an engine per rank holding the whole policy
@@ -302,6 +305,7 @@ RANGES = [
     ("rl.sync_bucket_mb", _positive()),
     ("rl.canary_every", _at_least(0)),
     ("rl.canary_tolerance", _positive()),
+    ("rl.log_completions", _at_least(0)),
     ("rl.engine_memory_fraction", _in(0, 1)),
     ("rl.engine_tensor_parallel", _at_least(1)),
     ("rl.max_turns", _at_least(1)),
@@ -318,6 +322,7 @@ RANGE_HINTS = {
     "pref.beta": " (beta = 0 makes every preference loss constant)",
     "model.lora.r": " (0 trains the full model)",
     "rl.canary_every": " (0 turns the sync check off)",
+    "rl.log_completions": " (0 writes no completions.jsonl)",
     "rl.top_p": " (1 = no truncation)",
 }
 

@@ -3,7 +3,12 @@
 Each task makes problems (prompt, answer) for a fixed split and emits them as SFT rows, preference
 pairs (correct vs wrong answer) or RL prompts, and checks a completion. Splits are fixed by a hash
 of the problem itself, so the held-out set never leaks into training whatever the seed or size.
-`difficulty` is the number of digits (arithmetic) or the list length (sorting).
+`difficulty` is the number of digits (arithmetic), the list length (sorting) or the steps and number sizes
+(word_problems, optsys.data.word_problems).
+
+Each task says how its answers are matched (`Task.match`, optsys.data.answers): "numeric" where the answer is a
+number, so a model's natural sentence ("59 + 19 = 78." or "The answer is 78.") scores as 78; "exact" only where
+the answer's form is the point of the task (reversed digits, a sorted list).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from optsys.data.guess import guess_rows, guess_sft_rows
+from optsys.data.word_problems import INSTRUCTION, lower_bound_count, make_word_problem, wrong_solution
 
 
 def normalize_answer(text: str) -> str:
@@ -28,6 +34,7 @@ def normalize_answer(text: str) -> str:
 class Problem:
     prompt: str
     answer: str
+    solution: str | None = None  # a worked solution ending in the answer (SFT rows, chosen side); None: the answer
 
 
 def _split_of(prompt: str) -> str:
@@ -74,6 +81,19 @@ def _sorting_prompts(difficulty: int) -> Iterable[str]:
     return ("sort: " + " ".join(map(str, xs)) for xs in itertools.product(range(100), repeat=difficulty))
 
 
+def _word_problem(rng: random.Random, difficulty: int) -> Problem:
+    p = make_word_problem(rng, difficulty)
+    return Problem(f"{p.question}\n{INSTRUCTION}", str(p.answer), p.solution)
+
+
+def _wrong_word_problem(problem: Problem, rng: random.Random) -> str:
+    return wrong_solution(problem.solution, int(problem.answer), rng)
+
+
+def _word_problem_prompts(difficulty: int) -> Iterable[str]:
+    raise ValueError("word_problems has too many distinct problems to list; its count is a lower bound")
+
+
 def _wrong_addition(problem: Problem, rng: random.Random) -> str:
     value = int(problem.answer)
     delta = rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if value + d >= 0])
@@ -102,8 +122,10 @@ class Task:
     make: Callable[[random.Random, int], Problem]
     wrong: Callable[[Problem, random.Random], str]
     prompts: Callable[[int], Iterable[str]]  # every distinct prompt at a difficulty
-    count: Callable[[int], int]  # how many there are
+    count: Callable[[int], int]  # how many there are (a lower bound where they cannot be listed)
     system: str | None = None
+    match: str = "exact"  # how answers are compared (optsys.data.answers): "numeric" or "exact"
+    about: str = ""  # one line for --list-tasks: what the task is and why it matches as it does
 
     def split_sizes(self, difficulty: int) -> tuple[int, int] | None:
         """(train, test) distinct problems at `difficulty`, counted exactly up to 200k problems (a few ms
@@ -138,14 +160,14 @@ class Task:
 
     def sft_rows(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[dict]:
         return [
-            {"messages": self.messages(p.prompt) + [{"role": "assistant", "content": p.answer}]}
+            {"messages": self.messages(p.prompt) + [{"role": "assistant", "content": p.solution or p.answer}]}
             for p in self.problems(split, n, difficulty=difficulty, seed=seed)
         ]
 
     def preference_pairs(self, split: str, n: int, *, difficulty: int, seed: int = 0) -> list[dict]:
         rng = random.Random(f"{self.name}-pairs-{split}-{seed}")
         return [
-            {"prompt": self.messages(p.prompt), "chosen": p.answer, "rejected": self.wrong(p, rng)}
+            {"prompt": self.messages(p.prompt), "chosen": p.solution or p.answer, "rejected": self.wrong(p, rng)}
             for p in self.problems(split, n, difficulty=difficulty, seed=seed)
         ]
 
@@ -155,7 +177,8 @@ class Task:
 
     @staticmethod
     def check(completion: str, answer: str) -> bool:
-        """Exact match after trimming whitespace and collapsing inner runs of spaces."""
+        """Exact match after trimming whitespace and collapsing inner runs of spaces (the string rule; held-out
+        accuracy uses the task's `match` through optsys.data.answers)."""
         return normalize_answer(completion) == answer
 
 
@@ -191,10 +214,19 @@ class EnvironmentTask:
 
 
 TASKS: dict[str, Task | EnvironmentTask] = {
-    "arithmetic": Task("arithmetic", _addition, _wrong_addition, _addition_prompts, _addition_count),
+    "arithmetic": Task("arithmetic", _addition, _wrong_addition, _addition_prompts, _addition_count,
+                       match="numeric", about="a+b= with difficulty-digit operands; numeric match (the answer is a "
+                       "number, so '59 + 19 = 78.' scores as 78)"),
     "arithmetic_reversed": Task("arithmetic_reversed", _addition_reversed, _wrong_addition_reversed,
-                                _addition_prompts, _addition_count),
-    "sorting": Task("sorting", _sorting, _wrong_sorting, _sorting_prompts, lambda d: 100**d),
+                                _addition_prompts, _addition_count, match="exact",
+                                about="a+b= answered least-significant digit first; exact match: the reversed "
+                                "digit string is the point (read as a number, '02' would equal '2')"),
+    "sorting": Task("sorting", _sorting, _wrong_sorting, _sorting_prompts, lambda d: 100**d, match="exact",
+                    about="sort a list of numbers; exact match: the whole sorted list is the answer"),
+    "word_problems": Task("word_problems", _word_problem, _wrong_word_problem, _word_problem_prompts,
+                          lower_bound_count, match="numeric",
+                          about="GSM8K-style word problems, 1-3 steps (difficulty: steps and number sizes), worked "
+                          "solutions for SFT; numeric match of the answer after 'The answer is'"),
     "guess": EnvironmentTask("guess", "guess"),
 }
 

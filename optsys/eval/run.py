@@ -23,7 +23,7 @@ from optsys.eval.scaling import (
     score_pool,
     self_correct,
 )
-from optsys.eval.tasks import EvalTask, resolve_tasks
+from optsys.eval.tasks import EvalTask, default_match, resolve_tasks
 from optsys.models.sources import local_source
 
 
@@ -201,12 +201,26 @@ def summarize(points: list[dict], cfg: EvalRunConfig) -> list[dict]:
     return out
 
 
-def run_generate_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig, scorers: dict) -> dict:
-    """Every requested method on one generation task: {"methods": {name: summary}, "samples": per-question rows,
-    "per_question": {method: [final value per question]}}."""
-    questions = task.load(cfg.split, cfg.num, cfg.difficulty, cfg.seed)
+def task_match(task: EvalTask, questions: list) -> tuple[str, str]:
+    """(match rule, where it came from): the task's own, or for a task that names none, numeric when every
+    reference is a number and exact otherwise (printed, and written to results.json)."""
+    if task.match is not None:
+        return task.match, "task"
+    match = default_match([q.answer for q in questions])
+    why = "every reference is a number" if match == "numeric" else "not every reference is a number"
+    print(f"eval: task {task.name}: match={match} ({why}; set match: in the task entry to choose)")
+    return match, f"default: {why}"
+
+
+def run_generate_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig, scorers: dict,
+                      questions: list | None = None) -> dict:
+    """Every requested method on one generation task (its questions loaded here unless given): {"methods": {name:
+    summary}, "samples": per-question rows, "per_question": {method: [final value per question]}}."""
+    if questions is None:
+        questions = task.load(cfg.split, cfg.num, cfg.difficulty, cfg.seed)
     if not questions:
         raise ValueError(f"task {task.name} has no questions")
+    match, match_source = task_match(task, questions)
     s = settings_for(cfg, task, opened)
     engine = CountingEngine(opened.engine)
     tok = opened.tokenizer
@@ -216,7 +230,7 @@ def run_generate_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig, scorer
         t0 = time.perf_counter()
         if method in POOL_METHODS:
             if pool is None:
-                pool = sample_pool(engine, tok, task.name, questions, s, task.match)
+                pool = sample_pool(engine, tok, task.name, questions, s, match)
                 pool_cost = engine.reset()
             if method == "best_of_n" and pool and pool[0] and pool[0][0].score is None:
                 score_pool(pool, questions, scorers["scorer"][0])
@@ -226,9 +240,9 @@ def run_generate_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig, scorer
             fn = {"greedy": greedy, "budget": budget}.get(method)
             if method == "self_correct":
                 verifier = scorers.get("verifier", (None,))[0]
-                samples, points, finals = self_correct(engine, tok, task.name, questions, s, task.match, verifier)
+                samples, points, finals = self_correct(engine, tok, task.name, questions, s, match, verifier)
             else:
-                samples, points, finals = fn(engine, tok, task.name, questions, s, task.match)
+                samples, points, finals = fn(engine, tok, task.name, questions, s, match)
             gen_s, gen_tokens = engine.reset()
         curve = summarize(points, cfg)
         flat = [x for per_q in samples for x in per_q]
@@ -255,14 +269,16 @@ def run_generate_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig, scorer
     if "self_correct" in methods and "verifier" in scorers:
         methods["self_correct"]["verifier"] = cfg.verifier
         methods["self_correct"]["verifier_failures"] = scorers["verifier"][1]["count"]
-    return {"kind": "generate", "questions": len(questions), "match": task.match, "methods": methods,
+    return {"kind": "generate", "questions": len(questions), "match": match, "match_source": match_source,
+            "methods": methods,
             "samples": list(rows.values()), "per_question": per_question}
 
 
-def run_choice_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig) -> dict:
+def run_choice_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig, items: list | None = None) -> dict:
     from optsys.eval.loglik import multiple_choice_scores
 
-    items = task.load(cfg.split, cfg.num, cfg.difficulty, cfg.seed)
+    if items is None:
+        items = task.load(cfg.split, cfg.num, cfg.difficulty, cfg.seed)
     t0 = time.perf_counter()
     scores = multiple_choice_scores(opened.model, opened.tokenizer, items, max_tokens=cfg.max_model_len)
     out = {"kind": "choice", "questions": len(items), "methods": {}, "samples": [], "per_question": {}}
@@ -278,10 +294,11 @@ def run_choice_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig) -> dict:
     return out
 
 
-def run_perplexity_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig) -> dict:
+def run_perplexity_task(task: EvalTask, opened: Opened, cfg: EvalRunConfig, texts: list | None = None) -> dict:
     from optsys.eval.loglik import perplexity
 
-    texts = task.load(cfg.split, cfg.num, cfg.difficulty, cfg.seed)
+    if texts is None:
+        texts = task.load(cfg.split, cfg.num, cfg.difficulty, cfg.seed)
     t0 = time.perf_counter()
     result = perplexity(opened.model, opened.tokenizer, texts, max_tokens=cfg.max_model_len)
     return {"kind": "perplexity", "questions": len(texts), "methods": {"perplexity": {**result,
@@ -293,6 +310,8 @@ def evaluate(cfg: EvalRunConfig, name: str | None = None, resolve=local_source) 
     `resolve(source, seed)` turns a model source into a folder (optsys.models.sources.local_source; the eval
     CLI passes optsys.sources.resolve_source, which trains or reuses `stage:` recipes)."""
     tasks = resolve_tasks(cfg.tasks, cfg.task_files)
+    # every task's rows read and checked (fields, templates, answer patterns) before any model loads
+    loaded = {task.name: task.load(cfg.split, cfg.num, cfg.difficulty, cfg.seed) for task in tasks}
     need_generation = any(t.kind == "generate" for t in tasks)
     need_model = any(t.kind != "generate" for t in tasks)
     scorers = {}
@@ -316,11 +335,11 @@ def evaluate(cfg: EvalRunConfig, name: str | None = None, resolve=local_source) 
         results = {}
         for task in tasks:
             if task.kind == "generate":
-                results[task.name] = run_generate_task(task, opened, cfg, scorers)
+                results[task.name] = run_generate_task(task, opened, cfg, scorers, loaded[task.name])
             elif task.kind == "choice":
-                results[task.name] = run_choice_task(task, opened, cfg)
+                results[task.name] = run_choice_task(task, opened, cfg, loaded[task.name])
             else:
-                results[task.name] = run_perplexity_task(task, opened, cfg)
+                results[task.name] = run_perplexity_task(task, opened, cfg, loaded[task.name])
         return {"model": opened.name, "path": opened.path, "engine": opened.engine_name, "tasks": results}
     finally:
         opened.close()

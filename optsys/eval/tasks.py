@@ -4,9 +4,10 @@
     kind=choice      (context, choices, answer index) -> log-likelihood of each choice (optsys.eval.loglik)
     kind=perplexity  texts -> token log-likelihood -> perplexity, bits per byte
 
-Built in (no download): the synthetic tasks of optsys.data.tasks (`arithmetic`, `arithmetic_reversed`, `sorting`),
-their multiple-choice forms (`<task>_mc`: the right answer among wrong ones) and `corpus` (perplexity on held-out
-text). A YAML entry (eval.task_files) reads any local or hub dataset, naming its fields:
+Built in (no download): the synthetic tasks of optsys.data.tasks (`arithmetic`, `arithmetic_reversed`, `sorting`,
+`word_problems`), each matched by its task's rule (numeric where the answer is a number), their multiple-choice
+forms (`<task>_mc`: the right answer among wrong ones) and `corpus` (perplexity on held-out text).
+A YAML entry (eval.task_files) reads any local or hub dataset, naming its fields:
 
     gsm8k:
       kind: generate
@@ -14,23 +15,27 @@ text). A YAML entry (eval.task_files) reads any local or hub dataset, naming its
       prompt_field: question
       answer_field: answer
       answer_pattern: "####\\s*(.+)"    # optional: the reference is this regex's group 1 of the answer field
-      match: numeric
+      match: numeric                    # optional: numeric when every reference is a number, else exact
       max_new_tokens: 256
 
 A Python function is named by its dotted path (`--tasks mypkg.tasks:hard_sums`): it takes (split, n, seed) and
 returns rows {"prompt": str | messages, "answer": str}, or it is an EvalTask itself.
+
+A task without a `match` (YAML entries and functions) matches numerically when every reference answer is a
+number and exactly otherwise (`default_match`); the run says which in its log and results.json.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from optsys.config import ConfigError, merge_into, read_yaml
-from optsys.data.answers import MATCH_MODES
+from optsys.data.answers import MATCH_MODES, parse_number
 from optsys.errors import DataError, did_you_mean
 
 KINDS = ("generate", "choice", "perplexity")
@@ -56,7 +61,8 @@ class EvalTask:
     # (split, n, difficulty, seed) -> [Question] (generate), [loglik.ChoiceItem] (choice), [str] (perplexity);
     # n = 0 means every item the source has
     load: Callable[[str, int, int, int], list]
-    match: str = "exact"  # generate: exact | numeric (optsys.data.answers)
+    # generate: exact | numeric (optsys.data.answers); None: numeric when every reference is a number, else exact
+    match: str | None = None
     max_new_tokens: int = 16
     description: str = ""
 
@@ -67,10 +73,16 @@ EVAL_TASKS: dict[str, EvalTask] = {}
 def register_task(task: EvalTask) -> EvalTask:
     if task.kind not in KINDS:
         raise ValueError(f"task {task.name!r}: kind {task.kind!r} is not one of {', '.join(KINDS)}")
-    if task.match not in MATCH_MODES:
+    if task.match is not None and task.match not in MATCH_MODES:
         raise ValueError(f"task {task.name!r}: match {task.match!r} is not one of {', '.join(MATCH_MODES)}")
     EVAL_TASKS[task.name] = task
     return task
+
+
+def default_match(answers: list[str]) -> str:
+    """The match rule for references that do not name one: "numeric" when every reference reads as a number
+    (so "The answer is 78." and "59 + 19 = 78" score against "78"), else "exact"."""
+    return "numeric" if answers and all(parse_number(a) is not None for a in answers) else "exact"
 
 
 def _builtin_questions(name: str):
@@ -98,11 +110,21 @@ def _corpus(split: str, n: int, difficulty: int, seed: int) -> list[str]:
     return corpus_texts(split, n or 64, seed=seed)
 
 
-for _name in ("arithmetic", "arithmetic_reversed", "sorting"):
-    register_task(EvalTask(_name, "generate", _builtin_questions(_name), max_new_tokens=16,
-                           description=f"built-in {_name} (optsys.data.tasks), exact match"))
-    register_task(EvalTask(f"{_name}_mc", "choice", _builtin_choices(_name),
-                           description=f"{_name} as multiple choice: the answer among wrong ones, by log-likelihood"))
+def _register_builtins() -> None:
+    from optsys.data.tasks import TASKS
+
+    for name in ("arithmetic", "arithmetic_reversed", "sorting", "word_problems"):
+        task = TASKS[name]
+        # word problems are answered with worked steps before "The answer is N."
+        tokens = 256 if name == "word_problems" else 16
+        register_task(EvalTask(name, "generate", _builtin_questions(name), match=task.match, max_new_tokens=tokens,
+                               description=f"built-in: {task.about}"))
+        if name != "word_problems":  # its wrong answers are whole solutions, not choices to compare
+            register_task(EvalTask(f"{name}_mc", "choice", _builtin_choices(name), description=f"{name} as "
+                                   "multiple choice: the answer among wrong ones, by log-likelihood"))
+
+
+_register_builtins()
 register_task(EvalTask("corpus", "perplexity", _corpus, description="perplexity on held-out built-in text"))
 
 
@@ -118,12 +140,14 @@ class TaskSpec:
     prompt_field: str = "question"  # generate / choice: the question text (or chat messages)
     answer_field: str = "answer"  # generate: the reference; choice: the right choice (index, letter or its text)
     answer_pattern: str | None = None  # generate: a regex; the reference is its group 1 in the answer field
-    prompt_template: str = "{prompt}"  # the user turn; {prompt} is the prompt field, {<field>} any other field
+    # the user turn: {prompt} is the prompt field (even when the row has its own 'prompt' column), {<field>} any
+    # other field of the row; checked against the first row before any model loads
+    prompt_template: str = "{prompt}"
     system: str | None = None
     chat: bool = True  # choice: render the context with the chat template (False: plain text)
-    choices_field: str = "choices"  # choice
+    choices_field: str = "choices"  # choice: a list of texts, or ARC's {"text": [...], "label": [...]}
     text_field: str = "text"  # perplexity
-    match: str = "exact"
+    match: str | None = None  # generate: exact | numeric; unset: numeric when every reference is a number
     max_new_tokens: int = 64
 
 
@@ -137,6 +161,33 @@ def _field(row: dict, key: str, field: str, where: str):
         raise DataError(f"{where}: the row has no field {key!r} (task spec key {field}); its fields are "
                         f"{sorted(row)}. Set {field} to the right field name. The row: {_show(row)}")
     return row[key]
+
+
+def _template_fields(template: str, where: str) -> list[str]:
+    """The field names a prompt_template uses; a ConfigError for a template str.format cannot fill from named
+    fields (unbalanced braces, positional `{}` / `{0}`)."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ConfigError(f"{where}: prompt_template {template!r} is not a valid format string ({e}); write fields "
+                          "as {prompt} or {field_name}, and a literal brace as {{ or }}") from None
+    for name in names:
+        if not name or name.split(".")[0].split("[")[0].isdigit():
+            raise ConfigError(f"{where}: prompt_template {template!r} has a positional field {{{name}}}; name the "
+                              "field instead: {prompt} or {field_name}")
+    return names
+
+
+def _fill(template: str, prompt, row: dict, where: str) -> str:
+    """The template filled from the row, {prompt} being the spec's prompt field; a DataError naming the field."""
+    try:
+        return template.format(**{**row, "prompt": prompt})
+    except KeyError as e:
+        raise DataError(f"{where}: prompt_template {template!r} names field {e} that the row does not have; its "
+                        f"fields are {sorted(row)}. The row: {_show(row)}") from None
+    except (IndexError, AttributeError, ValueError, TypeError) as e:
+        raise DataError(f"{where}: prompt_template {template!r} cannot be filled from the row "
+                        f"({type(e).__name__}: {e}). The row: {_show(row)}") from None
 
 
 def _rows_of(spec: TaskSpec, n: int) -> list[dict]:
@@ -166,11 +217,7 @@ def _spec_questions(spec: TaskSpec, name: str):
             if isinstance(prompt, list):  # already a conversation
                 messages = tuple(prompt)
             else:
-                try:
-                    content = spec.prompt_template.format(prompt=prompt, **row)
-                except KeyError as e:
-                    raise DataError(f"{where}: prompt_template {spec.prompt_template!r} names field {e} that the "
-                                    f"row does not have. The row: {_show(row)}") from None
+                content = _fill(spec.prompt_template, prompt, row, where)
                 head = ({"role": "system", "content": spec.system},) if spec.system else ()
                 messages = head + ({"role": "user", "content": content},)
             out.append(Question(f"{name}-{i}", messages, answer))
@@ -188,22 +235,13 @@ def _spec_choices(spec: TaskSpec, name: str):
             prompt = _field(row, spec.prompt_field, "prompt_field", where)
             choices = _field(row, spec.choices_field, "choices_field", where)
             label = _field(row, spec.answer_field, "answer_field", where)
-            if not isinstance(choices, list) or len(choices) < 2:
-                raise DataError(f"{where}: field {spec.choices_field!r} must be a list of at least 2 choices, got "
-                                f"{choices!r}. The row: {_show(row)}")
-            choices = [str(c) for c in choices]
-            if isinstance(label, str) and label in choices:
-                answer = choices.index(label)
-            elif isinstance(label, str) and len(label) == 1 and label.isalpha():
-                answer = ord(label.upper()) - ord("A")
-            elif isinstance(label, int) and not isinstance(label, bool):
-                answer = label
-            else:
-                answer = -1
+            choices, labels = _choice_list(choices, spec.choices_field, where, row)
+            answer = _choice_index(label, choices, labels)
             if not 0 <= answer < len(choices):
                 raise DataError(f"{where}: answer {label!r} (field {spec.answer_field!r}) is not a choice index, "
-                                f"letter or choice text of {len(choices)} choices. The row: {_show(row)}")
-            content = spec.prompt_template.format(prompt=prompt, **row)
+                                f"letter, label{f' of {labels}' if labels else ''} or choice text of {len(choices)} "
+                                f"choices. The row: {_show(row)}")
+            content = _fill(spec.prompt_template, prompt, row, where)
             if spec.chat:
                 head = [{"role": "system", "content": spec.system}] if spec.system else []
                 context = head + [{"role": "user", "content": content}]
@@ -212,6 +250,40 @@ def _spec_choices(spec: TaskSpec, name: str):
             items.append(ChoiceItem(context, tuple(choices), answer))
         return items
     return load
+
+
+def _choice_list(choices, key: str, where: str, row: dict) -> tuple[list[str], list[str] | None]:
+    """(choice texts, their labels or None): a list of choices, or ARC's {"text": [...], "label": [...]}."""
+    labels = None
+    if isinstance(choices, dict) and isinstance(choices.get("text"), list):
+        labels = choices.get("label")
+        if labels is not None and (not isinstance(labels, list) or len(labels) != len(choices["text"])):
+            raise DataError(f"{where}: field {key!r} has {len(choices['text'])} texts but labels {labels!r}; "
+                            f"give one label per text. The row: {_show(row)}")
+        choices = choices["text"]
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise DataError(f"{where}: field {key!r} must be a list of at least 2 choices (or {{'text': [...], 'label': "
+                        f"[...]}}), got {choices!r}. The row: {_show(row)}")
+    return [str(c) for c in choices], None if labels is None else [str(x) for x in labels]
+
+
+def _choice_index(label, choices: list[str], labels: list[str] | None) -> int:
+    """The right choice's index from a label: one of `labels` ("A", "1"), a choice's text, a letter (A = 0), a
+    digit string or an integer (0-based, as HellaSwag writes "2"); -1 when it is none of these."""
+    if isinstance(label, bool):
+        return -1
+    if labels is not None and str(label) in labels:
+        return labels.index(str(label))
+    if isinstance(label, str):
+        text = label.strip()
+        if text in choices:
+            return choices.index(text)
+        if len(text) == 1 and text.isalpha():
+            return ord(text.upper()) - ord("A")
+        if text.isascii() and text.isdigit():
+            return int(text)
+        return -1
+    return label if isinstance(label, int) else -1
 
 
 def _spec_texts(spec: TaskSpec, name: str):
@@ -229,7 +301,7 @@ def task_from_spec(name: str, data: dict, source: str = "") -> EvalTask:
     where = f"{source + ': ' if source else ''}task {name!r}"
     if spec.kind not in KINDS:
         raise ConfigError(f"{where}: kind {spec.kind!r} is not one of {', '.join(KINDS)}")
-    if spec.match not in MATCH_MODES:
+    if spec.match is not None and spec.match not in MATCH_MODES:
         raise ConfigError(f"{where}: match {spec.match!r} is not one of {', '.join(MATCH_MODES)}")
     if not spec.dataset:
         raise ConfigError(f"{where}: set `dataset:` (a .jsonl/.json/.parquet file, a folder or a hub id)")
@@ -240,6 +312,7 @@ def task_from_spec(name: str, data: dict, source: str = "") -> EvalTask:
             re.compile(spec.answer_pattern)
         except re.error as e:
             raise ConfigError(f"{where}: answer_pattern {spec.answer_pattern!r} is not a valid regex ({e})") from None
+    _template_fields(spec.prompt_template, where)
     load = {"generate": _spec_questions, "choice": _spec_choices, "perplexity": _spec_texts}[spec.kind](spec, name)
     return EvalTask(name, spec.kind, load, match=spec.match, max_new_tokens=spec.max_new_tokens,
                     description=f"{spec.kind} task on {spec.dataset}")
@@ -293,7 +366,7 @@ def _task_from_path(name: str) -> EvalTask:
     def load(split: str, n: int, difficulty: int, seed: int) -> list[Question]:
         return _rows_to_questions(name, obj(split=split, n=n, seed=seed))
 
-    return EvalTask(name, "generate", load, match=getattr(obj, "match", "exact"),
+    return EvalTask(name, "generate", load, match=getattr(obj, "match", None),
                     max_new_tokens=getattr(obj, "max_new_tokens", 64), description=f"function {name}")
 
 

@@ -8,6 +8,7 @@ import contextlib
 import math
 import random
 import time
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 from typing import Callable
@@ -112,32 +113,85 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def held_out_accuracy(tag: str, step: int, *, model, tokenizer, cfg: TrainConfig, world: World, log,
-                      summary: dict) -> None:
-    """Greedy exact-match accuracy on the built-in task's held-out problems, as eval/accuracy_<tag> (summary and
-    metrics.jsonl) and time/eval_<tag>_s; rank 0 prints one example. Nothing for a dataset without a task.
-    Under torchrun every rank calls (each generates its share)."""
-    from optsys.data.tasks import get_task
-    from optsys.eval.accuracy import task_accuracy
+@dataclass
+class HeldOut:
+    """The questions a run's eval/accuracy_* is measured on, where they come from, and how answers match."""
+    source: str
+    questions: list  # optsys.eval.tasks.Question
+    match: str
 
-    if cfg.data.task is None:
-        return
-    task = get_task(cfg.data.task)
-    if getattr(task, "environment", None):  # multi-turn: scored by playing (the RL trainer does it)
+
+def held_out_questions(cfg: TrainConfig, world: World) -> HeldOut | None:
+    """A built-in task's held-out problems (matched by the task's rule), or the data.eval_dataset rows that carry an
+    `answer` (numeric match when every answer is a number). None, said once on rank 0, for a multi-turn task, a
+    dataset run without data.eval_dataset, or eval rows without answers."""
+    from optsys.data.tasks import get_task
+    from optsys.eval.accuracy import dataset_questions
+    from optsys.eval.tasks import Question
+
+    d = cfg.data
+
+    def say(text: str) -> None:
         if world.is_main:
-            print(f"eval/accuracy_{tag}: skipped, data.task={cfg.data.task} is a multi-turn task scored by playing it "
-                  "against its environment (the RL trainer reports eval/success_rate_*)")
-        return
-    problems = task.problems("test", cfg.data.num_eval, difficulty=cfg.data.difficulty, seed=cfg.seed)
-    t0 = time.time()
-    with phase("eval"), autocast_context(cfg.trainer.precision, world.device):  # in the training compute dtype
-        acc, records = task_accuracy(model, tokenizer, task, problems, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, world=world)
-    summary[f"eval/accuracy_{tag}"] = acc
-    summary[f"time/eval_{tag}_s"] = time.time() - t0
-    log.log(step, {f"eval/accuracy_{tag}": acc})
-    if world.is_main:
-        print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
+            print(text)
+
+    if d.task is not None:
+        task = get_task(d.task)
+        if getattr(task, "environment", None):  # multi-turn: scored by playing (the RL trainer does it)
+            say(f"eval/accuracy: skipped, data.task={d.task} is a multi-turn task scored by playing it against its "
+                "environment (the RL trainer reports eval/success_rate_*)")
+            return None
+        problems = task.problems("test", d.num_eval, difficulty=d.difficulty, seed=cfg.seed)
+        questions = [Question(f"{task.name}-{i}", tuple(task.messages(p.prompt)), p.answer)
+                     for i, p in enumerate(problems)]
+        return HeldOut(f"task:{d.task}/test", questions, task.match)
+    if d.eval_dataset is None:
+        say("eval/accuracy: skipped, no data.eval_dataset: set it to held-out rows with 'prompt' and 'answer' fields "
+            "to measure accuracy before and after training")
+        return None
+    from optsys.data.sources import load_rows
+
+    rows = load_rows(d.eval_dataset, split=d.eval_split)
+    questions, missing, match = dataset_questions(rows, d.eval_dataset)
+    if not questions:
+        say(f"eval/accuracy: skipped, no row of data.eval_dataset={d.eval_dataset} has an 'answer' field (the "
+            "reference held-out accuracy compares with); add one to measure accuracy before and after training")
+        return None
+    if missing:
+        say(f"eval/accuracy: {missing} of {len(rows)} rows of {d.eval_dataset} have no 'answer' field; accuracy is "
+            f"measured on the other {len(questions)}")
+    why = "every answer is a number" if match == "numeric" else "not every answer is a number"
+    say(f"eval/accuracy: {len(questions)} questions from {d.eval_dataset}, match={match} ({why})")
+    return HeldOut(d.eval_dataset, questions, match)
+
+
+def held_out_accuracy(*, model, tokenizer, cfg: TrainConfig, world: World, log,
+                      summary: dict) -> Callable[[str, int], None]:
+    """The trainers' accuracy(tag, step): greedy accuracy on the held-out questions (held_out_questions, loaded
+    once here), as eval/accuracy_<tag> (summary and metrics.jsonl) and time/eval_<tag>_s; rank 0 prints one
+    example. A no-op when there are no questions. Under torchrun every rank calls (each generates its share)."""
+    from optsys.eval.accuracy import questions_accuracy
+
+    held = held_out_questions(cfg, world) if cfg.eval.before or cfg.eval.after else None
+    if held is not None:
+        summary["eval/accuracy_questions"] = len(held.questions)
+        summary["eval/match"] = held.match
+
+    def accuracy(tag: str, step: int) -> None:
+        if held is None:
+            return
+        t0 = time.time()
+        with phase("eval"), autocast_context(cfg.trainer.precision, world.device):  # in the training compute dtype
+            acc, records = questions_accuracy(model, tokenizer, held.questions, match=held.match, name=held.source,
+                                              max_new_tokens=cfg.eval.max_new_tokens,
+                                              batch_size=cfg.eval.batch_size, world=world)
+        summary[f"eval/accuracy_{tag}"] = acc
+        summary[f"time/eval_{tag}_s"] = time.time() - t0
+        log.log(step, {f"eval/accuracy_{tag}": acc})
+        if world.is_main:
+            print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
+
+    return accuracy
 
 
 SAME_INPUTS_HINT = ("Every rank loads the model and data itself, so under torchrun --nnodes every node must read "

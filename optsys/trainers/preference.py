@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import time
 from contextlib import nullcontext
@@ -423,7 +422,7 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
                        fingerprint=fingerprint, keys=METRIC_KEYS)  # the before-training evals are not measured again
     log, clock, meter, loss_value = loop.log, loop.clock, loop.meter, loop.loss
 
-    accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
+    accuracy = held_out_accuracy(model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
                                  summary=summary)
 
     def evaluate_pairs() -> dict[str, float]:

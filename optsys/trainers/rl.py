@@ -65,6 +65,7 @@ from optsys.trainers.rl_batch import (
     micro_batches,
     prompts_sha256,
     set_token_advantages,
+    write_completions,
 )
 from optsys.trainers.run import (
     checkpoint_due,
@@ -116,7 +117,7 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                         fingerprint=fingerprint, max_steps=tc.max_steps)
     summary: dict = {**run_summary(run, model), **state["summary"]}
     log = open_metrics(cfg, out_dir, world, start_step=state["step"])
-    accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
+    accuracy = held_out_accuracy(model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
                                  summary=summary)
     step = start_step = state["step"]
     if cfg.eval.before and run.resume_from is None:
@@ -222,6 +223,8 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
         if step % tc.log_every == 0 or step == tc.max_steps:
             log_window(window, step, log, progress)
             window = {}
+            if world.is_main:  # a sample of what the policy writes, with its rewards (rl.log_completions)
+                write_completions(out_dir / "completions.jsonl", rollouts, step, rl.log_completions)
         # ---- checkpoint
         if checkpoint_due(tc, step):
             save_training_checkpoint(out_dir, step, cfg, world, model=trained, optimizer=optimizer, scheduler=scheduler,

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -97,6 +98,7 @@ class Rollout:
     finish_reason: str
     text: str = ""
     reward: float = 0.0
+    rewards: dict[str, float] = field(default_factory=dict)  # each reward function's value (before weights)
     advantage: float = 0.0
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
@@ -344,6 +346,9 @@ def score(rollouts: list[Rollout], fns, *, timeout_s: float, on_error: str, over
                if overlong_buffer > 0 else torch.zeros_like(lengths))
     for i, r in enumerate(rollouts):
         r.reward = float(result.total[i]) + float(penalty[i])
+        r.rewards = {name: float(values[i]) for name, values in result.per_function.items()}
+        if overlong_buffer > 0:
+            r.rewards["overlong_penalty"] = float(penalty[i])
     for name, values in result.per_function.items():
         stats.add(f"reward/{name}", sum(values), len(values))
     for name, n in {**result.errors, **result.timeouts}.items():
@@ -481,3 +486,29 @@ def micro_batches(rollouts: list[Rollout], max_tokens: int, agg: str, max_len: i
         mbs.append(MicroBatch(collate_packed([r.example() for r in rows]), rows,
                               torch.zeros(sum(r.n_trained for r in rows)), real=False))
     return mbs
+
+
+# ---------------------------------------------------------------------------- completions.jsonl
+
+
+def completion_records(rollouts: list[Rollout], step: int, count: int) -> list[dict]:
+    """`count` of the step's rollouts spread evenly over them (so over its prompt groups), each as {step, prompt,
+    answer, completion, reward, rewards (per function), advantage (the mean over its tokens for per-token
+    methods), finish_reason}: what completions.jsonl holds."""
+    picked = [rollouts[i * len(rollouts) // count] for i in range(min(count, len(rollouts)))]
+    out = []
+    for r in picked:
+        advantage = float(r.token_adv.mean()) if r.token_adv is not None and r.token_adv.numel() else r.advantage
+        out.append({"step": step, "prompt": r.prompt.text, "answer": r.prompt.answer, "completion": r.text,
+                    "reward": r.reward, "rewards": dict(r.rewards), "advantage": advantage,
+                    "finish_reason": r.finish_reason})
+    return out
+
+
+def write_completions(path, rollouts: list[Rollout], step: int, count: int) -> None:
+    """Append completion_records to `path` (flushed per call, so a killed run keeps what it wrote)."""
+    if count <= 0 or not rollouts:
+        return
+    with open(path, "a") as f:
+        for record in completion_records(rollouts, step, count):
+            f.write(json.dumps(record) + "\n")

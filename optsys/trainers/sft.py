@@ -13,7 +13,6 @@ the losses then run through `net` (the engine), and backward, step and checkpoin
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from array import array
 from dataclasses import dataclass
@@ -178,7 +177,7 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                        fingerprint=fingerprint, keys=("loss",), engine=engine)  # eval/accuracy_before: kept
     log, clock, meter, loss_value = loop.log, loop.clock, loop.meter, loop.loss
 
-    accuracy = functools.partial(held_out_accuracy, model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
+    accuracy = held_out_accuracy(model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
                                  summary=summary)
     step = start_step = loop.start_step
     if cfg.eval.before and run.resume_from is None:

@@ -68,3 +68,63 @@ def test_the_multi_turn_guess_task_emits_games_transcripts_and_fixed_splits():
         turns = row["messages"]
         assert turns[-1]["role"] == "assistant" and turns[-1]["content"] == game["answer"]  # ends on the win
         assert [m["role"] for m in turns[:2]] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4])
+def test_word_problems_are_worked_out_right_at_each_difficulty(difficulty):
+    """Every solution's equations are right and chain into the answer; it ends "The answer is N."; the steps are
+    min(difficulty, 3) and the stated numbers stay within the difficulty's size; the answer rule reads the
+    solution as the answer."""
+    import re
+
+    from optsys.data.answers import numeric_answer
+    from optsys.data.word_problems import INSTRUCTION, largest_number
+
+    ops = {"+": int.__add__, "-": int.__sub__, "x": int.__mul__, "/": int.__floordiv__}
+    seen_ops = set()
+    for p in get_task("word_problems").problems("train", 200, difficulty=difficulty, seed=5):
+        question, instruction = p.prompt.split("\n")
+        assert instruction == INSTRUCTION and "The answer is" in instruction
+        equations = re.findall(r"(\d+) ([-+x/]) (\d+) = (\d+)", p.solution)
+        assert len(equations) == min(difficulty, 3), p.solution
+        for a, op, b, c in equations:
+            assert ops[op](int(a), int(b)) == int(c), p.solution
+            if op == "/":
+                assert int(a) % int(b) == 0
+            seen_ops.add(op)
+        assert int(equations[-1][3]) == int(p.answer) >= 0
+        assert p.solution.endswith(f"The answer is {p.answer}.")
+        assert numeric_answer(p.solution) == int(p.answer)
+        assert max(int(n) for n in re.findall(r"\d+", question)) <= largest_number(difficulty)
+    if difficulty >= 2:
+        assert seen_ops == set(ops)
+
+
+def test_word_problems_vary_and_their_splits_share_no_question():
+    task = get_task("word_problems")
+    train = task.problems("train", 3000, difficulty=2, seed=0)
+    test = task.problems("test", 400, difficulty=2, seed=0)
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    assert task.problems("test", 400, difficulty=2, seed=0) == test  # seeded
+    firsts = {p.prompt.split()[0] for p in train}
+    questions = {p.prompt.split("?")[0].rsplit(". ", 1)[-1].split()[2] for p in train}  # "How many <object>"
+    assert len(firsts) >= 15 and len(questions) >= 15  # names (and "There") and objects
+    # SFT rows train the worked solution; a preference pair's rejected side is a solution with a wrong answer
+    (row,) = task.sft_rows("train", 1, difficulty=2)
+    assert row["messages"][-1]["content"] == train[0].solution
+    from optsys.data.answers import numeric_answer
+
+    for pair in task.preference_pairs("train", 50, difficulty=2):
+        assert numeric_answer(pair["chosen"]) != numeric_answer(pair["rejected"])
+        assert pair["rejected"].endswith(f"The answer is {numeric_answer(pair['rejected']):.0f}.")
+
+
+def test_each_task_matches_answers_by_its_rule():
+    """Numeric where the answer is a number; exact only where the answer's form is the task (the help says so)."""
+    from optsys.eval.tasks import EVAL_TASKS
+
+    assert {n: t.match for n, t in TASKS.items() if n in SINGLE_TURN} == {
+        "arithmetic": "numeric", "word_problems": "numeric", "arithmetic_reversed": "exact", "sorting": "exact"}
+    for name in SINGLE_TURN:
+        assert EVAL_TASKS[name].match == TASKS[name].match
+        assert TASKS[name].match in EVAL_TASKS[name].description

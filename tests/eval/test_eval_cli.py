@@ -64,6 +64,9 @@ def test_yaml_task_and_function_task(tiny_path, tmp_path):
     r = payload["results"][0]["tasks"]
     assert r["qa"]["questions"] == 4 and r["qa"]["match"] == "numeric"
     assert r["tests.eval.eval_task_fixture:doubles"]["questions"] == 3
+    # a task that names no match: numeric, since every reference is a number (and results.json says why)
+    assert r["tests.eval.eval_task_fixture:doubles"]["match"] == "numeric"
+    assert r["tests.eval.eval_task_fixture:doubles"]["match_source"] == "default: every reference is a number"
     rows = [json.loads(x) for x in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
     assert [x["answer"] for x in rows if x["task"] == "qa"] == ["0", "2", "4", "6"]  # answer_pattern applied
 

@@ -125,7 +125,7 @@ def test_adapters_off_needs_lora(tmp_path, tiny_path):
 # orpo: dpo_tiny's pref.beta (0.5) is not read by ORPO's loss, and a setting a method ignores is refused
 @pytest.mark.parametrize("method, extra", [("orpo", ("pref.beta=0.1",)), ("simpo", ("pref.beta=2.0",)), ("kto", ()),
                                            ("cpo", ()), ("ipo", ()), ("robust", ("pref.label_smoothing=0.1",))])
-def test_other_methods_run_end_to_end(tmp_path, tiny_path, method, extra):
+def test_other_methods_run_end_to_end(tmp_path, tiny_path, method, extra, capsys):
     """Each method raises its own margin (and reward accuracy) on the pairs it trains on, evaluated before and
     after 4 steps from the random-init tiny model (eval set = the training file). Measured, seed 0 (seeds 1-3
     alike): margin orpo -0.0007 -> 0.0032, simpo -0.015 -> 0.31, kto 0 -> 0.02-0.28, cpo 0.06 -> 0.16,
@@ -134,11 +134,21 @@ def test_other_methods_run_end_to_end(tmp_path, tiny_path, method, extra):
     from optsys.data.tasks import get_task
 
     pairs = get_task("arithmetic").preference_pairs("train", 40, difficulty=2)
+    with_answers = method == "cpo"  # held-out accuracy needs a gold answer: cpo's rows carry one, the others not
+    if with_answers:
+        pairs = [{**p, "answer": p["chosen"]} for p in pairs]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in (unpaired_rows(pairs) if method == "kto" else pairs)))
     out = tmp_path / method
     summary = preference.train(pref_cfg(out, tiny_path, *extra, "data.task=null", f"data.dataset={data}",
                                         f"data.eval_dataset={data}", method=method))
+    said = capsys.readouterr().out
+    if with_answers:
+        assert summary["eval/accuracy_questions"] == 40 and summary["eval/match"] == "numeric"
+        assert 0 <= summary["eval/accuracy_before"] <= 1 and 0 <= summary["eval/accuracy_after"] <= 1
+    else:  # said once, not an error
+        assert "eval/accuracy_before" not in summary and "eval/accuracy_after" not in summary
+        assert said.count("has an 'answer' field") == 1
     assert torch.isfinite(torch.tensor(summary["train/loss"]))
     assert summary["eval/margin"] > summary["eval/margin_before"]
     assert summary["eval/reward_accuracy"] > summary["eval/reward_accuracy_before"]

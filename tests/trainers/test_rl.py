@@ -363,7 +363,9 @@ def test_a_tokenizer_without_a_chat_template_is_a_data_error(tmp_path):
 
 def test_rl_on_a_dataset_of_prompts_and_bad_rows(tmp_path):
     """data.dataset with rows {prompt, answer}: string prompts or chat messages; a row without a usable prompt is a
-    data error naming the file and row."""
+    data error naming the file and row. Held-out accuracy is measured on data.eval_dataset before and after, as on
+    a built-in task (numeric match: every answer is a number), and completions.jsonl holds rl.log_completions
+    completions per logged step with their rewards and advantages."""
     import json as _json
 
     from optsys.errors import DataError
@@ -373,8 +375,24 @@ def test_rl_on_a_dataset_of_prompts_and_bad_rows(tmp_path):
     rows_.append({"prompt": [{"role": "user", "content": "1+2="}], "answer": 3})
     good.write_text("\n".join(_json.dumps(r) for r in rows_ * 2) + "\n")
     summary, out = run(tmp_path, "grpo", "rl.engine=hf", "data.task=null", f"data.dataset={good}",
-                       f"data.eval_dataset={good}", "eval.before=false", "eval.after=false", name="ds")
-    assert any("reward/digits" in r for r in rows(out))
+                       f"data.eval_dataset={good}", "rl.log_completions=3", name="ds")
+    logged = rows(out)
+    assert any("reward/digits" in r for r in logged)
+    assert summary["eval/accuracy_questions"] == 10 and summary["eval/match"] == "numeric"
+    for tag in ("before", "after"):
+        assert 0.0 <= summary[f"eval/accuracy_{tag}"] <= 1.0
+        assert any(f"eval/accuracy_{tag}" in r for r in logged)
+    saved = _json.loads((out / "summary.json").read_text())
+    assert "eval/accuracy_before" in saved and "eval/accuracy_after" in saved
+    completions = [_json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in completions] == [1, 1, 1, 2, 2, 2]  # trainer.log_every=1, 3 a step
+    prompts = {r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"] for r in rows_}
+    for c in completions:
+        assert c["prompt"] in prompts and isinstance(c["completion"], str)
+        assert set(c["rewards"]) == {"digits", "format", "test_rl.length_reward"}
+        assert c["reward"] == pytest.approx(sum(c["rewards"].values()))  # weights 1
+        assert c["rewards"]["test_rl.length_reward"] == pytest.approx(len(c["completion"]) / 10)
+        assert isinstance(c["advantage"], float)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(_json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + _json.dumps({"question": "x"}) + "\n")
     with pytest.raises(DataError, match="bad.jsonl row 1: RL rows need a 'prompt'"):

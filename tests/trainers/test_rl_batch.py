@@ -64,3 +64,30 @@ def test_loss_weights_over_two_ranks(agg, want, monkeypatch):
                 start += r.n_trained
         for i, n in enumerate(shares[rank]):
             assert got[i] == pytest.approx([want[rank][i]] * n)
+
+
+def test_completion_records_spread_over_the_groups_and_zero_writes_nothing(tmp_path):
+    """rl.log_completions: `count` rollouts spread evenly over the step's (4 groups x 2 here: one per group), each
+    with its prompt, reward per function and advantage (per-token methods: the mean); 0 writes no file."""
+    import json
+
+    import torch
+
+    rollouts = []
+    for g in range(4):
+        for j in range(2):
+            r = Rollout(Prompt([1], f"q{g}", str(g)), g, [5, 2], [0.0, 0.0], "stop", f"c{g}{j}", reward=g + j,
+                        advantage=j - 0.5, rewards={"correct": float(j), "format": float(g)})
+            rollouts.append(r)
+    rollouts[2].token_adv = torch.tensor([1.0, 3.0])
+    records = rl_batch.completion_records(rollouts, 7, 4)
+    assert [c["prompt"] for c in records] == ["q0", "q1", "q2", "q3"]
+    assert records[1] == {"step": 7, "prompt": "q1", "answer": "1", "completion": "c10", "reward": 1,
+                          "rewards": {"correct": 0.0, "format": 1.0}, "advantage": 2.0, "finish_reason": "stop"}
+    assert len(rl_batch.completion_records(rollouts[:2], 7, 4)) == 2  # never more than the step has
+    path = tmp_path / "completions.jsonl"
+    rl_batch.write_completions(path, rollouts, 7, 0)
+    assert not path.exists()
+    rl_batch.write_completions(path, rollouts, 7, 2)
+    rl_batch.write_completions(path, rollouts, 8, 2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [7, 7, 8, 8]

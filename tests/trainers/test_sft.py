@@ -111,15 +111,22 @@ def test_missing_dataset_file_is_a_clear_error(tmp_path, tiny_path):
         sft.train(cfg)
 
 
-def test_dataset_file_run(tmp_path, tiny_path):
+def test_dataset_file_run(tmp_path, tiny_path, capsys):
+    """A dataset run measures held-out accuracy on the data.eval_dataset rows that carry an 'answer' (numeric
+    match: every answer is a number) and says how many rows had none."""
     rows = get_task("arithmetic").sft_rows("train", 50, difficulty=2)
+    for r in rows[:30]:
+        r["answer"] = r["messages"][-1]["content"]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = tiny_cfg(tmp_path, tiny_path, "data.task=null", f"data.dataset={path}", f"data.eval_dataset={path}",
                    "trainer.max_steps=2")
     summary = sft.train(cfg)
     assert summary["data/kept"] == 50 and "eval/loss" in summary
-    assert "eval/accuracy_after" not in summary  # no built-in task, so no task accuracy
+    assert summary["eval/accuracy_questions"] == 30 and summary["eval/match"] == "numeric"
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 <= saved["eval/accuracy_before"] <= 1 and 0 <= saved["eval/accuracy_after"] <= 1
+    assert "20 of 50 rows of" in capsys.readouterr().out
 
 
 @pytest.mark.slow
