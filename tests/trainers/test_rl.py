@@ -173,6 +173,7 @@ def test_a_sync_that_skips_a_parameter_stops_the_run(tmp_path, monkeypatch):
     (["rl.teacher=tiny:test"], "rl.teacher"),
     (["method=distill"], "needs rl.teacher"),
     (["method=distill", "rl.teacher=tiny:nope"], "no tiny preset"),
+    (["rl.log_completions=-1"], r"rl.log_completions must be >= 0 \(0 writes no completions.jsonl\)"),
 ])
 def test_bad_rl_settings_are_refused_before_anything_loads(overrides, match):
     with pytest.raises(ConfigError, match=match):
