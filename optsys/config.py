@@ -65,7 +65,7 @@ class DataConfig:
     eval_split: str = "test"
     num_train: int = 5000  # built-in tasks: rows generated for training
     num_eval: int = 200  # built-in tasks: held-out rows for accuracy / eval loss
-    difficulty: int = 2  # built-in tasks: digits (arithmetic) or list length (sorting)
+    difficulty: int = 2  # built-in tasks: digits (arithmetic), list length (sorting), steps (word_problems)
     # Tokens per packed micro-batch row, the unit a rank runs forward+backward on (the per-rank micro-batch);
     # also the per-sequence (per-pair, for preference data) limit.
     max_tokens: int = 2048

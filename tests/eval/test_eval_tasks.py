@@ -70,8 +70,9 @@ def test_choice_labels_digit_strings_and_arc_style_choices(tmp_path):
     items = task.load("test", 0, 1, 0)
     assert [it.answer for it in items] == [2, 1, 3, 1, 1]
     assert items[2].choices == ("x", "y", "z", "w")
+    seven = write(tmp_path, [{"q": "a", "choices": ["x", "y"], "label": "7"}], "b.jsonl")
     bad = task_from_spec("mc", {"kind": "choice", "split": "train", "prompt_field": "q", "answer_field": "label",
-                                "dataset": write(tmp_path, [{"q": "a", "choices": ["x", "y"], "label": "7"}], "b.jsonl")})
+                                "dataset": seven})
     with pytest.raises(DataError, match="answer '7'.*not a choice index"):
         bad.load("test", 0, 1, 0)
     odd = task_from_spec("mc", {"kind": "choice", "split": "train", "prompt_field": "q", "answer_field": "label",

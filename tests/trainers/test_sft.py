@@ -137,3 +137,26 @@ def test_quickstart_learns_addition(quickstart_run):
     assert summary["eval/accuracy_before"] < 0.1
     assert summary["eval/accuracy_after"] >= 0.8
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_held_out_questions_follow_the_task_rule_or_the_eval_rows(tmp_path, capsys):
+    """What eval/accuracy_* is measured on, for every trainer: a built-in task's held-out problems by the task's
+    match rule, or the data.eval_dataset rows with an 'answer'; otherwise nothing, said once."""
+    from types import SimpleNamespace
+
+    from optsys.trainers.common import held_out_questions
+
+    world = SimpleNamespace(is_main=True)
+    for task, match in (("arithmetic", "numeric"), ("arithmetic_reversed", "exact"), ("word_problems", "numeric")):
+        held = held_out_questions(load_config("quickstart", overrides=[f"data.task={task}", "data.num_eval=7"]), world)
+        assert (held.source, held.match, len(held.questions)) == (f"task:{task}/test", match, 7)
+    guess = load_config("guess_sft", overrides=["output_dir=/tmp/x"])
+    assert held_out_questions(guess, world) is None and "multi-turn" in capsys.readouterr().out
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    no_eval = load_config("quickstart", overrides=["data.task=null", f"data.dataset={rows}"])
+    assert held_out_questions(no_eval, world) is None and "no data.eval_dataset" in capsys.readouterr().out
+    no_answers = load_config("quickstart", overrides=["data.task=null", f"data.dataset={rows}",
+                                                      f"data.eval_dataset={rows}"])
+    assert held_out_questions(no_answers, world) is None
+    assert "no row of data.eval_dataset" in capsys.readouterr().out
