@@ -141,7 +141,7 @@ class TaskSpec:
     answer_field: str = "answer"  # generate: the reference; choice: the right choice (index, letter or its text)
     answer_pattern: str | None = None  # generate: a regex; the reference is its group 1 in the answer field
     # the user turn: {prompt} is the prompt field (even when the row has its own 'prompt' column), {<field>} any
-    # other field of the row; checked against the first row before any model loads
+    # other field of the row; filled for every row when the rows are read, before any model loads
     prompt_template: str = "{prompt}"
     system: str | None = None
     chat: bool = True  # choice: render the context with the chat template (False: plain text)

@@ -128,3 +128,17 @@ def test_each_task_matches_answers_by_its_rule():
     for name in SINGLE_TURN:
         assert EVAL_TASKS[name].match == TASKS[name].match
         assert TASKS[name].match in EVAL_TASKS[name].description
+
+
+def test_a_natural_sentence_scores_on_numeric_tasks_only():
+    """A real model answers "12+34=" with a sentence: numeric tasks read its number; exact tasks keep their form."""
+    from optsys.data.answers import answers_match, canonical_answer, canonical_reference
+
+    def right(task: str, completion: str, answer: str) -> bool:
+        match = TASKS[task].match
+        return answers_match(canonical_answer(completion, match), canonical_reference(answer, match), match)
+
+    assert right("arithmetic", "The number 59 + 19 = 78.", "78")
+    assert right("word_problems", "She has 9 + 3 = 12 now. The answer is 12.", "12")
+    assert not right("arithmetic", "The number 59 + 19 = 79.", "78")
+    assert not right("arithmetic_reversed", "2", "02") and right("arithmetic_reversed", " 02 ", "02")
