@@ -161,7 +161,10 @@ CONFIDENCE = "confidence"  # the built-in scorer: the sampler's mean log-prob pe
 
 def score_pool(pool: list[list[Sample]], questions: list[Question], scorer: Callable[[list[tuple]], list[float]] | str):
     """Give every sample its scorer value (best_of_n); `scorer` takes [(prompt, completion, answer)], or is
-    CONFIDENCE: the model's own mean token log-prob under the sampling distribution (self-certainty)."""
+    CONFIDENCE: the model's own mean token log-prob under the sampling distribution (self-certainty).
+
+    The answer passed is always None: a scorer that saw the reference would turn best-of-N into pass@k (an
+    oracle), so it never sees it (optsys.eval.config refuses the reference rewards as scorers by name)."""
     if scorer == CONFIDENCE:
         for samples in pool:
             for x in samples:
@@ -170,7 +173,7 @@ def score_pool(pool: list[list[Sample]], questions: list[Question], scorer: Call
                                       "none (an endpoint without logprobs support?); use another scorer")
                 x.score = x.mean_logprob
         return
-    flat = [(q.prompt, x.text, q.answer) for q, samples in zip(questions, pool) for x in samples]
+    flat = [(q.prompt, x.text, None) for q, samples in zip(questions, pool) for x in samples]  # no gold: see above
     values = iter(scorer(flat))
     for samples in pool:
         for x in samples:
@@ -186,8 +189,9 @@ def self_correct(engine, tokenizer, task: str, questions: list[Question], s: Met
 
     Without a verifier the model reviews every answer and a round that repeats the previous answer ends that
     question (it stands by it). With a verifier (a scorer: reward model or function; > 0.5 = accepted) only rejected
-    answers get a revision round. Points x = rounds used (0..R): accuracy of the answer held after that round,
-    tokens generated up to it."""
+    answers get a revision round; like a best_of_n scorer it is given answer=None, never the reference (with it,
+    self-correction would be an oracle that stops exactly at the right answer). Points x = rounds used (0..R):
+    accuracy of the answer held after that round, tokens generated up to it."""
     refs = references(questions, match)
     conversations = [list(q.messages) for q in questions]
     held: list[Sample | None] = [None] * len(questions)
@@ -213,7 +217,7 @@ def self_correct(engine, tokenizer, task: str, questions: list[Question], s: Met
                 conversations[i] = conversations[i] + [{"role": "assistant", "content": new.text},
                                                        {"role": "user", "content": s.critique}]
             if verifier is not None:
-                verdicts = verifier([(questions[i].prompt, held[i].text, questions[i].answer) for i in todo])
+                verdicts = verifier([(questions[i].prompt, held[i].text, None) for i in todo])  # no gold
                 for i, v in zip(todo, verdicts):
                     done[i] = done[i] or (v is not None and v > 0.5)
         points.append({"x": rnd, "per_question": [float(h.correct) for h in held], "tokens": list(tokens)})

@@ -100,6 +100,10 @@ def digits(completion: str, *, prompt: str, answer: str | None) -> float:
 REWARD_FUNCTIONS: dict[str, RewardFn] = {"correct": correct, "numeric": numeric, "format": format_reward,
                                          "digits": digits}
 
+# The built-in rewards that compare a completion with the reference answer: as an eval scorer or verifier they
+# would be oracles, and optsys.eval.config refuses them there.
+REFERENCE_REWARDS = ("correct", "numeric", "digits")
+
 # Functions marked _optsys_inline run on the caller's thread: they are ours and cannot hang (bounded string
 # work, or a bounded model forward). Everything else runs in a worker thread with a timeout.
 for _fn in REWARD_FUNCTIONS.values():

@@ -99,8 +99,26 @@ def test_self_correct_revises_and_stops_when_the_model_stands_by_its_answer(tok)
     # a verifier that accepts right answers: q1 is never revised, q0 once
     engine2 = TextEngine(tok, script)
     history, points, finals = self_correct(engine2, tok, "t", _questions(2), MethodSettings(rounds=3), "exact",
-                                           verifier=lambda rows: [float(c.strip() == a) for _, c, a in rows])
+                                           verifier=lambda rows: [float(c.strip() in ("0", "2")) for _, c, a in rows])
     assert [len(h) for h in history] == [2, 1]
+
+
+def test_scorers_and_verifiers_never_see_the_reference_answer(tok):
+    """Issue 23, item 11: with the gold answer a scorer makes best-of-N pass@k, and a verifier makes
+    self-correction an oracle; both are given answer=None."""
+    seen = []
+
+    def spy(rows):
+        seen.extend(a for _, _, a in rows)
+        return [0.0] * len(rows)
+
+    engine = TextEngine(tok, lambda text, s, seed, call: ["7", "2"])
+    qs = _questions(2)
+    pool = sample_pool(engine, tok, "t", qs, MethodSettings(n=[2], temperature=1.0), "exact")
+    score_pool(pool, qs, spy)
+    self_correct(TextEngine(tok, lambda text, s, seed, call: ["2"]), tok, "t", qs, MethodSettings(rounds=1),
+                 "exact", verifier=spy)
+    assert len(seen) == 4 + 4 and set(seen) == {None}
 
 
 class IdEngine:
