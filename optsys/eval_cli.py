@@ -75,16 +75,28 @@ def check_stage_sources(cfg) -> None:
             check_stage_reward(f"--{key}", getattr(cfg, key))
 
 
+def list_tasks(task_files: list[str]) -> None:
+    """Print the registered tasks, then those of each --task-file (a bad file is one clear error)."""
+    from optsys.errors import InputError, input_error_message
+    from optsys.eval.tasks import EVAL_TASKS, read_task_file
+
+    try:
+        tasks = [(t, "") for t in EVAL_TASKS.values()]
+        for path in task_files:
+            tasks += [(t, f" [{path}]") for t in read_task_file(path).values()]
+    except InputError as e:
+        sys.exit(input_error_message(e))
+    for t, where in tasks:
+        print(f"{t.name:24s} {t.kind:10s} {t.description}{where}")
+
+
 def main(argv=None) -> dict | None:
     from optsys.errors import InputError, input_error_message
     from optsys.eval.config import load_eval_config, to_dict
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.list_tasks:
-        from optsys.eval.tasks import EVAL_TASKS
-
-        for t in EVAL_TASKS.values():
-            print(f"{t.name:24s} {t.kind:10s} {t.description}")
+        list_tasks(args.task_files or [])
         return None
     flags = {k: v for k, v in vars(args).items()
              if k not in ("overrides", "recipe", "config", "list_tasks") and v is not None}

@@ -165,3 +165,16 @@ def test_settings_a_chosen_method_reads_are_accepted():
                   {"methods": ["self_correct"], "verifier": "format", "rounds": 1},
                   {"methods": ["budget"], "budgets": [8], "extend": 1}):
         load_eval_config(flags={"model": "tiny:test", **flags})
+
+
+def test_list_tasks_includes_the_task_files(tmp_path, capsys):
+    """Issue 23, item 12: `--list-tasks` ignored `--task-file`."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(f"my_qa:\n  dataset: {data}\n  match: numeric\n")
+    main(["--list-tasks", "--task-file", str(tasks)])
+    out = capsys.readouterr().out
+    assert "arithmetic_reversed" in out and "my_qa" in out and str(tasks) in out
+    tasks.write_text(f"my_qa:\n  dataset: {data}\n  promt_field: q\n")
+    assert "did you mean 'prompt_field'" in fail(["--list-tasks", "--task-file", str(tasks)], capsys)
