@@ -39,6 +39,8 @@ def parse_args(argv):
     p.add_argument("--model", help="HF folder, hub id, tiny:<preset> or stage:<recipe>")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two models on the same questions and samples")
     p.add_argument("--endpoint", help="an OpenAI-compatible server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", dest="api_key", help="--endpoint's API key (default: the OPENAI_API_KEY environment "
+                   "variable); never written to the results")
     p.add_argument("--tasks", type=_names, help="comma-separated task names (see --list-tasks)")
     p.add_argument("--task-file", dest="task_files", action="append", help="a YAML file of task entries")
     p.add_argument("--method", dest="methods", type=_names, help="greedy,sample,self_consistency,best_of_n,"

@@ -23,6 +23,7 @@ class EvalRunConfig:
     endpoint_model: str | None = None  # the served model name (None: the server's only / first model)
     endpoint_retries: int = 3
     endpoint_timeout_s: float = 120.0
+    api_key: str | None = None  # the endpoint's API key (None: OPENAI_API_KEY); never written to results
     tasks: list[str] = field(default_factory=lambda: ["arithmetic_reversed"])
     task_files: list[str] = field(default_factory=list)  # YAML task entries (optsys.eval.tasks)
     split: str = "test"  # the built-in tasks' held-out split
@@ -66,6 +67,11 @@ def check(cfg: EvalRunConfig) -> None:
     elif (cfg.model is None) == (not cfg.compare):
         raise ConfigError("give one of --model PATH, --compare A B or --endpoint URL "
                           f"(got model={cfg.model!r}, compare={cfg.compare!r})")
+    else:
+        defaults = EvalRunConfig()
+        for key in ("endpoint_model", "endpoint_retries", "endpoint_timeout_s", "api_key"):
+            if getattr(cfg, key) != getattr(defaults, key):
+                raise ConfigError(f"{key} applies to --endpoint, and this eval has none; drop it or give --endpoint")
     if cfg.compare and len(cfg.compare) != 2:
         raise ConfigError(f"--compare takes two models, got {len(cfg.compare)}: {cfg.compare}")
     for key, value in (("model", cfg.model), *((f"compare[{i}]", m) for i, m in enumerate(cfg.compare))):
@@ -189,4 +195,8 @@ def load_eval_config(recipe: str | None = None, config_file: str | None = None, 
 
 
 def to_dict(cfg: EvalRunConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as results.json records it; an API key is recorded as set or not, never its value."""
+    out = dataclasses.asdict(cfg)
+    if out["api_key"] is not None:
+        out["api_key"] = "<set>"
+    return out
