@@ -248,25 +248,32 @@ def budget_forcing(engine, prompts: list[list[int]], seeds: list[int], sampling:
     prompts already end where thinking starts (the chat prompt + the opening tag). Per prompt returns
     {"thinking": ids kept, "answer": ids, "generated": every token the engine generated, "forced": the budget
     cut the thinking, "extensions": Waits appended}. Thinking that closes itself and finishes its answer in the
-    same call keeps that answer; otherwise the answer is generated after `close_ids`, up to answer_tokens."""
+    same call keeps that answer; an answer it began but the budget's call cut short is continued (up to
+    answer_tokens in all), not generated again; otherwise the answer is generated after `close_ids`, up to
+    answer_tokens. While an extension is due and the close tag is one token, the engine stops at it (as s1 stops
+    at the end-of-thinking delimiter), so no answer is generated only to be replaced by the Wait; a close tag of
+    several tokens cannot be a stop token, and what follows it in that call is generated, counted and dropped."""
     if budget < 1 or not close_ids:
         raise ValueError(f"budget forcing needs budget >= 1 and a close tag, got budget={budget}, close={close_ids}")
     stops = set(sampling.stop_token_ids)
-    state = [{"thinking": [], "answer": None, "generated": 0, "forced": False, "extensions": 0} for _ in prompts]
+    stop_at_close = len(close_ids) == 1
+    state = [{"thinking": [], "answer": None, "partial": [], "generated": 0, "forced": False, "extensions": 0}
+             for _ in prompts]
     active = list(range(len(prompts)))
     call = 0
     while active:
-        by_room: dict[int, list[int]] = {}  # one engine call per remaining budget (max_new_tokens is per call)
+        groups: dict[tuple[int, bool], list[int]] = {}  # one engine call per (remaining budget, stop at close)
         for i in active:
             room = budget - len(state[i]["thinking"])
             if room > 0:
-                by_room.setdefault(room, []).append(i)
+                groups.setdefault((room, stop_at_close and state[i]["extensions"] < extend), []).append(i)
             else:
                 state[i]["forced"] = True  # a Wait filled the budget
         next_active = []
-        for room, idx in sorted(by_room.items()):
+        for (room, at_close), idx in sorted(groups.items()):
+            stop_ids = tuple(sampling.stop_token_ids) + (tuple(close_ids) if at_close else ())
             outs = engine.generate([prompts[i] + state[i]["thinking"] for i in idx],
-                                   replace(sampling, n=1, max_new_tokens=room),
+                                   replace(sampling, n=1, max_new_tokens=room, stop_token_ids=stop_ids),
                                    [seeds[i] + 7919 * call for i in idx])
             for i, g in zip(idx, outs):
                 st, c = state[i], g[0]
@@ -285,22 +292,33 @@ def budget_forcing(engine, prompts: list[list[int]], seeds: list[int], sampling:
                         st["forced"] = not ended  # the budget ran out (or the turn ended: answer from here)
                     continue
                 st["thinking"] += out[:at]
+                tail = out[at + len(close_ids):]
                 if st["extensions"] < extend and len(st["thinking"]) < budget:
                     st["thinking"] += wait_ids  # s1: suppress the end of thinking, append "Wait"
                     st["extensions"] += 1
                     next_active.append(i)
-                elif c.finish_reason == "stop":
-                    st["answer"] = out[at + len(close_ids):]  # closed and answered within the budget
+                elif c.finish_reason == "stop" and tail:
+                    st["answer"] = tail  # closed and answered within the budget
+                else:
+                    st["partial"] = tail  # closed; its answer not begun, or cut by the call's room: continued below
         active = next_active
         call += 1
-    need = [i for i, st in enumerate(state) if st["answer"] is None]
-    if need:
-        outs = engine.generate([prompts[i] + state[i]["thinking"] + close_ids
-                                for i in need], replace(sampling, n=1, max_new_tokens=answer_tokens),
-                               [seeds[i] + 104729 for i in need])
-        for i, g in zip(need, outs):
-            state[i]["answer"] = list(g[0].token_ids)
+    need: dict[int, list[int]] = {}  # one engine call per number of answer tokens still to generate
+    for i, st in enumerate(state):
+        if st["answer"] is None:
+            left = answer_tokens - len(st["partial"])
+            if left > 0:
+                need.setdefault(left, []).append(i)
+            else:
+                st["answer"] = st["partial"]  # the cut answer is already answer_tokens long
+    for left, idx in sorted(need.items()):
+        outs = engine.generate([prompts[i] + state[i]["thinking"] + close_ids + state[i]["partial"] for i in idx],
+                               replace(sampling, n=1, max_new_tokens=left), [seeds[i] + 104729 for i in idx])
+        for i, g in zip(idx, outs):
+            state[i]["answer"] = state[i]["partial"] + list(g[0].token_ids)
             state[i]["generated"] += len(g[0].token_ids)
+    for st in state:
+        del st["partial"]
     return state
 
 
