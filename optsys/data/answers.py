@@ -37,6 +37,7 @@ _NUMBER = re.compile(r"(?<![\w.])[-+]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?(
 _PLAIN = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[-+]?\.\d+")  # what parse_number reads, whole
 # A number glued to one of these is part of an expression (2^{10}, 3/4, \frac{1}{2}, 5-3, 2\pi), not the answer.
 _EXPRESSION = set("/^{}_\\*+-")
+_OPERATORS, _OPERAND_END, _OPERAND_START = set("/^*+-×÷"), set("0123456789)}"), set("0123456789({\\")
 
 
 def _boxed(text: str) -> list[tuple[int, str]]:
@@ -121,7 +122,13 @@ def _glued(text: str, start: int, end: int) -> bool:
         return True
     if before in ",." and start > 1 and text[start - 2].isdigit():  # the "50" of "2,50"
         return True
-    return after in ",." and end + 1 < len(text) and text[end + 1].isdigit()  # "2,50", "1.2.3"
+    if after in ",." and end + 1 < len(text) and text[end + 1].isdigit():  # "2,50", "1.2.3"
+        return True
+    # spaced operators: "3 / 4", "5 - 3", "2 ^ 10" (an operand on the other side), not "42 - that is all"
+    left, right = text[:start].rstrip(), text[end:].lstrip()
+    if left[-1:] in _OPERATORS and left[:-1].rstrip()[-1:] in _OPERAND_END:
+        return True
+    return right[:1] in _OPERATORS and right[1:].lstrip()[:1] in _OPERAND_START
 
 
 def _numeric(text: str) -> Decimal | None:

@@ -56,7 +56,7 @@ class EvalTask:
     # (split, n, difficulty, seed) -> [Question] (generate), [loglik.ChoiceItem] (choice), [str] (perplexity);
     # n = 0 means every item the source has
     load: Callable[[str, int, int, int], list]
-    match: str = "exact"  # generate: exact | numeric (optsys.data.answers)
+    match: str = "exact"  # generate: exact | numeric | math (optsys.data.answers)
     max_new_tokens: int = 16
     description: str = ""
 

@@ -43,6 +43,12 @@ TRICKY = [
     ("answer: 3/4", "numeric", None),
     ("the total is 3/4", "numeric", None),  # unmarked too: the last number is glued to '/'
     ("answer: 5-3", "numeric", None),
+    ("answer: 3 / 4", "numeric", None),  # spaced operators too
+    ("answer: 5 - 3", "numeric", None),
+    ("the total is 2 × 3", "numeric", None),
+    ("answer: 42 - that is all", "numeric", "42"),  # a dash in prose is no operator
+    ("so 2 * 3 = 6", "numeric", "6"),  # the result of an equation stands alone
+    ("answer: (-3)", "numeric", "-3"),
     ("\\boxed{\\sqrt{2}}", "numeric", None),
     ("\\boxed{2\\pi}", "numeric", None),
     ("answer: 2,50", "numeric", None),  # a decimal comma or a list, not 250
