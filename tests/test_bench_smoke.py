@@ -94,30 +94,35 @@ def test_e2e_bench_quick(tmp_path):
     # are bench/rl.py's run_optsys / run_trl (test_rl_bench_quick covers rl.py; the GRPO summary is checked below).
     pytest.importorskip("trl", reason="TRL is the baseline of bench/e2e.py")
     out = tmp_path / "e2e.json"
-    run_script(ROOT / "bench" / "e2e.py", "--model", "test", "--steps", "2", "--sft-seqs", "8", "--dpo-pairs", "8",
+    run_script(ROOT / "bench" / "e2e.py", "--model", "test", "--steps", "2", "--repeats", "1", "--threads", "1",
+               "--sft-seqs", "8", "--dpo-pairs", "8",
                "--prompt-words", "6", "--completion-words", "12", "--max-words", "40", "--max-tokens", "256",
                # skipped: the same code as rows that run (optsys with one override; DPOTrainer with other settings)
-               "--sections", "sft,dpo", "--skip", "sft:optsys-mask,dpo:trl-default", "--out", out)
+               "--sections", "sft,dpo", "--skip", "sft:optsys-varlen,dpo:trl-default", "--out", out)
     result = json.loads(out.read_text())
-    assert result["problems"] == []
-    variants = {"sft": {"optsys", "trl-default", "trl-best"}, "dpo": {"optsys", "optsys-mask", "trl-best"}}
+    assert result["problems"] == [] and result["absent"] == {}
+    variants = {"sft": {"optsys", "trl-default", "trl-best"}, "dpo": {"optsys", "optsys-varlen", "trl-best"}}
     assert {sec: set(summ) for sec, summ in result["summary"].items()} == variants
     for section, summ in result["summary"].items():
         for name, s in summ.items():
-            assert s["s_per_step"] > 0 and s["tokens_per_s"] > 0 and s["peak_rss_mb"] > 0
+            assert s["repeats"] == 1 and s["s_per_step"]["min"] > 0 and s["peak_rss_mb"] > 0
             # the same computation: step 1's loss on the same weights and tokens
             assert s["loss_step1"] == pytest.approx(summ["optsys"]["loss_step1"], rel=1e-3), (section, name)
     rows = {(r["section"], r["variant"]): r for r in result["table"]}
-    assert rows[("sft", "optsys")]["optsys_speedup"] == 1.0
-    assert result["results"]["sft"]["trl-best"]["micro_batches_per_step"] < 8  # packed rows, not 8 sequences
-    assert result["results"]["sft"]["trl-default"]["micro_batches_per_step"] == 1  # 8 sequences, one padded batch
-    assert result["results"]["dpo"]["trl-best"]["micro_batches_per_step"] == 8  # one pair per micro-batch
+    assert rows[("sft", "trl-best")]["speed_vs_baseline_median"] == 1.0  # the baseline of every ratio
+    sft, dpo = result["results"]["sft"], result["results"]["dpo"]
+    assert sft["trl-best"][0]["micro_batches_per_step"] < 8  # packed rows, not 8 sequences
+    assert sft["trl-default"][0]["micro_batches_per_step"] == 1  # 8 sequences, one padded batch
+    assert dpo["trl-best"][0]["micro_batches_per_step"] == 8  # one pair per micro-batch
+    # fair baseline: TRL's best runs without recomputation, as optsys does; its default keeps TRL's (on)
+    assert sft["trl-best"][0]["gradient_checkpointing"] is False and dpo["trl-best"][0]["gradient_checkpointing"] is False
+    assert sft["trl-default"][0]["gradient_checkpointing"] is True
+    assert result["machine"]["threads"] == 1 and result["settings"]["baseline"]["sft"] == "trl-best"
 
 
 def test_e2e_grpo_summary_and_checks():
-    """bench/e2e.py's GRPO rows (generation included and excluded) and its same-computation check, on made-up
-    child results (the children themselves are bench/rl.py's, run by test_rl_bench_quick and test_e2e_bench_quick's
-    siblings)."""
+    """bench/e2e.py's GRPO rows (generation included and excluded), its repeats and its same-computation check,
+    on made-up child results (the children themselves are bench/rl.py's, run by test_rl_bench_quick)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import e2e
 
@@ -126,14 +131,37 @@ def test_e2e_grpo_summary_and_checks():
                                                 {"step_s": step_s, "parts_s": {"generate": gen_s},
                                                  "completion_tokens": 64}]}
 
-    summ = {name: e2e.summarize("grpo", r, floor_mb=400.0)
-            for name, r in {"optsys": grpo(2.0, 1.0), "trl-default": grpo(3.0, 1.0)}.items()}
-    assert summ["optsys"]["tokens_per_s"] == 32.0 and summ["optsys"]["tokens_per_s_no_gen"] == 64.0  # step 1 left out
-    assert summ["trl-default"]["s_per_step_no_gen"] == 2.0 and summ["trl-default"]["peak_over_floor_mb"] == 500.0
-    rows = {r["variant"]: r for r in e2e.print_table({}, {"grpo": summ})}
-    assert rows["trl-default"]["optsys_speedup"] == 1.5 and rows["trl-default"]["optsys_speedup_no_gen"] == 2.0
-    assert e2e.check_same_computation("grpo", summ) == []
-    sft = {"optsys": {"loss_step1": 2.0, "grad_norm_step1": 1.0},
-           "trl-best": {"loss_step1": 2.0, "grad_norm_step1": 1.1}}
+    runs = {"optsys": [e2e.summarize("grpo", grpo(s, 1.0), floor_mb=400.0) for s in (2.0, 2.2, 4.0)],
+            "trl-best": [e2e.summarize("grpo", grpo(s, 1.0), floor_mb=400.0) for s in (3.0, 3.3, 3.6)]}
+    one = runs["optsys"][0]
+    assert one["tokens_per_s"] == 32.0 and one["tokens_per_s_no_gen"] == 64.0  # step 1 left out
+    assert runs["trl-best"][0]["s_per_step_no_gen"] == 2.0 and runs["trl-best"][0]["peak_over_floor_mb"] == 500.0
+    summary = {"grpo": {name: e2e.combine("grpo", reps) for name, reps in runs.items()}}
+    assert summary["grpo"]["optsys"]["s_per_step"]["min"] == 2.0
+    assert summary["grpo"]["optsys"]["s_per_step"]["median"] == 2.2  # the slow outlier repeat does not move it
+    rows = {r["variant"]: r for r in e2e.ratio_rows(summary)}
+    assert rows["optsys"]["speed_vs_baseline_median"] == pytest.approx(3.3 / 2.2)
+    assert rows["optsys"]["speed_vs_baseline_min"] == pytest.approx(3.0 / 2.0)
+    assert rows["optsys"]["speed_vs_baseline_no_gen_median"] == pytest.approx(2.3 / 1.2)
+    e2e.print_table(list(rows.values()), {"sft:trl-best": "TRL rows: `trl` is not installed"})
+    assert e2e.check_same_computation("grpo", runs) == []
+    sft = {"optsys": [{"loss_step1": 2.0, "grad_norm_step1": 1.0}],
+           "trl-best": [{"loss_step1": 2.0, "grad_norm_step1": 1.0}, {"loss_step1": 2.0, "grad_norm_step1": 1.1}]}
     (problem,) = e2e.check_same_computation("sft", sft)
-    assert "trl-best grad_norm_step1" in problem
+    assert "trl-best (repeat 2) grad_norm_step1" in problem
+
+
+def test_harness_interleaves_pins_threads_and_reports_absent_rows():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import harness
+
+    order = []
+    out = harness.interleaved(["a", "b"], 3, lambda name, rep: order.append(name) or {"rep": rep}, log=lambda m: None)
+    assert order == ["a", "b", "a", "b", "a", "b"] and [r["rep"] for r in out["b"]] == [0, 1, 2]
+    assert harness.spread([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "values": [3.0, 1.0, 2.0]}
+    env = harness.pinned_env(3)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    assert harness.missing_module("json", "x") is None
+    assert "not installed" in harness.missing_module("no_such_module_optsys", "Liger rows")
+    m = harness.machine(2)
+    assert m["threads"] == 2 and m["cores"] > 0 and len(m["id"]) == 12
