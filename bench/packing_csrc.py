@@ -6,13 +6,15 @@ Lengths are long-tailed like SFT data: lognormal(mu=5, sigma=1.2) clipped to [1,
 mean ~300, ~0.3% at the cap for 4096), passed as a Python list (what the trainers pass). Each (backend, size,
 max_tokens) runs in its own process, so its peak memory is its own: "peak MB" is how far the peak RSS rose over
 the RSS after the lengths were made, i.e. everything the packer allocated including its output. Columns:
-  python s   pack_best_fit_decreasing(..., backend="python"), one run (it takes tens of seconds at 10M)
-  cpp s      backend="cpp", list of lists out (what callers get), the best of --repeats
+  python s   pack_best_fit_decreasing(..., backend="python") (it takes tens of seconds at 10M)
+  cpp s      backend="cpp", list of lists out (what callers get)
   core s     the C++ op returning flat int32 indices + int64 offsets (bytearrays): the sort + packing alone
   py conv s  turning those into lists in Python (torch.frombuffer(...).tolist() + slicing): the alternative
              to building the lists in C++ (cpp s - core s)
   same       both backends returned identical bins (a digest of every bin, in order)
-The op is built first if needed (the build time is printed). Writes bench/results/packing_csrc.json.
+Both backends run --repeats times, each call in its own process, interleaved (python cpp python cpp ...;
+bench/harness.py), with --threads threads pinned; the table gives the median and the min of each. The op is built
+first if needed (the build time is printed). Writes bench/results/packing_csrc.json.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (bench/harness.py)
 
 
 def rss_mb(field: str) -> float:
@@ -68,12 +72,7 @@ def child(backend: str, n: int, max_tokens: int, repeats: int) -> dict:
         bins = pack_best_fit_decreasing(lengths, max_tokens, backend="cpp")
         times = [time.perf_counter() - t]
         out["peak_mb"] = rss_mb("VmHWM") - base
-        for _ in range(repeats - 1):
-            del bins
-            t = time.perf_counter()
-            bins = pack_best_fit_decreasing(lengths, max_tokens, backend="cpp")
-            times.append(time.perf_counter() - t)
-        out["s"] = min(times)
+        out["s"] = times[0]
         core, conv = [], []
         for _ in range(repeats):
             t = time.perf_counter()
@@ -102,7 +101,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--max-tokens", type=int, nargs="+", default=[4096, 8192])
-    p.add_argument("--repeats", type=int, default=2, help="C++ runs per case (best kept); Python runs once")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="processes per backend and case, interleaved (python cpp python cpp ...): min and median")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results/packing_csrc.json")
     p.add_argument("--child", nargs=4, metavar=("BACKEND", "N", "MAX_TOKENS", "REPEATS"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -113,35 +114,46 @@ def main() -> None:
 
     from optsys import csrc
 
+    load_start, t_start = os.getloadavg(), time.time()
     t = time.perf_counter()
     csrc.load("packing", required=True)
     build_s = time.perf_counter() - t
     print(f"C++ op built or loaded in {build_s:.2f}s (build dir {csrc.build_dir('packing')})")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = harness.pinned_env(args.threads)
     rows = []
-    print(f"{'lengths':>10} {'max_tok':>7} {'bins':>8} {'python s':>9} {'py MB':>7} {'cpp s':>7} {'core s':>7} "
-          f"{'py conv s':>9} {'cpp MB':>7} {'speedup':>8} {'same':>5}")
+    print(f"{'lengths':>10} {'max_tok':>7} {'bins':>8} {'python s':>9} {'(min)':>7} {'py MB':>7} {'cpp s':>7} "
+          f"{'(min)':>7} {'core s':>7} {'py conv s':>9} {'cpp MB':>7} {'speedup':>8} {'(min)':>7} {'same':>5}")
     for n in args.sizes:
         for cap in args.max_tokens:
-            res = {}
-            for backend in ("python", "cpp"):
-                cmd = [sys.executable, __file__, "--child", backend, str(n), str(cap), str(args.repeats)]
-                proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-                res[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+            def run_one(backend, rep, n=n, cap=cap):
+                cmd = [sys.executable, __file__, "--child", backend, str(n), str(cap), "1"]
+                return harness.run_child(cmd, f"{backend} {n} {cap}", env)
+
+            res = harness.interleaved(["python", "cpp"], args.repeats, run_one, log=lambda m: None)
             py, cc = res["python"], res["cpp"]
-            row = {"lengths": n, "max_tokens": cap, "python": py, "cpp": cc, "speedup": py["s"] / cc["s"],
-                   "same_bins": py["digest"] == cc["digest"] and py["bins"] == cc["bins"]}
+            py_s, cc_s = harness.spread([r["s"] for r in py]), harness.spread([r["s"] for r in cc])
+            digests = {r["digest"] for r in py + cc}
+            row = {"lengths": n, "max_tokens": cap, "bins": cc[0]["bins"], "efficiency": cc[0]["efficiency"],
+                   "python_s": py_s, "cpp_s": cc_s,
+                   "core_s": harness.spread([r["core_s"] for r in cc]),
+                   "py_conv_s": harness.spread([r["py_conv_s"] for r in cc]),
+                   "python_peak_mb": max(r["peak_mb"] for r in py), "cpp_peak_mb": max(r["peak_mb"] for r in cc),
+                   "speedup_median": py_s["median"] / cc_s["median"], "speedup_min": py_s["min"] / cc_s["min"],
+                   "same_bins": len(digests) == 1 and len({r["bins"] for r in py + cc}) == 1, "runs": res}
             rows.append(row)
-            print(f"{n:>10} {cap:>7} {cc['bins']:>8} {py['s']:>9.2f} {py['peak_mb']:>7.0f} {cc['s']:>7.3f} "
-                  f"{cc['core_s']:>7.3f} {cc['py_conv_s']:>9.3f} {cc['peak_mb']:>7.0f} {row['speedup']:>7.1f}x "
-                  f"{str(row['same_bins']):>5}", flush=True)
-    load = os.getloadavg()
-    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "build_or_load_s": build_s, "loadavg": load, "rows": rows},
-                              indent=2))
+            print(f"{n:>10} {cap:>7} {row['bins']:>8} {py_s['median']:>9.2f} {py_s['min']:>7.2f} "
+                  f"{row['python_peak_mb']:>7.0f} {cc_s['median']:>7.3f} {cc_s['min']:>7.3f} "
+                  f"{row['core_s']['median']:>7.3f} {row['py_conv_s']['median']:>9.3f} {row['cpp_peak_mb']:>7.0f} "
+                  f"{row['speedup_median']:>7.1f}x {row['speedup_min']:>6.1f}x {str(row['same_bins']):>5}",
+                  flush=True)
+    print(f"(seconds: median over {args.repeats} processes per backend, interleaved; (min): the fastest; speedup "
+          "= python / cpp. Timed: one pack_best_fit_decreasing call on a Python list; excluded: making the lengths, "
+          "process start, the op's build)")
+    out = harness.write_result(args.out, script="bench/packing_csrc.py", settings=vars(args), threads=args.threads,
+                               load_start=load_start, t_start=t_start, build_or_load_s=build_s, rows=rows)
     print(f"wrote {out}")
+    if not all(r["same_bins"] for r in rows):
+        raise SystemExit("the backends returned different bins")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ def parse_args(argv):
     p.add_argument("--model", help="HF folder, hub id, tiny:<preset> or stage:<recipe>")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two models on the same questions and samples")
     p.add_argument("--endpoint", help="an OpenAI-compatible server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", dest="api_key", help="--endpoint's API key (default: the OPENAI_API_KEY environment "
+                   "variable); never written to the results")
     p.add_argument("--tasks", type=_names, help="comma-separated task names (see --list-tasks)")
     p.add_argument("--task-file", dest="task_files", action="append", help="a YAML file of task entries")
     p.add_argument("--method", dest="methods", type=_names, help="greedy,sample,self_consistency,best_of_n,"
@@ -75,16 +77,28 @@ def check_stage_sources(cfg) -> None:
             check_stage_reward(f"--{key}", getattr(cfg, key))
 
 
+def list_tasks(task_files: list[str]) -> None:
+    """Print the registered tasks, then those of each --task-file (a bad file is one clear error)."""
+    from optsys.errors import InputError, input_error_message
+    from optsys.eval.tasks import EVAL_TASKS, read_task_file
+
+    try:
+        tasks = [(t, "") for t in EVAL_TASKS.values()]
+        for path in task_files:
+            tasks += [(t, f" [{path}]") for t in read_task_file(path).values()]
+    except InputError as e:
+        sys.exit(input_error_message(e))
+    for t, where in tasks:
+        print(f"{t.name:24s} {t.kind:10s} {t.description}{where}")
+
+
 def main(argv=None) -> dict | None:
     from optsys.errors import InputError, input_error_message
     from optsys.eval.config import load_eval_config, to_dict
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.list_tasks:
-        from optsys.eval.tasks import EVAL_TASKS
-
-        for t in EVAL_TASKS.values():
-            print(f"{t.name:24s} {t.kind:10s} {t.description}")
+        list_tasks(args.task_files or [])
         return None
     flags = {k: v for k, v in vars(args).items()
              if k not in ("overrides", "recipe", "config", "list_tasks") and v is not None}

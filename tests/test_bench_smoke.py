@@ -34,11 +34,16 @@ def test_kernel_bench_quick(tmp_path):
 
 def test_packing_csrc_bench_quick(tmp_path):
     out = tmp_path / "packing_csrc.json"
-    run_script(ROOT / "bench" / "packing_csrc.py", "--sizes", "3001", "--max-tokens", "512", "--repeats", "1",
+    run_script(ROOT / "bench" / "packing_csrc.py", "--sizes", "3001", "--max-tokens", "512", "--repeats", "2",
                "--out", out)
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["same_bins"] and row["python"]["bins"] == row["cpp"]["bins"] > 1
-    assert row["python"]["s"] > 0 and row["cpp"]["s"] > 0 and row["cpp"]["core_s"] > 0 and row["speedup"] > 0
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]
+    assert row["same_bins"] and row["bins"] > 1
+    # the same number of processes for both sides, interleaved (the Python twin is not a single run)
+    assert len(row["python_s"]["values"]) == len(row["cpp_s"]["values"]) == 2
+    assert row["python_s"]["min"] > 0 and row["cpp_s"]["min"] > 0 and row["core_s"]["min"] > 0
+    assert row["speedup_median"] == row["python_s"]["median"] / row["cpp_s"]["median"]
+    assert doc["machine"]["threads"] == 1 and doc["script"] == "bench/packing_csrc.py"
 
 
 @pytest.mark.slow
@@ -94,30 +99,36 @@ def test_e2e_bench_quick(tmp_path):
     # are bench/rl.py's run_optsys / run_trl (test_rl_bench_quick covers rl.py; the GRPO summary is checked below).
     pytest.importorskip("trl", reason="TRL is the baseline of bench/e2e.py")
     out = tmp_path / "e2e.json"
-    run_script(ROOT / "bench" / "e2e.py", "--model", "test", "--steps", "2", "--sft-seqs", "8", "--dpo-pairs", "8",
+    run_script(ROOT / "bench" / "e2e.py", "--model", "test", "--steps", "2", "--repeats", "1", "--threads", "1",
+               "--sft-seqs", "8", "--dpo-pairs", "8",
                "--prompt-words", "6", "--completion-words", "12", "--max-words", "40", "--max-tokens", "256",
                # skipped: the same code as rows that run (optsys with one override; DPOTrainer with other settings)
-               "--sections", "sft,dpo", "--skip", "sft:optsys-mask,dpo:trl-default", "--out", out)
+               "--sections", "sft,dpo", "--skip", "sft:optsys-varlen,dpo:trl-default", "--out", out)
     result = json.loads(out.read_text())
-    assert result["problems"] == []
-    variants = {"sft": {"optsys", "trl-default", "trl-best"}, "dpo": {"optsys", "optsys-mask", "trl-best"}}
+    assert result["problems"] == [] and result["absent"] == {}
+    variants = {"sft": {"optsys", "trl-default", "trl-best"}, "dpo": {"optsys", "optsys-varlen", "trl-best"}}
     assert {sec: set(summ) for sec, summ in result["summary"].items()} == variants
     for section, summ in result["summary"].items():
         for name, s in summ.items():
-            assert s["s_per_step"] > 0 and s["tokens_per_s"] > 0 and s["peak_rss_mb"] > 0
+            assert s["repeats"] == 1 and s["s_per_step"]["min"] > 0 and s["peak_rss_mb"] > 0
             # the same computation: step 1's loss on the same weights and tokens
             assert s["loss_step1"] == pytest.approx(summ["optsys"]["loss_step1"], rel=1e-3), (section, name)
     rows = {(r["section"], r["variant"]): r for r in result["table"]}
-    assert rows[("sft", "optsys")]["optsys_speedup"] == 1.0
-    assert result["results"]["sft"]["trl-best"]["micro_batches_per_step"] < 8  # packed rows, not 8 sequences
-    assert result["results"]["sft"]["trl-default"]["micro_batches_per_step"] == 1  # 8 sequences, one padded batch
-    assert result["results"]["dpo"]["trl-best"]["micro_batches_per_step"] == 8  # one pair per micro-batch
+    assert rows[("sft", "trl-best")]["speed_vs_baseline_median"] == 1.0  # the baseline of every ratio
+    sft, dpo = result["results"]["sft"], result["results"]["dpo"]
+    assert sft["trl-best"][0]["micro_batches_per_step"] < 8  # packed rows, not 8 sequences
+    assert sft["trl-default"][0]["micro_batches_per_step"] == 1  # 8 sequences, one padded batch
+    assert dpo["trl-best"][0]["micro_batches_per_step"] == 8  # one pair per micro-batch
+    # fair baseline: TRL's best runs without recomputation, as optsys does; its default keeps TRL's (on)
+    assert sft["trl-best"][0]["gradient_checkpointing"] is False
+    assert dpo["trl-best"][0]["gradient_checkpointing"] is False
+    assert sft["trl-default"][0]["gradient_checkpointing"] is True
+    assert result["machine"]["threads"] == 1 and result["settings"]["baseline"]["sft"] == "trl-best"
 
 
 def test_e2e_grpo_summary_and_checks():
-    """bench/e2e.py's GRPO rows (generation included and excluded) and its same-computation check, on made-up
-    child results (the children themselves are bench/rl.py's, run by test_rl_bench_quick and test_e2e_bench_quick's
-    siblings)."""
+    """bench/e2e.py's GRPO rows (generation included and excluded), its repeats and its same-computation check,
+    on made-up child results (the children themselves are bench/rl.py's, run by test_rl_bench_quick)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import e2e
 
@@ -126,14 +137,75 @@ def test_e2e_grpo_summary_and_checks():
                                                 {"step_s": step_s, "parts_s": {"generate": gen_s},
                                                  "completion_tokens": 64}]}
 
-    summ = {name: e2e.summarize("grpo", r, floor_mb=400.0)
-            for name, r in {"optsys": grpo(2.0, 1.0), "trl-default": grpo(3.0, 1.0)}.items()}
-    assert summ["optsys"]["tokens_per_s"] == 32.0 and summ["optsys"]["tokens_per_s_no_gen"] == 64.0  # step 1 left out
-    assert summ["trl-default"]["s_per_step_no_gen"] == 2.0 and summ["trl-default"]["peak_over_floor_mb"] == 500.0
-    rows = {r["variant"]: r for r in e2e.print_table({}, {"grpo": summ})}
-    assert rows["trl-default"]["optsys_speedup"] == 1.5 and rows["trl-default"]["optsys_speedup_no_gen"] == 2.0
-    assert e2e.check_same_computation("grpo", summ) == []
-    sft = {"optsys": {"loss_step1": 2.0, "grad_norm_step1": 1.0},
-           "trl-best": {"loss_step1": 2.0, "grad_norm_step1": 1.1}}
+    runs = {"optsys": [e2e.summarize("grpo", grpo(s, 1.0), floor_mb=400.0) for s in (2.0, 2.2, 4.0)],
+            "trl-best": [e2e.summarize("grpo", grpo(s, 1.0), floor_mb=400.0) for s in (3.0, 3.3, 3.6)]}
+    one = runs["optsys"][0]
+    assert one["tokens_per_s"] == 32.0 and one["tokens_per_s_no_gen"] == 64.0  # step 1 left out
+    assert runs["trl-best"][0]["s_per_step_no_gen"] == 2.0 and runs["trl-best"][0]["peak_over_floor_mb"] == 500.0
+    summary = {"grpo": {name: e2e.combine("grpo", reps) for name, reps in runs.items()}}
+    assert summary["grpo"]["optsys"]["s_per_step"]["min"] == 2.0
+    assert summary["grpo"]["optsys"]["s_per_step"]["median"] == 2.2  # the slow outlier repeat does not move it
+    rows = {r["variant"]: r for r in e2e.ratio_rows(summary)}
+    assert rows["optsys"]["speed_vs_baseline_median"] == pytest.approx(3.3 / 2.2)
+    assert rows["optsys"]["speed_vs_baseline_min"] == pytest.approx(3.0 / 2.0)
+    assert rows["optsys"]["speed_vs_baseline_no_gen_median"] == pytest.approx(2.3 / 1.2)
+    e2e.print_table(list(rows.values()), {"sft:trl-best": "TRL rows: `trl` is not installed"})
+    assert e2e.check_same_computation("grpo", runs) == []
+    sft = {"optsys": [{"loss_step1": 2.0, "grad_norm_step1": 1.0}],
+           "trl-best": [{"loss_step1": 2.0, "grad_norm_step1": 1.0}, {"loss_step1": 2.0, "grad_norm_step1": 1.1}]}
     (problem,) = e2e.check_same_computation("sft", sft)
-    assert "trl-best grad_norm_step1" in problem
+    assert "trl-best (repeat 2) grad_norm_step1" in problem
+
+
+def test_harness_interleaves_pins_threads_and_reports_absent_rows():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import harness
+
+    order = []
+    out = harness.interleaved(["a", "b"], 3, lambda name, rep: order.append(name) or {"rep": rep}, log=lambda m: None)
+    assert order == ["a", "b", "a", "b", "a", "b"] and [r["rep"] for r in out["b"]] == [0, 1, 2]
+    assert harness.spread([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "values": [3.0, 1.0, 2.0]}
+    env = harness.pinned_env(3)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    assert harness.missing_module("json", "x") is None
+    assert "not installed" in harness.missing_module("no_such_module_optsys", "Liger rows")
+    m = harness.machine(2)
+    assert m["threads"] == 2 and m["cores"] > 0 and len(m["id"]) == 12
+
+
+def fake_e2e_doc(machine_id: str | None = None) -> dict:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import harness
+
+    m = harness.machine(1)
+    if machine_id:
+        m.update(id=machine_id, host="elsewhere")
+    row = dict(repeats=3, tokens_per_step=100, s_per_step_min=1.0, s_per_step_median=1.5, tokens_per_s_median=66.7,
+               peak_over_floor_mb=10.0, mem_vs_optsys=1.0, loss_step1=2.0, grad_norm_step1=1.0)
+    table = [dict(row, section="sft", variant="optsys", speed_vs_baseline_median=2.34, speed_vs_baseline_min=2.5),
+             dict(row, section="sft", variant="trl-best", speed_vs_baseline_median=1.0, speed_vs_baseline_min=1.0)]
+    return {"script": "bench/e2e.py", "command": "python bench/e2e.py", "machine": m, "date": "2026-12-06",
+            "load_average": {"start": [1.0, 1, 1], "end": [1.5, 1, 1]}, "wall_s": 600.0, "table": table,
+            "absent": {"dpo:trl-best": "TRL rows: `trl` is not installed"}}
+
+
+def test_report_writes_tables_from_the_json_and_refuses_another_machine(tmp_path):
+    block = "<!-- report:e2e -->\nold\n<!-- /report:e2e -->\n"
+    (tmp_path / "bench.md").write_text("# B\n" + block)
+    (tmp_path / "readme.md").write_text("| a | b |\n" + block)
+    (tmp_path / "e2e.json").write_text(json.dumps(fake_e2e_doc()))
+    argv = ["--e2e", str(tmp_path / "e2e.json"), "--bench-readme", str(tmp_path / "bench.md"),
+            "--readme", str(tmp_path / "readme.md")]
+    res = subprocess.run([sys.executable, ROOT / "bench" / "report.py", *argv, "--check"], capture_output=True,
+                         text=True)
+    assert res.returncode == 1 and "out of date" in res.stderr
+    run_script(ROOT / "bench" / "report.py", *argv)
+    bench = (tmp_path / "bench.md").read_text()
+    assert "old" not in bench and "| 2.34x | 2.50x |" in bench and "absent | TRL rows: `trl` is not installed" in bench
+    assert "SFT 2.34x TRL-best's speed (median of 3 interleaved repeats)" in (tmp_path / "readme.md").read_text()
+    run_script(ROOT / "bench" / "report.py", *argv, "--check")  # now up to date
+    (tmp_path / "e2e.json").write_text(json.dumps(fake_e2e_doc(machine_id="0123456789ab")))
+    res = subprocess.run([sys.executable, ROOT / "bench" / "report.py", *argv], capture_output=True, text=True)
+    assert res.returncode == 1 and "measured on another machine" in res.stderr and "--other-machine" in res.stderr
+    run_script(ROOT / "bench" / "report.py", *argv, "--other-machine")
+    assert "**another machine**" in (tmp_path / "bench.md").read_text()

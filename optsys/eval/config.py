@@ -23,6 +23,7 @@ class EvalRunConfig:
     endpoint_model: str | None = None  # the served model name (None: the server's only / first model)
     endpoint_retries: int = 3
     endpoint_timeout_s: float = 120.0
+    api_key: str | None = None  # the endpoint's API key (None: OPENAI_API_KEY); never written to results
     tasks: list[str] = field(default_factory=lambda: ["arithmetic_reversed"])
     task_files: list[str] = field(default_factory=list)  # YAML task entries (optsys.eval.tasks)
     split: str = "test"  # the built-in tasks' held-out split
@@ -66,6 +67,11 @@ def check(cfg: EvalRunConfig) -> None:
     elif (cfg.model is None) == (not cfg.compare):
         raise ConfigError("give one of --model PATH, --compare A B or --endpoint URL "
                           f"(got model={cfg.model!r}, compare={cfg.compare!r})")
+    else:
+        defaults = EvalRunConfig()
+        for key in ("endpoint_model", "endpoint_retries", "endpoint_timeout_s", "api_key"):
+            if getattr(cfg, key) != getattr(defaults, key):
+                raise ConfigError(f"{key} applies to --endpoint, and this eval has none; drop it or give --endpoint")
     if cfg.compare and len(cfg.compare) != 2:
         raise ConfigError(f"--compare takes two models, got {len(cfg.compare)}: {cfg.compare}")
     for key, value in (("model", cfg.model), *((f"compare[{i}]", m) for i, m in enumerate(cfg.compare))):
@@ -102,8 +108,17 @@ def check(cfg: EvalRunConfig) -> None:
         raise ConfigError(f"engine={cfg.engine!r} is not one of auto, vllm, hf")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype={cfg.dtype!r} is not one of float32, bfloat16, float16")
-    from optsys.rollout.rewards import check_reward_names
+    check_settings_are_used(cfg)
+    from optsys.rollout.rewards import REFERENCE_REWARDS, check_reward_names
 
+    for key, method, oracle in (("scorer", "best_of_n", "pass@k"),
+                                ("verifier", "self_correct", "one that stops exactly at the right answer")):
+        if getattr(cfg, key) in REFERENCE_REWARDS:
+            raise ConfigError(f"--{key} {getattr(cfg, key)} compares each sample with the reference answer, so "
+                              f"{method} would report an oracle ({oracle}), "
+                              "not a test-time method; use confidence (best_of_n), reward_model:<folder>, format, "
+                              "or a function that judges the completion without the reference (scorers and "
+                              "verifiers are called with answer=None). For the oracle itself: --method sample (pass@k)")
     if cfg.verifier == "confidence":
         raise ConfigError("verifier=confidence is not a verifier (it ranks samples, it does not accept or reject "
                           "one); use it as --scorer for best_of_n")
@@ -115,6 +130,30 @@ def check(cfg: EvalRunConfig) -> None:
         local = [t.name for t in tasks if t.kind != "generate"]
         if local:
             raise ConfigError(f"tasks {local} score log-likelihoods, which need a local model; use --model for them")
+
+
+# Settings read by some methods only, and the methods that read them; one set while none of them runs is refused.
+_SAMPLING_METHODS = ("sample", "self_consistency", "best_of_n", "self_correct", "budget")
+METHOD_SETTINGS = {
+    "n": ("sample", "self_consistency", "best_of_n"),
+    "scorer": ("best_of_n",),
+    "verifier": ("self_correct",), "rounds": ("self_correct",),
+    "budgets": ("budget",), "extend": ("budget",), "answer_tokens": ("budget",), "think_open": ("budget",),
+    "think_close": ("budget",),
+    "temperature": _SAMPLING_METHODS, "top_p": _SAMPLING_METHODS, "top_k": _SAMPLING_METHODS,
+}
+
+
+def check_settings_are_used(cfg: EvalRunConfig) -> None:
+    """A method setting changed from its default while no chosen method reads it would be ignored: refuse it
+    (`--method greedy --n 1,4,16`, `--method greedy --scorer confidence`), as training refuses a setting its
+    method would ignore."""
+    defaults = EvalRunConfig()
+    for key, readers in METHOD_SETTINGS.items():
+        value = getattr(cfg, key)
+        if value != getattr(defaults, key) and not any(m in readers for m in cfg.methods):
+            raise ConfigError(f"{key}={value!r} is not used by --method {','.join(cfg.methods)} (methods that read "
+                              f"it: {', '.join(readers)}); drop it, or add one of those methods")
 
 
 def check_model_folder(key: str, value: str) -> None:
@@ -156,4 +195,8 @@ def load_eval_config(recipe: str | None = None, config_file: str | None = None, 
 
 
 def to_dict(cfg: EvalRunConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as results.json records it; an API key is recorded as set or not, never its value."""
+    out = dataclasses.asdict(cfg)
+    if out["api_key"] is not None:
+        out["api_key"] = "<set>"
+    return out

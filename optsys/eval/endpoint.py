@@ -20,8 +20,11 @@ vLLM extensions of the completions API this relies on (vLLM 0.32, vllm/entrypoin
   generation_config.json (Qwen2.5-Instruct ships top_k=20, repetition_penalty=1.05), so leaving them out would
   sample from another distribution than the one asked for.
 - `stop_token_ids`; and `prompt_logprobs` for token_logprobs (scoring).
-Connection errors, timeouts and 5xx are retried (`retries` times, exponential backoff from `backoff_s`); a 4xx
-(a prompt longer than the context, an unknown model name) raises EngineError at once with the server's message.
+Connection errors, timeouts, 5xx and 429 (rate limited) are retried (`retries` times, exponential backoff from
+`backoff_s`, or the server's Retry-After when it says, up to 60 s); another 4xx (a prompt longer than the context,
+an unknown model name, a missing API key) raises EngineError at once with the server's message. `api_key` (else
+the OPENAI_API_KEY environment variable) goes in an `Authorization: Bearer` header, what a server started with
+`--api-key` asks for. `context_length()` reads the served model's max_model_len from GET /v1/models.
 HTTP goes through the standard library (urllib, one connection per request): the client needs neither vLLM
 nor an HTTP package on the machine that evaluates.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -42,20 +46,40 @@ class EndpointEngine:
     name = "endpoint"
 
     def __init__(self, url: str, *, model: str | None = None, timeout_s: float = 120, retries: int = 3,
-                 backoff_s: float = 1.0, concurrency: int = 8):
+                 backoff_s: float = 1.0, concurrency: int = 8, api_key: str | None = None):
         if retries < 0 or concurrency < 1:
             raise ValueError(f"retries must be >= 0 and concurrency >= 1 (got {retries}, {concurrency})")
         url = url.rstrip("/")
         self.url = url[: -len("/v1")] if url.endswith("/v1") else url  # accept the OpenAI-client style base URL
         self.timeout_s, self.retries, self.backoff_s, self.concurrency = timeout_s, retries, backoff_s, concurrency
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY") or None
         self.max_model_len: int | None = None
+        self._models: list[dict] | None = None
         if model is None:
-            models = self._request("GET", "/v1/models").get("data") or []
+            models = self.served_models()
             if not models:
                 raise EngineError(f"{self.url}/v1/models lists no model; pass EndpointEngine(model=...)")
             model = models[0]["id"]  # the base model: vLLM lists it before its LoRA adapters
             self.max_model_len = models[0].get("max_model_len")
         self.model = model
+
+    def served_models(self) -> list[dict]:
+        """GET /v1/models's entries (asked once)."""
+        if self._models is None:
+            self._models = list(self._request("GET", "/v1/models").get("data") or [])
+        return self._models
+
+    def context_length(self) -> int | None:
+        """The served model's max_model_len as GET /v1/models reports it (vLLM does), None when the server does
+        not say. A model name the server does not serve is an EngineError naming the ones it does."""
+        models = self.served_models()
+        entry = next((m for m in models if m.get("id") == self.model), None)
+        if entry is None:
+            raise EngineError(f"{self.url} does not serve a model named {self.model!r}; it serves "
+                              f"{[m.get('id') for m in models]} (endpoint_model names one of them)")
+        length = entry.get("max_model_len")
+        self.max_model_len = int(length) if length else None
+        return self.max_model_len
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
         """sampling.n completions per prompt; `seeds` (one per prompt) make each prompt's samples reproducible."""
@@ -94,23 +118,32 @@ class EndpointEngine:
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         """One call with bounded retries on connection errors, timeouts and 5xx; a 4xx raises at once."""
         target = f"{self.url}{path}"
-        attempts, last = self.retries + 1, ""
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        attempts, last, wait = self.retries + 1, "", None
         for attempt in range(attempts):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(target, method=method, headers={"Content-Type": "application/json"},
+                time.sleep(wait if wait is not None else self.backoff_s * 2 ** (attempt - 1))
+            wait = None
+            request = urllib.request.Request(target, method=method, headers=headers,
                                              data=None if body is None else json.dumps(body).encode())
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as r:
                     status, data = r.status, r.read()
             except urllib.error.HTTPError as e:  # the server answered 4xx / 5xx
                 status, data = e.code, e.read()
+                wait = _retry_after(e.headers)
             except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
                 continue
-            if status >= 500:
+            if status >= 500 or status == 429:  # overloaded or rate limited: worth another try
                 last = f"HTTP {status}: {_server_message(data)}"
                 continue
+            if status in (401, 403):
+                raise EngineError(f"{method} {target} was refused (HTTP {status}): {_server_message(data)}. The "
+                                  f"server wants an API key: pass --api-key KEY or set OPENAI_API_KEY"
+                                  f"{' (the key sent was not accepted)' if self.api_key else ''}")
             if status >= 400:
                 raise EngineError(f"{method} {target} was refused (HTTP {status}): {_server_message(data)}")
             try:
@@ -121,6 +154,15 @@ class EndpointEngine:
         raise EngineError(f"{method} {target} failed after {attempts} attempts; last error: {last}. Is the server up "
                           f"at {self.url}? Start one with `python -m optsys.serve --model PATH --port PORT`, or "
                           f"raise timeout_s ({self.timeout_s} s) if generations are long")
+
+
+def _retry_after(headers) -> float | None:
+    """The server's Retry-After in seconds (an integer form only), capped at 60; None when absent."""
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return min(max(float(value), 0.0), 60.0) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _completion(choice: dict) -> Completion:

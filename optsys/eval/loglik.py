@@ -59,10 +59,11 @@ def _render(tokenizer, context: str | list[dict]) -> tuple[str, bool]:
 
 
 def _prefix_token(tokenizer) -> int:
-    """What an empty text context becomes (lm-eval's prefix token): BOS, else EOS."""
+    """What an empty text context and a perplexity text start from (lm-eval's prefix token): BOS, else EOS."""
     tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if tid is None:
-        raise ValueError("an empty text context needs a BOS or EOS token to condition on; this tokenizer has neither")
+        raise ValueError("an empty text context (or a perplexity text) needs a BOS or EOS token to condition on; "
+                         "this tokenizer has neither")
     return tid
 
 
@@ -159,50 +160,37 @@ def multiple_choice_scores(model, tokenizer, items: list[ChoiceItem], **kw) -> l
     return [score_item(lp, item.answer) for lp, item in zip(choice_logprobs(model, tokenizer, items, **kw), items)]
 
 
-def _scored_bytes(tokenizer, text: str, n_tokens: int) -> int:
-    """UTF-8 bytes of `text` after its first token (the bytes whose tokens are scored).
-
-    Through the fast tokenizer's character offsets; a tokenizer without them counts the whole text."""
-    if n_tokens < 2:
-        return 0
-    if getattr(tokenizer, "is_fast", False):
-        end = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][0][1]
-        return len(text[end:].encode())
-    return len(text.encode())
-
-
 def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int = 2048, backend: str = "auto") -> dict:
-    """Token-level perplexity of a set of texts: exp(-sum log p / count) over every token after each text's first.
+    """Token-level perplexity of a set of texts: exp(-sum log p / count) over every token of every text.
 
-    Texts are tokenized without special tokens (no BOS), so each text's first token is context only. A text of
-    n tokens is fed as consecutive, non-overlapping windows of max_tokens input tokens over its first n - 1
-    tokens, each position predicting the next token: every token after the first is scored exactly once, and
-    the model's context restarts at each window (the first predictions of a window see little context; the
-    count does not depend on max_tokens). bits_per_byte = sum nll / ln 2 / UTF-8 bytes of the scored text
-    (each text less its first token)."""
+    As lm-eval's rolling log-likelihood: each text is tokenized without special tokens and conditioned on the
+    prefix token (BOS, else EOS), so its first token is scored too. The sequence [prefix] + tokens is fed as
+    consecutive, non-overlapping windows of max_tokens input tokens over all but its last token, each position
+    predicting the next: every text token is scored exactly once, and the model's context restarts at each window
+    (the first predictions of a window see little context; the count does not depend on max_tokens).
+    bits_per_byte = sum nll / ln 2 / UTF-8 bytes of the texts."""
     if not texts:
         raise ValueError("perplexity needs at least one text")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     for k, t in enumerate(texts):
         if not isinstance(t, str) or not t:
-            raise ValueError(f"text {k} is empty (or not a string); every text needs at least two tokens' worth")
+            raise ValueError(f"text {k} is empty (or not a string); every text needs at least one token")
+    prefix = _prefix_token(tokenizer)
     ids = _encode(tokenizer, texts)
-    seqs, n_bytes = [], 0
-    for k, (text, x) in enumerate(zip(texts, ids)):
+    seqs = []
+    for k, x in enumerate(ids):
         if not x:
             raise ValueError(f"text {k} tokenizes to no tokens")
-        n_bytes += _scored_bytes(tokenizer, text, len(x))
+        x = [prefix] + x
         for s in range(0, len(x) - 1, max_tokens):
             e = min(s + max_tokens, len(x) - 1)
             seqs.append(_Seq(x[s:e], x[s + 1 : e + 1]))
-    count = sum(len(x) - 1 for x in ids)
-    if count == 0:
-        raise ValueError("every text is a single token, so no token is scored; give texts of two tokens or more")
+    count = sum(len(x) for x in ids)
+    n_bytes = sum(len(t.encode()) for t in texts)
     nll = -sum(_sequence_logprobs(model, seqs, max_tokens=max_tokens, backend=backend))
     return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count,
-            "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"), "bytes": n_bytes,
-            "texts": len(texts)}
+            "bits_per_byte": nll / math.log(2) / n_bytes, "bytes": n_bytes, "texts": len(texts)}
 
 
 def task_choice_items(task_name: str, split: str, n: int, *, difficulty: int, seed: int = 0,

@@ -35,10 +35,17 @@ def _interval(m: dict) -> str:
     return f"[{m['low']:.3f}, {m['high']:.3f}]"
 
 
-def table(result: dict, title: str = "") -> str:
-    """The markdown table of one model's results: a row per (task, method) and a row per curve point."""
+def _percent(level: float) -> str:
+    """The interval's confidence level as its header says it: 0.95 -> '95%', 0.9 -> '90%', 0.995 -> '99.5%'."""
+    return f"{100 * level:.10g}%"
+
+
+def table(result: dict, title: str = "", level: float = 0.95) -> str:
+    """The markdown table of one model's results: a row per (task, method) and a row per curve point; `level` is
+    the confidence level the intervals were computed at (the config's `level`)."""
     lines = [f"## {title or result['model']}", "", f"engine: {result.get('engine') or 'local model'}", "",
-             "| task | method | x | accuracy | 95% interval | tokens/question | unparsed | engine tok/s |",
+             f"| task | method | x | accuracy | {_percent(level)} interval | tokens/question | unparsed "
+             "| engine tok/s |",
              "|---|---|---|---|---|---|---|---|"]
     for task, r in result["tasks"].items():
         for method, m in r["methods"].items():
@@ -55,10 +62,10 @@ def table(result: dict, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_table(comparison: dict) -> str:
+def compare_table(comparison: dict, level: float = 0.95) -> str:
     a, b = comparison["a"]["model"], comparison["b"]["model"]
     lines = [f"## {a} (A) vs {b} (B): paired on the same questions and samples", "",
-             "| task | method | A | B | A - B | 95% paired interval | McNemar p | questions |",
+             f"| task | method | A | B | A - B | {_percent(level)} paired interval | McNemar p | questions |",
              "|---|---|---|---|---|---|---|---|"]
     for task, methods in comparison["differences"].items():
         for method, d in methods.items():
@@ -105,10 +112,11 @@ def write_results(out: Path, payload: dict, *, plots: bool = True) -> dict:
         slim["comparison"] = {"differences": payload["comparison"]["differences"]}
     files["results.json"] = out / "results.json"
     files["results.json"].write_text(json.dumps(_clean(slim), indent=2) + "\n")
-    md = "".join(table(r, f"{'AB'[i] + ': ' if len(payload['results']) > 1 else ''}{r['model']}") + "\n"
+    level = payload.get("config", {}).get("level", 0.95)
+    md = "".join(table(r, f"{'AB'[i] + ': ' if len(payload['results']) > 1 else ''}{r['model']}", level) + "\n"
                  for i, r in enumerate(payload["results"]))
     if "comparison" in payload:
-        md += compare_table(payload["comparison"])
+        md += compare_table(payload["comparison"], level)
     files["results.md"] = out / "results.md"
     files["results.md"].write_text(md)
     files["samples.jsonl"] = out / "samples.jsonl"

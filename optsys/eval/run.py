@@ -123,7 +123,7 @@ def open_endpoint(cfg: EvalRunConfig, tokenizer_source: str | None, resolve=loca
     from optsys.models.load import load_tokenizer
 
     engine = EndpointEngine(cfg.endpoint, model=cfg.endpoint_model, timeout_s=cfg.endpoint_timeout_s,
-                            retries=cfg.endpoint_retries)
+                            retries=cfg.endpoint_retries, api_key=cfg.api_key)
     source = tokenizer_source or engine.model
     try:
         path = resolve(source, cfg.seed)
@@ -134,7 +134,8 @@ def open_endpoint(cfg: EvalRunConfig, tokenizer_source: str | None, resolve=loca
                           "--model <the served model's folder>") from None
     opened = Opened(cfg.endpoint, None, tokenizer, engine=engine, engine_name="endpoint",
                     stop_ids=tuple(stop_token_ids(_generation_config(path), tokenizer)))
-    opened.extra["max_model_len"] = engine.max_model_len
+    # the served model's context (GET /v1/models, named model or not); a server that does not say: max_model_len
+    opened.extra["max_model_len"] = engine.context_length() or cfg.max_model_len
     return opened
 
 

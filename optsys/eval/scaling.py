@@ -161,7 +161,10 @@ CONFIDENCE = "confidence"  # the built-in scorer: the sampler's mean log-prob pe
 
 def score_pool(pool: list[list[Sample]], questions: list[Question], scorer: Callable[[list[tuple]], list[float]] | str):
     """Give every sample its scorer value (best_of_n); `scorer` takes [(prompt, completion, answer)], or is
-    CONFIDENCE: the model's own mean token log-prob under the sampling distribution (self-certainty)."""
+    CONFIDENCE: the model's own mean token log-prob under the sampling distribution (self-certainty).
+
+    The answer passed is always None: a scorer that saw the reference would turn best-of-N into pass@k (an
+    oracle), so it never sees it (optsys.eval.config refuses the reference rewards as scorers by name)."""
     if scorer == CONFIDENCE:
         for samples in pool:
             for x in samples:
@@ -170,7 +173,7 @@ def score_pool(pool: list[list[Sample]], questions: list[Question], scorer: Call
                                       "none (an endpoint without logprobs support?); use another scorer")
                 x.score = x.mean_logprob
         return
-    flat = [(q.prompt, x.text, q.answer) for q, samples in zip(questions, pool) for x in samples]
+    flat = [(q.prompt, x.text, None) for q, samples in zip(questions, pool) for x in samples]  # no gold: see above
     values = iter(scorer(flat))
     for samples in pool:
         for x in samples:
@@ -186,8 +189,9 @@ def self_correct(engine, tokenizer, task: str, questions: list[Question], s: Met
 
     Without a verifier the model reviews every answer and a round that repeats the previous answer ends that
     question (it stands by it). With a verifier (a scorer: reward model or function; > 0.5 = accepted) only rejected
-    answers get a revision round. Points x = rounds used (0..R): accuracy of the answer held after that round,
-    tokens generated up to it."""
+    answers get a revision round; like a best_of_n scorer it is given answer=None, never the reference (with it,
+    self-correction would be an oracle that stops exactly at the right answer). Points x = rounds used (0..R):
+    accuracy of the answer held after that round, tokens generated up to it."""
     refs = references(questions, match)
     conversations = [list(q.messages) for q in questions]
     held: list[Sample | None] = [None] * len(questions)
@@ -213,7 +217,7 @@ def self_correct(engine, tokenizer, task: str, questions: list[Question], s: Met
                 conversations[i] = conversations[i] + [{"role": "assistant", "content": new.text},
                                                        {"role": "user", "content": s.critique}]
             if verifier is not None:
-                verdicts = verifier([(questions[i].prompt, held[i].text, questions[i].answer) for i in todo])
+                verdicts = verifier([(questions[i].prompt, held[i].text, None) for i in todo])  # no gold
                 for i, v in zip(todo, verdicts):
                     done[i] = done[i] or (v is not None and v > 0.5)
         points.append({"x": rnd, "per_question": [float(h.correct) for h in held], "tokens": list(tokens)})
@@ -244,25 +248,32 @@ def budget_forcing(engine, prompts: list[list[int]], seeds: list[int], sampling:
     prompts already end where thinking starts (the chat prompt + the opening tag). Per prompt returns
     {"thinking": ids kept, "answer": ids, "generated": every token the engine generated, "forced": the budget
     cut the thinking, "extensions": Waits appended}. Thinking that closes itself and finishes its answer in the
-    same call keeps that answer; otherwise the answer is generated after `close_ids`, up to answer_tokens."""
+    same call keeps that answer; an answer it began but the budget's call cut short is continued (up to
+    answer_tokens in all), not generated again; otherwise the answer is generated after `close_ids`, up to
+    answer_tokens. While an extension is due and the close tag is one token, the engine stops at it (as s1 stops
+    at the end-of-thinking delimiter), so no answer is generated only to be replaced by the Wait; a close tag of
+    several tokens cannot be a stop token, and what follows it in that call is generated, counted and dropped."""
     if budget < 1 or not close_ids:
         raise ValueError(f"budget forcing needs budget >= 1 and a close tag, got budget={budget}, close={close_ids}")
     stops = set(sampling.stop_token_ids)
-    state = [{"thinking": [], "answer": None, "generated": 0, "forced": False, "extensions": 0} for _ in prompts]
+    stop_at_close = len(close_ids) == 1
+    state = [{"thinking": [], "answer": None, "partial": [], "generated": 0, "forced": False, "extensions": 0}
+             for _ in prompts]
     active = list(range(len(prompts)))
     call = 0
     while active:
-        by_room: dict[int, list[int]] = {}  # one engine call per remaining budget (max_new_tokens is per call)
+        groups: dict[tuple[int, bool], list[int]] = {}  # one engine call per (remaining budget, stop at close)
         for i in active:
             room = budget - len(state[i]["thinking"])
             if room > 0:
-                by_room.setdefault(room, []).append(i)
+                groups.setdefault((room, stop_at_close and state[i]["extensions"] < extend), []).append(i)
             else:
                 state[i]["forced"] = True  # a Wait filled the budget
         next_active = []
-        for room, idx in sorted(by_room.items()):
+        for (room, at_close), idx in sorted(groups.items()):
+            stop_ids = tuple(sampling.stop_token_ids) + (tuple(close_ids) if at_close else ())
             outs = engine.generate([prompts[i] + state[i]["thinking"] for i in idx],
-                                   replace(sampling, n=1, max_new_tokens=room),
+                                   replace(sampling, n=1, max_new_tokens=room, stop_token_ids=stop_ids),
                                    [seeds[i] + 7919 * call for i in idx])
             for i, g in zip(idx, outs):
                 st, c = state[i], g[0]
@@ -281,22 +292,33 @@ def budget_forcing(engine, prompts: list[list[int]], seeds: list[int], sampling:
                         st["forced"] = not ended  # the budget ran out (or the turn ended: answer from here)
                     continue
                 st["thinking"] += out[:at]
+                tail = out[at + len(close_ids):]
                 if st["extensions"] < extend and len(st["thinking"]) < budget:
                     st["thinking"] += wait_ids  # s1: suppress the end of thinking, append "Wait"
                     st["extensions"] += 1
                     next_active.append(i)
-                elif c.finish_reason == "stop":
-                    st["answer"] = out[at + len(close_ids):]  # closed and answered within the budget
+                elif c.finish_reason == "stop" and tail:
+                    st["answer"] = tail  # closed and answered within the budget
+                else:
+                    st["partial"] = tail  # closed; its answer not begun, or cut by the call's room: continued below
         active = next_active
         call += 1
-    need = [i for i, st in enumerate(state) if st["answer"] is None]
-    if need:
-        outs = engine.generate([prompts[i] + state[i]["thinking"] + close_ids
-                                for i in need], replace(sampling, n=1, max_new_tokens=answer_tokens),
-                               [seeds[i] + 104729 for i in need])
-        for i, g in zip(need, outs):
-            state[i]["answer"] = list(g[0].token_ids)
+    need: dict[int, list[int]] = {}  # one engine call per number of answer tokens still to generate
+    for i, st in enumerate(state):
+        if st["answer"] is None:
+            left = answer_tokens - len(st["partial"])
+            if left > 0:
+                need.setdefault(left, []).append(i)
+            else:
+                st["answer"] = st["partial"]  # the cut answer is already answer_tokens long
+    for left, idx in sorted(need.items()):
+        outs = engine.generate([prompts[i] + state[i]["thinking"] + close_ids + state[i]["partial"] for i in idx],
+                               replace(sampling, n=1, max_new_tokens=left), [seeds[i] + 104729 for i in idx])
+        for i, g in zip(idx, outs):
+            state[i]["answer"] = state[i]["partial"] + list(g[0].token_ids)
             state[i]["generated"] += len(g[0].token_ids)
+    for st in state:
+        del st["partial"]
     return state
 
 

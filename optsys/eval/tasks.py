@@ -61,7 +61,8 @@ class EvalTask:
     # (split, n, difficulty, seed) -> [Question] (generate), [loglik.ChoiceItem] (choice), [str] (perplexity);
     # n = 0 means every item the source has
     load: Callable[[str, int, int, int], list]
-    # generate: exact | numeric (optsys.data.answers); None: numeric when every reference is a number, else exact
+    # generate: exact | numeric | math (optsys.data.answers); None: numeric when every reference is a number,
+    # else exact
     match: str | None = None
     max_new_tokens: int = 16
     description: str = ""
@@ -147,7 +148,7 @@ class TaskSpec:
     chat: bool = True  # choice: render the context with the chat template (False: plain text)
     choices_field: str = "choices"  # choice: a list of texts, or ARC's {"text": [...], "label": [...]}
     text_field: str = "text"  # perplexity
-    match: str | None = None  # generate: exact | numeric; unset: numeric when every reference is a number
+    match: str | None = None  # generate: exact | numeric | math; unset: numeric when every reference is a number
     max_new_tokens: int = 64
 
 

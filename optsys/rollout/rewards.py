@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from optsys.config import ConfigError
-from optsys.data.answers import extract_answer, numeric_answer, parse_number  # noqa: F401 (re-exported)
+from optsys.data.answers import (  # noqa: F401 (extract_answer, numeric_answer, parse_number re-exported)
+    answers_match,
+    canonical_answer,
+    canonical_reference,
+    extract_answer,
+    numeric_answer,
+    parse_number,
+)
 from optsys.data.tasks import normalize_answer as _normalize  # Task.check's rule, shared
 from optsys.errors import RewardError
 from optsys.models.sources import check_local_source, local_source
@@ -52,11 +59,15 @@ def correct(completion: str, *, prompt: str, answer: str | None) -> float:
 
 
 def numeric(completion: str, *, prompt: str, answer: str | None) -> float:
-    """1.0 if the extracted answer and the reference are both numbers (commas, $, % allowed) equal within 1e-6
-    relative; 0.0 otherwise, including a reference that is not a number."""
-    want = parse_number(_reference("numeric", answer))
-    got = numeric_answer(completion)
-    return float(want is not None and got is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=0.0))
+    """1.0 if the completion's number equals the reference (optsys.data.answers, match="numeric": an integer
+    reference exactly, another within 1e-6 relative); 0.0 otherwise, including a reference that is not a number
+    and an answer the rule cannot read for sure (`3/4`, `2^{10}`)."""
+    reference = _reference("numeric", answer)
+    try:
+        want = canonical_reference(reference, "numeric")
+    except ValueError:
+        return 0.0
+    return float(answers_match(canonical_answer(completion, "numeric"), want, "numeric"))
 
 
 def format_reward(completion: str, *, prompt: str, answer: str | None) -> float:
@@ -88,6 +99,10 @@ def digits(completion: str, *, prompt: str, answer: str | None) -> float:
 
 REWARD_FUNCTIONS: dict[str, RewardFn] = {"correct": correct, "numeric": numeric, "format": format_reward,
                                          "digits": digits}
+
+# The built-in rewards that compare a completion with the reference answer: as an eval scorer or verifier they
+# would be oracles, and optsys.eval.config refuses them there.
+REFERENCE_REWARDS = ("correct", "numeric", "digits")
 
 # Functions marked _optsys_inline run on the caller's thread: they are ours and cannot hang (bounded string
 # work, or a bounded model forward). Everything else runs in a worker thread with a timeout.

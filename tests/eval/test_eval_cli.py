@@ -139,3 +139,45 @@ def test_a_failing_scorer_is_counted_and_its_samples_never_picked(tiny_path, tmp
         assert len(m["scores"]) == 3  # one score per sample, always (NaN where it failed)
         chosen = m["final"]["chosen"]
         assert m["scores"][chosen] == m["scores"][chosen]  # not NaN
+
+
+@pytest.mark.parametrize("args,words", [
+    # issue 23, item 13: a setting no chosen method reads is refused, not ignored
+    (["--method", "greedy", "--n", "1,4,16"], ["n=[1, 4, 16] is not used by --method greedy", "sample"]),
+    (["--method", "greedy", "--scorer", "confidence"], ["scorer='confidence' is not used", "best_of_n"]),
+    (["--method", "sample", "--verifier", "format"], ["verifier='format' is not used", "self_correct"]),
+    (["--method", "greedy", "--temperature", "0.7"], ["temperature=0.7 is not used by --method greedy"]),
+    (["--method", "greedy", "--budgets", "8"], ["budgets=[8] is not used", "budget"]),
+    (["--method", "sample", "--rounds", "3"], ["rounds=3 is not used by --method sample"]),
+    # issue 23, item 11: a scorer / verifier that reads the reference answer is an oracle, refused
+    (["--method", "best_of_n", "--n", "4", "--scorer", "correct"], ["--scorer correct", "oracle (pass@k)"]),
+    (["--method", "best_of_n", "--n", "4", "--scorer", "numeric"], ["--scorer numeric", "oracle"]),
+    (["--method", "self_correct", "--verifier", "correct"], ["--verifier correct", "oracle"]),
+    (["--method", "self_correct", "--verifier", "digits"], ["--verifier digits", "oracle"]),
+])
+def test_ignored_settings_and_oracle_scorers_are_refused_before_a_model_loads(args, words, capsys):
+    msg = fail(["--model", "tiny:test", *args], capsys)
+    assert all(w in msg for w in words), msg
+
+
+def test_settings_a_chosen_method_reads_are_accepted():
+    from optsys.eval.config import load_eval_config
+
+    for flags in ({"methods": ["greedy", "sample"], "n": [1, 4], "temperature": 0.7},
+                  {"methods": ["best_of_n"], "scorer": "confidence", "n": [2]},
+                  {"methods": ["self_correct"], "verifier": "format", "rounds": 1},
+                  {"methods": ["budget"], "budgets": [8], "extend": 1}):
+        load_eval_config(flags={"model": "tiny:test", **flags})
+
+
+def test_list_tasks_includes_the_task_files(tmp_path, capsys):
+    """Issue 23, item 12: `--list-tasks` ignored `--task-file`."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(f"my_qa:\n  dataset: {data}\n  match: numeric\n")
+    main(["--list-tasks", "--task-file", str(tasks)])
+    out = capsys.readouterr().out
+    assert "arithmetic_reversed" in out and "my_qa" in out and str(tasks) in out
+    tasks.write_text(f"my_qa:\n  dataset: {data}\n  promt_field: q\n")
+    assert "did you mean 'prompt_field'" in fail(["--list-tasks", "--task-file", str(tasks)], capsys)

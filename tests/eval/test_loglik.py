@@ -116,10 +116,13 @@ def test_multiple_choice_scores_argmax_norm_and_ties(monkeypatch, tiny_path, tok
 
 def test_perplexity_matches_plain_forwards_with_windows(tiny_path, tok):
     m = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
-    texts = corpus_texts("test", 3) + ["Hi", "The answer is correct. " * 5]
-    ids = [enc(tok, t) for t in texts]
-    assert max(map(len, ids)) > 20
-    n_bytes = sum(len(t.encode()) - len(tok.decode(x[:1]).encode()) for t, x in zip(texts, ids))
+    texts = corpus_texts("test", 3) + ["Hi", "The answer is correct. " * 5, "7"]
+    # every token is scored, the first one too, conditioned on the prefix token (lm-eval's rolling
+    # log-likelihood; issue 23, item 12: the first token was context only); this tokenizer has no BOS: EOS
+    assert tok.bos_token_id is None
+    ids = [[tok.eos_token_id] + enc(tok, t) for t in texts]
+    assert max(map(len, ids)) > 20 and len(ids[-1]) == 2  # "7" is one token, and it is scored
+    n_bytes = sum(len(t.encode()) for t in texts)
     count = sum(len(x) - 1 for x in ids)
     for max_tokens in (2048, 9):
         # by hand: windows of max_tokens inputs over x[:-1], each predicting the next token, context restarting

@@ -99,8 +99,26 @@ def test_self_correct_revises_and_stops_when_the_model_stands_by_its_answer(tok)
     # a verifier that accepts right answers: q1 is never revised, q0 once
     engine2 = TextEngine(tok, script)
     history, points, finals = self_correct(engine2, tok, "t", _questions(2), MethodSettings(rounds=3), "exact",
-                                           verifier=lambda rows: [float(c.strip() == a) for _, c, a in rows])
+                                           verifier=lambda rows: [float(c.strip() in ("0", "2")) for _, c, a in rows])
     assert [len(h) for h in history] == [2, 1]
+
+
+def test_scorers_and_verifiers_never_see_the_reference_answer(tok):
+    """Issue 23, item 11: with the gold answer a scorer makes best-of-N pass@k, and a verifier makes
+    self-correction an oracle; both are given answer=None."""
+    seen = []
+
+    def spy(rows):
+        seen.extend(a for _, _, a in rows)
+        return [0.0] * len(rows)
+
+    engine = TextEngine(tok, lambda text, s, seed, call: ["7", "2"])
+    qs = _questions(2)
+    pool = sample_pool(engine, tok, "t", qs, MethodSettings(n=[2], temperature=1.0), "exact")
+    score_pool(pool, qs, spy)
+    self_correct(TextEngine(tok, lambda text, s, seed, call: ["2"]), tok, "t", qs, MethodSettings(rounds=1),
+                 "exact", verifier=spy)
+    assert len(seen) == 4 + 4 and set(seen) == {None}
 
 
 class IdEngine:
@@ -161,6 +179,57 @@ def test_budget_forcing_extends_with_wait_when_thinking_stops_early():
     [st] = budget_forcing(engine, [[1]], [0], SAMPLING, budget=5, extend=3, close_ids=CLOSE, wait_ids=WAIT,
                           answer_tokens=4)
     assert st["thinking"] == [5, 5] + WAIT + [6, 6] and st["forced"] and st["answer"] == [43, EOS]
+
+
+def test_budget_forcing_continues_an_answer_the_budget_cut_instead_of_generating_it_again():
+    """Issue 23, item 12: an answer begun within the budget call and cut by its room was thrown away and
+    generated again, its tokens counted twice."""
+    def step(p, m, c):
+        if p[-len(CLOSE):] == CLOSE:
+            return [42, 43, 44, EOS], "stop"
+        if p[-1] == 43:
+            return [44, EOS], "stop"
+        return [5, 5] + CLOSE + [42, 43, 44, EOS], "stop"
+
+    engine = IdEngine(step)
+    [st] = budget_forcing(engine, [[1]], [0], SAMPLING, budget=6, extend=0, close_ids=CLOSE, wait_ids=WAIT,
+                          answer_tokens=4)
+    assert st["thinking"] == [5, 5] and st["answer"] == [42, 43, 44, EOS] and not st["forced"]
+    assert engine.calls[1] == ([1, 5, 5] + CLOSE + [42, 43], 2)  # continued: 2 of the 4 answer tokens left
+    assert st["generated"] == 6 + 2  # every token generated once, all of them kept
+
+
+class StopIdEngine(IdEngine):
+    """IdEngine that stops at the sampling's stop ids (the stop token kept, as vLLM and HF generate do)."""
+
+    def generate(self, prompts, sampling, seeds):
+        self.stops = getattr(self, "stops", []) + [tuple(sampling.stop_token_ids)]
+        out = []
+        for [c] in super().generate(prompts, sampling, seeds):
+            ids = list(c.token_ids)
+            cut = next((k for k, t in enumerate(ids) if t in sampling.stop_token_ids), None)
+            if cut is not None:
+                ids, c = ids[: cut + 1], Completion(tuple(ids[: cut + 1]), (0.0,) * (cut + 1), "stop")
+            out.append([c])
+        return out
+
+
+def test_budget_forcing_stops_at_a_one_token_close_tag_while_an_extension_is_due():
+    """Issue 23, item 12: the answer after a close tag that a Wait then replaces was generated and counted; with
+    a one-token tag the engine now stops at it (s1's stop at the end-of-thinking delimiter)."""
+    close = [90]
+
+    def step(p, m, c):
+        if p[-1] == 90:
+            return [42, EOS], "stop"
+        return ([6, 6] if p[-1] == WAIT[0] else [5, 5]) + close + [42, EOS], "stop"
+
+    engine = StopIdEngine(step)
+    [st] = budget_forcing(engine, [[1]], [0], SAMPLING, budget=16, extend=1, close_ids=close, wait_ids=WAIT,
+                          answer_tokens=4)
+    assert st["thinking"] == [5, 5] + WAIT + [6, 6] and st["answer"] == [42, EOS] and st["extensions"] == 1
+    assert engine.stops == [(EOS, 90), (EOS,)]  # stop at the tag only while a Wait is due
+    assert st["generated"] == 3 + 5  # [5, 5, close], then [6, 6, close, 42, EOS]: no answer thrown away
 
 
 def test_context_overflow_is_refused_before_generating(tok):

@@ -142,13 +142,18 @@ class StubHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.hits += 1
+        self.server.seen.append((self.command, self.path, self.headers.get("Authorization")))
         status, body = self.server.replies[min(self.server.hits, len(self.server.replies)) - 1]
         data = json.dumps(body).encode()
         self.send_response(status)
+        if status == 429:
+            self.send_header("Retry-After", "0")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    do_GET = do_POST
 
     def log_message(self, *args):
         pass
@@ -157,7 +162,7 @@ class StubHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def stub():
     server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
-    server.hits, server.replies = 0, []
+    server.hits, server.replies, server.seen = 0, [], []
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
     server.shutdown()
@@ -192,6 +197,47 @@ def test_5xx_is_retried_and_4xx_is_not(stub):
     stub.hits, stub.replies = 0, [(200, {"choices": [{"index": 0, "token_ids": [1], "prompt_logprobs": None}]})]
     with pytest.raises(EngineError, match="does not support scoring"):
         engine.token_logprobs([[1, 2, 3]], [1])
+
+
+def test_api_key_429_retry_and_the_named_models_context(stub, monkeypatch):
+    """Issue 23, item 12: the client sent no API key, did not retry 429, and took 2048 as the context of a named
+    model (endpoint_model) instead of the server's max_model_len."""
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    models = {"data": [{"id": "base", "max_model_len": 256}, {"id": "ad", "max_model_len": 384}]}
+    ok = {"choices": [choice(0, [5], "stop")]}
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    stub.replies = [(200, models), (429, {"error": {"message": "slow down"}}), (503, {"error": {"message": "busy"}}),
+                    (200, ok)]
+    engine = EndpointEngine(url, model="ad", retries=2, backoff_s=0.01)
+    assert engine.context_length() == 384  # the named model's, not the first one's, not 2048
+    (group,) = engine.generate([[1, 2]], Sampling(), seeds=[0])
+    assert [c.token_ids for c in group] == [(5,)] and stub.hits == 4  # 429 and 503 retried
+    assert [a for _, _, a in stub.seen] == ["Bearer from-env"] * 4
+    assert EndpointEngine(url, model="m", api_key="given").api_key == "given"  # --api-key wins over the variable
+
+    stub.hits, stub.seen, stub.replies = 0, [], [(429, {"error": {"message": "slow down"}})]
+    with pytest.raises(EngineError, match="2 attempts.*HTTP 429: slow down"):  # bounded
+        EndpointEngine(url, model="m", retries=1, backoff_s=0.01).generate([[1]], Sampling(), seeds=[0])
+    stub.hits, stub.replies = 0, [(401, {"error": {"message": "Unauthorized"}})]
+    with pytest.raises(EngineError, match="HTTP 401.*--api-key KEY or set OPENAI_API_KEY"):
+        EndpointEngine(url, model="m").generate([[1]], Sampling(), seeds=[0])
+    assert stub.hits == 1
+    stub.hits, stub.replies = 0, [(200, models)]
+    with pytest.raises(EngineError, match="does not serve a model named 'nope'.*'base', 'ad'"):
+        EndpointEngine(url, model="nope").context_length()
+    stub.hits, stub.replies = 0, [(200, {"data": [{"id": "x"}]})]
+    assert EndpointEngine(url, model="x").context_length() is None  # the server does not say: the config's
+
+
+def test_the_api_key_is_never_written_and_endpoint_settings_need_an_endpoint():
+    from optsys.config import ConfigError
+    from optsys.eval.config import load_eval_config, to_dict
+
+    cfg = load_eval_config(flags={"endpoint": "http://127.0.0.1:1", "api_key": "secret"})
+    assert to_dict(cfg)["api_key"] == "<set>" and "secret" not in json.dumps(to_dict(cfg))
+    for key, value in (("api_key", "k"), ("endpoint_model", "m")):
+        with pytest.raises(ConfigError, match=f"{key} applies to --endpoint"):
+            load_eval_config(flags={"model": "tiny:test", key: value})
 
 
 # --- a real server --------------------------------------------------------------------------------------------------

@@ -70,7 +70,12 @@ def _call(fn, completion, answer):
     (correct, "<think>132", "132", 0.0),
     (numeric, "Answer: $1,234.50", "1234.5", 1.0),
     (numeric, "50%", "50", 1.0),
-    (numeric, "1000000.1", "1000000", 1.0),  # within 1e-6 relative
+    (numeric, "1000000.1", "1000000", 0.0),  # an integer reference is met exactly (issue 23, item 8)
+    (numeric, "1000001", "1000000", 0.0),
+    (numeric, "1.0000001", "1", 0.0),
+    (numeric, "0.3333333", "0.33333333", 1.0),  # a non-integer reference: within 1e-6 relative
+    (numeric, "The answer is 42. 17 is less.", "42", 1.0),
+    (numeric, "\\boxed{\\frac{1}{2}}", "1", 0.0),  # not read as its first number
     (numeric, "1.001", "1", 0.0),
     (numeric, "0", "0", 1.0),
     (numeric, "nan", "nan", 0.0),

@@ -1,0 +1,144 @@
+"""Regenerate the benchmark tables in bench/README.md and README.md from the JSON the scripts wrote.
+
+    python bench/report.py [--e2e bench/results/e2e.json] [--other-machine] [--check]
+
+A number in a table cannot drift from its run: the tables between `<!-- report:NAME -->` and `<!-- /report:NAME -->`
+are written by this script only. A JSON from another machine (its `machine.id` differs from this one's: another
+processor, core count or host) is refused unless --other-machine is given, and then the table says where it was
+measured. --check exits 1 if a table differs from what the JSON gives (for CI or a pre-commit hook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = {
+    "optsys": "**optsys** (defaults: `attn_implementation=auto`)",
+    "optsys-varlen": "optsys, opt-in `sdpa_varlen`",
+    "optsys-gc": "optsys, gradient checkpointing",
+    "trl-default": "TRL defaults (gradient checkpointing on)",
+    "trl-best": "TRL best (gradient checkpointing off): the baseline",
+    "trl-best-gc": "TRL best, gradient checkpointing on",
+    "trl-cb": "TRL, continuous batching",
+}
+SECTION_NAMES = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO"}
+
+
+class ReportError(SystemExit):
+    pass
+
+
+def provenance(doc: dict, here: dict, other_machine: bool, path: Path) -> str:
+    m = doc["machine"]
+    where = f"{m['processor'] or 'unknown CPU'}, {m['cores']} cores, {m['threads']} threads" + (
+        f", {m['cuda']}" if m.get("cuda") else ", no GPU")
+    if m["id"] != here["id"]:
+        if not other_machine:
+            raise ReportError(f"{path} was measured on another machine ({where}, host {m['host']}); this one is "
+                              f"{here['processor']}, {here['cores']} cores, host {here['host']}. Re-run the script "
+                              "here, or pass --other-machine to publish it labelled as such.")
+        where = f"**another machine**: {where}, host {m['host']}"
+    load = doc["load_average"]
+    return (f"{doc['date']}, {where}; load average {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end; "
+            f"{doc['wall_s'] / 60:.0f} min. `{doc['command']}`")
+
+
+def e2e_table(doc: dict, source: str) -> str:
+    lines = [source, "",
+             "| section | variant | tokens / step | s / step, min | s / step, median | tokens/s (median) "
+             "| speed vs TRL best (median) | (min) | over floor (MB) | memory vs optsys | step-1 loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
+    for r in doc["table"]:
+        lines.append(
+            f"| {SECTION_NAMES[r['section']]} | {LABELS.get(r['variant'], r['variant'])} | {r['tokens_per_step']:.0f} "
+            f"| {r['s_per_step_min']:.2f} | {r['s_per_step_median']:.2f} | {r['tokens_per_s_median']:.0f} "
+            f"| {f(r['speed_vs_baseline_median'], '.2f')}x | {f(r['speed_vs_baseline_min'], '.2f')}x "
+            f"| {r['peak_over_floor_mb']:.0f} | {f(r['mem_vs_optsys'], '.2f')} | {f(r['loss_step1'], '.5f')} |")
+        if r["section"] == "grpo":
+            lines.append(f"| GRPO, generation excluded | {LABELS.get(r['variant'], r['variant'])} | | | "
+                         f"{r['s_per_step_no_gen_median']:.2f} | | "
+                         f"{f(r['speed_vs_baseline_no_gen_median'], '.2f')}x | | | | |")
+    for name, why in doc.get("absent", {}).items():
+        lines.append(f"| {SECTION_NAMES.get(name.split(':')[0], name)} | {name.split(':')[1]}: absent | {why} "
+                     "| | | | | | | | |")
+    reps = {r["repeats"] for r in doc["table"]}
+    lines += ["", f"Repeats per variant: {', '.join(map(str, sorted(reps)))}, interleaved, each in its own process; "
+              "timed: optimizer steps 2.. of each process; excluded: process start, model load, data preparation, "
+              "the reference precompute. Speed = TRL-best's s/step over the row's (> 1: the row is faster)."]
+    return "\n".join(lines)
+
+
+def e2e_headline(doc: dict) -> str:
+    """The README results table's row: optsys at its defaults against TRL's best, medians over repeats."""
+    rows = {(r["section"], r["variant"]): r for r in doc["table"]}
+    parts = []
+    for sec in ("sft", "dpo", "grpo"):
+        r = rows.get((sec, "optsys"))
+        if r and r["speed_vs_baseline_median"] is not None:
+            parts.append(f"{SECTION_NAMES[sec]} {r['speed_vs_baseline_median']:.2f}x")
+    extra = [f"{SECTION_NAMES[s]} {r['speed_vs_baseline_median']:.2f}x" for (s, v), r in rows.items()
+             if v == "optsys-varlen" and r["speed_vs_baseline_median"] is not None]
+    reps = min(r["repeats"] for r in doc["table"])
+    claims = ", ".join(parts) + f" TRL-best's speed (median of {reps} interleaved repeats)"
+    if extra:
+        claims += f"; with the opt-in `sdpa_varlen`: {', '.join(extra)}"
+    m, load = doc["machine"], doc["load_average"]
+    return (f"| one SFT / DPO / GRPO step vs TRL 1.16 at its best settings here (gradient checkpointing off on both "
+            f"sides; packing + padding-free; precomputed reference; HF generate), optsys at its defaults, same ids, "
+            f"step-1 loss and grad norm equal | `{doc['command']}` | {claims} | {doc['wall_s'] / 60:.0f} min "
+            f"({doc['date']}) | {m['cores']}-core CPU, {m['threads']} threads, load {load['start'][0]:.1f} |")
+
+
+def replace_block(text: str, name: str, body: str, path: Path) -> str:
+    pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(\n<!-- /report:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise ReportError(f"{path}: no `<!-- report:{name} -->` ... `<!-- /report:{name} -->` block to fill")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def render(args) -> dict[Path, str]:
+    here = harness.machine(0)
+    out: dict[Path, str] = {}
+    e2e = Path(args.e2e)
+    if not e2e.exists():
+        raise ReportError(f"{e2e} does not exist: run `python bench/e2e.py` first")
+    doc = json.loads(e2e.read_text())
+    if doc.get("script") != "bench/e2e.py":
+        raise ReportError(f"{e2e} was not written by bench/e2e.py's harness (no `script` field): re-run it")
+    source = provenance(doc, here, args.other_machine, e2e)
+    bench_readme, readme = Path(args.bench_readme), Path(args.readme)
+    out[bench_readme] = replace_block(bench_readme.read_text(), "e2e", e2e_table(doc, source), bench_readme)
+    out[readme] = replace_block(readme.read_text(), "e2e", e2e_headline(doc), readme)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--e2e", default=str(ROOT / "bench" / "results" / "e2e.json"))
+    p.add_argument("--bench-readme", default=str(ROOT / "bench" / "README.md"))
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--other-machine", action="store_true", help="publish a JSON from another machine, labelled")
+    p.add_argument("--check", action="store_true", help="exit 1 if a table differs from its JSON; write nothing")
+    args = p.parse_args()
+    stale = []
+    for path, text in render(args).items():
+        if path.read_text() != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(text)
+    if args.check and stale:
+        raise SystemExit(f"out of date: {', '.join(map(str, stale))} (run python bench/report.py)")
+    print("up to date" if not stale else f"wrote {', '.join(map(str, stale))}")
+
+
+if __name__ == "__main__":
+    main()
