@@ -18,6 +18,7 @@ in optsys.trainers.rl_batch; PPO's critic in optsys.models.critic.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -161,6 +162,7 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
         held_out_play("before", step)
 
     fwd = Forward(device, tc.precision, rl.temperature, tc.kernel_backend)
+    dropout = has_dropout(model)
     progress = StepProgress(tc.max_steps, f"{method} {cfg.recipe}", enabled=tc.progress and world.is_main)
     window: dict[str, list[float]] = state["window"] or {}  # per-step metrics since the last log line
     clock = RunClock(state["counters"])
@@ -184,7 +186,7 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
             t = time.perf_counter()
             with phase("data"):  # rollouts packed into rows
                 all_mbs = micro_batches(rollouts, cfg.data.max_tokens, algo.agg, rl.max_new_tokens, world, filler)
-            fused_old = on_policy_old(rl.updates_per_batch, method)
+            fused_old = on_policy_old(rl.updates_per_batch, method, dropout)
             if not fused_old or ref_model is not None or critic is not None:
                 score_old_and_ref(None if fused_old else model, ref_model, all_mbs, fwd, critic)
             stats.add("time/ref_logprobs_s", time.perf_counter() - t)
@@ -332,19 +334,49 @@ class Forward:
             return critic.packed_values(b.input_ids, b.position_ids, b.seq_lens, b.targets)
 
 
-def on_policy_old(updates_per_batch: int, method: str) -> bool:
+def on_policy_old(updates_per_batch: int, method: str, dropout: bool = False) -> bool:
     """With one optimizer step per rollout step, the policy that scores the update's forward IS the old policy:
     its log-probs (detached) are the old log-probs, and the separate no-grad pass over the batch is skipped (a
     third of the update's compute). Not for methods whose advantages need the old log-probs before the loss
-    (REINFORCE++ with KL, distillation, PPO's KL-shaped reward)."""
-    return updates_per_batch == 1 and RL_ALGORITHMS[method].advantage in ("grpo", "rloo")
+    (REINFORCE++ with KL, distillation, PPO's KL-shaped reward), nor with dropout (`dropout`: the update's
+    train-mode forward is noisy, and the old log-probs must be the eval-mode policy's)."""
+    return updates_per_batch == 1 and RL_ALGORITHMS[method].advantage in ("grpo", "rloo") and not dropout
 
 
 @torch.no_grad()
 def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], fwd: Forward, critic=None) -> None:
     """The trainer's log-probs (and entropy) before the update (model None: skipped, see `on_policy_old`), the
-    reference's (or teacher's) when there is one, and the critic's values (PPO). FSDP ranks run the same number
-    of forwards: fillers too, results dropped."""
+    reference's (or teacher's) when there is one, and the critic's values (PPO). All in eval mode (no dropout:
+    the old log-probs are the policy's, deterministic, and on-policy ratios are 1); train mode again after.
+    FSDP ranks run the same number of forwards: fillers too, results dropped."""
+    with eval_mode(model, ref_model, critic):
+        _score_old_and_ref(model, ref_model, mbs, fwd, critic)
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Each model (None skipped) in eval mode inside, back in the mode it had after."""
+    was = [(m, m.training) for m in models if m is not None]
+    for m, _ in was:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in was:
+            m.train(training)
+
+
+def has_dropout(model) -> bool:
+    """Whether a train-mode forward of `model` is random: a Dropout module with p > 0 (LoRA's lora_dropout too), or
+    a config dropout rate > 0 (attention_dropout and the like, applied functionally)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    rates = vars(config).items() if config is not None else ()
+    return any(k.endswith("dropout") and isinstance(v, float) and v > 0 for k, v in rates)
+
+
+def _score_old_and_ref(model, ref_model, mbs: list[MicroBatch], fwd: Forward, critic=None) -> None:
     for mb in mbs:
         logp, ent, ref, values = None, None, None, None
         if model is not None:
@@ -383,6 +415,17 @@ def old_logp_stats(rollouts: list[Rollout], advantage: str, stats: StepStats) ->
 # ---------------------------------------------------------------------------- update
 
 
+def loss_kl(rl: RLConfig, method: str) -> dict:
+    """The policy loss's KL arguments: none without rl.kl_coef; for the methods with the KL in the reward (PPO,
+    REINFORCE++: set_token_advantages folds -kl_coef x k1 into the token rewards) a zero coefficient, so the
+    loss only logs train/kl (mean k1) and the KL is applied once; else kl_coef x rl.kl_estimator (default k3)."""
+    if rl.kl_coef == 0:
+        return {}
+    if RL_ALGORITHMS[method].kl_in_reward:
+        return {"kl_coef": 0.0, "kl_estimator": "k1"}
+    return {"kl_coef": rl.kl_coef, "kl_estimator": rl.kl_estimator or "k3"}
+
+
 def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, rl: RLConfig, method: str,
            fused_old: bool, grad_clip: float, world, stats: StepStats, critic=None) -> float:
     """One optimizer step on a mini-batch's micro-batches (policy, and the critic for PPO); returns the policy's
@@ -392,9 +435,9 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
     kw = dict(clip_eps_high=rl.clip_eps_high if rl.clip_eps_high is not None else algo.clip_eps_high)
     if algo.loss != "cispo":
         kw["clip_eps"] = rl.clip_eps if rl.clip_eps is not None else algo.clip_eps
-    kl = rl.kl_coef > 0 and algo.advantage != "gae"  # PPO puts the KL in the reward instead
-    if kl:
-        kw.update(kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator)
+    kl_kw = loss_kl(rl, method)
+    kw.update(kl_kw)
+    kl = bool(kl_kw)
     device = fwd.device
     loss_sum = 0.0
     for mb in mbs:
@@ -468,7 +511,7 @@ def sync_and_check(engine, model, canary: Canary, stats: StepStats, n_sync: int,
     stats.add("sync/mb", report.bytes / 2**20)
     if rl.canary_every and n_sync % rl.canary_every == 0:
         t = time.perf_counter()
-        with phase("canary"):  # engine vs trainer log-probs of a fixed completion
+        with phase("canary"), eval_mode(model):  # engine vs trainer log-probs of a fixed completion (no dropout)
             stats.add("sync/canary_error", canary.check(engine, model))
         stats.add("time/canary_s", time.perf_counter() - t)
 

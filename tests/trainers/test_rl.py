@@ -163,6 +163,9 @@ def test_a_sync_that_skips_a_parameter_stops_the_run(tmp_path, monkeypatch):
     (["rl.reward_weights=[1.0]"], "one weight per reward"),
     (["rl.rewards=[corect]"], "corect"),
     (["rl.kl_estimator=k1"], "rl.kl_coef"),
+    (["rl.kl_coef=0.1", "rl.kl_estimator=k1"], "expected gradient is 0"),  # a loss term
+    (["rl.kl_coef=0.1", "rl.kl_estimator=k3", "method=ppo"], "only k1"),  # the KL is in ppo's reward
+    (["rl.kl_coef=0.1", "rl.kl_estimator=k2", "method=reinforce_pp"], "only k1"),
     (["rl.max_new_tokens=64"], "data.max_tokens"),
     (["trainer.batch_tokens=8192"], "trainer.batch_tokens"),
     (["rl.top_p=0"], "rl.top_p"),
@@ -395,7 +398,7 @@ def test_on_policy_old_logprobs_skip_the_extra_pass_and_change_nothing(tmp_path,
     monkeypatch.setattr(rl, "score_old_and_ref", spy)
     fused, out_a = run(tmp_path, "grpo", "rl.engine=hf", name="fused")
     assert calls == []  # no reference, no critic: the no-grad pass does not run at all
-    monkeypatch.setattr(rl, "on_policy_old", lambda cfg, method: False)
+    monkeypatch.setattr(rl, "on_policy_old", lambda *args: False)
     separate, out_b = run(tmp_path, "grpo", "rl.engine=hf", name="separate")
     a = [r for r in rows(out_a) if "train/loss" in r]
     b = [r for r in rows(out_b) if "train/loss" in r]
@@ -422,3 +425,41 @@ def test_the_engine_sleeps_through_the_update_and_wakes_for_the_sync(tmp_path, m
     run(tmp_path, "grpo", "rl.engine=hf", "eval.before=false", "eval.after=false")
     per_step = ["generate", "sleep", "wake", "load_weights"]
     assert calls == ["load_weights"] + per_step * 2  # the first sync checks the engine before any rollout
+
+
+def test_old_and_reference_logprobs_are_scored_in_eval_mode(tiny_path):
+    """With dropout (LoRA's, p=0.5, on trained adapters) a train-mode forward is random. The old log-probs and the
+    reference's are scored in eval mode: the policy's own, the same on every pass, and the model is back in train
+    mode after. The update's fused old log-probs (a train-mode forward) are off with dropout."""
+    from types import SimpleNamespace
+
+    from optsys.config import LoraConfig, ModelConfig
+    from optsys.models.load import load_model_and_tokenizer
+    from optsys.models.packed import attach_forward_methods
+    from optsys.trainers import rl
+    from optsys.trainers.rl_batch import Prompt, Rollout, micro_batches
+
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_path), lora=LoraConfig(r=4, dropout=0.5)),
+                                        torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained adapters (lora_B starts at 0, where dropout would change nothing)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    model = attach_forward_methods(model).train()
+    world = SimpleNamespace(size=1, rank=0, distributed=False)
+    rollouts = [Rollout(Prompt([11, 12, 13, 14], "q", None), 0, [21, 22, 23, 24, 25], [0.0] * 5, "stop")
+                for _ in range(2)]
+    mbs = micro_batches(rollouts, 64, "token_mean", 5, world, filler=[])
+    fwd = rl.Forward(torch.device("cpu"), "fp32", 1.0, "torch")
+    passes = []
+    for _ in range(2):
+        rl.score_old_and_ref(model, model, mbs, fwd)  # the policy as its own reference too
+        passes.append([torch.cat([getattr(r, k) for r in rollouts]) for k in ("old_logp", "ref_logp")])
+        assert model.training
+    with torch.no_grad():
+        want = fwd.logps(model.eval(), mbs[0])[0].float()
+    for old, ref in passes:
+        torch.testing.assert_close(old, want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ref, want, rtol=0, atol=1e-6)
+    assert rl.has_dropout(model) and not rl.on_policy_old(1, "grpo", rl.has_dropout(model))
