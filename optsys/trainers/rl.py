@@ -35,9 +35,10 @@ from optsys.losses.value import value_loss
 from optsys.methods import RL_ALGORITHMS
 from optsys.models.critic import build_critic, packed_values
 from optsys.models.load import load_model_and_tokenizer
+from optsys.models.lora import is_peft
 from optsys.models.packed import attach_forward_methods
 from optsys.models.sources import local_source
-from optsys.parallel.dist import barrier, torchrun_world
+from optsys.parallel.dist import barrier, shard_model, torchrun_world
 from optsys.rollout.engine import Sampling, resolve_engine_name
 from optsys.rollout.games import evaluate_environment
 from optsys.rollout.rewards import build_rewards
@@ -54,7 +55,7 @@ from optsys.trainers.common import (
     save_final_model,
     warmup_cosine,
 )
-from optsys.trainers.precision import frozen_for_compute
+from optsys.trainers.precision import frozen_for_compute, fsdp_param_dtype
 from optsys.trainers.rl_batch import (
     MicroBatch,
     Prompt,
@@ -99,10 +100,10 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                                                 model_name=cfg.model.name_or_path)
     ref_model = None
     if algo.advantage == "teacher_kl":  # distillation: the teacher scores in the reference's place
-        ref_model = load_teacher(rl.teacher, cfg.model, tokenizer, device, precision, seed=cfg.seed, resolve=resolve)
-    elif rl.kl_coef > 0:  # the initial policy, frozen
-        ref_model = attach_forward_methods(frozen_for_compute(copy.deepcopy(model).eval().requires_grad_(False),
-                                                              precision))
+        ref_model = shard_model(load_teacher(rl.teacher, cfg.model, tokenizer, device, precision, seed=cfg.seed,
+                                             resolve=resolve), world, fsdp_param_dtype(precision))
+    elif rl.kl_coef > 0:
+        ref_model = build_reference(model, world, precision)
     critic = None
     if algo.advantage == "gae":
         critic = ready_for_training(build_critic(model), world, precision, methods={"packed_values": packed_values})
@@ -152,6 +153,7 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                                       max_tokens=cfg.data.max_tokens, summary=summary, log=log, world=world)
     sync = functools.partial(sync_and_check, engine, model, canary, rl=rl, lora_r=cfg.model.lora.r,
                              dtype=precision.storage)
+    adapter_sync = bool(cfg.model.lora.r) and rl.lora_sync == "adapter"
     start_stats = StepStats()
     try:  # the engine loaded the initial checkpoint: after a resume it gets the restored weights first
         sync(start_stats, 0)
@@ -177,10 +179,11 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
             if rollouts:
                 with phase("advantages"):
                     group_advantages(rollouts, rl.group_size, method)
-            # ---- the engine sleeps (GPU: KV cache freed, weights offloaded; CPU: a no-op that says so once)
+            # ---- the engine sleeps (GPU: KV cache and weights freed, the weights kept on the host only for a LoRA
+            # adapter sync, which leaves the base alone; CPU: a no-op that says so once)
             t = time.perf_counter()
             with phase("engine_sleep"):
-                engine.sleep()
+                memory = engine.sleep(discard_weights=not adapter_sync)
             sleep_s = time.perf_counter() - t
             # ---- old / reference log-probs (PPO: the critic's values), then the per-token advantages
             t = time.perf_counter()
@@ -209,12 +212,15 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                                    fused_old=fused_old, grad_clip=tc.grad_clip, world=world, stats=stats,
                                    critic=critic)
             stats.add("time/update_s", time.perf_counter() - t)
-            # ---- sync + canary: the engine wakes (the reload writes into its weights), gets the new policy
+            # ---- sync + canary: the engine's weights wake (the reload writes into them), take the new policy, then
+            # its KV cache wakes (not during the sync: a lower peak) and the canary checks it
             t = time.perf_counter()
             with phase("engine_wake"):
-                engine.wake()
+                memory.update(engine.wake(("weights",)))
             stats.add("time/sleep_wake_s", sleep_s + time.perf_counter() - t)
             sync(stats, step)
+            for key, mb in memory.items():  # GPU: what the sleep freed, what the wakes took back, host copies
+                stats.add(key, mb)
         # ---- log: per-step metrics, averaged over trainer.log_every steps
         clock.add(sum(len(r.prompt.ids) + len(r.token_ids) for r in rollouts))
         metrics = stats.means(world)
@@ -261,6 +267,24 @@ def load_teacher(teacher: str, model_cfg: ModelConfig, tokenizer, device, precis
                           f"{differing}): on-policy distillation compares log-probs token for token, so the teacher "
                           "must share the student's tokenizer")
     return attach_forward_methods(frozen_for_compute(teacher_model.eval().requires_grad_(False), precision))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptersOff:
+    """The KL reference of a LoRA policy: the policy itself with its adapters disabled, i.e. its frozen base,
+    which is the initial policy (LoRA's B starts at 0). No second model in memory."""
+
+    model: torch.nn.Module
+
+
+def build_reference(model, world, precision):
+    """The initial policy, frozen, for the KL term: a LoRA policy's base with the adapters off (AdaptersOff);
+    else a frozen copy sharded like the policy (FSDP2 under torchrun: 1 / world of it per rank, not a full copy).
+    Call before ready_for_training (the copy is of the loaded weights); `model` stays the same module after it."""
+    if is_peft(model):
+        return AdaptersOff(model)
+    frozen = frozen_for_compute(copy.deepcopy(model).eval().requires_grad_(False), precision)
+    return shard_model(attach_forward_methods(frozen), world, fsdp_param_dtype(precision))
 
 
 def build_optimization(model, critic, tc: TrainerConfig, *, updates_per_batch: int, critic_lr: float | None):
@@ -349,8 +373,10 @@ def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], fwd: Forward, cri
     reference's (or teacher's) when there is one, and the critic's values (PPO). All in eval mode (no dropout:
     the old log-probs are the policy's, deterministic, and on-policy ratios are 1); train mode again after.
     FSDP ranks run the same number of forwards: fillers too, results dropped."""
-    with eval_mode(model, ref_model, critic):
+    with eval_mode(model, ref_model if isinstance(ref_model, torch.nn.Module) else None, critic):
         _score_old_and_ref(model, ref_model, mbs, fwd, critic)
+    if hasattr(ref_model, "reshard"):  # FSDP2 leaves the root gathered after a no-grad forward: free it
+        ref_model.reshard()
 
 
 @contextlib.contextmanager
@@ -382,7 +408,10 @@ def _score_old_and_ref(model, ref_model, mbs: list[MicroBatch], fwd: Forward, cr
         if model is not None:
             with phase("old_logprobs"):
                 logp, ent = fwd.logps(model, mb, entropy=True)
-        if ref_model is not None:
+        if isinstance(ref_model, AdaptersOff):
+            with phase("reference"), ref_model.model.disable_adapter(), eval_mode(ref_model.model):
+                ref = fwd.logps(ref_model.model, mb)[0]
+        elif ref_model is not None:
             with phase("reference"):  # the reference's (or the teacher's) log-probs
                 ref = fwd.logps(ref_model, mb)[0]
         if critic is not None:
@@ -503,12 +532,18 @@ def sync_policy(engine, model, dtype: torch.dtype, *, lora_r: int, lora_sync: st
 
 def sync_and_check(engine, model, canary: Canary, stats: StepStats, n_sync: int, *, rl: RLConfig, lora_r: int,
                    dtype: torch.dtype) -> None:
-    """Sync the policy into the engine; every rl.canary_every-th sync, check the engine against the trainer."""
+    """Sync the policy into the engine (its weights awake), wake its KV cache (a no-op if awake); every
+    rl.canary_every-th sync, check the engine against the trainer."""
     t = time.perf_counter()
     with phase("weight_sync"):
         report = sync_policy(engine, model, dtype, lora_r=lora_r, lora_sync=rl.lora_sync, bucket_mb=rl.sync_bucket_mb)
     stats.add("time/sync_s", time.perf_counter() - t)
     stats.add("sync/mb", report.bytes / 2**20)
+    t = time.perf_counter()
+    with phase("engine_wake"):
+        for key, mb in engine.wake(("kv_cache",)).items():
+            stats.add(key, mb)
+    stats.add("time/sleep_wake_s", time.perf_counter() - t, 0.0)  # added to the step's one sleep/wake entry
     if rl.canary_every and n_sync % rl.canary_every == 0:
         t = time.perf_counter()
         with phase("canary"), eval_mode(model):  # engine vs trainer log-probs of a fixed completion (no dropout)
