@@ -468,7 +468,7 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
     kw.update(kl_kw)
     kl = bool(kl_kw)
     device = fwd.device
-    loss_sum = 0.0
+    loss_sum = kl_sum = 0.0
     for mb in mbs:
         logp, ent = fwd.logps(model, mb, entropy=fused_old)
         n = logp.shape[0]
@@ -501,12 +501,16 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
         with phase("backward"):
             (loss * world.size).backward()
         loss_sum += float(loss.detach())
+        kl_sum += float(metrics.get("kl", 0.0))
         if mb.real:
             for k, v in {**metrics, **is_metrics}.items():
-                if k != "pg_loss":  # token-weighted means of the micro-batch metrics
+                if k not in ("pg_loss", "kl"):  # token-weighted means of the micro-batch metrics
                     stats.add(f"train/{k}", float(v) * n, n)
-    # the micro-batch losses of all ranks sum to the mini-batch's loss: each rank counts 1 / world_size
+    # the micro-batch losses of all ranks sum to the mini-batch's loss: each rank counts 1 / world_size. The KL
+    # term is such a share too (aggregated with the loss's token weights), so it is summed the same way
     stats.add("train/loss", loss_sum, 1.0 / world.size)
+    if kl:
+        stats.add("train/kl", kl_sum, 1.0 / world.size)
     if critic is not None and grad_clip > 0:  # the critic's own norm (clip_and_step clips the policy)
         with phase("optimizer"):
             norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip)
