@@ -189,8 +189,9 @@ class RLConfig:
     # KL(ref||pi)); k1 is refused there, its expected gradient is 0. In the reward (ppo, reinforce_pp) k1 only:
     # a reward's gradient E[k grad log pi] is grad KL(pi||ref) for k1 alone.
     kl_estimator: Optional[Literal["k1", "k2", "k3"]] = None
-    # Sampler-vs-trainer mismatch: importance weights old / sampler per token, truncated (tis) or masked above
-    # correction_cap (mis_token, mis_seq); "none" trusts the sampler (see optsys.losses.policy.sampler_correction).
+    # Sampler-vs-trainer mismatch: importance weights old / sampler per token, truncated above correction_cap (tis)
+    # or masked outside [1 / correction_cap, correction_cap] per token (mis_token) or per sequence's geometric mean
+    # (mis_seq); "none" trusts the sampler (see optsys.losses.policy.sampler_correction).
     sampler_correction: Literal["none", "tis", "mis_token", "mis_seq"] = "tis"
     correction_cap: float = 2.0
     # DAPO's dynamic sampling (None: DAPO only): drop the groups whose completions are all right or all wrong
