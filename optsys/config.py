@@ -182,13 +182,22 @@ class RLConfig:
     on_reward_error: Literal["error", "zero"] = "error"
     clip_eps: Optional[float] = None  # None: the method's default (0.2; GSPO 3e-4)
     clip_eps_high: Optional[float] = None  # None: the method's default (= clip_eps; DAPO 0.28; GSPO 4e-4)
-    kl_coef: float = 0.0  # KL to the initial policy in the loss (0: no reference model is kept)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    # Sampler-vs-trainer mismatch: importance weights old / sampler per token, truncated (tis) or masked above
-    # correction_cap (mis_token, mis_seq); "none" trusts the sampler (see optsys.losses.policy.sampler_correction).
+    # KL to the initial policy (0: no reference model is kept). GRPO family: kl_coef x an estimate per token in the
+    # loss; ppo and reinforce_pp: -kl_coef x k1 in every token's reward instead (never both).
+    kl_coef: float = 0.0
+    # None: the method's. In the loss k2 (expected gradient: grad KL(pi||ref)) or k3 (GRPO's, the default: grad
+    # KL(ref||pi)); k1 is refused there, its expected gradient is 0. In the reward (ppo, reinforce_pp) k1 only:
+    # a reward's gradient E[k grad log pi] is grad KL(pi||ref) for k1 alone.
+    kl_estimator: Optional[Literal["k1", "k2", "k3"]] = None
+    # Sampler-vs-trainer mismatch: importance weights old / sampler per token, truncated above correction_cap (tis)
+    # or masked outside [1 / correction_cap, correction_cap] per token (mis_token) or per sequence's geometric mean
+    # (mis_seq); "none" trusts the sampler (see optsys.losses.policy.sampler_correction).
     sampler_correction: Literal["none", "tis", "mis_token", "mis_seq"] = "tis"
     correction_cap: float = 2.0
-    dynamic_sampling: Optional[bool] = None  # drop groups whose rewards are all equal, refill (None: DAPO only)
+    # DAPO's dynamic sampling (None: DAPO only): drop the groups whose completions are all right or all wrong
+    # (eq. 11), refill. Right = the answer check: rl.rewards' `correct` (else its `numeric`), else the `correct`
+    # rule; rows without an answer: the groups whose rl.rewards sum is all equal. Never on the overlong penalty.
+    dynamic_sampling: Optional[bool] = None
     max_refills: int = 2  # extra generation rounds per step for dynamic sampling
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last this-many tokens (0: off)
     sync_bucket_mb: float = 256.0  # weight-sync bucket: the most extra memory a sync holds

@@ -56,6 +56,9 @@ class RLAlgorithm:
     clip_eps: float = 0.2
     clip_eps_high: float | None = None  # None: = clip_eps
     dynamic_sampling: bool = False
+    # where rl.kl_coef's KL to the reference goes: False, a k2 / k3 term of the loss (GRPO eq. 3); True, -kl_coef
+    # x k1 in every token's reward (PPO as in RLHF, REINFORCE++ as its paper), never both
+    kl_in_reward: bool = False
 
 
 RL_ALGORITHMS: dict[str, RLAlgorithm] = {
@@ -65,12 +68,12 @@ RL_ALGORITHMS: dict[str, RLAlgorithm] = {
     "gspo": RLAlgorithm("grpo", "gspo", "seq_mean_token_mean", clip_eps=3e-4, clip_eps_high=4e-4),  # Zheng et al.
     "cispo": RLAlgorithm("grpo", "cispo", "token_mean", clip_eps_high=0.28),  # MiniMax-M1
     "rloo": RLAlgorithm("rloo", "ppo_clip", "token_mean"),  # Ahmadian et al. 2024
-    "reinforce_pp": RLAlgorithm("reinforce_pp_token", "ppo_clip", "token_mean"),  # Hu et al. 2025
+    "reinforce_pp": RLAlgorithm("reinforce_pp_token", "ppo_clip", "token_mean", kl_in_reward=True),  # Hu et al. 2025
     # on-policy distillation (Agarwal et al. 2024; Lu & Thinking Machines 2025): per-token advantage
     # -(log pi(y_t) - log teacher(y_t)) on the student's own samples: minimizes the reverse KL to the teacher
     "distill": RLAlgorithm("teacher_kl", "ppo_clip", "token_mean"),
     # PPO with a learned critic and GAE (Schulman et al. 2017; Ouyang et al. 2022 for the KL in the reward)
-    "ppo": RLAlgorithm("gae", "ppo_clip", "token_mean"),
+    "ppo": RLAlgorithm("gae", "ppo_clip", "token_mean", kl_in_reward=True),
 }
 
 # Every family section of TrainConfig; a run's config.yaml keeps only its method's.

@@ -150,6 +150,15 @@ def check_rl(cfg: TrainConfig) -> None:
     if rl.kl_coef == 0 and rl.kl_estimator != defaults.rl.kl_estimator:
         raise ConfigError(f"rl.kl_estimator={rl.kl_estimator} has no effect with rl.kl_coef=0; set rl.kl_coef > 0 "
                           "or drop rl.kl_estimator")
+    if rl.kl_estimator == "k1" and not algo.kl_in_reward:
+        raise ConfigError(f"rl.kl_estimator=k1 with method={cfg.method}: the KL is a loss term there, where k1's "
+                          "expected gradient is 0 (E_pi[grad log pi] = 0), so rl.kl_coef would regularise nothing. "
+                          "Use k3 (the default; gradient of KL(ref||pi)) or k2 (gradient of KL(pi||ref)), or a "
+                          "method with the KL in its reward (ppo, reinforce_pp), where k1 is the one estimator")
+    if rl.kl_estimator in ("k2", "k3") and algo.kl_in_reward:
+        raise ConfigError(f"rl.kl_estimator={rl.kl_estimator} with method={cfg.method}: its KL is -rl.kl_coef x k1 in "
+                          "each token's reward, and in a reward only k1 gives the gradient of KL(pi||ref). Drop "
+                          "rl.kl_estimator (or use a method with the KL in the loss, e.g. grpo, for k2 / k3)")
     if rl.sampler_correction == "none" and rl.correction_cap != defaults.rl.correction_cap:
         raise ConfigError("rl.correction_cap has no effect with rl.sampler_correction=none; drop it")
     if cfg.model.lora.r == 0 and rl.lora_sync != defaults.rl.lora_sync:

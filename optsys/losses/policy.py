@@ -13,6 +13,7 @@ giving each token's sequence. `mask` marks the tokens that count (bool or 0/1).
     ADVANTAGE_ESTIMATORS["grpo" | "rloo" | "reinforce_pp"](rewards [G, K], ...) -> advantages [G, K]
         (outcome rewards, a row per prompt group of K samples; spread to tokens by the caller)
     ADVANTAGE_ESTIMATORS["reinforce_pp_token"](rewards [S], mask [T], seq_ids [T], *, kl, kl_coef, gamma) -> [T]
+        (reinforce_pp_token_returns: the same before whitening, for a trainer that whitens over ranks)
     ADVANTAGE_ESTIMATORS["gae"](rewards [B, L], values [B, L], mask [B, L], ...) -> (advantages, returns)
     overlong_penalty(lengths [N], *, max_len, buffer) -> [N]; informative_groups(rewards [G, K]) -> bool [G] (DAPO)
 """
@@ -115,23 +116,36 @@ def _sequence_index(values, seq_ids, num_seqs) -> tuple[Tensor, int]:
 # ---- KL penalties to the reference (Schulman 2020, "Approximating KL divergence") ----------------
 
 
+# As a LOSS term on samples x ~ pi, what matters is the expected gradient E_pi[grad k(x)] (the sample held fixed);
+# on a 7-token vocabulary it equals exactly (tests/losses/test_policy.py::test_kl_estimator_gradients):
+#   k1: E_pi[grad log pi] = 0: no regularisation at all, so the losses refuse k1 with kl_coef > 0;
+#   k2: E_pi[log r grad log pi] = grad KL(pi || ref), the reverse KL;
+#   k3: E_pi[(1 - ref/pi) grad log pi] = -sum ref grad log pi = grad KL(ref || pi), the forward KL (GRPO's).
+# As a REWARD (PPO, REINFORCE++: -kl_coef k per token, detached), the gradient is E_pi[k grad log pi], which is
+# grad KL(pi || ref) for k1 only.
+
+
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k1 = log r, r = pi / pi_ref: unbiased for KL(pi || ref) under samples of pi, high variance."""
+    """k1 = log r, r = pi / pi_ref: unbiased for KL(pi || ref) under samples of pi, high variance. A reward-side
+    estimator: as a loss term its expected gradient is 0."""
     return logp - ref_logp
 
 
 def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k2 = (log r)^2 / 2: biased, low variance; its gradient is that of the reverse KL."""
+    """k2 = (log r)^2 / 2: biased, low variance; as a loss term its expected gradient is that of KL(pi || ref)."""
     return 0.5 * (logp - ref_logp) ** 2
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k3 = exp(-log r) - 1 + log r = ref/pi - log(ref/pi) - 1 >= 0: GRPO's estimator (Shao et al. 2024 eq. 4)."""
+    """k3 = exp(-log r) - 1 + log r = ref/pi - log(ref/pi) - 1 >= 0: GRPO's estimator (Shao et al. 2024 eq. 4),
+    unbiased for KL(pi || ref); as a loss term its expected gradient is that of KL(ref || pi)."""
     log_r = (logp - ref_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     return torch.exp(-log_r) - 1 + log_r
 
 
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+# The estimators whose expected gradient as a loss term is not zero.
+LOSS_KL_ESTIMATORS = ("k2", "k3")
 
 
 # ---- policy losses ---------------------------------------------------------------------------------
@@ -309,6 +323,10 @@ def _check_common(agg, kl_coef, kl_estimator, ref_logp) -> None:
         raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
     if kl_coef > 0 and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp")
+    if kl_coef > 0 and kl_estimator not in LOSS_KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator={kl_estimator!r} as a loss term has zero expected gradient (E_pi[grad log pi] "
+                         f"= 0), so kl_coef={kl_coef} would regularise nothing; use one of {LOSS_KL_ESTIMATORS} "
+                         "(k3: grad KL(ref || pi); k2: grad KL(pi || ref)), or put k1 in the reward")
 
 
 def _token_fraction(flags: Tensor, mask: Tensor) -> Tensor:
@@ -346,7 +364,8 @@ def _correct_tis(log_ratio, m, *, cap, **_):
 
 def _correct_mis_token(log_ratio, m, *, cap, **_):
     ratio = torch.exp(log_ratio)
-    dropped = ratio > cap
+    # both sides, as mis_seq: a token the trainer finds far less likely than the sampler did is as off-policy
+    dropped = log_ratio.abs() > math.log(cap)
     return torch.where(dropped, torch.zeros_like(ratio), ratio), {"is_masked_fraction": _token_fraction(dropped, m)}
 
 
@@ -374,7 +393,7 @@ def sampler_correction(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, *, 
       none: 1.
       tis: min(ratio, cap), truncated IS (Yao et al. 2025, "Your efficient RL framework secretly
         brings you off-policy RL training").
-      mis_token: ratio, or 0 where ratio > cap (masked IS: those tokens are dropped).
+      mis_token: ratio, or 0 where it is outside [1 / cap, cap] (masked IS: those tokens are dropped).
       mis_seq: per sequence, the geometric-mean ratio exp(mean_t log ratio) on every token of the
         sequence, or 0 on all of them when it is outside [1 / cap, cap] (needs seq_ids when packed).
     Positions outside the mask get 1 (neutral; the losses ignore them). Pass as is_weights.
@@ -440,15 +459,15 @@ def reinforce_pp_advantages(rewards: Tensor, *, group_baseline: bool = True, eps
     return (a - a.mean()) / (a.std() + eps)
 
 
-def reinforce_pp_token_advantages(rewards: Tensor, mask: Tensor, seq_ids: Tensor, *, kl: Tensor | None = None,
-                                  kl_coef: float = 0.0, gamma: float = 1.0, eps: float = 1e-6) -> Tensor:
-    """REINFORCE++ token advantages (Hu et al. 2025, arXiv 2501.03262 Sec. 3): whitened discounted returns.
+def reinforce_pp_token_returns(rewards: Tensor, mask: Tensor, seq_ids: Tensor, *, kl: Tensor | None = None,
+                               kl_coef: float = 0.0, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++'s per-token returns (Hu et al. 2025, arXiv 2501.03262 Sec. 3), before whitening.
 
     Per-token reward r_t = -kl_coef kl_t, plus the outcome reward rewards[i] on sequence i's last
     masked token; G_t = sum_{s >= t} gamma^(s - t) r_s over the sequence's masked tokens in order
-    (masked-out tokens are not actions: no reward, no discount step); A = (G - mean) / (std + eps)
-    over all masked tokens of the batch (unbiased std), 0 off the mask. rewards [S]; mask, seq_ids,
-    kl [T] (packed; kl e.g. k1 = old_logp - ref_logp, as the paper). Detached.
+    (masked-out tokens are not actions: no reward, no discount step); 0 off the mask. rewards [S];
+    mask, seq_ids, kl [T] (packed; kl e.g. k1 = old_logp - ref_logp, as the paper). Detached.
+    A trainer over several ranks whitens these over all ranks' tokens (the paper's batch normalization).
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
         raise ValueError(f"rewards must be a floating [S] tensor (one outcome reward per sequence), got "
@@ -473,8 +492,9 @@ def reinforce_pp_token_advantages(rewards: Tensor, mask: Tensor, seq_ids: Tensor
     if sid.numel() and (int(sid.min()) < 0 or int(sid.max()) >= s):
         raise ValueError(f"seq_ids of masked tokens must be in [0, len(rewards)={s}), "
                          f"got [{int(sid.min())}, {int(sid.max())}]")
-    if idx.numel() < 2:
-        raise ValueError(f"reinforce_pp_token needs at least 2 masked tokens for a batch std, got {idx.numel()}")
+    ret_tok = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
+    if not idx.numel():
+        return ret_tok
     with torch.no_grad():
         # step k of every masked token within its sequence: rank in tensor order among the sequence's masked tokens
         order = torch.argsort(sid, stable=True)
@@ -498,9 +518,25 @@ def reinforce_pp_token_advantages(rewards: Tensor, mask: Tensor, seq_ids: Tensor
             for t in reversed(range(grid.shape[1])):
                 running = grid[:, t] + gamma * running
                 ret[:, t] = running
-        g = ret[sid, k]
-        adv = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
-        adv[idx] = (g - g.mean()) / (g.std() + eps)
+        ret_tok[idx] = ret[sid, k]
+    return ret_tok
+
+
+def reinforce_pp_token_advantages(rewards: Tensor, mask: Tensor, seq_ids: Tensor, *, kl: Tensor | None = None,
+                                  kl_coef: float = 0.0, gamma: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """REINFORCE++ token advantages (Hu et al. 2025, arXiv 2501.03262 Sec. 3): whitened discounted returns.
+
+    reinforce_pp_token_returns, then A = (G - mean) / (std + eps) over all masked tokens of this call
+    (unbiased std), 0 off the mask. Detached. One process's batch: over ranks, whiten the returns with
+    statistics reduced over all ranks instead (optsys.trainers.rl_batch does).
+    """
+    ret = reinforce_pp_token_returns(rewards, mask, seq_ids, kl=kl, kl_coef=kl_coef, gamma=gamma)
+    m = mask.bool()
+    if int(m.sum()) < 2:
+        raise ValueError(f"reinforce_pp_token needs at least 2 masked tokens for a batch std, got {int(m.sum())}")
+    g = ret[m]
+    adv = torch.zeros_like(ret)
+    adv[m] = (g - g.mean()) / (g.std() + eps)
     return adv
 
 

@@ -4,7 +4,8 @@
     engine.sync_weights(named_tensors) -> SyncReport        (the trainer's weights, in place)
     engine.load_adapter(named_tensors, config) -> int       (LoRA: the adapter alone, in place; lora_sync.py)
     engine.token_logprobs(sequences, starts) -> [[float]]   (scoring, for the sync canary)
-    engine.sleep() / engine.wake()                          (free accelerator memory around the update)
+    engine.sleep(discard_weights) / engine.wake(tags)       (free accelerator memory around the update: sleep,
+                                                             update, wake(("weights",)), sync, wake(("kv_cache",)))
 
 Prompts are token ids: the trainer renders the chat template and tokenizes once, so engine and trainer see
 the same tokens. Every Completion carries the sampler's log-prob of each token it drew under the

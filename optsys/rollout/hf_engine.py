@@ -100,8 +100,8 @@ class HFEngine:
     def close(self) -> None:
         pass
 
-    def sleep(self) -> None:
-        pass
+    def sleep(self, *, discard_weights: bool) -> dict[str, float]:
+        return {}  # the engine is the trained model: nothing to free
 
-    def wake(self) -> None:
-        pass
+    def wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> dict[str, float]:
+        return {}

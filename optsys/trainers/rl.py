@@ -18,6 +18,7 @@ in optsys.trainers.rl_batch; PPO's critic in optsys.models.critic.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -34,9 +35,10 @@ from optsys.losses.value import value_loss
 from optsys.methods import RL_ALGORITHMS
 from optsys.models.critic import build_critic, packed_values
 from optsys.models.load import load_model_and_tokenizer
+from optsys.models.lora import is_peft
 from optsys.models.packed import attach_forward_methods
 from optsys.models.sources import local_source
-from optsys.parallel.dist import barrier, torchrun_world
+from optsys.parallel.dist import barrier, shard_model, torchrun_world
 from optsys.rollout.engine import Sampling, resolve_engine_name
 from optsys.rollout.games import evaluate_environment
 from optsys.rollout.rewards import build_rewards
@@ -53,7 +55,7 @@ from optsys.trainers.common import (
     save_final_model,
     warmup_cosine,
 )
-from optsys.trainers.precision import frozen_for_compute
+from optsys.trainers.precision import frozen_for_compute, fsdp_param_dtype
 from optsys.trainers.rl_batch import (
     MicroBatch,
     Prompt,
@@ -99,10 +101,10 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                                                 model_name=cfg.model.name_or_path)
     ref_model = None
     if algo.advantage == "teacher_kl":  # distillation: the teacher scores in the reference's place
-        ref_model = load_teacher(rl.teacher, cfg.model, tokenizer, device, precision, seed=cfg.seed, resolve=resolve)
-    elif rl.kl_coef > 0:  # the initial policy, frozen
-        ref_model = attach_forward_methods(frozen_for_compute(copy.deepcopy(model).eval().requires_grad_(False),
-                                                              precision))
+        ref_model = shard_model(load_teacher(rl.teacher, cfg.model, tokenizer, device, precision, seed=cfg.seed,
+                                             resolve=resolve), world, fsdp_param_dtype(precision))
+    elif rl.kl_coef > 0:
+        ref_model = build_reference(model, world, precision)
     critic = None
     if algo.advantage == "gae":
         critic = ready_for_training(build_critic(model), world, precision, methods={"packed_values": packed_values})
@@ -152,6 +154,7 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                                       max_tokens=cfg.data.max_tokens, summary=summary, log=log, world=world)
     sync = functools.partial(sync_and_check, engine, model, canary, rl=rl, lora_r=cfg.model.lora.r,
                              dtype=precision.storage)
+    adapter_sync = bool(cfg.model.lora.r) and rl.lora_sync == "adapter"
     start_stats = StepStats()
     try:  # the engine loaded the initial checkpoint: after a resume it gets the restored weights first
         sync(start_stats, 0)
@@ -162,6 +165,7 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
         held_out_play("before", step)
 
     fwd = Forward(device, tc.precision, rl.temperature, tc.kernel_backend)
+    dropout = has_dropout(model)
     progress = StepProgress(tc.max_steps, f"{method} {cfg.recipe}", enabled=tc.progress and world.is_main)
     window: dict[str, list[float]] = state["window"] or {}  # per-step metrics since the last log line
     clock = RunClock(state["counters"])
@@ -176,16 +180,17 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
             if rollouts:
                 with phase("advantages"):
                     group_advantages(rollouts, rl.group_size, method)
-            # ---- the engine sleeps (GPU: KV cache freed, weights offloaded; CPU: a no-op that says so once)
+            # ---- the engine sleeps (GPU: KV cache and weights freed, the weights kept on the host only for a LoRA
+            # adapter sync, which leaves the base alone; CPU: a no-op that says so once)
             t = time.perf_counter()
             with phase("engine_sleep"):
-                engine.sleep()
+                memory = engine.sleep(discard_weights=not adapter_sync)
             sleep_s = time.perf_counter() - t
             # ---- old / reference log-probs (PPO: the critic's values), then the per-token advantages
             t = time.perf_counter()
             with phase("data"):  # rollouts packed into rows
                 all_mbs = micro_batches(rollouts, cfg.data.max_tokens, algo.agg, rl.max_new_tokens, world, filler)
-            fused_old = on_policy_old(rl.updates_per_batch, method)
+            fused_old = on_policy_old(rl.updates_per_batch, method, dropout)
             if not fused_old or ref_model is not None or critic is not None:
                 score_old_and_ref(None if fused_old else model, ref_model, all_mbs, fwd, critic)
             stats.add("time/ref_logprobs_s", time.perf_counter() - t)
@@ -208,12 +213,15 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                                    fused_old=fused_old, grad_clip=tc.grad_clip, world=world, stats=stats,
                                    critic=critic)
             stats.add("time/update_s", time.perf_counter() - t)
-            # ---- sync + canary: the engine wakes (the reload writes into its weights), gets the new policy
+            # ---- sync + canary: the engine's weights wake (the reload writes into them), take the new policy, then
+            # its KV cache wakes (not during the sync: a lower peak) and the canary checks it
             t = time.perf_counter()
             with phase("engine_wake"):
-                engine.wake()
+                memory.update(engine.wake(("weights",)))
             stats.add("time/sleep_wake_s", sleep_s + time.perf_counter() - t)
             sync(stats, step)
+            for key, mb in memory.items():  # GPU: what the sleep freed, what the wakes took back, host copies
+                stats.add(key, mb)
         # ---- log: per-step metrics, averaged over trainer.log_every steps
         clock.add(sum(len(r.prompt.ids) + len(r.token_ids) for r in rollouts))
         metrics = stats.means(world)
@@ -262,6 +270,24 @@ def load_teacher(teacher: str, model_cfg: ModelConfig, tokenizer, device, precis
                           f"{differing}): on-policy distillation compares log-probs token for token, so the teacher "
                           "must share the student's tokenizer")
     return attach_forward_methods(frozen_for_compute(teacher_model.eval().requires_grad_(False), precision))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptersOff:
+    """The KL reference of a LoRA policy: the policy itself with its adapters disabled, i.e. its frozen base,
+    which is the initial policy (LoRA's B starts at 0). No second model in memory."""
+
+    model: torch.nn.Module
+
+
+def build_reference(model, world, precision):
+    """The initial policy, frozen, for the KL term: a LoRA policy's base with the adapters off (AdaptersOff);
+    else a frozen copy sharded like the policy (FSDP2 under torchrun: 1 / world of it per rank, not a full copy).
+    Call before ready_for_training (the copy is of the loaded weights); `model` stays the same module after it."""
+    if is_peft(model):
+        return AdaptersOff(model)
+    frozen = frozen_for_compute(copy.deepcopy(model).eval().requires_grad_(False), precision)
+    return shard_model(attach_forward_methods(frozen), world, fsdp_param_dtype(precision))
 
 
 def build_optimization(model, critic, tc: TrainerConfig, *, updates_per_batch: int, critic_lr: float | None):
@@ -335,25 +361,60 @@ class Forward:
             return critic.packed_values(b.input_ids, b.position_ids, b.seq_lens, b.targets)
 
 
-def on_policy_old(updates_per_batch: int, method: str) -> bool:
+def on_policy_old(updates_per_batch: int, method: str, dropout: bool = False) -> bool:
     """With one optimizer step per rollout step, the policy that scores the update's forward IS the old policy:
     its log-probs (detached) are the old log-probs, and the separate no-grad pass over the batch is skipped (a
     third of the update's compute). Not for methods whose advantages need the old log-probs before the loss
-    (REINFORCE++ with KL, distillation, PPO's KL-shaped reward)."""
-    return updates_per_batch == 1 and RL_ALGORITHMS[method].advantage in ("grpo", "rloo")
+    (REINFORCE++ with KL, distillation, PPO's KL-shaped reward), nor with dropout (`dropout`: the update's
+    train-mode forward is noisy, and the old log-probs must be the eval-mode policy's)."""
+    return updates_per_batch == 1 and RL_ALGORITHMS[method].advantage in ("grpo", "rloo") and not dropout
 
 
 @torch.no_grad()
 def score_old_and_ref(model, ref_model, mbs: list[MicroBatch], fwd: Forward, critic=None) -> None:
     """The trainer's log-probs (and entropy) before the update (model None: skipped, see `on_policy_old`), the
-    reference's (or teacher's) when there is one, and the critic's values (PPO). FSDP ranks run the same number
-    of forwards: fillers too, results dropped."""
+    reference's (or teacher's) when there is one, and the critic's values (PPO). All in eval mode (no dropout:
+    the old log-probs are the policy's, deterministic, and on-policy ratios are 1); train mode again after.
+    FSDP ranks run the same number of forwards: fillers too, results dropped."""
+    with eval_mode(model, ref_model if isinstance(ref_model, torch.nn.Module) else None, critic):
+        _score_old_and_ref(model, ref_model, mbs, fwd, critic)
+    if hasattr(ref_model, "reshard"):  # FSDP2 leaves the root gathered after a no-grad forward: free it
+        ref_model.reshard()
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Each model (None skipped) in eval mode inside, back in the mode it had after."""
+    was = [(m, m.training) for m in models if m is not None]
+    for m, _ in was:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in was:
+            m.train(training)
+
+
+def has_dropout(model) -> bool:
+    """Whether a train-mode forward of `model` is random: a Dropout module with p > 0 (LoRA's lora_dropout too), or
+    a config dropout rate > 0 (attention_dropout and the like, applied functionally)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    rates = vars(config).items() if config is not None else ()
+    return any(k.endswith("dropout") and isinstance(v, float) and v > 0 for k, v in rates)
+
+
+def _score_old_and_ref(model, ref_model, mbs: list[MicroBatch], fwd: Forward, critic=None) -> None:
     for mb in mbs:
         logp, ent, ref, values = None, None, None, None
         if model is not None:
             with phase("old_logprobs"):
                 logp, ent = fwd.logps(model, mb, entropy=True)
-        if ref_model is not None:
+        if isinstance(ref_model, AdaptersOff):
+            with phase("reference"), ref_model.model.disable_adapter(), eval_mode(ref_model.model):
+                ref = fwd.logps(ref_model.model, mb)[0]
+        elif ref_model is not None:
             with phase("reference"):  # the reference's (or the teacher's) log-probs
                 ref = fwd.logps(ref_model, mb)[0]
         if critic is not None:
@@ -386,6 +447,17 @@ def old_logp_stats(rollouts: list[Rollout], advantage: str, stats: StepStats) ->
 # ---------------------------------------------------------------------------- update
 
 
+def loss_kl(rl: RLConfig, method: str) -> dict:
+    """The policy loss's KL arguments: none without rl.kl_coef; for the methods with the KL in the reward (PPO,
+    REINFORCE++: set_token_advantages folds -kl_coef x k1 into the token rewards) a zero coefficient, so the
+    loss only logs train/kl (mean k1) and the KL is applied once; else kl_coef x rl.kl_estimator (default k3)."""
+    if rl.kl_coef == 0:
+        return {}
+    if RL_ALGORITHMS[method].kl_in_reward:
+        return {"kl_coef": 0.0, "kl_estimator": "k1"}
+    return {"kl_coef": rl.kl_coef, "kl_estimator": rl.kl_estimator or "k3"}
+
+
 def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, rl: RLConfig, method: str,
            fused_old: bool, grad_clip: float, world, stats: StepStats, critic=None) -> float:
     """One optimizer step on a mini-batch's micro-batches (policy, and the critic for PPO); returns the policy's
@@ -395,11 +467,11 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
     kw = dict(clip_eps_high=rl.clip_eps_high if rl.clip_eps_high is not None else algo.clip_eps_high)
     if algo.loss != "cispo":
         kw["clip_eps"] = rl.clip_eps if rl.clip_eps is not None else algo.clip_eps
-    kl = rl.kl_coef > 0 and algo.advantage != "gae"  # PPO puts the KL in the reward instead
-    if kl:
-        kw.update(kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator)
+    kl_kw = loss_kl(rl, method)
+    kw.update(kl_kw)
+    kl = bool(kl_kw)
     device = fwd.device
-    loss_sum = 0.0
+    loss_sum = kl_sum = 0.0
     for mb in mbs:
         logp, ent = fwd.logps(model, mb, entropy=fused_old)
         n = logp.shape[0]
@@ -432,12 +504,16 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
         with phase("backward"):
             (loss * world.size).backward()
         loss_sum += float(loss.detach())
+        kl_sum += float(metrics.get("kl", 0.0))
         if mb.real:
             for k, v in {**metrics, **is_metrics}.items():
-                if k != "pg_loss":  # token-weighted means of the micro-batch metrics
+                if k not in ("pg_loss", "kl"):  # token-weighted means of the micro-batch metrics
                     stats.add(f"train/{k}", float(v) * n, n)
-    # the micro-batch losses of all ranks sum to the mini-batch's loss: each rank counts 1 / world_size
+    # the micro-batch losses of all ranks sum to the mini-batch's loss: each rank counts 1 / world_size. The KL
+    # term is such a share too (aggregated with the loss's token weights), so it is summed the same way
     stats.add("train/loss", loss_sum, 1.0 / world.size)
+    if kl:
+        stats.add("train/kl", kl_sum, 1.0 / world.size)
     if critic is not None and grad_clip > 0:  # the critic's own norm (clip_and_step clips the policy)
         with phase("optimizer"):
             norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip)
@@ -463,15 +539,21 @@ def sync_policy(engine, model, dtype: torch.dtype, *, lora_r: int, lora_sync: st
 
 def sync_and_check(engine, model, canary: Canary, stats: StepStats, n_sync: int, *, rl: RLConfig, lora_r: int,
                    dtype: torch.dtype) -> None:
-    """Sync the policy into the engine; every rl.canary_every-th sync, check the engine against the trainer."""
+    """Sync the policy into the engine (its weights awake), wake its KV cache (a no-op if awake); every
+    rl.canary_every-th sync, check the engine against the trainer."""
     t = time.perf_counter()
     with phase("weight_sync"):
         report = sync_policy(engine, model, dtype, lora_r=lora_r, lora_sync=rl.lora_sync, bucket_mb=rl.sync_bucket_mb)
     stats.add("time/sync_s", time.perf_counter() - t)
     stats.add("sync/mb", report.bytes / 2**20)
+    t = time.perf_counter()
+    with phase("engine_wake"):
+        for key, mb in engine.wake(("kv_cache",)).items():
+            stats.add(key, mb)
+    stats.add("time/sleep_wake_s", time.perf_counter() - t, 0.0)  # added to the step's one sleep/wake entry
     if rl.canary_every and n_sync % rl.canary_every == 0:
         t = time.perf_counter()
-        with phase("canary"):  # engine vs trainer log-probs of a fixed completion
+        with phase("canary"), eval_mode(model):  # engine vs trainer log-probs of a fixed completion (no dropout)
             stats.add("sync/canary_error", canary.check(engine, model))
         stats.add("time/canary_s", time.perf_counter() - t)
 

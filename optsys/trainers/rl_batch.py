@@ -35,8 +35,8 @@ rl.prompts_per_step=4, rl.group_size=2, on 2 ranks.
        rloo     r - mean of the others      [1, -1]        [0, 0]  [0, 0]  [-0.5, 0.5]
 
    A completion's advantage is on each of its trained tokens (REINFORCE++, distillation and PPO set per-token
-   ones: set_token_advantages). All-equal groups carry no signal: DAPO's dynamic sampling drops and refills
-   them (keep_informative).
+   ones: set_token_advantages). A group all right or all wrong carries no signal: DAPO's dynamic sampling drops
+   and refills it (keep_informative; on the answer check, never on the overlong penalty).
 
 5. Loss weights. micro_batches packs a rank's rows (best fit, <= data.max_tokens tokens a row) and gives every
    trained token the aggregation weight of its completion, normalized over all ranks' completions of the
@@ -67,12 +67,18 @@ from optsys.data.packing import PackedBatch, collate_packed, pack_best_fit_decre
 from optsys.data.tasks import get_task
 from optsys.data.tokenize import IGNORE, TokenizedExample
 from optsys.errors import DataError
-from optsys.losses.policy import ADVANTAGE_ESTIMATORS, aggregation_weights, informative_groups, overlong_penalty
+from optsys.losses.policy import (
+    ADVANTAGE_ESTIMATORS,
+    aggregation_weights,
+    informative_groups,
+    overlong_penalty,
+    reinforce_pp_token_returns,
+)
 from optsys.methods import RL_ALGORITHMS
 from optsys.parallel.dist import all_gather_objects, all_reduce_sum
 from optsys.rollout.engine import Sampling, stable_seed
 from optsys.rollout.environments import make_environment, run_episodes, summarize_episodes
-from optsys.rollout.rewards import score_completions
+from optsys.rollout.rewards import correct, score_completions
 from optsys.telemetry.nvtx import phase
 from optsys.trainers.common import epoch_order
 
@@ -97,8 +103,10 @@ class Rollout:
     sampler_logp: list[float]  # aligned with token_ids (0 at environment tokens)
     finish_reason: str
     text: str = ""
-    reward: float = 0.0
+    reward: float = 0.0  # what the advantages use: the reward functions' sum, plus DAPO's overlong penalty
     rewards: dict[str, float] = field(default_factory=dict)  # each reward function's value (before weights)
+    score: float = 0.0  # the reward functions' weighted sum alone (before the penalty)
+    correct: float | None = None  # the answer check's 1 / 0 (None: the row has no answer); DAPO filters on it
     advantage: float = 0.0
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
@@ -113,6 +121,11 @@ class Rollout:
     def n_trained(self) -> int:
         """Tokens the loss sees (the per-token tensors of the update have this length)."""
         return len(self.token_ids) if self.loss_mask is None else sum(self.loss_mask)
+
+    @property
+    def truncated(self) -> bool:
+        """Cut before its end: the completion hit max_new_tokens; an episode ran out of turns or context."""
+        return self.episode.truncated if self.episode is not None else self.finish_reason == "length"
 
     @property
     def trained_sampler_logp(self) -> list[float]:
@@ -285,17 +298,22 @@ def generate(engine, train_prompts: list[Prompt], sampling: Sampling, tokenizer,
         score(rollouts, fns, timeout_s=rl.reward_timeout_s, on_error=rl.on_reward_error,
               overlong_buffer=rl.overlong_buffer, max_new_tokens=rl.max_new_tokens, stats=stats)
         stats.add("time/reward_s", time.perf_counter() - t)
-    for r in rollouts:
-        stats.add("reward/mean", r.reward)
-        stats.add("train/response_length", r.n_trained)
-        stats.add("train/truncated_fraction", r.finish_reason == "length")
-    if rl.group_size > 1:  # the spread within groups: what group advantages divide by
-        rewards = torch.tensor([r.reward for r in rollouts]).view(-1, rl.group_size)
-        stats.add("reward/std", float(rewards.std(dim=1).sum()), rewards.shape[0])
+    rollout_stats(rollouts, rl.group_size, stats)
     if dynamic:
         rollouts = keep_informative(rollouts, engine, sampling, tokenizer, fns, rl=rl, seed=seed, step=step,
                                     train_prompts=train_prompts, groups=mine, world=world, stats=stats)
     return rollouts
+
+
+def rollout_stats(rollouts: list[Rollout], group_size: int, stats: StepStats) -> None:
+    """The step's reward, length and truncation metrics, before any filtering."""
+    for r in rollouts:
+        stats.add("reward/mean", r.reward)
+        stats.add("train/response_length", r.n_trained)
+        stats.add("train/truncated_fraction", r.truncated)
+    if group_size > 1:  # the spread within groups: what group advantages divide by
+        rewards = torch.tensor([r.reward for r in rollouts]).view(-1, group_size)
+        stats.add("reward/std", float(rewards.std(dim=1).sum()), rewards.shape[0])
 
 
 def generate_groups(engine, prompts: list[Prompt], sampling: Sampling, tokenizer, *, seed: int, step: int,
@@ -336,19 +354,25 @@ def play_groups(engine, prompts: list[Prompt], sampling: Sampling, tokenizer, *,
 
 def score(rollouts: list[Rollout], fns, *, timeout_s: float, on_error: str, overlong_buffer: int,
           max_new_tokens: int, stats: StepStats) -> None:
-    """Each rollout's reward: the weighted reward functions, plus DAPO's overlong penalty over the last
-    overlong_buffer tokens before max_new_tokens."""
+    """Each rollout's reward: the weighted reward functions (its `score`), plus DAPO's overlong penalty over the
+    last overlong_buffer tokens before max_new_tokens; and where the row has an answer, `correct`: the answer
+    check among the reward functions (`correct`, else `numeric`), else the `correct` rule itself."""
     with phase("reward"):
         result = score_completions(fns, [(r.prompt.text, r.text, r.prompt.answer) for r in rollouts],
                                    timeout_s=timeout_s, on_error=on_error)
     lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.float32)
     penalty = (overlong_penalty(lengths, max_len=max_new_tokens, buffer=overlong_buffer)
                if overlong_buffer > 0 else torch.zeros_like(lengths))
+    check = next((result.per_function[n] for n in ("correct", "numeric") if n in result.per_function), None)
     for i, r in enumerate(rollouts):
-        r.reward = float(result.total[i]) + float(penalty[i])
+        r.score = float(result.total[i])
+        r.reward = r.score + float(penalty[i])
         r.rewards = {name: float(values[i]) for name, values in result.per_function.items()}
         if overlong_buffer > 0:
             r.rewards["overlong_penalty"] = float(penalty[i])
+        if r.prompt.answer is not None:
+            r.correct = (check[i] if check is not None
+                         else correct(r.text, prompt=r.prompt.text, answer=r.prompt.answer))
     for name, values in result.per_function.items():
         stats.add(f"reward/{name}", sum(values), len(values))
     for name, n in {**result.errors, **result.timeouts}.items():
@@ -360,14 +384,10 @@ def score(rollouts: list[Rollout], fns, *, timeout_s: float, on_error: str, over
 def keep_informative(rollouts: list[Rollout], engine, sampling: Sampling, tokenizer, fns, *, rl: RLConfig, seed: int,
                      step: int, train_prompts: list[Prompt], groups: list[int], world,
                      stats: StepStats) -> list[Rollout]:
-    """DAPO dynamic sampling: keep groups whose rewards differ, refilling from extra rounds up to rl.max_refills.
-    Every rank runs a refill round while any rank still needs one (the HF engine under FSDP must make the same
-    generate calls on every rank)."""
-    def informative(rs):
-        g = torch.tensor([r.reward for r in rs]).view(-1, rl.group_size)
-        keep = informative_groups(g)
-        return [r for i, r in enumerate(rs) if keep[i // rl.group_size]]
-
+    """DAPO dynamic sampling: keep the informative groups (informative_rollouts), refilling from extra rounds up
+    to rl.max_refills. Every rank runs a refill round while any rank still needs one (the HF engine under FSDP
+    must make the same generate calls on every rank)."""
+    informative = functools.partial(informative_rollouts, group_size=rl.group_size)
     kept = informative(rollouts)
     stats.add("train/informative_fraction", len(kept) / max(1, len(rollouts)))
     for round_ in range(1, rl.max_refills + 1):
@@ -384,6 +404,16 @@ def keep_informative(rollouts: list[Rollout], engine, sampling: Sampling, tokeni
     kept = kept[: len(groups) * rl.group_size]
     stats.add("train/kept_groups", len(kept) // rl.group_size)
     return kept  # may be empty: the step then makes no update (FSDP ranks run zero-weight fillers)
+
+
+def informative_rollouts(rollouts: list[Rollout], group_size: int) -> list[Rollout]:
+    """The groups DAPO's filter keeps (eq. 11: 0 < #correct < G), on the answer check's verdicts; for rows without
+    an answer, the groups whose unshaped rewards (`score`) differ. Never on the shaped reward: the overlong penalty
+    alone would make an all-wrong group of different lengths look informative, and GRPO's std normalisation would
+    blow its small length penalties up to full-size advantages."""
+    values = torch.tensor([r.score if r.correct is None else r.correct for r in rollouts]).view(-1, group_size)
+    keep = informative_groups(values)
+    return [r for i, r in enumerate(rollouts) if keep[i // group_size]]
 
 
 # ---------------------------------------------------------------------------- advantages
@@ -419,13 +449,15 @@ def set_token_advantages(rollouts: list[Rollout], method: str, *, kl_coef: float
         return
     if kind != "reinforce_pp_token":
         return
-    ids = torch.cat([torch.full((r.n_trained,), i) for i, r in enumerate(rollouts)])
+    ids = torch.cat([torch.full((r.n_trained,), i) for i, r in enumerate(rollouts)]
+                    or [torch.zeros(0, dtype=torch.long)])  # a rank with no rollouts still joins the whitening
     kl = None
-    if kl_coef > 0:
-        kl = torch.cat([r.old_logp - r.ref_logp for r in rollouts])
-    adv = ADVANTAGE_ESTIMATORS["reinforce_pp_token"](
-        torch.tensor([r.reward for r in rollouts]), torch.ones(len(ids), dtype=torch.bool), ids, kl=kl,
-        kl_coef=kl_coef)
+    if kl_coef > 0 and rollouts:
+        kl = torch.cat([r.old_logp - r.ref_logp for r in rollouts])  # k1: the KL goes in the reward, k1 per token
+    returns = reinforce_pp_token_returns(torch.tensor([r.reward for r in rollouts], dtype=torch.float32),
+                                         torch.ones(len(ids), dtype=torch.bool), ids, kl=kl,
+                                         kl_coef=kl_coef if rollouts else 0.0)
+    adv = whiten(returns, world)  # over every rank's tokens (the paper's batch), as one process would
     start = 0
     for r in rollouts:
         r.token_adv = adv[start : start + r.n_trained]
@@ -447,13 +479,20 @@ def gae_advantages(rollouts: list[Rollout], *, kl_coef: float, gamma: float, lam
         rewards[i, n - 1] += r.reward
     adv, returns = ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, gamma=gamma, lam=lam)
     m = mask.bool()
-    # whitened over every rank's tokens (sum, sum of squares, count reduced over ranks): world-size invariant
-    n, total, squares = all_reduce_sum([float(m.sum()), float(adv[m].sum()), float((adv[m] ** 2).sum())], world)
-    mean = total / max(n, 1)
-    std = max(squares / max(n, 1) - mean**2, 0.0) ** 0.5 * (n / max(n - 1, 1)) ** 0.5  # unbiased, as torch.std
-    adv = (adv - mean) / (std + 1e-6)
+    adv[m] = whiten(adv[m], world)
     for i, r in enumerate(rollouts):
         r.token_adv, r.returns = adv[i, : r.n_trained].clone(), returns[i, : r.n_trained].clone()
+
+
+def whiten(values: torch.Tensor, world, eps: float = 1e-6) -> torch.Tensor:
+    """(values - mean) / (std + eps) with the mean and unbiased std of every rank's values (count, sum and sum of
+    squares reduced over ranks in one collective), so 2 ranks give what 1 process gives. Every rank calls it, even
+    with no values."""
+    n, total, squares = all_reduce_sum([float(values.numel()), float(values.double().sum()),
+                                        float((values.double() ** 2).sum())], world)
+    mean = total / max(n, 1)
+    std = max(squares / max(n, 1) - mean**2, 0.0) ** 0.5 * (n / max(n - 1, 1)) ** 0.5  # unbiased, as torch.std
+    return (values - mean) / (std + eps)
 
 
 # ---------------------------------------------------------------------------- micro-batches
@@ -493,14 +532,14 @@ def micro_batches(rollouts: list[Rollout], max_tokens: int, agg: str, max_len: i
 
 def completion_records(rollouts: list[Rollout], step: int, count: int) -> list[dict]:
     """`count` of the step's rollouts spread evenly over them (so over its prompt groups), each as {step, prompt,
-    answer, completion, reward, rewards (per function), advantage (the mean over its tokens for per-token
-    methods), finish_reason}: what completions.jsonl holds."""
+    answer, completion, reward, rewards (per function), correct (the answer check, None without an answer),
+    advantage (the mean over its tokens for per-token methods), finish_reason}: what completions.jsonl holds."""
     picked = [rollouts[i * len(rollouts) // count] for i in range(min(count, len(rollouts)))]
     out = []
     for r in picked:
         advantage = float(r.token_adv.mean()) if r.token_adv is not None and r.token_adv.numel() else r.advantage
         out.append({"step": step, "prompt": r.prompt.text, "answer": r.prompt.answer, "completion": r.text,
-                    "reward": r.reward, "rewards": dict(r.rewards), "advantage": advantage,
+                    "reward": r.reward, "rewards": dict(r.rewards), "correct": r.correct, "advantage": advantage,
                     "finish_reason": r.finish_reason})
     return out
 

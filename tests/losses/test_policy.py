@@ -73,7 +73,7 @@ def _ref_kl(logp, ref, kind):
 @pytest.mark.parametrize("dual_clip_c,kl", [(None, None), (3.0, "k3"), (None, "k1"), (2.0, "k2")])
 def test_ppo_clip_matches_equation(agg, dual_clip_c, kl):
     logp, old, ref, adv, mask, _ = _tokens(0)
-    kl_coef = 0.05 if kl else 0.0
+    kl_coef = 0.05 if kl in ("k2", "k3") else 0.0  # k1: logged only (refused as a loss term)
     loss, m = ppo_clip(logp, old, adv, mask, ref_logp=ref if kl else None, agg=agg, max_len=16,
                        clip_eps=0.2, clip_eps_high=0.28, dual_clip_c=dual_clip_c, kl_coef=kl_coef,
                        kl_estimator=kl or "k3")
@@ -152,6 +152,50 @@ def test_kl_estimators_hand_values():
     assert float(KL_ESTIMATORS["k2"](logp, ref)) == pytest.approx(0.5 * ln2**2)
     assert float(KL_ESTIMATORS["k3"](logp, ref)) == pytest.approx(0.5 - 1 + ln2)
     assert float(KL_ESTIMATORS["k3"](ref, ref)) == 0.0
+
+
+def exact_kl_gradients(seed: int = 0, vocab: int = 7):
+    """On a `vocab`-token distribution pi = softmax(theta) against a fixed ref: the exact expected gradient over
+    theta of every estimator used as a loss term, E_{x ~ pi}[grad k(x)] = sum_x pi(x) grad k(x) (pi(x) held fixed:
+    the sample is drawn, then the loss differentiated), of k1 used as a reward, E_pi[k1(x) grad log pi(x)] (the
+    REINFORCE gradient of -E[reward]), and the exact gradients of KL(pi || ref) and KL(ref || pi). Float64."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(vocab, generator=g, dtype=torch.float64), 0)
+    logp = torch.log_softmax(theta, 0)
+    pi = logp.exp().detach()
+
+    def grad(y):
+        return torch.autograd.grad(y, theta, retain_graph=True)[0]
+
+    exact = {"KL(pi||ref)": grad((logp.exp() * (logp - ref)).sum()),
+             "KL(ref||pi)": grad((ref.exp() * (ref - logp)).sum())}
+    table = {f"{k} in the loss": grad((pi * KL_ESTIMATORS[k](logp, ref)).sum()) for k in KL_ESTIMATORS}
+    # through the loss the trainer calls: advantages 0, kl_coef 1, each token weighted by its probability
+    for k in ("k2", "k3"):
+        loss, _ = ppo_clip(logp, logp.detach(), torch.zeros(vocab, dtype=torch.float64),
+                           torch.ones(vocab, dtype=torch.bool), ref_logp=ref, kl_coef=1.0, kl_estimator=k,
+                           token_weights=pi)
+        torch.testing.assert_close(grad(loss), table[f"{k} in the loss"], rtol=1e-12, atol=1e-14)
+    table["k1 in the reward"] = grad((pi * KL_ESTIMATORS["k1"](logp, ref).detach() * logp).sum())
+    return table, exact
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kl_estimator_gradients(seed):
+    """k1 as a loss term regularises nothing (expected gradient 0, exactly); k2 gives grad KL(pi||ref), k3 grad
+    KL(ref||pi), k1 in the reward grad KL(pi||ref). So the losses refuse k1 with kl_coef > 0."""
+    table, exact = exact_kl_gradients(seed)
+    assert float(table["k1 in the loss"].abs().max()) < 1e-15
+    torch.testing.assert_close(table["k2 in the loss"], exact["KL(pi||ref)"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(table["k3 in the loss"], exact["KL(ref||pi)"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(table["k1 in the reward"], exact["KL(pi||ref)"], rtol=1e-12, atol=1e-14)
+    assert float((exact["KL(pi||ref)"] - exact["KL(ref||pi)"]).abs().max()) > 1e-2  # the two targets differ
+    logp, old, ref, adv, mask, _ = _tokens(0)
+    for loss in (ppo_clip, gspo, cispo):
+        with pytest.raises(ValueError, match="zero expected gradient"):
+            loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.1, kl_estimator="k1")
+    loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.0, kl_estimator="k1")  # logged only: allowed
 
 
 def test_grpo_advantages_hand_group():
@@ -554,7 +598,8 @@ def test_sampler_correction_matches_loops(mode):
         if mode == "tis":
             want[t], affected = min(r, cap), affected + (r > cap)
         elif mode == "mis_token":
-            want[t], affected = (r if r <= cap else 0.0), affected + (r > cap)
+            keep = 1 / cap <= r <= cap
+            want[t], affected = (r if keep else 0.0), affected + (not keep)
         elif mode == "mis_seq":
             q = seq_ratio[int(seq_ids[t])]
             keep = 1 / cap <= q <= cap
@@ -575,14 +620,15 @@ def test_sampler_correction_matches_loops(mode):
 def test_sampler_correction_hand_values():
     # token ratios 0.5, 1 | 3, 1.5 | 0.2, 0.5 (old - sampler = log of them); sequences [0, 0, 1, 1, 2, 2]; cap 2
     ratio = torch.tensor([0.5, 1.0, 3.0, 1.5, 0.2, 0.5], dtype=torch.float64)
-    sampler = torch.full((6,), -2.0, dtype=torch.float64)
+    sampler = torch.zeros(6, dtype=torch.float64)  # so old - sampler is log(ratio) exactly (0.5 = 1 / cap is kept)
     old, mask, ids = sampler + torch.log(ratio), torch.ones(6, dtype=torch.bool), torch.tensor([0, 0, 1, 1, 2, 2])
     w, m = sampler_correction(old, sampler, mask, mode="tis", cap=2.0)
     assert w.tolist() == pytest.approx([0.5, 1.0, 2.0, 1.5, 0.2, 0.5])
     assert float(m["is_truncated_fraction"]) == pytest.approx(1 / 6)
+    # mis_token drops both sides of [1 / cap, cap], as mis_seq: 3 > 2 and 0.2 < 1/2 (0.5 itself is kept)
     w, m = sampler_correction(old, sampler, mask, mode="mis_token", cap=2.0)
-    assert w.tolist() == pytest.approx([0.5, 1.0, 0.0, 1.5, 0.2, 0.5])
-    assert float(m["is_masked_fraction"]) == pytest.approx(1 / 6)
+    assert w.tolist() == pytest.approx([0.5, 1.0, 0.0, 1.5, 0.0, 0.5])
+    assert float(m["is_masked_fraction"]) == pytest.approx(2 / 6)
     # geometric means: sqrt(0.5) = 0.71 (kept), sqrt(4.5) = 2.12 > 2 and sqrt(0.1) = 0.32 < 1/2 (dropped)
     w, m = sampler_correction(old, sampler, mask, mode="mis_seq", cap=2.0, seq_ids=ids)
     assert w.tolist() == pytest.approx([math.sqrt(0.5)] * 2 + [0.0] * 4)

@@ -184,3 +184,46 @@ def test_many_seeded_prompts_beyond_one_scheduling_budget_generate(vllm_engine):
     prompts = [[(i * 7 + j) % 500 + 1 for j in range(120)] for i in range(200)]
     groups = vllm_engine.generate(prompts, Sampling(n=1, max_new_tokens=2), seeds=list(range(200)))
     assert len(groups) == 200 and all(len(g) == 1 and g[0].token_ids for g in groups)
+
+
+def test_vllm_sleep_discards_the_weights_and_wakes_weights_then_kv_cache(monkeypatch):
+    """The GPU path of VLLMEngine.sleep / wake, on CPU with a fake vLLM and fake CUDA memory calls (a 15 GiB
+    policy, a 9 GiB KV cache). A full sync rewrites every weight, so the engine sleeps at level 2 (nothing copied
+    to host memory; level 1 copied the weights down and up every step); the trainer's cached blocks go back to the
+    driver before each wake; the weights wake before the sync, the KV cache after it, then the prefix cache is
+    reset. With a LoRA adapter sync the base must survive: level 1, its host copy logged."""
+    from optsys.rollout import vllm_engine
+
+    gib, calls, free = 2**30, [], [40 * 2**30]
+
+    class FakeLLM:
+        def sleep(self, level):
+            calls.append(f"sleep(level={level})")
+            free[0] += 24 * gib
+
+        def wake_up(self, tags):
+            calls.append(f"wake_up({tags})")
+            free[0] -= {"weights": 15, "kv_cache": 9}[tags[0]] * gib
+
+        def reset_prefix_cache(self):
+            calls.append("reset_prefix_cache")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free[0], 80 * gib))
+    engine = object.__new__(vllm_engine.VLLMEngine)  # no vLLM behind it: the fake
+    engine.llm, engine.sleep_supported, engine.asleep, engine.sleep_level = FakeLLM(), True, set(), 0
+    for discard, level in ((True, 2), (False, 1)):
+        calls.clear()
+        memory = engine.sleep(discard_weights=discard)
+        memory.update(engine.wake(("weights",)))
+        calls.append("sync")
+        memory.update(engine.wake(("kv_cache",)))
+        assert calls == ["synchronize", f"sleep(level={level})", "empty_cache", "wake_up(['weights'])", "sync",
+                         "empty_cache", "wake_up(['kv_cache'])", "reset_prefix_cache"]
+        want = {"engine/sleep_freed_mb": 24 * 1024, "engine/wake_weights_mb": 15 * 1024,
+                "engine/wake_kv_cache_mb": 9 * 1024}
+        if level == 1:
+            want["engine/host_copy_mb"] = 2 * 15 * 1024
+        assert memory == want
+        assert engine.wake() == {} and calls[-1] == "reset_prefix_cache"  # awake: nothing more to do

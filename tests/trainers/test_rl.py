@@ -163,6 +163,9 @@ def test_a_sync_that_skips_a_parameter_stops_the_run(tmp_path, monkeypatch):
     (["rl.reward_weights=[1.0]"], "one weight per reward"),
     (["rl.rewards=[corect]"], "corect"),
     (["rl.kl_estimator=k1"], "rl.kl_coef"),
+    (["rl.kl_coef=0.1", "rl.kl_estimator=k1"], "expected gradient is 0"),  # a loss term
+    (["rl.kl_coef=0.1", "rl.kl_estimator=k3", "method=ppo"], "only k1"),  # the KL is in ppo's reward
+    (["rl.kl_coef=0.1", "rl.kl_estimator=k2", "method=reinforce_pp"], "only k1"),
     (["rl.max_new_tokens=64"], "data.max_tokens"),
     (["trainer.batch_tokens=8192"], "trainer.batch_tokens"),
     (["rl.top_p=0"], "rl.top_p"),
@@ -216,6 +219,39 @@ def test_a_prompt_longer_than_the_context_is_a_data_error(tmp_path):
         run(tmp_path, "grpo", "rl.engine=hf", "data.max_tokens=12", "rl.max_new_tokens=4")
 
 
+def runs_on_ranks(tmp_path, shapes, method, *extra):
+    """{(ranks, tensor_parallel): {step: metrics row}} of the BASE run with `extra`, 3 steps, one per shape: one
+    process for (1, 1), else torchrun on gloo with FSDP2."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import run_torchrun, worker_env
+
+    base = tmp_path / "base.yaml"
+    base.write_text("recipe: rl_test\n")
+    args = [f"--config={base}", f"method={method}", *BASE, "trainer.max_steps=3", "eval.before=false",
+            "eval.after=false", "rl.updates_per_batch=2", *extra]
+    here = os.path.dirname(__file__)  # test_rl.length_reward is imported by dotted path in the workers
+    env = {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    outs = {}
+    for n, tp in shapes:
+        out = tmp_path / f"n{n}-tp{tp}"
+        train = ["-m", "optsys.train", *args, *([f"rl.engine_tensor_parallel={tp}"] if tp > 1 else []),
+                 f"output_dir={out}"]
+        if n > 1:
+            proc = run_torchrun(train, nproc=n, env=env, timeout=600)
+        else:
+            proc = subprocess.run([sys.executable, *train], capture_output=True, text=True, timeout=600,
+                                  env=worker_env(**env))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[n, tp] = {r["step"]: r for r in rows(out) if "train/loss" in r}
+        assert sorted(outs[n, tp]) == [1, 2, 3], (n, tp)
+        if "rl.engine=vllm" in extra:  # what vLLM reports it runs
+            assert json.loads((out / "summary.json").read_text())["rollout/tensor_parallel"] == tp
+    return outs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_grpo_on_two_ranks_matches_one_process(tmp_path, engine):
@@ -225,41 +261,29 @@ def test_grpo_on_two_ranks_matches_one_process(tmp_path, engine):
     also as one engine split over both ranks (rl.engine_tensor_parallel=2): the same again."""
     if engine == "vllm":
         pytest.importorskip("vllm")
-    import os
-    import subprocess
-    import sys
-
-    from helpers import run_torchrun, worker_env
-
-    base = tmp_path / "base.yaml"
-    base.write_text("recipe: rl_test\n")
-    args = [f"--config={base}", "method=grpo", *BASE, f"rl.engine={engine}", "trainer.max_steps=3", "eval.before=false",
-            "eval.after=false", "rl.updates_per_batch=2"]
-    here = os.path.dirname(__file__)  # test_rl.length_reward is imported by dotted path in the workers
-    env = {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
-    outs = {}
-    for n, tp in ((1, 1), (2, 1), (2, 2)) if engine == "vllm" else ((1, 1), (2, 1)):
-        out = tmp_path / f"n{n}-tp{tp}"
-        extra = [f"rl.engine_tensor_parallel={tp}"] if tp > 1 else []
-        train = ["-m", "optsys.train", *args, *extra, f"output_dir={out}"]
-        if n > 1:
-            proc = run_torchrun(train, nproc=n, env=env, timeout=600)
-        else:
-            proc = subprocess.run([sys.executable, *train], capture_output=True, text=True, timeout=600,
-                                  env=worker_env(**env))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs[n, tp] = {r["step"]: r for r in rows(out) if "train/loss" in r}
-        if engine == "vllm":  # what vLLM reports it runs
-            assert json.loads((out / "summary.json").read_text())["rollout/tensor_parallel"] == tp
+    shapes = ((1, 1), (2, 1), (2, 2)) if engine == "vllm" else ((1, 1), (2, 1))
+    outs = runs_on_ranks(tmp_path, shapes, "grpo", f"rl.engine={engine}")
     one = outs.pop((1, 1))
-    assert sorted(one) == [1, 2, 3]
     for (n, tp), many in outs.items():
-        assert sorted(many) == [1, 2, 3], (n, tp)
         for step in (1, 2, 3):
             a, b = one[step], many[step]
             assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6), (n, tp)  # same samples
             assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-4), (n, tp)
             assert b["sync/canary_error"] < 1e-4, (n, tp)
+
+
+@pytest.mark.slow
+def test_reinforce_pp_with_a_kl_on_two_ranks_matches_one_process(tmp_path):
+    """REINFORCE++ whitens its returns over every rank's tokens, and its KL (k1 in the reward) goes to a reference
+    sharded like the policy: 2 ranks log the rewards, KL and gradient norm of one process."""
+    outs = runs_on_ranks(tmp_path, ((1, 1), (2, 1)), "reinforce_pp", "rl.engine=hf", "rl.kl_coef=0.05")
+    one, two = outs[1, 1], outs[2, 1]
+    for step in (1, 2, 3):
+        a, b = one[step], two[step]
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6), step
+        for key in ("train/loss", "train/kl"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (step, key)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-3), step
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
@@ -414,7 +438,7 @@ def test_on_policy_old_logprobs_skip_the_extra_pass_and_change_nothing(tmp_path,
     monkeypatch.setattr(rl, "score_old_and_ref", spy)
     fused, out_a = run(tmp_path, "grpo", "rl.engine=hf", name="fused")
     assert calls == []  # no reference, no critic: the no-grad pass does not run at all
-    monkeypatch.setattr(rl, "on_policy_old", lambda cfg, method: False)
+    monkeypatch.setattr(rl, "on_policy_old", lambda *args: False)
     separate, out_b = run(tmp_path, "grpo", "rl.engine=hf", name="separate")
     a = [r for r in rows(out_a) if "train/loss" in r]
     b = [r for r in rows(out_b) if "train/loss" in r]
@@ -426,18 +450,102 @@ def test_on_policy_old_logprobs_skip_the_extra_pass_and_change_nothing(tmp_path,
 
 
 def test_the_engine_sleeps_through_the_update_and_wakes_for_the_sync(tmp_path, monkeypatch):
-    """Per step: generate, sleep (GPU: free the KV cache, offload weights), the update, wake, then the sync."""
+    """Per step: generate, sleep discarding the weights (GPU: vLLM level 2; the sync rewrites them all), the update,
+    wake the weights, the sync into them, wake the KV cache, then the canary (token_logprobs). The engine's
+    side of it (vLLM's calls, empty_cache, the bytes measured) is tests/rollout/test_rollout.py::
+    test_vllm_sleep_discards_the_weights_and_wakes_weights_then_kv_cache."""
     from optsys.rollout import hf_engine
 
     calls = []
-    for name in ("generate", "sleep", "wake", "load_weights"):
+    for name in ("generate", "sleep", "wake", "load_weights", "token_logprobs"):
         real = getattr(hf_engine.HFEngine, name)
 
         def spy(self, *args, _real=real, _name=name, **kw):
-            calls.append(_name)
+            shown = {"sleep": lambda: f"sleep(discard_weights={kw['discard_weights']})",
+                     "wake": lambda: f"wake{tuple(args[0])}"}.get(_name, lambda: _name)()
+            calls.append(shown)
             return _real(self, *args, **kw)
 
         monkeypatch.setattr(hf_engine.HFEngine, name, spy)
     run(tmp_path, "grpo", "rl.engine=hf", "eval.before=false", "eval.after=false")
-    per_step = ["generate", "sleep", "wake", "load_weights"]
-    assert calls == ["load_weights"] + per_step * 2  # the first sync checks the engine before any rollout
+    sync = ["load_weights", "wake('kv_cache',)", "token_logprobs"]
+    per_step = ["generate", "sleep(discard_weights=True)", "wake('weights',)", *sync]
+    assert calls == sync + per_step * 2  # the first sync checks the engine before any rollout
+
+
+def test_old_and_reference_logprobs_are_scored_in_eval_mode(tiny_path):
+    """With dropout (LoRA's, p=0.5, on trained adapters) a train-mode forward is random. The old log-probs and the
+    reference's are scored in eval mode: the policy's own, the same on every pass, and the model is back in train
+    mode after. The update's fused old log-probs (a train-mode forward) are off with dropout."""
+    from types import SimpleNamespace
+
+    from optsys.config import LoraConfig, ModelConfig
+    from optsys.models.load import load_model_and_tokenizer
+    from optsys.models.packed import attach_forward_methods
+    from optsys.trainers import rl
+    from optsys.trainers.rl_batch import Prompt, Rollout, micro_batches
+
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_path), lora=LoraConfig(r=4, dropout=0.5)),
+                                        torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained adapters (lora_B starts at 0, where dropout would change nothing)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    model = attach_forward_methods(model).train()
+    world = SimpleNamespace(size=1, rank=0, distributed=False)
+    rollouts = [Rollout(Prompt([11, 12, 13, 14], "q", None), 0, [21, 22, 23, 24, 25], [0.0] * 5, "stop")
+                for _ in range(2)]
+    mbs = micro_batches(rollouts, 64, "token_mean", 5, world, filler=[])
+    fwd = rl.Forward(torch.device("cpu"), "fp32", 1.0, "torch")
+    passes = []
+    for _ in range(2):
+        rl.score_old_and_ref(model, model, mbs, fwd)  # the policy as its own reference too
+        passes.append([torch.cat([getattr(r, k) for r in rollouts]) for k in ("old_logp", "ref_logp")])
+        assert model.training
+    with torch.no_grad():
+        want = fwd.logps(model.eval(), mbs[0])[0].float()
+    for old, ref in passes:
+        torch.testing.assert_close(old, want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ref, want, rtol=0, atol=1e-6)
+    assert rl.has_dropout(model) and not rl.on_policy_old(1, "grpo", rl.has_dropout(model))
+
+
+def test_a_lora_policy_s_reference_is_its_base_with_the_adapters_off(tiny_path, monkeypatch):
+    """With LoRA the KL reference is the policy with its adapters disabled: no second model is built (a deepcopy
+    would be one), and its log-probs equal those of a separately loaded base model, while the policy's (trained
+    adapters) differ."""
+    from types import SimpleNamespace
+
+    from optsys.config import LoraConfig, ModelConfig
+    from optsys.models.load import load_model_and_tokenizer
+    from optsys.models.packed import attach_forward_methods
+    from optsys.trainers import rl
+    from optsys.trainers.precision import resolve_precision
+    from optsys.trainers.rl_batch import Prompt, Rollout, micro_batches
+
+    cpu = torch.device("cpu")
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_path), lora=LoraConfig(r=4)), cpu)
+    world = SimpleNamespace(size=1, rank=0, distributed=False)
+
+    def no_copy(*args, **kw):
+        raise AssertionError("the reference of a LoRA policy must not copy the model")
+
+    monkeypatch.setattr(rl, "copy", SimpleNamespace(deepcopy=no_copy))  # rl.py's copy module only
+    ref = rl.build_reference(model, world, resolve_precision("fp32", "float32", cpu))
+    assert isinstance(ref, rl.AdaptersOff) and ref.model is model
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained adapters
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    model = attach_forward_methods(model).train()
+    rollouts = [Rollout(Prompt([11, 12, 13, 14], "q", None), 0, [21, 22, 23, 24, 25], [0.0] * 5, "stop")]
+    (mb,) = micro_batches(rollouts, 64, "token_mean", 5, world, filler=[])
+    fwd = rl.Forward(cpu, "fp32", 1.0, "torch")
+    rl.score_old_and_ref(model, ref, [mb], fwd)
+    base, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_path)), cpu)
+    with torch.no_grad():
+        want = fwd.logps(attach_forward_methods(base).eval(), mb)[0].float()
+    torch.testing.assert_close(rollouts[0].ref_logp, want, rtol=0, atol=1e-6)
+    assert float((rollouts[0].old_logp - want).abs().max()) > 1e-3

@@ -1,10 +1,13 @@
 """The worked example in optsys/trainers/rl_batch.py's docstring, step by step: it must stay true."""
 
+import threading
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import optsys.trainers.rl_batch as rl_batch
+from optsys.methods import RL_ALGORITHMS
 from optsys.trainers.rl_batch import Prompt, Rollout, group_advantages, rank_groups, step_prompts
 
 
@@ -91,3 +94,141 @@ def test_completion_records_spread_over_the_groups_and_zero_writes_nothing(tmp_p
     rl_batch.write_completions(path, rollouts, 7, 2)
     rl_batch.write_completions(path, rollouts, 8, 2)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [7, 7, 8, 8]
+
+
+# ---------------------------------------------------------------------------- issue 23: DAPO's filter, the KL,
+# REINFORCE++'s whitening, truncation
+
+
+def _single():
+    return SimpleNamespace(size=1, rank=0, distributed=False)
+
+
+def test_dapo_filters_on_correctness_not_on_the_length_penalty():
+    """DAPO eq. 11 keeps a group when 0 < #correct < G. An all-wrong group whose lengths differ gets overlong
+    penalties [0, -0.125, -0.52, -1]: its shaped rewards differ, but it is not informative (GRPO would turn its
+    length penalties into full-size advantages). Rows without an answer are filtered on the unshaped reward."""
+    from optsys.config import RLConfig
+    from optsys.rollout.rewards import build_rewards
+
+    def group(answer, texts, lengths):
+        p = Prompt([1], "q", answer)
+        return [Rollout(p, 0, [5] * n, [0.0] * n, "stop", text) for text, n in zip(texts, lengths)]
+
+    ramp = [700, 800, 901, 1024]  # penalties 0, -0.125, -0.52, -1 (max_new_tokens 1024, overlong_buffer 256)
+    short = [10, 20, 30, 40]
+    answered = (group("8", ["#### 1", "#### 2", "#### 3", "#### 4"], ramp)  # all wrong: dropped
+                + group("8", ["#### 8", "#### 2", "#### 3", "#### 4"], short)  # one right: kept
+                + group("8", ["#### 8"] * 4, ramp))  # all right: dropped
+    unanswered = (group(None, ["#### 1"] * 4, ramp)  # format all 1, only the penalty differs: dropped
+                  + group(None, ["#### 1", "<think>x", "#### 1", "#### 1"], short))  # format differs: kept
+    score_kw = dict(timeout_s=5, on_error="error", overlong_buffer=256, max_new_tokens=1024, stats=rl_batch.StepStats())
+    rl_batch.score(answered, build_rewards(["correct", "digits"], None, "cpu"), **score_kw)
+    rl_batch.score(unanswered, build_rewards(["format"], None, "cpu"), **score_kw)
+    rollouts = answered + unanswered
+    assert [round(r.reward, 3) for r in rollouts[:4]] == [0.0, -0.125, -0.52, -1.0]  # the advantages keep them
+    assert [r.correct for r in rollouts[:8]] == [0, 0, 0, 0, 1, 0, 0, 0] and rollouts[-1].correct is None
+    kept = rl_batch.keep_informative(rollouts, None, None, None, None, rl=RLConfig(group_size=4, max_refills=0),
+                                     seed=0, step=1, train_prompts=[], groups=[0, 1, 2, 3, 4], world=_single(),
+                                     stats=rl_batch.StepStats())
+    assert kept == rollouts[4:8] + rollouts[16:20]
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp", "ppo"])
+def test_the_kl_to_the_reference_is_applied_once(method):
+    """rl.kl_coef > 0 puts the KL either in the loss (GRPO family: k3) or in the token rewards (PPO, REINFORCE++:
+    k1), never both: REINFORCE++ used to fold k1 into its returns and add k3 to the loss as well."""
+    from optsys.config import RLConfig
+    from optsys.trainers.rl import loss_kl
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 5, 2, 4]
+
+    def token_advantages(shift: float) -> torch.Tensor:
+        rollouts = []
+        for i, n in enumerate(lengths):
+            old = -torch.rand(n, generator=g)
+            r = Rollout(Prompt([1], "q", None), i // 2, [5] * n, [0.0] * n, "stop", reward=float(i % 2),
+                        old_logp=old, ref_logp=old - shift * torch.rand(n, generator=g), old_values=torch.zeros(n))
+            rollouts.append(r)
+        group_advantages(rollouts, 2, method)
+        rl_batch.set_token_advantages(rollouts, method, kl_coef=0.1, gamma=1.0, lam=0.95, world=_single())
+        return torch.cat([r.token_adv if r.token_adv is not None else torch.full((r.n_trained,), r.advantage)
+                          for r in rollouts])
+
+    in_reward = not torch.allclose(token_advantages(0.0), token_advantages(1.0))
+    in_loss = loss_kl(RLConfig(kl_coef=0.1), method).get("kl_coef", 0.0) > 0
+    assert in_loss != in_reward
+    assert in_reward == RL_ALGORITHMS[method].kl_in_reward
+
+
+class FakeAllReduce:
+    """all_reduce_sum across rank threads: each rank's list, summed elementwise, back to every rank."""
+
+    def __init__(self, ranks: int):
+        self.barrier, self.slots = threading.Barrier(ranks, timeout=10), {}
+
+    def __call__(self, values, world):
+        self.slots[world.rank] = list(values)
+        self.barrier.wait()
+        out = [sum(v) for v in zip(*(self.slots[r] for r in sorted(self.slots)))]
+        self.barrier.wait()
+        return out
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_reinforce_pp_whitens_over_all_ranks(kl_coef, monkeypatch):
+    """2 ranks give the token advantages of 1 process: the returns are whitened with statistics of every rank's
+    tokens. Rank 0's rewards are all 0: whitened alone they would give all-zero advantages (kl_coef 0)."""
+    g = torch.Generator().manual_seed(1)
+    lengths, rewards = [3, 5, 2, 4, 6, 1, 3, 2], [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+
+    def rollouts():
+        out = []
+        for i, (n, reward) in enumerate(zip(lengths, rewards)):
+            old = -torch.rand(n, generator=torch.Generator().manual_seed(i))
+            out.append(Rollout(Prompt([1], "q", None), i // 2, [5] * n, [0.0] * n, "stop", reward=reward,
+                               old_logp=old, ref_logp=old - 0.5 * torch.rand(n, generator=g)))
+        return out
+
+    one = rollouts()
+    rl_batch.set_token_advantages(one, "reinforce_pp", kl_coef=kl_coef, gamma=1.0, lam=0.95, world=_single())
+    want = torch.cat([r.token_adv for r in one])
+    assert float(torch.cat([r.token_adv for r in one[:4]]).abs().max()) > 0.1
+
+    monkeypatch.setattr(rl_batch, "all_reduce_sum", FakeAllReduce(2))
+    two, errors = rollouts(), []
+    for r, o in zip(two, one):
+        r.ref_logp = o.ref_logp
+
+    def rank(i):
+        try:
+            world = SimpleNamespace(size=2, rank=i, distributed=True)
+            rl_batch.set_token_advantages(two[4 * i : 4 * i + 4], "reinforce_pp", kl_coef=kl_coef, gamma=1.0,
+                                          lam=0.95, world=world)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    torch.testing.assert_close(torch.cat([r.token_adv for r in two]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_fraction_counts_cut_episodes():
+    """train/truncated_fraction: single-turn completions that hit max_new_tokens; multi-turn episodes cut by
+    rl.max_turns or the context (their stop reasons are max_turns / max_tokens, never "length")."""
+    p = Prompt([1], "q", None)
+
+    def episode(reason):
+        return SimpleNamespace(truncated=reason in ("max_turns", "max_tokens"), stop_reason=reason)
+
+    rollouts = [Rollout(p, 0, [5], [0.0], "length"), Rollout(p, 0, [5], [0.0], "stop")]
+    rollouts += [Rollout(p, 1, [5], [0.0], reason, episode=episode(reason))
+                 for reason in ("max_turns", "max_tokens", "done", "done")]
+    stats = rl_batch.StepStats()
+    rl_batch.rollout_stats(rollouts, 2, stats)
+    assert stats.means(_single())["train/truncated_fraction"] == pytest.approx(3 / 6)
