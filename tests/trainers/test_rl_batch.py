@@ -86,7 +86,8 @@ def test_completion_records_spread_over_the_groups_and_zero_writes_nothing(tmp_p
     records = rl_batch.completion_records(rollouts, 7, 4)
     assert [c["prompt"] for c in records] == ["q0", "q1", "q2", "q3"]
     assert records[1] == {"step": 7, "prompt": "q1", "answer": "1", "completion": "c10", "reward": 1,
-                          "rewards": {"correct": 0.0, "format": 1.0}, "advantage": 2.0, "finish_reason": "stop"}
+                          "rewards": {"correct": 0.0, "format": 1.0}, "correct": None, "advantage": 2.0,
+                          "finish_reason": "stop"}
     assert len(rl_batch.completion_records(rollouts[:2], 7, 4)) == 2  # never more than the step has
     path = tmp_path / "completions.jsonl"
     rl_batch.write_completions(path, rollouts, 7, 0)
