@@ -41,7 +41,7 @@ def _specs(cfg_tile: dict, cfg_row: dict) -> list[dict]:
                           "L_out": "*fp32", "SS_out": "*fp32", "A_out": "*fp32", "ST_out": "*fp32",
                           "N": "i32", "V": "i32", "D": "i32", "cols_per_split": "i32", "inv_temp": "fp32",
                           "softcap": "fp32"},
-                "constexprs": {**flags, "UPCAST": False, "IEEE": ieee, **tile}})
+                "constexprs": {**flags, "SUM_S": full, "ENTROPY": full, "UPCAST": False, "IEEE": ieee, **tile}})
             out.append({
                 "kernel": "_grad_kernel", "dtype": dt, "full": full, "options": opts,
                 "types": {"H": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "T": "*i64", "LSE": "*fp32", "A": "*fp32",
@@ -56,7 +56,7 @@ def _specs(cfg_tile: dict, cfg_row: dict) -> list[dict]:
                 "kernel": "_row_stats_kernel", "dtype": dt, "full": full, "options": row_opts,
                 "types": {"S": "*fp32", "B": f"*{dt}", "T": "*i64", "OUT": "*fp32", "R": "i32", "V": "i32",
                           "stride": "i32", "inv_temp": "fp32", "softcap": "fp32"},
-                "constexprs": {**flags, "BLOCK_V": cfg_row["BLOCK_V"]}})
+                "constexprs": {**flags, "SUM_S": full, "ENTROPY": full, "BLOCK_V": cfg_row["BLOCK_V"]}})
             out.append({
                 "kernel": "_row_grad_kernel", "dtype": dt, "full": full, "options": row_opts,
                 "types": {"S": "*fp32", "DZ": f"*{dt}", "B": f"*{dt}", "T": "*i64", "LSE": "*fp32", "A": "*fp32",
