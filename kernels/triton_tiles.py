@@ -284,6 +284,26 @@ GPU_TILE_CFG = {"fwd": {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps
                 "bwd": {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}}
 
 
+# The short list the first GPU session sweeps (profiling/first_call.py tiles) and compile_check.py --all-configs
+# compiles for sm_90; GPU_TILE_CFG should become the sweep's fastest. Larger BLOCK_V means fewer re-reads of a
+# token block's hidden tile in the forward (it is reloaded for every vocab block of its split: D / BLOCK_V reads
+# of H per logit), larger BLOCK_N fewer re-reads of W and fewer grad_weight atomics (V D N / BLOCK_N).
+# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages). Not triton.autotune: its timing runs would add into the
+# grad kernel's atomic accumulators (they need reset_to_zero) and its search would land in a training step.
+# compile_check.py --all-configs (sm_90, triton 3.9): every entry compiles within shared memory, uses wgmma and
+# pipelines its loads, without spills in the plain CE specialization; with every option on (bias, softcap,
+# filter, delta) all but the first spill 12-408 bytes (the sweep times plain CE). Dropped for shared memory over the 227 KiB
+# limit: (64, 256, 64, 8, 3) and (64, 128, 128, 8, 3); for spills even when plain: (128, 256, 32, 8, 3).
+TILE_CANDIDATES = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3),
+                   (64, 256, 32, 8, 4), (64, 256, 64, 8, 2), (64, 128, 64, 4, 4), (128, 128, 64, 8, 2)]
+
+
+def tile_cfg(candidate: tuple[int, int, int, int, int]) -> dict:
+    """A TILE_CANDIDATES entry as the launchers' block / warp settings."""
+    bn, bv, bd, warps, stages = candidate
+    return {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages}
+
+
 def _kernel_cfg(hidden: torch.Tensor) -> dict:
     if hidden.is_cuda:
         return {**GPU_TILE_CFG, "programs": 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count}

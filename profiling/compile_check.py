@@ -8,8 +8,9 @@ per-block limit, register spills, whether `tl.dot` became Hopper's wgmma tensor-
 here, before a GPU session spends its time. Each kernel is compiled with the block sizes and warps the
 launchers use on CUDA (`_kernel_cfg`, `_row_block` in kernels/triton_tiles.py), for bf16 and fp32, plain
 and with every option on.
-Prints one line per specialization; exits 1 if any fails to compile or needs more shared memory than a
-block may have. Run it with TRITON_INTERPRET unset.
+With --all-configs the tile kernels are compiled at every entry of TILE_CANDIDATES (the first GPU session's
+sweep). Prints one line per specialization; exits 1 if any fails to compile or needs more shared memory than a
+block may have (spills are reported, not failed: read spill_bytes). Run it with TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def main() -> int:
     ap.add_argument("--kernels", help="comma-separated kernel names (default: all)")
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--all-configs", action="store_true",
+                    help="the tile kernels at every TILE_CANDIDATES entry (triton_tiles.py), not only GPU_TILE_CFG")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
@@ -101,12 +104,15 @@ def main() -> int:
     from triton.compiler import ASTSource
 
     tt._triton()
-    tile_cfg = {**tt.GPU_TILE_CFG["bwd"]}
     assert tt.GPU_TILE_CFG["fwd"] == tt.GPU_TILE_CFG["bwd"], "compile both configs if they differ"
+    tile_cfgs = [tt.tile_cfg(c) for c in tt.TILE_CANDIDATES] if args.all_configs else [{**tt.GPU_TILE_CFG["bwd"]}]
     target = GPUTarget("cuda", args.arch, 32)
     results, failed = [], False
-    specs = [s for s in _specs(tile_cfg, tt._row_block(128256, True)) if s["dtype"] in args.dtypes.split(",")
-             and (args.kernels is None or s["kernel"] in args.kernels.split(","))]
+    specs = []
+    for i, tile_cfg in enumerate(tile_cfgs):  # the row kernels do not depend on the tile config: once
+        specs += [s for s in _specs(tile_cfg, tt._row_block(128256, True)) if s["dtype"] in args.dtypes.split(",")
+                  and (args.kernels is None or s["kernel"] in args.kernels.split(","))
+                  and (i == 0 or not s["kernel"].startswith("_row"))]
     for spec in specs:
         fn = getattr(tt, spec["kernel"])
         types = dict(spec["types"])
@@ -118,6 +124,9 @@ def main() -> int:
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                  if types[name][0] == "*" or types[name] == "i32"}
         row = {k: spec[k] for k in ("kernel", "dtype", "full")}
+        if not spec["kernel"].startswith("_row"):
+            row["config"] = [spec["constexprs"][k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")] + [
+                spec["options"]["num_warps"], spec["options"]["num_stages"]]
         try:
             src = ASTSource(fn=fn, signature=signature, constexprs=spec["constexprs"], attrs=attrs)
             k = triton.compile(src, target=target, options=spec["options"])
