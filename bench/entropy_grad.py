@@ -7,8 +7,9 @@ An RL update asks `linear_token_logprobs` for the entropy (to log it) and differ
 log-prob path). "zero-grad" is the same step with `0 * entropy` added to the loss: autograd then hands the op a
 zero entropy gradient, which is what every RL update did before the op stopped materializing it (a delta term
 in d_logits: the chunked torch path's general three-tile body). "score" is the no-grad forward that scores
-the old log-probs and their entropy (no ratio: compare it across code versions). All run in this process, interleaved, round
-after round, on the same inputs; the table gives each one's min and median and the ratio of the medians.
+the old log-probs and their entropy (no ratio: compare it across code versions). All run in this process,
+interleaved, round after round, on the same inputs; the table gives each one's min and median and the ratio of
+the medians.
 Forward + backward of hidden and weight, backend "auto" (the chunked torch path on CPU).
 """
 

@@ -60,7 +60,8 @@ def torch_pass(
     Peak extra memory is O(chunk x V) plus the grads. Returns (stats or None, (grad_h, grad_w, grad_b)).
 
     Two chunk bodies. The fast one (fp32/fp64 inputs, no softcap or delta, entropy only in a stats pass:
-    plain cross-entropy, log-probs, and the entropy RL logs) keeps ONE fp32 [rows, V] tile per chunk, reused across chunks, and
+    plain cross-entropy, log-probs, and the entropy RL logs) keeps ONE fp32 [rows, V] tile per chunk, reused
+    across chunks, and
     transforms it in place: logits -> softmax (or log-softmax) with one row-wise kernel whose rows stay
     in cache, instead of several whole-tile passes through memory. The gradient is never formed as a
     tile: d_logits = alpha p + beta [j == t] + gamma = alpha p' + gamma with p' = p + (beta / alpha)

@@ -96,7 +96,8 @@ def linear_token_logprobs(
     With return_entropy, also the entropy of each row's distribution, [N] fp32. Both outputs are
     differentiable with respect to hidden and weight; a backward that reaches only the log-probs (the
     entropy logged, not trained on) costs what it costs without return_entropy, while one through the
-    entropy (an entropy bonus) takes the slower general path (a delta p s term in d_logits). Every target must be in [0, V).
+    entropy (an entropy bonus) takes the slower general path (a delta p s term in d_logits). Every target must
+    be in [0, V).
     backend: "auto" (hybrid on CUDA, torch on CPU), "torch", "hybrid" or "triton" (see
     `linear_cross_entropy.py`).
     Under autocast, hidden and weight are cast to the autocast dtype first (as F.linear is).

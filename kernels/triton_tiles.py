@@ -292,8 +292,9 @@ GPU_TILE_CFG = {"fwd": {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps
 # grad kernel's atomic accumulators (they need reset_to_zero) and its search would land in a training step.
 # compile_check.py --all-configs (sm_90, triton 3.9): every entry compiles within shared memory, uses wgmma and
 # pipelines its loads, without spills in the plain CE specialization; with every option on (bias, softcap,
-# filter, delta) all but the first spill 12-408 bytes (the sweep times plain CE). Dropped for shared memory over the 227 KiB
-# limit: (64, 256, 64, 8, 3) and (64, 128, 128, 8, 3); for spills even when plain: (128, 256, 32, 8, 3).
+# filter, delta) all but the first spill 12-408 bytes (the sweep times plain CE). Dropped for shared memory
+# over the 227 KiB limit: (64, 256, 64, 8, 3) and (64, 128, 128, 8, 3); for spills even when plain:
+# (128, 256, 32, 8, 3).
 TILE_CANDIDATES = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3),
                    (64, 256, 32, 8, 4), (64, 256, 64, 8, 2), (64, 128, 64, 4, 4), (128, 128, 64, 8, 2)]
 

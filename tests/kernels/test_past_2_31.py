@@ -47,7 +47,8 @@ past = math.ceil(2**31 / v)
 rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
 print(json.dumps({"peak_extra_bytes": peak, "past": past, "n": n,
                   "loss_err": abs(float(loss.detach()) - float(-(ref_lp * valid).sum() / nv)),
-                  "lp_err": float((lp - ref_lp).abs().max()), "lp_err_past": float((lp[past:] - ref_lp[past:]).abs().max()),
+                  "lp_err": float((lp - ref_lp).abs().max()),
+                  "lp_err_past": float((lp[past:] - ref_lp[past:]).abs().max()),
                   "gh_err": rel(gh, rgh), "gh_err_past": rel(gh[past:], rgh[past:]), "gw_err": rel(gw, rgw),
                   "valid_past": int(valid[past:].sum())}))
 '''

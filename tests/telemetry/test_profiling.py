@@ -182,11 +182,13 @@ def test_gpu_first_call_parts_run_at_tiny_shapes(tmp_path):
     head = json.loads((tmp_path / "first-head.json").read_text())
     assert head["done"] and head["meta"]["matmul_tflops"] > 0
     assert {(r["op"], r["mode"], r["impl"]) for r in head["rows"]} == {
-        (op, mode, impl) for op in ("linear_ce", "logprobs") for mode in ("fwd", "fwd+bwd") for impl in ("naive", "torch")}
+        (op, mode, impl) for op in ("linear_ce", "logprobs") for mode in ("fwd", "fwd+bwd")
+        for impl in ("naive", "torch")}
     assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in head["rows"])
     # The targets read the hybrid rows, which only a GPU run has: present there, absent here.
     assert head["targets"] == {}
-    fake = {("linear_ce", "fwd+bwd", "hybrid"): {"vs_matmul": 0.85, "median_ms": 40.0, "workspace_beyond_fp32_gw_mb": 900},
+    fake = {("linear_ce", "fwd+bwd", "hybrid"): {"vs_matmul": 0.85, "median_ms": 40.0,
+                                                 "workspace_beyond_fp32_gw_mb": 900},
             ("logprobs", "fwd+bwd", "hybrid"): {"vs_matmul": 0.6, "median_ms": 56.0}}
     assert fc.head_targets(fake) == {
         "hybrid_ce_fwd_bwd_vs_matmul": 0.85, "hybrid_ce_fwd_bwd_vs_matmul_ok": True,
