@@ -179,3 +179,11 @@ class TestCUDA:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_matches_reference(self, assert_close, backend, dtype):
         check_against_reference(assert_close, backend, dtype, temperature=0.7, n=4093, h=1024, v=32003, device="cuda")
+
+    @pytest.mark.parametrize("backend", ["hybrid", "triton"])
+    def test_logged_entropy_takes_the_fast_backward(self, monkeypatch, backend):
+        seen = _spy_backward(monkeypatch)
+        hidden, weight, target = make_inputs(n=1031, h=256, v=32003, dtype=torch.bfloat16, device="cuda")
+        lp, ent = linear_token_logprobs(hidden, weight, target, return_entropy=True, backend=backend)
+        torch.autograd.grad(lp.sum(), (hidden, weight))
+        assert seen["delta"] == [False]
