@@ -141,7 +141,8 @@ def _pieces_reference(hidden, weight, target, rows=1024):
 
 
 def _rel_err(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
 def part_big(args) -> int:
@@ -192,7 +193,7 @@ def part_big(args) -> int:
                     row["seconds"] = round(time.perf_counter() - t0, 3)
                 row["out_dtype_fallback"] = any("out_dtype" in str(w.message) for w in caught)
                 if op == "linear_ce":
-                    row["loss_rel_err"] = abs(float(out) - float(ref_loss)) / abs(float(ref_loss))
+                    row["loss_rel_err"] = abs(float(out.detach()) - float(ref_loss)) / abs(float(ref_loss))
                 else:
                     row["logp_rel_err"] = _rel_err(out, ref_logp)
                     row["logp_rel_err_rows_past_2_31"] = _rel_err(out[past], ref_logp[past])
@@ -369,10 +370,10 @@ def part_tiles(args) -> int:
                     if r:
                         times.append(time.perf_counter() - t0)
                 if ref is None:
-                    ref = (float(loss), gh.float(), gw.float())
+                    ref = (float(loss.detach()), gh.float(), gw.float())
                 med = statistics.median(times)
                 row.update(median_ms=1e3 * med, min_ms=1e3 * min(times), tflops=6 * n * h * v / med / 1e12,
-                           loss_diff=abs(float(loss) - ref[0]), grad_hidden_rel_err=_rel_err(gh, ref[1]),
+                           loss_diff=abs(float(loss.detach()) - ref[0]), grad_hidden_rel_err=_rel_err(gh, ref[1]),
                            grad_weight_rel_err=_rel_err(gw, ref[2]))
             except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is a result
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
