@@ -70,16 +70,26 @@ def _logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, inv_temp, softcap,
     return s
 
 
-def _stats_kernel(H, W, B, T, M_out, L_out, SS_out, A_out, ST_out, N, V, D, cols_per_split,
+def _stats_kernel(H, W, B, T, M_out, L_out, SS_out, A_out, ST_out, N, V, D, cols_per_split, n_splits,
                   inv_temp, softcap,
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SUM_S: tl.constexpr, ENTROPY: tl.constexpr,
-                  UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr, GROUP_N: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per token block and vocab split: online max m, l = sum exp(s - m), the target's s and, when asked,
     a = sum exp(s - m) (s - m) (ENTROPY) and the sum of s (SUM_S). Partials go to [split, N] buffers; the host
-    merges the splits (the split adds parallelism when N / BLOCK_N alone would leave SMs idle)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    merges the splits (the split adds parallelism when N / BLOCK_N alone would leave SMs idle).
+
+    Grouped order (a 1-D grid): consecutive programs cover GROUP_N token blocks x every split, so the programs
+    resident together share each token block's hidden tile n_splits ways and each weight tile GROUP_N ways in
+    L2. In plain token-block-major order all resident programs share the weight tiles but each reloads its
+    own [BLOCK_N, D] hidden tile for every vocab block: 132 SMs x 512 KB (BLOCK_N = 64, D = 4096, bf16) does not
+    stay in a 50 MB L2, so hidden came from HBM V / BLOCK_V times over (~67 GB at the Llama-3-8B shape)."""
+    pid = tl.program_id(0)
+    per_group = GROUP_N * n_splits
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(tl.cdiv(N, BLOCK_N) - first, GROUP_N)  # the last group may be ragged
+    pid_n = first + (pid % per_group) % size
+    pid_s = (pid % per_group) // size
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     tgt = tl.load(T + rows, mask=row_mask, other=-1)
@@ -305,6 +315,13 @@ def tile_cfg(candidate: tuple[int, int, int, int, int]) -> dict:
     return {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages}
 
 
+# The forward's grouped order (`_stats_kernel`): GROUP_N token blocks x at least min_splits vocab splits run
+# together. On a GPU 16 x 8 (~132 SMs): each hidden tile is read from HBM about V / (BLOCK_V x 8) times and each
+# weight tile N / (BLOCK_N x 16) times, ~17 GB instead of ~68 GB at the Llama-3-8B shape (by that count; to be
+# measured). The interpreter: small groups and 2 splits, so test shapes cover a ragged last group.
+STATS_GROUP = {"gpu": {"GROUP_N": 16, "min_splits": 8}, "cpu": {"GROUP_N": 2, "min_splits": 2}}
+
+
 def _kernel_cfg(hidden: torch.Tensor) -> dict:
     if hidden.is_cuda:
         return {**GPU_TILE_CFG, "programs": 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count}
@@ -330,16 +347,19 @@ def triton_stats(hidden, weight, bias, tgt, xf: LogitTransform, *, sum_s: bool =
     cfg = _kernel_cfg(hidden)
     bn, bv = cfg["fwd"]["BLOCK_N"], cfg["fwd"]["BLOCK_V"]
     v_blocks = _cdiv(v, bv)
-    splits = min(v_blocks, max(2 if not hidden.is_cuda else 1, _cdiv(cfg["programs"], _cdiv(n, bn))))
+    group = STATS_GROUP["gpu" if hidden.is_cuda else "cpu"]
+    n_blocks = _cdiv(n, bn)
+    splits = min(v_blocks, max(group["min_splits"], _cdiv(cfg["programs"], n_blocks)))
     per_split = _cdiv(v_blocks, splits)
     splits = _cdiv(v_blocks, per_split)  # no empty split
     part = _utils.empty((5, splits, n), torch.float32, hidden.device)
     with record_function("optsys.triton_stats"):
-        _stats_kernel[(_cdiv(n, bn), splits)](
+        _stats_kernel[(n_blocks * splits,)](
             hidden, weight, hidden if bias is None else bias, tgt, part[0], part[1], part[2], part[3], part[4],
-            n, v, d, per_split * bv, xf.inv_temp, xf.softcap or 1.0,
+            n, v, d, per_split * bv, splits, xf.inv_temp, xf.softcap or 1.0,
             HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, SUM_S=sum_s, ENTROPY=entropy,
-            UPCAST=_utils.interpreting(), IEEE=hidden.dtype == torch.float32, **cfg["fwd"])
+            UPCAST=_utils.interpreting(), IEEE=hidden.dtype == torch.float32, GROUP_N=group["GROUP_N"],
+            **cfg["fwd"])
     m, l, ss, a, st = part
     # Merge the splits' online softmax states at the common max M: l_k, a_k are relative to m_k.
     m_max = m.amax(0)

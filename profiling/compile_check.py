@@ -27,7 +27,7 @@ from pathlib import Path
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}  # max dynamic shared memory per block (bytes)
 
 
-def _specs(cfg_tile: dict, cfg_row: dict) -> list[dict]:
+def _specs(cfg_tile: dict, cfg_row: dict, group_n: int) -> list[dict]:
     """(kernel, signature types, constexprs, options) for each launch the CUDA paths make."""
     out = []
     for dt in ("bf16", "fp32"):
@@ -40,9 +40,10 @@ def _specs(cfg_tile: dict, cfg_row: dict) -> list[dict]:
                 "kernel": "_stats_kernel", "dtype": dt, "full": full, "options": opts,
                 "types": {"H": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "T": "*i64", "M_out": "*fp32",
                           "L_out": "*fp32", "SS_out": "*fp32", "A_out": "*fp32", "ST_out": "*fp32",
-                          "N": "i32", "V": "i32", "D": "i32", "cols_per_split": "i32", "inv_temp": "fp32",
-                          "softcap": "fp32"},
-                "constexprs": {**flags, "SUM_S": full, "ENTROPY": full, "UPCAST": False, "IEEE": ieee, **tile}})
+                          "N": "i32", "V": "i32", "D": "i32", "cols_per_split": "i32", "n_splits": "i32",
+                          "inv_temp": "fp32", "softcap": "fp32"},
+                "constexprs": {**flags, "SUM_S": full, "ENTROPY": full, "UPCAST": False, "IEEE": ieee,
+                               "GROUP_N": group_n, **tile}})
             out.append({
                 "kernel": "_grad_kernel", "dtype": dt, "full": full, "options": opts,
                 "types": {"H": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "T": "*i64", "LSE": "*fp32", "A": "*fp32",
@@ -110,7 +111,8 @@ def main() -> int:
     results, failed = [], False
     specs = []
     for i, tile_cfg in enumerate(tile_cfgs):  # the row kernels do not depend on the tile config: once
-        specs += [s for s in _specs(tile_cfg, tt._row_block(128256, True)) if s["dtype"] in args.dtypes.split(",")
+        all_specs = _specs(tile_cfg, tt._row_block(128256, True), tt.STATS_GROUP["gpu"]["GROUP_N"])
+        specs += [s for s in all_specs if s["dtype"] in args.dtypes.split(",")
                   and (args.kernels is None or s["kernel"] in args.kernels.split(","))
                   and (i == 0 or not s["kernel"].startswith("_row"))]
     for spec in specs:
@@ -119,10 +121,11 @@ def main() -> int:
         types.update({k: "constexpr" for k in spec["constexprs"]})
         signature = {name: types[name] for name in fn.arg_names}
         # As the launcher specializes at the Llama-3-8B shape: pointers (torch allocations) and the integer
-        # sizes N = 8192, D = 4096, V = 128256 (and the strides and splits made of them) are multiples of 16.
+        # sizes N = 8192, D = 4096, V = 128256 (and the strides and split widths made of them) are multiples of
+        # 16; the split count is not.
         # Without these hints a bf16 row's alignment is unknown and Triton cannot pipeline the loads.
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if types[name][0] == "*" or types[name] == "i32"}
+                 if types[name][0] == "*" or (types[name] == "i32" and name != "n_splits")}
         row = {k: spec[k] for k in ("kernel", "dtype", "full")}
         if not spec["kernel"].startswith("_row"):
             row["config"] = [spec["constexprs"][k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")] + [
