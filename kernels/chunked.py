@@ -61,8 +61,8 @@ def torch_pass(
 
     Two chunk bodies. The fast one (fp32/fp64 inputs, no softcap or delta, entropy only in a stats pass:
     plain cross-entropy, log-probs, and the entropy RL logs) keeps ONE fp32 [rows, V] tile per chunk, reused
-    across chunks, and transforms it in place: logits -> softmax (or log-softmax) with one row-wise kernel whose rows stay
-    in cache, instead of several whole-tile passes through memory. The gradient is never formed as a
+    across chunks, and transforms it in place: logits -> softmax (or log-softmax) with one row-wise kernel
+    whose rows stay in cache, instead of several whole-tile passes through memory. The gradient is never formed as a
     tile: d_logits = alpha p + beta [j == t] + gamma = alpha p' + gamma with p' = p + (beta / alpha)
     [j == t] (one element per row), so its products with W and h are alpha * (p' @ W) + gamma sum_j W_j
     and p'^T (alpha h) (+ a rank-1 gamma term added once at the end). One tile instead of two to three
