@@ -13,9 +13,9 @@ from .triton_tiles import triton_grads, triton_stats
 
 
 def compute_stats(backend: str, hidden, weight, bias, tgt, xf: LogitTransform, *, sum_s=False, entropy=False):
-    """Per-row stats [4, N]; the torch path computes SUM_S and ENTROPY only when asked."""
+    """Per-row stats [4, N]; SUM_S and ENTROPY are computed only when asked (0 otherwise)."""
     if backend == "triton":
-        return triton_stats(hidden, weight, bias, tgt, xf)
+        return triton_stats(hidden, weight, bias, tgt, xf, sum_s=sum_s, entropy=entropy)
     return torch_pass(hidden, weight, bias, tgt, xf, sum_s=sum_s, entropy=entropy, row_math=row_math_for(backend))[0]
 
 

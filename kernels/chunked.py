@@ -59,10 +59,10 @@ def torch_pass(
     of (hidden, weight, bias) selected by `needs`; has_delta says its coefficients carry a delta term.
     Peak extra memory is O(chunk x V) plus the grads. Returns (stats or None, (grad_h, grad_w, grad_b)).
 
-    Two chunk bodies. The fast one (fp32/fp64 inputs, no softcap, entropy or delta: plain
-    cross-entropy and log-probs) keeps ONE fp32 [rows, V] tile per chunk, reused across chunks, and
-    transforms it in place: logits -> softmax (or log-softmax) with one row-wise kernel whose rows stay
-    in cache, instead of several whole-tile passes through memory. The gradient is never formed as a
+    Two chunk bodies. The fast one (fp32/fp64 inputs, no softcap or delta, entropy only in a stats pass:
+    plain cross-entropy, log-probs, and the entropy RL logs) keeps ONE fp32 [rows, V] tile per chunk, reused
+    across chunks, and transforms it in place: logits -> softmax (or log-softmax) with one row-wise kernel
+    whose rows stay in cache, instead of several whole-tile passes through memory. The gradient is never formed as a
     tile: d_logits = alpha p + beta [j == t] + gamma = alpha p' + gamma with p' = p + (beta / alpha)
     [j == t] (one element per row), so its products with W and h are alpha * (p' @ W) + gamma sum_j W_j
     and p'^T (alpha h) (+ a rank-1 gamma term added once at the end). One tile instead of two to three
@@ -90,7 +90,7 @@ def torch_pass(
     rowk = row_math == "triton"
     if rowk:
         check_triton_dtype(hidden)
-    fast = hidden.dtype == cd and xf.softcap is None and not entropy and not has_delta and not rowk
+    fast = hidden.dtype == cd and xf.softcap is None and not (entropy and grads) and not has_delta and not rowk
     fixed = sum(0 if g is None else g.numel() * g.element_size() for g in (gh, gw, gb))
     # The general body holds the logits, the softmax and a temporary (s - m, the softcap factor) at once.
     # The hybrid body's fp32 logits tile, plus its input-dtype d_logits tile when the grads need one.
@@ -112,11 +112,11 @@ def torch_pass(
             if rowk:
                 s = _mm_into(h, weight.T, buf[: rows.numel()])  # bias and transform: in the row kernels
                 dz = s if dz_buf is None else dz_buf[: rows.numel()]
-                stat_c, gh_c = _rows_chunk(s, dz, h, weight, bias, t, rows, xf, lse, coef_fn, gw, gb,
-                                           gh is not None)
+                stat_c, gh_c = _rows_chunk(s, dz, h, weight, bias, t, rows, xf, lse, sum_s, entropy, coef_fn,
+                                           gw, gb, gh is not None)
             elif fast:
                 s = _tile_logits(h, weight, bias, xf, cd, out=buf[: rows.numel()])
-                stat_c, gh_c = _fast_chunk(s, h, weight, t, rows, xf, lse, sum_s, coef_fn, gw, gb,
+                stat_c, gh_c = _fast_chunk(s, h, weight, t, rows, xf, lse, sum_s, entropy, coef_fn, gw, gb,
                                            gh is not None, acc)
             else:
                 s = _tile_logits(h, weight, bias, xf, cd)
@@ -139,20 +139,24 @@ def torch_pass(
     return stats, (gh, gw, gb)
 
 
-def _fast_chunk(s, h, weight, t, rows, xf: LogitTransform, lse, sum_s, coef_fn, gw, gb, need_gh, acc):
-    """One chunk of the fast body: s is the [rows, V] logits tile, overwritten in place."""
+def _fast_chunk(s, h, weight, t, rows, xf: LogitTransform, lse, sum_s, entropy, coef_fn, gw, gb, need_gh, acc):
+    """One chunk of the fast body: s is the [rows, V] logits tile, overwritten in place. entropy: only in a
+    stats-only pass (coef_fn None)."""
     stat_c = gh_c = None
     if lse is None:
         s_t = s.gather(1, t).squeeze(1)
         ss = s.sum(1) if sum_s else torch.zeros_like(s_t)
+        ent = torch.zeros_like(s_t)
         if coef_fn is None:  # stats only: log-softmax in place, lse = s_t - log p_t
             torch._log_softmax(s, 1, False, out=s)
             lse_c = s_t - s.gather(1, t).squeeze(1)
+            if entropy:
+                _entropy_into(ent, s)
         else:  # p in place; lse = m - log p_m at the row max m (p_m >= 1 / V never underflows)
             m, arg = s.max(1, keepdim=True)
             torch._softmax(s, 1, False, out=s)
             lse_c = (m - s.gather(1, arg).log()).squeeze(1)
-        stat_c = torch.stack([lse_c, s_t, ss, torch.zeros_like(s_t)])
+        stat_c = torch.stack([lse_c, s_t, ss, ent])
     else:  # p = exp(s - lse), with the row's normalization recomputed in one cache-friendly kernel
         lse_c = lse.index_select(0, rows)
         torch._softmax(s, 1, False, out=s)
@@ -193,6 +197,15 @@ def _fast_chunk(s, h, weight, t, rows, xf: LogitTransform, lse, sum_s, coef_fn, 
         if gb is not None:
             acc["gamma"] = acc.get("gamma", 0) + g.sum()
     return stat_c, gh_c
+
+
+def _entropy_into(ent: torch.Tensor, logp: torch.Tensor) -> None:
+    """ent[i] = -sum_j exp(logp_ij) logp_ij, a few rows at a time: a cache-sized temporary, not a second tile.
+    Every term is >= 0, so a peaked row sums small numbers without the cancellation of lse - sum_j p_j s_j."""
+    step = max(1, (1 << 20) // max(logp.shape[1], 1))
+    for r in range(0, logp.shape[0], step):
+        blk = logp[r : r + step]
+        torch.linalg.vecdot(blk.exp(), blk, out=ent[r : r + step]).neg_()
 
 
 def _general_chunk(s, h, weight, t, rows, xf: LogitTransform, cd, lse, sum_s, entropy, coef_fn, gw, gb, need_gh):
@@ -237,7 +250,7 @@ def _general_chunk(s, h, weight, t, rows, xf: LogitTransform, cd, lse, sum_s, en
     return stat_c, gh_c
 
 
-def _rows_chunk(s, dz, h, weight, bias, t, rows, xf: LogitTransform, lse, coef_fn, gw, gb, need_gh):
+def _rows_chunk(s, dz, h, weight, bias, t, rows, xf: LogitTransform, lse, sum_s, entropy, coef_fn, gw, gb, need_gh):
     """One chunk of the hybrid body: s is the fp32 [rows, V] tile of z = h @ W.T (no bias yet), dz the
     [rows, V] buffer for d_logits in the input dtype (s itself for fp32 inputs).
 
@@ -246,7 +259,7 @@ def _rows_chunk(s, dz, h, weight, bias, t, rows, xf: LogitTransform, lse, coef_f
     GPU)."""
     stat_c = gh_c = None
     if lse is None:
-        stat_c = triton_row_stats(s, bias, t.squeeze(1), xf)
+        stat_c = triton_row_stats(s, bias, t.squeeze(1), xf, sum_s=sum_s, entropy=entropy)
         lse_c = stat_c[LSE]
     else:
         lse_c = lse.index_select(0, rows)
@@ -262,20 +275,27 @@ def _rows_chunk(s, dz, h, weight, bias, t, rows, xf: LogitTransform, lse, coef_f
     return stat_c, gh_c
 
 
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, out_dtype_overload: bool | None = None
+             ) -> torch.Tensor:
     """out = a @ b in out's dtype (fp32, or fp64 for gradcheck) for a, b in it or in bf16/fp16. On CUDA
     cuBLAS writes its fp32 accumulator out directly (torch >= 2.8); on CPU the operands are upcast, which
-    is the same math: products of bf16 values are exact in fp32, and the sums are fp32 in both."""
+    is the same math: products of bf16 values are exact in fp32, and the sums are fp32 in both.
+    out_dtype_overload: try `torch.mm(..., out_dtype=)` (default: on CUDA; the tests force it on CPU, where
+    torch lacks it, to check the fallback's warning)."""
     if a.dtype == out.dtype:
         return torch.mm(a, b, out=out)
-    if a.is_cuda:
+    if a.is_cuda if out_dtype_overload is None else out_dtype_overload:
         try:
             return torch.mm(a, b, out_dtype=out.dtype, out=out)
         except (TypeError, RuntimeError, NotImplementedError) as e:  # an older torch: bf16 logits, then fp32
-            _warn_once(f"torch.mm(..., out_dtype={out.dtype}) failed ({type(e).__name__}: {e}); the logits of "
+            _warn_once(f"torch.mm(..., out_dtype={out.dtype}) failed ({_first_line(e)}); the logits of "
                        f"{a.dtype} inputs are rounded to {a.dtype} before the fp32 softmax math")
             return out.copy_(torch.mm(a, b))
     return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 @functools.cache
@@ -285,18 +305,23 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_dtype_overload: bool | None = None) -> None:
     """acc += a @ b with acc fp32 and a, b possibly bf16: cuBLAS writes the fp32 sum directly (torch >= 2.8,
-    CUDA), so no [V, H] low-precision product is materialized. Elsewhere, through a temporary."""
+    CUDA), so no [V, H] low-precision product is materialized. On CPU (the interpreter tests) through a
+    temporary in a's dtype. On a CUDA torch without the out_dtype overload the same, with a warning (once):
+    each chunk's product is then rounded to bf16 before it reaches the fp32 sum. out_dtype_overload as in
+    `_mm_into`."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if acc.is_cuda:
+    if acc.is_cuda if out_dtype_overload is None else out_dtype_overload:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
-        except (TypeError, RuntimeError, NotImplementedError):  # an older torch: no out_dtype overload
-            pass
+        except (TypeError, RuntimeError, NotImplementedError) as e:  # an older torch: no out_dtype overload
+            _warn_once(f"torch.addmm(..., out_dtype={acc.dtype}) failed ({_first_line(e)}); each chunk's "
+                       f"{a.dtype} grad_weight product goes through a {a.dtype} temporary, rounded to "
+                       f"{a.dtype} before it is added to the {acc.dtype} sum")
     acc += (a @ b).to(acc.dtype)
 
 

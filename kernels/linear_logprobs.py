@@ -31,6 +31,10 @@ class LogprobOptions:
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, o: LogprobOptions):
+        # An output nothing differentiates gets None, not a zero tensor: RL losses use the log-probs and
+        # only log the entropy, and a materialized zero entropy grad would put a delta term into the
+        # backward (the general three-tile chunk body in torch, HAS_DELTA in the Triton kernels).
+        ctx.set_materialize_grads(False)
         xf = LogitTransform(inv_temp=1.0 / o.temperature)
         # A frozen lm_head (LoRA, or a policy's frozen head) and no entropy: the only gradient is
         # d logprob_i / d h_i = (W[t_i] - p_i @ W) / T times a per-row scale, so the chunked paths form
@@ -56,12 +60,16 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent=None):
         o = ctx.o
+        if g_lp is None and g_ent is None:
+            return None, None, None, None
         if ctx.eager:  # out of place: a second backward through a retained graph reuses it
             u = ctx.dlogprob_dhidden
             return (u * g_lp.to(u.dtype)[:, None]), None, None, None
         hidden, weight, target, lse, entropy = ctx.saved_tensors
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype)
-        # d/ds = g_lp ([j == t] - p) - g_ent p (s - lse + entropy): alpha p + beta [j == t] + delta p s
+        # d/ds = g_lp ([j == t] - p) - g_ent p (s - lse + entropy): alpha p + beta [j == t] + delta p s.
+        # g_ent is None when nothing downstream differentiates the entropy (it was only logged): then no
+        # delta term, and the chunked torch path takes its one-tile fast body (fp32) in backward.
         alpha, delta = -g_lp, None
         if g_ent is not None:
             g_ent = g_ent.to(lse.dtype)
@@ -86,7 +94,10 @@ def linear_token_logprobs(
     """log_softmax(hidden @ weight.T / temperature) at target, [N] fp32, without the [N, V] logits.
 
     With return_entropy, also the entropy of each row's distribution, [N] fp32. Both outputs are
-    differentiable with respect to hidden and weight. Every target must be in [0, V).
+    differentiable with respect to hidden and weight; a backward that reaches only the log-probs (the
+    entropy logged, not trained on) costs what it costs without return_entropy, while one through the
+    entropy (an entropy bonus) takes the slower general path (a delta p s term in d_logits). Every target must
+    be in [0, V).
     backend: "auto" (hybrid on CUDA, torch on CPU), "torch", "hybrid" or "triton" (see
     `linear_cross_entropy.py`).
     Under autocast, hidden and weight are cast to the autocast dtype first (as F.linear is).

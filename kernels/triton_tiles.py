@@ -70,15 +70,26 @@ def _logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, inv_temp, softcap,
     return s
 
 
-def _stats_kernel(H, W, B, T, M_out, L_out, SS_out, A_out, ST_out, N, V, D, cols_per_split,
+def _stats_kernel(H, W, B, T, M_out, L_out, SS_out, A_out, ST_out, N, V, D, cols_per_split, n_splits,
                   inv_temp, softcap,
-                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SUM_S: tl.constexpr, ENTROPY: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr, GROUP_N: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per token block and vocab split: online max m, l = sum exp(s - m), a = sum exp(s - m) (s - m),
-    the sum of s, and the target's s. Partials go to [split, N] buffers; the host merges the splits (the split adds
-    parallelism when N / BLOCK_N alone would leave SMs idle)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    """Per token block and vocab split: online max m, l = sum exp(s - m), the target's s and, when asked,
+    a = sum exp(s - m) (s - m) (ENTROPY) and the sum of s (SUM_S). Partials go to [split, N] buffers; the host
+    merges the splits (the split adds parallelism when N / BLOCK_N alone would leave SMs idle).
+
+    Grouped order (a 1-D grid): consecutive programs cover GROUP_N token blocks x every split, so the programs
+    resident together share each token block's hidden tile n_splits ways and each weight tile GROUP_N ways in
+    L2. In plain token-block-major order all resident programs share the weight tiles but each reloads its
+    own [BLOCK_N, D] hidden tile for every vocab block: 132 SMs x 512 KB (BLOCK_N = 64, D = 4096, bf16) does not
+    stay in a 50 MB L2, so hidden came from HBM V / BLOCK_V times over (~67 GB at the Llama-3-8B shape)."""
+    pid = tl.program_id(0)
+    per_group = GROUP_N * n_splits
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(tl.cdiv(N, BLOCK_N) - first, GROUP_N)  # the last group may be ragged
+    pid_n = first + (pid % per_group) % size
+    pid_s = (pid % per_group) // size
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     tgt = tl.load(T + rows, mask=row_mask, other=-1)
@@ -100,12 +111,14 @@ def _stats_kernel(H, W, B, T, M_out, L_out, SS_out, A_out, ST_out, N, V, D, cols
             m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every split has >= 1 column
             rescale = tl.exp(m - m_new)
             e = tl.exp(s - m_new[:, None])
-            # a is relative to the running max: moving it from m to m_new adds (m - m_new) l (guarded: the
-            # first block has m = -inf, l = 0).
-            a = rescale * (a + tl.where(l > 0, m - m_new, 0.0) * l)
-            a += tl.sum(e * tl.where(col_mask[None, :], s - m_new[:, None], 0.0), axis=1)
+            if ENTROPY:
+                # a is relative to the running max: moving it from m to m_new adds (m - m_new) l (guarded:
+                # the first block has m = -inf, l = 0).
+                a = rescale * (a + tl.where(l > 0, m - m_new, 0.0) * l)
+                a += tl.sum(e * tl.where(col_mask[None, :], s - m_new[:, None], 0.0), axis=1)
             l = l * rescale + tl.sum(e, axis=1)
-            ss += tl.sum(s0, axis=1)
+            if SUM_S:
+                ss += tl.sum(s0, axis=1)
             st += tl.sum(tl.where(cols[None, :] == tgt[:, None], s0, 0.0), axis=1)
             m = m_new
     out = pid_s * N + rows
@@ -128,7 +141,9 @@ def _grad_kernel(H, W, B, T, LSE, A, BETA, G, DELTA, GH, GW, GB, N, V, D, inv_te
     for GW) must either hold a [BLOCK, D] accumulator (too big for registers at D = 4096) or recompute
     the logits once per kernel (8 N H V flops instead of 6). With atomics the logits are computed once;
     the price is N D V / BLOCK_V + V D N / BLOCK_N fp32 atomic adds, and run-to-run nondeterminism in
-    the last bits of the grads. The grid puts vocab blocks on axis 0, so programs running together
+    the last bits of the grads. The adds are relaxed atomics: each is a plain sum into memory no other
+    program reads before the kernel ends, so the default acq_rel ordering (a fence per add) buys nothing.
+    The grid puts vocab blocks on axis 0, so programs running together
     share a token block (its H tile and GH rows stay in L2)."""
     pid_v = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -162,7 +177,7 @@ def _grad_kernel(H, W, B, T, LSE, A, BETA, G, DELTA, GH, GW, GB, N, V, D, inv_te
             # Inactive rows and padding columns carry exp(s - 0) garbage in p: zero them here.
             dz = tl.where(active[:, None] & col_mask[None, :], ds * inv_temp, 0.0)
             if NEED_GB:
-                tl.atomic_add(GB + cols, tl.sum(dz, axis=0), mask=col_mask)
+                tl.atomic_add(GB + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
             if not UPCAST:
                 dz = dz.to(H.dtype.element_ty)  # bf16 operands for the tensor cores, fp32 accumulate
             for d0 in range(0, D, BLOCK_D):
@@ -178,7 +193,7 @@ def _grad_kernel(H, W, B, T, LSE, A, BETA, G, DELTA, GH, GW, GB, N, V, D, inv_te
                     else:
                         gh = tl.dot(dz, w)
                     tl.atomic_add(GH + rows[:, None] * D + d[None, :], gh,
-                                  mask=row_mask[:, None] & d_mask[None, :])
+                                  mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
                 if NEED_GW:
                     h = tl.load(H + rows[:, None] * D + d[None, :], mask=row_mask[:, None] & d_mask[None, :],
                                 other=0.0)
@@ -189,7 +204,7 @@ def _grad_kernel(H, W, B, T, LSE, A, BETA, G, DELTA, GH, GW, GB, N, V, D, inv_te
                     else:
                         gw = tl.dot(tl.trans(dz), h)
                     tl.atomic_add(GW + cols[:, None] * D + d[None, :], gw,
-                                  mask=col_mask[:, None] & d_mask[None, :])
+                                  mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
 def _row_logits(S, B, cols, col_mask, inv_temp, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
@@ -204,9 +219,11 @@ def _row_logits(S, B, cols, col_mask, inv_temp, softcap, HAS_BIAS: tl.constexpr,
 
 
 def _row_stats_kernel(S, B, T, OUT, R, V, stride, inv_temp, softcap,
-                      HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One program per tile row: online max m, l = sum exp(s - m), a = sum exp(s - m) (s - m), sum s and
-    the target's s over V in BLOCK_V steps; writes lse, s_t, sum s, entropy to OUT [4, R] (fp32)."""
+                      HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SUM_S: tl.constexpr, ENTROPY: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
+    """One program per tile row: online max m and l = sum exp(s - m) over V in BLOCK_V steps (and, when
+    asked, a = sum exp(s - m) (s - m) for the entropy and the sum of s for label smoothing); the target's s
+    is loaded on its own. Writes lse, s_t, sum s, entropy to OUT [4, R] (fp32; 0 for a stat not asked)."""
     row = tl.program_id(0).to(tl.int64)
     S += row * stride
     tgt = tl.load(T + row)
@@ -214,27 +231,29 @@ def _row_stats_kernel(S, B, T, OUT, R, V, stride, inv_temp, softcap,
     l = tl.zeros((), tl.float32)
     a = tl.zeros((), tl.float32)
     ss = tl.zeros((), tl.float32)
-    st = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         s = _row_logits(S, B, cols, col_mask, inv_temp, softcap, HAS_BIAS, SOFTCAP)
-        ss += tl.sum(tl.where(col_mask, s, 0.0), axis=0)
-        st += tl.sum(tl.where(cols == tgt, s, 0.0), axis=0)
+        if SUM_S:
+            ss += tl.sum(tl.where(col_mask, s, 0.0), axis=0)
         s = tl.where(col_mask, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))  # finite: every block has >= 1 column
         rescale = tl.exp(m - m_new)
         e = tl.exp(s - m_new)
-        # a is relative to the running max: moving it from m to m_new adds (m - m_new) l (0 at the first
-        # block, where m = -inf and l = 0).
-        a = rescale * (a + tl.where(l > 0, m - m_new, 0.0) * l)
-        a += tl.sum(e * tl.where(col_mask, s - m_new, 0.0), axis=0)  # e = 0 at padding columns
+        if ENTROPY:
+            # a is relative to the running max: moving it from m to m_new adds (m - m_new) l (0 at the first
+            # block, where m = -inf and l = 0).
+            a = rescale * (a + tl.where(l > 0, m - m_new, 0.0) * l)
+            a += tl.sum(e * tl.where(col_mask, s - m_new, 0.0), axis=0)  # e = 0 at padding columns
         l = l * rescale + tl.sum(e, axis=0)
         m = m_new
+    # The target's logit, read once (the chunk loop passes active rows only: 0 <= tgt < V).
+    st = _row_logits(S, B, tgt, tgt >= 0, inv_temp, softcap, HAS_BIAS, SOFTCAP)
     tl.store(OUT + row, m + tl.log(l))
     tl.store(OUT + R + row, st)
     tl.store(OUT + 2 * R + row, ss)
-    tl.store(OUT + 3 * R + row, tl.log(l) - a / l)
+    tl.store(OUT + 3 * R + row, tl.log(l) - a / l if ENTROPY else 0.0)
 
 
 def _row_grad_kernel(S, DZ, B, T, LSE, A, BETA, G, DELTA, V, stride, dz_stride, inv_temp, softcap,
@@ -275,6 +294,34 @@ GPU_TILE_CFG = {"fwd": {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps
                 "bwd": {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}}
 
 
+# The short list the first GPU session sweeps (profiling/first_call.py tiles) and compile_check.py --all-configs
+# compiles for sm_90; GPU_TILE_CFG should become the sweep's fastest. Larger BLOCK_V means fewer re-reads of a
+# token block's hidden tile in the forward (it is reloaded for every vocab block of its split: D / BLOCK_V reads
+# of H per logit), larger BLOCK_N fewer re-reads of W and fewer grad_weight atomics (V D N / BLOCK_N).
+# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages). Not triton.autotune: its timing runs would add into the
+# grad kernel's atomic accumulators (they need reset_to_zero) and its search would land in a training step.
+# compile_check.py --all-configs (sm_90, triton 3.9): every entry compiles within shared memory, uses wgmma and
+# pipelines its loads, without spills in the plain CE specialization; with every option on (bias, softcap,
+# filter, delta) all but the first spill 12-408 bytes (the sweep times plain CE). Dropped for shared memory
+# over the 227 KiB limit: (64, 256, 64, 8, 3) and (64, 128, 128, 8, 3); for spills even when plain:
+# (128, 256, 32, 8, 3).
+TILE_CANDIDATES = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3),
+                   (64, 256, 32, 8, 4), (64, 256, 64, 8, 2), (64, 128, 64, 4, 4), (128, 128, 64, 8, 2)]
+
+
+def tile_cfg(candidate: tuple[int, int, int, int, int]) -> dict:
+    """A TILE_CANDIDATES entry as the launchers' block / warp settings."""
+    bn, bv, bd, warps, stages = candidate
+    return {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages}
+
+
+# The forward's grouped order (`_stats_kernel`): GROUP_N token blocks x at least min_splits vocab splits run
+# together. On a GPU 16 x 8 (~132 SMs): each hidden tile is read from HBM about V / (BLOCK_V x 8) times and each
+# weight tile N / (BLOCK_N x 16) times, ~17 GB instead of ~68 GB at the Llama-3-8B shape (by that count; to be
+# measured). The interpreter: small groups and 2 splits, so test shapes cover a ragged last group.
+STATS_GROUP = {"gpu": {"GROUP_N": 16, "min_splits": 8}, "cpu": {"GROUP_N": 2, "min_splits": 2}}
+
+
 def _kernel_cfg(hidden: torch.Tensor) -> dict:
     if hidden.is_cuda:
         return {**GPU_TILE_CFG, "programs": 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count}
@@ -288,8 +335,10 @@ def check_triton_dtype(hidden: torch.Tensor) -> None:
         raise ValueError(f"backends 'triton' and 'hybrid' support fp32/bf16/fp16 hidden, got {hidden.dtype}")
 
 
-def triton_stats(hidden, weight, bias, tgt, xf: LogitTransform) -> torch.Tensor:
-    """Per-row stats [4, N] (lse, s_target, sum s, entropy), 0 at inactive rows, from the Triton kernel."""
+def triton_stats(hidden, weight, bias, tgt, xf: LogitTransform, *, sum_s: bool = False,
+                 entropy: bool = False) -> torch.Tensor:
+    """Per-row stats [4, N] (lse, s_target, sum s, entropy), 0 at inactive rows (and for a stat not asked),
+    from the Triton kernel."""
     _triton()
     check_triton_dtype(hidden)
     hidden, weight = hidden.contiguous(), weight.contiguous()
@@ -298,22 +347,25 @@ def triton_stats(hidden, weight, bias, tgt, xf: LogitTransform) -> torch.Tensor:
     cfg = _kernel_cfg(hidden)
     bn, bv = cfg["fwd"]["BLOCK_N"], cfg["fwd"]["BLOCK_V"]
     v_blocks = _cdiv(v, bv)
-    splits = min(v_blocks, max(2 if not hidden.is_cuda else 1, _cdiv(cfg["programs"], _cdiv(n, bn))))
+    group = STATS_GROUP["gpu" if hidden.is_cuda else "cpu"]
+    n_blocks = _cdiv(n, bn)
+    splits = min(v_blocks, max(group["min_splits"], _cdiv(cfg["programs"], n_blocks)))
     per_split = _cdiv(v_blocks, splits)
     splits = _cdiv(v_blocks, per_split)  # no empty split
     part = _utils.empty((5, splits, n), torch.float32, hidden.device)
     with record_function("optsys.triton_stats"):
-        _stats_kernel[(_cdiv(n, bn), splits)](
+        _stats_kernel[(n_blocks * splits,)](
             hidden, weight, hidden if bias is None else bias, tgt, part[0], part[1], part[2], part[3], part[4],
-            n, v, d, per_split * bv, xf.inv_temp, xf.softcap or 1.0,
-            HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, UPCAST=_utils.interpreting(),
-            IEEE=hidden.dtype == torch.float32, **cfg["fwd"])
+            n, v, d, per_split * bv, splits, xf.inv_temp, xf.softcap or 1.0,
+            HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, SUM_S=sum_s, ENTROPY=entropy,
+            UPCAST=_utils.interpreting(), IEEE=hidden.dtype == torch.float32, GROUP_N=group["GROUP_N"],
+            **cfg["fwd"])
     m, l, ss, a, st = part
     # Merge the splits' online softmax states at the common max M: l_k, a_k are relative to m_k.
     m_max = m.amax(0)
     w = torch.exp(m - m_max)
     l_sum = (l * w).sum(0)
-    ent = l_sum.log() - (w * (a + (m - m_max) * l)).sum(0) / l_sum
+    ent = l_sum.log() - (w * (a + (m - m_max) * l)).sum(0) / l_sum if entropy else torch.zeros_like(l_sum)
     stats = torch.stack([m_max + l_sum.log(), st.sum(0), ss.sum(0), ent])
     # Skipped token blocks left -inf / 0 partials (NaN here): masked, never multiplied.
     return stats.masked_fill_(tgt < 0, 0)
@@ -361,14 +413,16 @@ def _row_block(v: int, on_gpu: bool) -> dict:
     return {"BLOCK_V": 4096, "num_warps": 8} if on_gpu else {"BLOCK_V": 64}
 
 
-def triton_row_stats(s: torch.Tensor, bias, tgt: torch.Tensor, xf: LogitTransform) -> torch.Tensor:
-    """Per-row stats [4, R] (lse, s_target, sum s, entropy) of a materialized [R, V] logits tile."""
+def triton_row_stats(s: torch.Tensor, bias, tgt: torch.Tensor, xf: LogitTransform, *, sum_s: bool = False,
+                     entropy: bool = False) -> torch.Tensor:
+    """Per-row stats [4, R] (lse, s_target, sum s, entropy) of a materialized [R, V] logits tile; sum s and
+    the entropy are 0 unless asked (each is one more block reduction per step)."""
     _triton()
     r, v = s.shape
     out = _utils.empty((4, r), torch.float32, s.device)
     _row_stats_kernel[(r,)](s, s if bias is None else bias, tgt, out, r, v, s.stride(0), xf.inv_temp,
                             xf.softcap or 1.0, HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None,
-                            **_row_block(v, s.is_cuda))
+                            SUM_S=sum_s, ENTROPY=entropy, **_row_block(v, s.is_cuda))
     return out
 
 

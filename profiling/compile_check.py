@@ -8,8 +8,9 @@ per-block limit, register spills, whether `tl.dot` became Hopper's wgmma tensor-
 here, before a GPU session spends its time. Each kernel is compiled with the block sizes and warps the
 launchers use on CUDA (`_kernel_cfg`, `_row_block` in kernels/triton_tiles.py), for bf16 and fp32, plain
 and with every option on.
-Prints one line per specialization; exits 1 if any fails to compile or needs more shared memory than a
-block may have. Run it with TRITON_INTERPRET unset.
+With --all-configs the tile kernels are compiled at every entry of TILE_CANDIDATES (the first GPU session's
+sweep). Prints one line per specialization; exits 1 if any fails to compile or needs more shared memory than a
+block may have (spills are reported, not failed: read spill_bytes). Run it with TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}  # max dynamic shared memory per block (bytes)
 
 
-def _specs(cfg_tile: dict, cfg_row: dict) -> list[dict]:
+def _specs(cfg_tile: dict, cfg_row: dict, group_n: int) -> list[dict]:
     """(kernel, signature types, constexprs, options) for each launch the CUDA paths make."""
     out = []
     for dt in ("bf16", "fp32"):
@@ -39,9 +40,10 @@ def _specs(cfg_tile: dict, cfg_row: dict) -> list[dict]:
                 "kernel": "_stats_kernel", "dtype": dt, "full": full, "options": opts,
                 "types": {"H": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "T": "*i64", "M_out": "*fp32",
                           "L_out": "*fp32", "SS_out": "*fp32", "A_out": "*fp32", "ST_out": "*fp32",
-                          "N": "i32", "V": "i32", "D": "i32", "cols_per_split": "i32", "inv_temp": "fp32",
-                          "softcap": "fp32"},
-                "constexprs": {**flags, "UPCAST": False, "IEEE": ieee, **tile}})
+                          "N": "i32", "V": "i32", "D": "i32", "cols_per_split": "i32", "n_splits": "i32",
+                          "inv_temp": "fp32", "softcap": "fp32"},
+                "constexprs": {**flags, "SUM_S": full, "ENTROPY": full, "UPCAST": False, "IEEE": ieee,
+                               "GROUP_N": group_n, **tile}})
             out.append({
                 "kernel": "_grad_kernel", "dtype": dt, "full": full, "options": opts,
                 "types": {"H": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "T": "*i64", "LSE": "*fp32", "A": "*fp32",
@@ -56,7 +58,7 @@ def _specs(cfg_tile: dict, cfg_row: dict) -> list[dict]:
                 "kernel": "_row_stats_kernel", "dtype": dt, "full": full, "options": row_opts,
                 "types": {"S": "*fp32", "B": f"*{dt}", "T": "*i64", "OUT": "*fp32", "R": "i32", "V": "i32",
                           "stride": "i32", "inv_temp": "fp32", "softcap": "fp32"},
-                "constexprs": {**flags, "BLOCK_V": cfg_row["BLOCK_V"]}})
+                "constexprs": {**flags, "SUM_S": full, "ENTROPY": full, "BLOCK_V": cfg_row["BLOCK_V"]}})
             out.append({
                 "kernel": "_row_grad_kernel", "dtype": dt, "full": full, "options": row_opts,
                 "types": {"S": "*fp32", "DZ": f"*{dt}", "B": f"*{dt}", "T": "*i64", "LSE": "*fp32", "A": "*fp32",
@@ -91,6 +93,8 @@ def main() -> int:
     ap.add_argument("--kernels", help="comma-separated kernel names (default: all)")
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--all-configs", action="store_true",
+                    help="the tile kernels at every TILE_CANDIDATES entry (triton_tiles.py), not only GPU_TILE_CFG")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
@@ -101,23 +105,31 @@ def main() -> int:
     from triton.compiler import ASTSource
 
     tt._triton()
-    tile_cfg = {**tt.GPU_TILE_CFG["bwd"]}
     assert tt.GPU_TILE_CFG["fwd"] == tt.GPU_TILE_CFG["bwd"], "compile both configs if they differ"
+    tile_cfgs = [tt.tile_cfg(c) for c in tt.TILE_CANDIDATES] if args.all_configs else [{**tt.GPU_TILE_CFG["bwd"]}]
     target = GPUTarget("cuda", args.arch, 32)
     results, failed = [], False
-    specs = [s for s in _specs(tile_cfg, tt._row_block(128256, True)) if s["dtype"] in args.dtypes.split(",")
-             and (args.kernels is None or s["kernel"] in args.kernels.split(","))]
+    specs = []
+    for i, tile_cfg in enumerate(tile_cfgs):  # the row kernels do not depend on the tile config: once
+        all_specs = _specs(tile_cfg, tt._row_block(128256, True), tt.STATS_GROUP["gpu"]["GROUP_N"])
+        specs += [s for s in all_specs if s["dtype"] in args.dtypes.split(",")
+                  and (args.kernels is None or s["kernel"] in args.kernels.split(","))
+                  and (i == 0 or not s["kernel"].startswith("_row"))]
     for spec in specs:
         fn = getattr(tt, spec["kernel"])
         types = dict(spec["types"])
         types.update({k: "constexpr" for k in spec["constexprs"]})
         signature = {name: types[name] for name in fn.arg_names}
         # As the launcher specializes at the Llama-3-8B shape: pointers (torch allocations) and the integer
-        # sizes N = 8192, D = 4096, V = 128256 (and the strides and splits made of them) are multiples of 16.
+        # sizes N = 8192, D = 4096, V = 128256 (and the strides and split widths made of them) are multiples of
+        # 16; the split count is not.
         # Without these hints a bf16 row's alignment is unknown and Triton cannot pipeline the loads.
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if types[name][0] == "*" or types[name] == "i32"}
+                 if types[name][0] == "*" or (types[name] == "i32" and name != "n_splits")}
         row = {k: spec[k] for k in ("kernel", "dtype", "full")}
+        if not spec["kernel"].startswith("_row"):
+            row["config"] = [spec["constexprs"][k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")] + [
+                spec["options"]["num_warps"], spec["options"]["num_stages"]]
         try:
             src = ASTSource(fn=fn, signature=signature, constexprs=spec["constexprs"], attrs=attrs)
             k = triton.compile(src, target=target, options=spec["options"])

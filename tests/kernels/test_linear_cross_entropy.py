@@ -286,3 +286,24 @@ def test_torch_fast_body_matches_general(small_chunks):
                       needs=(True, True, True), has_delta=general)[1] for general in (False, True)]
     for fast, ref in zip(*out, strict=True):
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["mm", "addmm"])
+def test_out_dtype_fallback_warns_once(which):
+    """Without torch's out_dtype matmul overload (CPU torch lacks it; an old CUDA torch too) the bf16 products
+    are rounded to bf16 before the fp32 math: that must be said, once, not done silently."""
+    from optsys.kernels import chunked
+
+    chunked._warn_once.cache_clear()
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(*s, generator=g).bfloat16() for s in ((5, 7), (7, 3)))
+    expected = (a @ b).float()  # the fallback's math: a bf16 product, then fp32
+    with pytest.warns(RuntimeWarning, match=rf"torch\.{which}\(\.\.\., out_dtype=torch\.float32\) failed") as rec:
+        for _ in range(3):
+            acc = torch.zeros(5, 3)
+            if which == "mm":
+                chunked._mm_into(a, b, acc, out_dtype_overload=True)
+            else:
+                chunked._addmm_into(acc, a, b, out_dtype_overload=True)
+            assert torch.equal(acc, expected)
+    assert len([w for w in rec if "out_dtype" in str(w.message)]) == 1

@@ -94,6 +94,52 @@ def test_frozen_weight_grad_folded_into_forward(assert_close, small_chunks, monk
     assert_close(again, 2 * gh, dtype, "second backward")
 
 
+def _spy_backward(monkeypatch):
+    """Record, for every backward pass over the logits, whether its coefficients carry the entropy's delta term
+    and which chunk bodies of the torch path ran."""
+    from optsys.kernels import chunked
+    from optsys.kernels import linear_logprobs as llp
+
+    seen = {"delta": [], "fast": 0, "general": 0}
+    real_grads = llp.compute_grads
+
+    def compute_grads(*a, **k):
+        seen["delta"].append(a[6].delta is not None)  # (backend, hidden, weight, bias, tgt, lse, c, ...)
+        return real_grads(*a, **k)
+
+    monkeypatch.setattr(llp, "compute_grads", compute_grads)
+    for body in ("fast", "general"):
+        real = getattr(chunked, f"_{body}_chunk")
+        monkeypatch.setattr(chunked, f"_{body}_chunk",
+                            lambda *a, _r=real, _b=body, **k: seen.__setitem__(_b, seen[_b] + 1) or _r(*a, **k))
+    return seen
+
+
+def test_logged_entropy_takes_the_fast_backward(assert_close, backend, monkeypatch):
+    """RL returns the entropy to log it and differentiates only the log-probs: the backward must not carry a
+    (zero) entropy gradient, so the torch path runs its one-tile fast body; grads still match the reference."""
+    seen = _spy_backward(monkeypatch)
+    hidden, weight, target = make_inputs(v=301)
+    lp, ent = linear_token_logprobs(hidden, weight, target, temperature=0.9, return_entropy=True, backend=backend)
+    seen["fast"] = seen["general"] = 0  # the forward's entropy needs the general body; count backward only
+    g = torch.randn(N, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((lp * g).sum(), (hidden, weight))
+    assert seen["delta"] == [False], "a zero entropy gradient reached the backward"
+    if backend == "torch":
+        assert seen["fast"] > 0 and seen["general"] == 0, seen
+    ref_params = [hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()]
+    ref_lp = linear_token_logprobs_reference(*ref_params, target, temperature=0.9)
+    for name, a, e in zip(("hidden", "weight"), grads, torch.autograd.grad((ref_lp * g).sum(), ref_params)):
+        assert_close(a, e, torch.float32, f"grad {name}")
+
+
+def test_entropy_bonus_takes_the_general_backward(assert_close, small_chunks, monkeypatch):
+    """Backprop through the entropy (an entropy bonus) is supported, on the general path with its delta term."""
+    seen = _spy_backward(monkeypatch)
+    check_against_reference(assert_close, "torch", temperature=0.9, v=301, grad_outputs=("lp", "ent"))
+    assert seen["delta"] == [True] and seen["general"] > 0
+
+
 def test_large_logits_no_overflow(assert_close, backend):
     # Logits ~ 1e2: their own fp32 rounding (~1e-5 absolute) bounds the agreement of any two paths.
     out, grads = check_against_reference(assert_close, backend, scale=100.0, v=301, rtol=1e-4)
@@ -133,3 +179,11 @@ class TestCUDA:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_matches_reference(self, assert_close, backend, dtype):
         check_against_reference(assert_close, backend, dtype, temperature=0.7, n=4093, h=1024, v=32003, device="cuda")
+
+    @pytest.mark.parametrize("backend", ["hybrid", "triton"])
+    def test_logged_entropy_takes_the_fast_backward(self, monkeypatch, backend):
+        seen = _spy_backward(monkeypatch)
+        hidden, weight, target = make_inputs(n=1031, h=256, v=32003, dtype=torch.bfloat16, device="cuda")
+        lp, ent = linear_token_logprobs(hidden, weight, target, return_entropy=True, backend=backend)
+        torch.autograd.grad(lp.sum(), (hidden, weight))
+        assert seen["delta"] == [False]

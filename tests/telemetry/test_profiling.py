@@ -141,3 +141,56 @@ def test_gpu_suite_dry_run_prints_every_stage_and_fails_without_cuda():
     assert not any(x.startswith("  [bench]") for x in lines)  # only the stages asked for
     res = profiling_dry_run("gpu_suite.sh", "sft", "nope")
     assert res.returncode == 2 and "unknown stage 'nope'" in res.stderr
+
+
+@needs_no_cuda
+def test_gpu_first_call_dry_run_prints_every_part_and_fails_without_cuda():
+    res = profiling_dry_run("gpu_first_call.sh")
+    assert res.returncode == 3, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert "a dry run, nothing was run" in lines[0]
+    limits = {"tests": 75, "big": 60, "head": 120, "tiles": 60, "sft": 90}
+    for part, limit in limits.items():  # each part under its own timeout, writing into $OUT
+        (line,) = [x for x in lines if x.startswith(f"  [{part}] ")]
+        assert f"timeout -k 10 {limit} " in line and f"profiling/first_call.py {part} --out /tmp/optsys-dry-run" in line
+    assert sum(limits.values()) <= 7 * 60  # the whole call fits about 7 minutes with its setup
+    res = profiling_dry_run("gpu_first_call.sh", "head")
+    assert res.returncode == 3 and not any(x.startswith("  [big]") for x in res.stdout.splitlines())
+    res = profiling_dry_run("gpu_first_call.sh", "head", "nope")
+    assert res.returncode == 2 and "unknown part 'nope'" in res.stderr
+
+
+def _first_call():
+    spec = importlib.util.spec_from_file_location("first_call", ROOT / "profiling" / "first_call.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_first_call_parts_run_at_tiny_shapes(tmp_path):
+    """The first call's kernel parts on CPU at tiny shapes (the chunked torch path): each writes its JSON, and the
+    past-2^31 part's comparisons (vs the piecewise reference, and for the rows it singles out) hold."""
+    fc = _first_call()
+    assert fc.main(["big", "--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    big = json.loads((tmp_path / "first-big.json").read_text())
+    assert big["done"] and big["ok"]
+    assert {(r["impl"], r.get("op")) for r in big["rows"]} >= {("torch", "linear_ce"), ("torch", "logprobs"),
+                                                               ("naive", "linear_ce")}
+    for r in big["rows"][1:]:
+        assert r["ok"] and not r["out_dtype_fallback"] and r["grad_hidden_rel_err_rows_past_2_31"] < 3e-2, r
+    assert fc.main(["head", "--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    head = json.loads((tmp_path / "first-head.json").read_text())
+    assert head["done"] and head["meta"]["matmul_tflops"] > 0
+    assert {(r["op"], r["mode"], r["impl"]) for r in head["rows"]} == {
+        (op, mode, impl) for op in ("linear_ce", "logprobs") for mode in ("fwd", "fwd+bwd")
+        for impl in ("naive", "torch")}
+    assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in head["rows"])
+    # The targets read the hybrid rows, which only a GPU run has: present there, absent here.
+    assert head["targets"] == {}
+    fake = {("linear_ce", "fwd+bwd", "hybrid"): {"vs_matmul": 0.85, "median_ms": 40.0,
+                                                 "workspace_beyond_fp32_gw_mb": 900},
+            ("logprobs", "fwd+bwd", "hybrid"): {"vs_matmul": 0.6, "median_ms": 56.0}}
+    assert fc.head_targets(fake) == {
+        "hybrid_ce_fwd_bwd_vs_matmul": 0.85, "hybrid_ce_fwd_bwd_vs_matmul_ok": True,
+        "hybrid_ce_workspace_beyond_fp32_gw_mb": 900, "hybrid_ce_workspace_ok": True,
+        "hybrid_logprobs_vs_ce_time": 1.4, "hybrid_logprobs_vs_ce_time_ok": False}
