@@ -136,3 +136,39 @@ def test_train_cli_data_error_is_one_clear_line(tmp_path, tiny_path):
     assert proc.returncode != 0
     assert "data error: " in proc.stderr and str(missing) in proc.stderr and "data.dataset" in proc.stderr
     assert_one_paragraph(proc.stderr, "data error: ")
+
+
+def test_train_cli_folders_that_cannot_be_made_are_one_paragraph(tmp_path):
+    """output_dir below a file, and OPTSYS_CACHE_DIR pointing at a file (where tiny: models are built): each was a
+    NotADirectoryError traceback from mkdir; now one paragraph naming the setting, before any model loads."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for env, args, words in [({}, [f"output_dir={afile / 'run'}"], f"output_dir={afile / 'run'} cannot be created"),
+                             ({"OPTSYS_CACHE_DIR": str(afile)}, ["model.name_or_path=tiny:test", "eval.before=false",
+                                                                 f"output_dir={tmp_path / 'run'}"],
+                              f"OPTSYS_CACHE_DIR={afile} is a file")]:
+        proc = subprocess.run([sys.executable, "-m", "optsys.train", *args], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **env})
+        assert proc.returncode == 1 and words in proc.stderr, proc.stderr[-3000:]
+        assert "Loading weights" not in proc.stderr
+        assert_one_paragraph(proc.stderr, "config error: ")
+
+
+def test_two_library_warnings_are_silenced_and_others_still_show():
+    """DeepSpeed's "Setting accelerator to CPU" (transformers imports it to save a model) and bitsandbytes'
+    "Failed to load CPU gemm_4bit_forward" (peft imports it for LoRA; printed on CPUs with AVX512-BF16) are not
+    the user's concern; the same loggers' other warnings still print."""
+    pytest.importorskip("deepspeed")
+    code = ("import logging, optsys\n"
+            "from deepspeed.accelerator import get_accelerator\n"
+            "get_accelerator()\n"
+            "logging.getLogger('DeepSpeed').warning('a real DeepSpeed warning')\n"
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
+            "'Failed to load CPU gemm_4bit_forward from kernels-community: x')\n"
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('a real bitsandbytes warning')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Setting accelerator to CPU" not in out and "gemm_4bit_forward" not in out, out[-3000:]
+    assert "a real DeepSpeed warning" in out and "a real bitsandbytes warning" in out, out[-3000:]

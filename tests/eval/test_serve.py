@@ -364,3 +364,26 @@ def test_eval_through_the_endpoint_equals_the_in_process_eval(server_url, local_
                 assert a["methods"][method][key] == b["methods"][method][key], (method, key)
     for method in settings["methods"]:
         assert remote["methods"][method]["points"] == local["methods"][method]["points"]
+
+
+def test_bad_port_or_max_model_len_exits_2_before_the_model_resolves(tmp_path, capsys):
+    """vLLM fails on these with a traceback after loading the model; optsys.serve refuses them first (the model
+    here is a tiny: preset that is never built: the check comes before the model resolves)."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    cases = [(["--port", "70000"], "--port 70000 is not a TCP port; give one in 1..65535"),
+             (["--port", "0"], "--port 0 is not a TCP port"),
+             (["--max-model-len", "0"], "--max-model-len 0: give a positive number of tokens"),
+             (["--port", str(port)], f"--port {port} on 127.0.0.1: cannot listen there (Address already in use)")]
+    try:
+        for args, words in cases:
+            assert serve.main(["--model", "tiny:no-such-preset", *args]) == 2
+            err = capsys.readouterr().err
+            assert words in err and "no tiny preset" not in err, err
+    finally:
+        held.close()
+    assert serve.check_server_args("127.0.0.1", port, None) is None  # free again
