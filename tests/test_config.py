@@ -78,6 +78,12 @@ def test_config_file_errors(tmp_path):
     wrong.write_text("trainer: 3\n")
     with pytest.raises(ConfigError, match="trainer expects a mapping"):
         load_config(config_file=str(wrong))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("recipe: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.yaml is not UTF-8"):
+        load_config(config_file=str(latin))
+    with pytest.raises(ConfigError, match="is a folder; pass a YAML file"):
+        load_config(config_file=str(tmp_path))
 
 
 def test_defaults_validate_and_a_broken_default_does_not():
