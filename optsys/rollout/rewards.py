@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import difflib
+import hashlib
 import importlib
+import importlib.util
 import inspect
 import math
 import os
@@ -24,6 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from optsys.config import ConfigError
@@ -170,10 +173,6 @@ def resolve_reward(name: str) -> RewardFn:
 def _import_file(path: str):
     """The module of a Python file named by its path (`./rewards.py:fn`), imported once per process under a name
     made from its absolute path; its own folder goes on sys.path so that its sibling imports work."""
-    import hashlib
-    import importlib.util
-    from pathlib import Path
-
     file = Path(path).expanduser().resolve()
     name = f"optsys_user_{file.stem}_{hashlib.sha1(str(file).encode()).hexdigest()[:8]}"
     if name in sys.modules:
