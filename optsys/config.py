@@ -9,6 +9,7 @@ optsys.validation, whose load_config is what a run uses.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -300,7 +301,6 @@ RANGES = [
     ("pref.undesirable_weight", _at_least(0)),
     ("rm.center_coef", _at_least(0)),
     ("rl.prompts_per_step", _positive()),
-    ("rl.group_size", _at_least(1)),
     ("rl.updates_per_batch", _positive()),
     ("rl.max_new_tokens", _positive()),
     ("rl.temperature", _positive()),
@@ -433,15 +433,18 @@ def refuse_unused_settings(cfg: TrainConfig, method, methods) -> None:
             continue
         if name != method.section:
             users = sorted(m for m, spec in methods.items() if spec.section == name)
+            drop = " ".join(f"{c.split('=', 1)[0]}=null" for c in changed)
             raise ConfigError(f"{', '.join(changed)}: method={cfg.method} does not read the {name} section "
-                              f"(its methods: {', '.join(users)}); drop the setting or pick one of those methods")
+                              f"(its methods: {', '.join(users)}); drop the setting (from the command line: {drop} "
+                              "resets it to its default) or pick one of those methods")
         family_hyper = {k for spec in methods.values() if spec.section == name for k in spec.hyper}
         for key in sorted(family_hyper - set(method.hyper)):
             if getattr(section, key) != getattr(default, key):
                 users = [m for m, spec in methods.items() if spec.section == name and key in spec.hyper]
                 raise ConfigError(
                     f"{name}.{key}={getattr(section, key)!r} is not used by method={cfg.method} (methods whose "
-                    f"loss takes it: {', '.join(users)}); drop it, or pick one of those methods")
+                    f"loss takes it: {', '.join(users)}); drop it (from the command line: {name}.{key}=null resets "
+                    "a recipe's value to the default), or pick one of those methods")
 
 
 def _check_pref_keys(cfg: TrainConfig, method) -> None:
@@ -517,11 +520,30 @@ def check_device(cfg: TrainConfig) -> None:
 
 
 def check_run(cfg: TrainConfig) -> None:
+    if cfg.output_dir is not None and not cfg.output_dir.strip():
+        raise ConfigError("output_dir is empty (output_dir=); name a folder, e.g. output_dir=runs/a, or leave the key "
+                          "out for runs/<recipe>-<timestamp>")
     if cfg.resume and cfg.output_dir is None:
         raise ConfigError("resume=true needs output_dir=<the folder of the run to continue>")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("resume=true continues the run in output_dir and overwrite=true replaces it; "
                           "pass only one of them")
+
+
+def check_folder_creatable(path: str, key: str) -> None:
+    """ConfigError naming `key` unless folder `path` exists or can be made: no file in its place or above it,
+    and the nearest existing folder writable (a filesystem that refuses anyway is caught where the folder is made)."""
+    p = Path(os.path.expanduser(str(path))).absolute()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}={path} is a file; point it at a folder (it is created if missing)")
+    above = p
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"{key}={path} cannot be created: {above} is a file, not a folder; pick another {key}")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path} cannot be created: {above} is not writable by this user; pick another "
+                          f"{key}")
 
 
 def check_parallel_keys(cfg: TrainConfig) -> None:
@@ -607,8 +629,18 @@ def merge_into(obj: Any, data: dict, prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             merge_into(current, value, prefix=f"{full}.")
+        elif _is_null(value) and not _allows_none(hints[key]):  # key=null drops a recipe's value: the default
+            setattr(obj, key, getattr(type(obj)(), key))
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() == "null")
+
+
+def _allows_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def _set_dotted(data: dict, dotted: str, value: str) -> None:
@@ -633,18 +665,45 @@ def apply_overrides(data: dict, overrides, *, example: str) -> None:
 def recipe_path(name: str) -> Path:
     path = RECIPES_DIR / f"{name}.yaml"
     if not path.exists():
+        if (RECIPES_DIR / "eval" / f"{name}.yaml").exists():
+            raise ConfigError(f"{name!r} is an eval recipe, not a training one: run it with "
+                              f"python -m optsys.eval --recipe {name}")
         names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown recipe {name!r}{did_you_mean(name, names)}. Recipes live in {RECIPES_DIR}.")
     return path
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (safe_load keeps the last, silently)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
+                f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
 def read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path, encoding="utf-8") as f:  # a stream: YAML's error marks name the file
+            data = yaml.load(f, Loader=_StrictLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 ({e}); save it as UTF-8") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file to --config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
     return data

@@ -93,7 +93,7 @@ def list_tasks(task_files: list[str]) -> None:
 
 
 def main(argv=None) -> dict | None:
-    from optsys.errors import InputError, input_error_message
+    from optsys.errors import ConfigError, InputError, input_error_message
     from optsys.eval.config import load_eval_config, to_dict
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -110,6 +110,10 @@ def main(argv=None) -> dict | None:
         from optsys.sources import resolve_source
 
         out = Path(cfg.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:  # made now, not after the evaluation: a folder that cannot be written fails before a model loads
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {out} cannot be created: {e.strerror or e}; pick another --out") from None
         payload = {"config": to_dict(cfg)}
         if cfg.compare:
             comparison = compare(cfg, resolve=resolve_source)

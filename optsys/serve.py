@@ -152,9 +152,40 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_args(argv), extra
 
 
+def check_server_args(port: int, max_model_len: int | None) -> None:
+    """ServeError for a port outside 1..65535 or a --max-model-len below 1, before the model resolves (vLLM would
+    fail on them with a traceback, after loading the model)."""
+    if max_model_len is not None and max_model_len < 1:
+        raise ServeError(f"--max-model-len {max_model_len}: give a positive number of tokens (prompt + completion), "
+                         "or leave it out for the model's own context length")
+    if not 1 <= port <= 65535:
+        raise ServeError(f"--port {port} is not a TCP port; give one in 1..65535 (default 8000)")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ServeError unless this process could listen on host:port now (vLLM binds it only after loading the model,
+    and a port in use ended in a traceback). Checked last, just before vLLM starts."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ServeError(f"--host {host}: cannot resolve it ({e.strerror}); give an address such as 127.0.0.1 or "
+                         "0.0.0.0") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what uvicorn sets: TIME_WAIT is not "in use"
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ServeError(f"--port {port} on {host}: cannot listen there ({e.strerror}); another server may hold "
+                             "it: pick another --port, or stop that server") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        check_server_args(args.port, args.max_model_len)
         path = args.model
         if path.startswith(("tiny:", "stage:")):  # a plain folder is checked without importing torch
             from optsys.sources import resolve_source
@@ -163,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         own_tokenizer = any(a == "--tokenizer" or a.startswith("--tokenizer=") for a in extra)
         check_model_folder(path, need_tokenizer=not own_tokenizer)
         adapters = [read_adapter(s) for s in args.lora]
+        check_port_free(args.host, args.port)
         import torch
 
         cpu = not torch.cuda.is_available()

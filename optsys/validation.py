@@ -91,6 +91,11 @@ def check_rl(cfg: TrainConfig) -> None:
         return
     rl, world = cfg.rl, launcher_world_size()
     defaults = TrainConfig()
+    if RL_ALGORITHMS[cfg.method].advantage in ("grpo", "rloo") and rl.group_size < 2:
+        raise ConfigError(f"rl.group_size must be >= 2 for method={cfg.method} (its advantages compare completions "
+                          f"of the same prompt), got {rl.group_size}")
+    if rl.group_size < 1:
+        raise ConfigError(f"rl.group_size must be >= 1 (completions per prompt), got {rl.group_size}")
     if cfg.trainer.batch_tokens != defaults.trainer.batch_tokens:
         raise ConfigError(f"trainer.batch_tokens={cfg.trainer.batch_tokens} has no effect with method={cfg.method}: an "
                           "RL step is rl.prompts_per_step x rl.group_size completions. Drop trainer.batch_tokens.")
@@ -137,9 +142,6 @@ def check_rl(cfg: TrainConfig) -> None:
     if rl.max_turns != defaults.rl.max_turns and not multi_turn:
         raise ConfigError(f"rl.max_turns={rl.max_turns} applies to multi-turn tasks (data.task=guess); "
                           f"data.task={cfg.data.task} is single-turn. Drop rl.max_turns.")
-    if algo.advantage in ("grpo", "rloo") and rl.group_size < 2:
-        raise ConfigError(f"rl.group_size must be >= 2 for method={cfg.method} (its advantages compare completions "
-                          f"of the same prompt), got {rl.group_size}")
     if algo.advantage == "teacher_kl":
         if rl.teacher is None:
             raise ConfigError("method=distill needs rl.teacher: the model (folder, hub id, tiny:<preset> or "

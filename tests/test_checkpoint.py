@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,3 +349,40 @@ def test_checkpoints_without_a_run_config_are_refused(tmp_path, tiny_path):
         with pytest.raises(ConfigError, match=r"holds checkpoints/ but no config.yaml.*Move them away"):
             prepare_output_dir(tiny_cfg(tmp_path, tiny_path, *extra))
     assert not (tmp_path / "run" / "config.yaml").exists() and cfg.output_dir == str(tmp_path / "run")
+
+
+def test_overwrite_of_a_run_folder_below_the_working_directory_is_allowed(tmp_path, tiny_path, monkeypatch, capsys):
+    """The README's own usage, `output_dir=runs/a overwrite=true` from the folder that holds runs/: the old run moves
+    aside. Only a folder that holds the working directory (the cwd is inside it) is refused."""
+    from optsys.trainers.run import check_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    overrides = sft_run_overrides(tiny_path, "runs/a", *RUN)
+    prepare_output_dir(load_config("quickstart", overrides=overrides))
+    again = load_config("quickstart", overrides=[*overrides, "overwrite=true"])
+    out = prepare_output_dir(again)
+    assert out == Path("runs/a") and (out / "config.yaml").exists()
+    assert [p.name.split(".old-")[0] for p in (tmp_path / "runs").iterdir()] == ["a", "a"]  # the old run, moved
+    monkeypatch.chdir(tmp_path / "runs" / "a")
+    here = load_config("quickstart", overrides=[*sft_run_overrides(tiny_path, str(tmp_path / "runs"), *RUN),
+                                                "overwrite=true"])
+    (tmp_path / "runs" / "config.yaml").write_text("recipe: other\n")
+    with pytest.raises(ConfigError, match="holds the current directory"):
+        check_output_dir(here)
+
+
+def test_an_output_dir_that_cannot_be_made_is_a_config_error(tmp_path, tiny_path):
+    """Below a file, or where the filesystem refuses: a ConfigError naming output_dir, not an OSError."""
+    from optsys.trainers.run import check_output_dir
+
+    (tmp_path / "afile").write_text("")
+    for out, words in [(tmp_path / "afile", "is a file"), (tmp_path / "afile" / "sub", "afile is a file")]:
+        cfg = load_config("quickstart", overrides=sft_run_overrides(tiny_path, out, *RUN))
+        with pytest.raises(ConfigError, match=f"output_dir.*{words}"):
+            check_output_dir(cfg)
+        with pytest.raises(ConfigError, match=f"output_dir.*{words}"):
+            prepare_output_dir(cfg)
+    if Path("/proc/self").is_dir():  # a folder no user can create, root included
+        cfg = load_config("quickstart", overrides=sft_run_overrides(tiny_path, "/proc/no/such", *RUN))
+        with pytest.raises(ConfigError, match="output_dir.*/proc/no/such cannot be"):
+            prepare_output_dir(cfg)

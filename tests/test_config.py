@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from optsys.config import ConfigError, TrainConfig, dump_yaml
@@ -76,6 +78,12 @@ def test_config_file_errors(tmp_path):
     wrong.write_text("trainer: 3\n")
     with pytest.raises(ConfigError, match="trainer expects a mapping"):
         load_config(config_file=str(wrong))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("recipe: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.yaml is not UTF-8"):
+        load_config(config_file=str(latin))
+    with pytest.raises(ConfigError, match="is a folder; pass a YAML file"):
+        load_config(config_file=str(tmp_path))
 
 
 def test_defaults_validate_and_a_broken_default_does_not():
@@ -159,7 +167,7 @@ BAD = [
     ("rm_tiny", ["data.train_on_prompt=true"], ["data.train_on_prompt", "method=rm"]),
     ("dpo_tiny", ["data.packing=false"], ["data.packing=false", "method=sft only"]),
     ("quickstart", ["data.on_bad_pair=skip"], ["data.on_bad_pair", "method=sft"]),
-    ("quickstart", ["pref.beta=0.5"], ["pref.beta", "method=sft does not read the pref section"]),
+    ("quickstart", ["pref.beta=0.5"], ["pref.beta", "method=sft does not read the pref section", "pref.beta=null"]),
     ("dpo_tiny", ["rm.margin=1"], ["rm.margin", "method=dpo"]),
     ("simpo_tiny", ["pref.reference=copy"], ["reference-free", "pref.reference=copy"]),
     ("quickstart", ["model.lora.save_merged=true"], ["model.lora.save_merged", "model.lora.r=0"]),
@@ -173,6 +181,12 @@ BAD = [
     ("quickstart", ["model.name_or_path=./no/such/model"], ["model.name_or_path", "does not exist"]),
     ("quickstart", ["model.name_or_path=/no/such"], ["model.name_or_path", "does not exist"]),
     ("dpo_tiny", ["pref.reference_model=~/no/such"], ["pref.reference_model", "does not exist"]),
+    # the run folder; a recipe's setting the new method does not take names the way to drop it
+    ("quickstart", ["output_dir="], ["output_dir is empty", "runs/<recipe>-<timestamp>"]),
+    ("dpo_tiny", ["method=orpo"], ["pref.beta=0.5 is not used by method=orpo", "pref.beta=null"]),
+    # RL group sizes: GRPO-family advantages compare completions of one prompt
+    ("grpo_tiny", ["rl.group_size=0"], ["rl.group_size must be >= 2 for method=grpo"]),
+    ("ppo_tiny", ["rl.group_size=0"], ["rl.group_size must be >= 1"]),
 ]
 
 
@@ -250,3 +264,53 @@ def test_unknown_lora_target_is_a_config_error(tiny_path):
     cfg = ModelConfig(name_or_path=str(tiny_path), lora=LoraConfig(r=4, target_modules=["qkv"]))
     with pytest.raises(ConfigError, match=r"model.lora.target_modules names \['qkv'\]"):
         load_model_and_tokenizer(cfg, torch.device("cpu"))
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    """YAML's safe_load keeps the last of two equal keys, silently; optsys names the key and both lines."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("method: sft\ntrainer:\n  lr: 0.1\n  max_steps: 3\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml.*key 'lr' appears twice in one mapping \(lines 3 and 5\)"):
+        load_config(config_file=str(path))
+    path.write_text("method: sft\ntrainer:\n  lr: 0.1\neval:\n  lr: 0.2\n")  # one key per mapping is fine
+    with pytest.raises(ConfigError, match="unknown config key 'eval.lr'"):
+        load_config(config_file=str(path))
+
+
+def test_null_drops_a_recipe_value_and_still_means_none_where_none_is_allowed():
+    """`pref.beta=null` takes a recipe's value back to the default (the way out the 'not used by' error offers);
+    on a key that may be None (data.task) it is None, as before."""
+    from optsys.config import PreferenceConfig
+
+    cfg = load_config("dpo_tiny", overrides=["method=orpo", "pref.beta=null"])
+    assert cfg.method == "orpo" and cfg.pref.beta == PreferenceConfig().beta
+    cfg = load_config(overrides=["data.dataset=rows.jsonl", "data.task=null"])
+    assert cfg.data.task is None
+
+
+def test_a_recipe_of_the_other_entry_point_says_which_to_run():
+    from optsys.eval.config import load_eval_config
+
+    with pytest.raises(ConfigError, match="'scaling_tiny' is an eval recipe.*python -m optsys.eval --recipe "
+                                          "scaling_tiny"):
+        load_config("scaling_tiny")
+    with pytest.raises(ConfigError, match="'quickstart' is a training recipe.*python -m optsys.train --recipe "
+                                          "quickstart"):
+        load_eval_config("quickstart")
+
+
+def test_a_run_folder_or_a_lora_adapter_as_the_model_says_what_to_use(tmp_path):
+    """Both hold *.safetensors somewhere optsys writes them, and neither is a model: a run's model is <run>/final;
+    an adapter folder would load over its base with every weight frozen and fail in backward."""
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("method: sft\n")
+    with pytest.raises(ConfigError, match=f"is a training run's folder.*use {run / 'final'}"):
+        load_config(overrides=[f"model.name_or_path={run}"])
+    adapter = run / "final"
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base/model", "r": 4}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    for key in ("model.name_or_path", "rl.teacher"):
+        recipe = "distill_tiny" if key == "rl.teacher" else "quickstart"
+        with pytest.raises(ConfigError, match=rf"{key}=.*is a LoRA adapter.*\(base/model\).*save_merged=true"):
+            load_config(recipe, overrides=[f"{key}={adapter}"])

@@ -34,7 +34,10 @@ def load_rows(source: str, *, split: str = "train", trust_remote_code: bool = Fa
         )
     else:
         ds = _load_hub(source, split, trust_remote_code)
-    rows = ds.to_list()
+    try:
+        rows = ds.to_list()
+    except UnicodeDecodeError as e:  # a folder or hub dataset (files are checked line by line first)
+        raise DataError(f"data source {source!r} holds text that is not UTF-8 ({e}); re-save it as UTF-8") from None
     if not rows:
         raise DataError(
             f"data source {source!r} (split {split!r}) has no rows; point data.dataset (or "
@@ -52,9 +55,17 @@ def row_format(row: dict, *, source: str, index: int) -> str:
         )
     # Columnar readers fill a field missing from some rows with None: treat None as absent.
     present = sorted(k for k, v in row.items() if v is not None)
+    both = [k for k in ("prompt", "completion", "text") if k in present]
+    if "messages" in present and both:
+        raise DataError(
+            f"{source}: row {index} has 'messages' and {both}: one row holds one example, as {_EXPECTED}. "
+            f"Keep one format in the row (the other would be ignored).")
     if "messages" in present:
         return "messages"
     if "prompt" in present and "completion" in present:
+        if "text" in present:
+            raise DataError(f"{source}: row {index} has 'prompt' and 'completion' and 'text': one row holds one "
+                            f"example, as {_EXPECTED}. Keep one format in the row (the other would be ignored).")
         return "prompt_completion"
     if "text" in present:
         return "text"
@@ -92,12 +103,28 @@ def _load_file(path: Path):
     if path.stat().st_size == 0:
         raise DataError(f"data file {str(path)!r} is empty; point data.dataset (or "
                         f"data.eval_dataset) at a file with rows.")
+    if builder in ("json", "csv"):
+        check_utf8(path)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # arrow / json parse errors carry the detail we pass on
         raise DataError(
             f"could not read data file {str(path)!r} as {builder}: {type(e).__name__}: {e}"
         ) from e
+
+
+def check_utf8(path: Path) -> None:
+    """A DataError naming the line and byte of the first bytes in a text file that are not UTF-8 (the `datasets`
+    readers take such a file and fail later, deep inside pyarrow)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"data file {str(path)!r}: line {number} is not UTF-8 (byte {line[e.start]:#04x} at column "
+                    f"{e.start + 1}: {line[max(0, e.start - 20):e.start + 5]!r}); save the file as UTF-8, e.g. "
+                    f"iconv -f latin1 -t utf-8") from None
 
 
 def _load_folder(path: Path, split: str):

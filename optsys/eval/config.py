@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optsys.config import RECIPES_DIR, ConfigError, apply_overrides, merge_into, read_yaml
+from optsys.config import RECIPES_DIR, ConfigError, apply_overrides, check_folder_creatable, merge_into, read_yaml
 from optsys.errors import did_you_mean
 from optsys.models.sources import check_local_source
 
@@ -125,7 +125,14 @@ def check(cfg: EvalRunConfig) -> None:
     for key in ("scorer", "verifier"):
         if getattr(cfg, key) and getattr(cfg, key) != "confidence":
             check_reward_names([getattr(cfg, key)], None)
+    for path in cfg.task_files:
+        if not Path(os.path.expanduser(path)).is_file():
+            raise ConfigError(f"--task-file {path} does not exist (resolved to {Path(path).resolve()}); give a YAML "
+                              "file of task entries")
     tasks = resolve_tasks(cfg.tasks, cfg.task_files)
+    check_sizes(cfg, [t.name for t in tasks])
+    if cfg.output_dir is not None:
+        check_folder_creatable(cfg.output_dir, "--out")
     if cfg.endpoint is not None:
         local = [t.name for t in tasks if t.kind != "generate"]
         if local:
@@ -156,6 +163,21 @@ def check_settings_are_used(cfg: EvalRunConfig) -> None:
                               f"it: {', '.join(readers)}); drop it, or add one of those methods")
 
 
+def check_sizes(cfg: EvalRunConfig, names: list[str]) -> None:
+    """--num against the problems a built-in task has in --split at --difficulty (`<task>_mc` draws the same)."""
+    from optsys.data.tasks import TASKS
+
+    for name in names:
+        base = name.removesuffix("_mc")
+        sizes = TASKS[base].split_sizes(cfg.difficulty) if base in TASKS else None
+        if not sizes or cfg.split not in ("train", "test"):
+            continue
+        has, want = sizes[0] if cfg.split == "train" else sizes[1], cfg.num or 200  # num=0: the tasks' 200
+        if want > has:
+            raise ConfigError(f"task {name} has {has} distinct {cfg.split} problems at difficulty {cfg.difficulty}; "
+                              f"--num {want} asks for more. Lower --num, or raise --difficulty")
+
+
 def check_model_folder(key: str, value: str) -> None:
     """A local model folder must exist and hold config.json, weights and a tokenizer (tiny:/hub ids pass; a
     `stage:` recipe is checked by the eval CLI, optsys.eval_cli, which resolves it)."""
@@ -175,6 +197,9 @@ def check_model_folder(key: str, value: str) -> None:
 def recipe_file(name: str) -> Path:
     path = EVAL_RECIPES_DIR / f"{name}.yaml"
     if not path.exists():
+        if (RECIPES_DIR / f"{name}.yaml").exists():
+            raise ConfigError(f"{name!r} is a training recipe, not an eval one: train it with python -m optsys.train "
+                              f"--recipe {name}, then evaluate its model with --model <run>/final")
         names = sorted(p.stem for p in EVAL_RECIPES_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown eval recipe {name!r}{did_you_mean(name, names)}. They live in {EVAL_RECIPES_DIR}")
     return path

@@ -7,6 +7,7 @@ run. Loaders take a `resolve` callable, `local_source` by default; `python -m op
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,6 +31,27 @@ def local_source(value: str, seed: int = 0) -> str:
     return value
 
 
+def check_not_run_or_adapter(key: str, value: str, path: Path) -> None:
+    """Two folders optsys writes that are not models: a run's folder (its model is <run>/final) and a LoRA adapter
+    (final/ of a LoRA run), which would load over its base with every weight frozen."""
+    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        final = path / "final"
+        where = (f"use {final}" if final.is_dir() else f"it has no final/ yet (resume the run with resume=true "
+                 f"output_dir={value})")
+        raise ConfigError(f"{key}={value!r} is a training run's folder, not a model: its model is in final/, so "
+                          f"{where} (a LoRA run's full model is final-merged/, written with "
+                          "model.lora.save_merged=true)")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            base = None
+        raise ConfigError(f"{key}={value!r} is a LoRA adapter (adapter_config.json), not a model: it would load "
+                          f"over its base model{f' ({base})' if base else ''} with every weight frozen. Use the "
+                          "full model its run writes with model.lora.save_merged=true (<run>/final-merged), or "
+                          "continue that run with resume=true output_dir=<run>")
+
+
 def check_local_source(key: str, value: str) -> None:
     """Config check of model source `value` of setting `key` (nothing loads): tiny:<preset> names a preset, a
     local path exists and holds *.safetensors, a path-like name that does not exist is refused. A `stage:` value
@@ -50,6 +72,7 @@ def check_local_source(key: str, value: str) -> None:
         if not path.is_dir():
             raise ConfigError(f"{key}={value!r} is a file; point it at a Hugging Face model folder (config.json and "
                               "*.safetensors) or a hub id")
+        check_not_run_or_adapter(key, value, path)
         if not any(path.glob("*.safetensors")):
             raise ConfigError(f"{key}={value!r}: the folder holds no *.safetensors weights; optsys reads safetensors "
                               "only (convert .bin checkpoints with save_pretrained(safe_serialization=True))")

@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from optsys.config import check_folder_creatable
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -64,6 +66,7 @@ def cache_root() -> Path:
     """Where optsys caches what it builds (tiny/ models, stages/ runs): $OPTSYS_CACHE_DIR, else
     $XDG_CACHE_HOME/optsys or ~/.cache/optsys."""
     if os.environ.get("OPTSYS_CACHE_DIR"):
+        check_folder_creatable(os.environ["OPTSYS_CACHE_DIR"], "OPTSYS_CACHE_DIR")
         return Path(os.path.expanduser(os.environ["OPTSYS_CACHE_DIR"]))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "optsys"

@@ -8,6 +8,7 @@ and `answer` the row's reference answer (None when the row has none).
 Names, as a config gives them (`check_reward_names` at validation, `build_rewards` when the trainer starts):
   - a registry name: correct, numeric, format, digits (REWARD_FUNCTIONS);
   - "package.module.function" or "package.module:function": a user function, imported with importlib;
+  - "path/to/file.py:function": a user function in a Python file (relative to the working directory);
   - "reward_model:<model folder | tiny:preset>": a reward model trained by optsys.trainers.reward.
 """
 
@@ -15,13 +16,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import difflib
+import hashlib
 import importlib
+import importlib.util
 import inspect
 import math
+import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from optsys.config import ConfigError
@@ -131,7 +136,7 @@ def resolve_reward(name: str) -> RewardFn:
     a usable signature. Raises ConfigError naming the string and what is wrong."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"reward {name!r}: expected a registry name ({', '.join(REWARD_FUNCTIONS)}) or a "
-                          f"dotted path 'package.module.function'")
+                          f"dotted path 'package.module.function' (or 'path/to/file.py:function')")
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name]
     if name.startswith(REWARD_MODEL_PREFIX):
@@ -145,12 +150,21 @@ def resolve_reward(name: str) -> RewardFn:
         close = difflib.get_close_matches(name, list(REWARD_FUNCTIONS), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"reward {name!r} is not a built-in reward ({', '.join(REWARD_FUNCTIONS)}); {hint}a user "
-                          f"function is named by its dotted path, 'package.module.function'")
+                          f"function is named by its dotted path, 'package.module.function', or as "
+                          f"'path/to/file.py:function'")
     if not module_name or not attr:
-        raise ConfigError(f"reward {name!r}: write a user function as 'package.module.function' or "
-                          f"'package.module:function'")
+        raise ConfigError(f"reward {name!r}: write a user function as 'package.module.function', "
+                          f"'package.module:function' or 'path/to/file.py:function'")
+    is_file = module_name.endswith(".py")
+    if not is_file and ("/" in module_name or module_name.startswith((".", "~"))):
+        raise ConfigError(f"reward {name!r}: {module_name!r} looks like a path; name a function in a Python file as "
+                          f"'path/to/file.py:function', or in a module on PYTHONPATH as 'package.module.function'")
+    if is_file and not os.path.isfile(os.path.expanduser(module_name)):
+        raise ConfigError(f"reward {name!r}: file {module_name!r} does not exist (resolved to "
+                          f"{os.path.abspath(os.path.expanduser(module_name))}); paths are relative to the working "
+                          "directory")
     try:
-        obj = importlib.import_module(module_name)
+        obj = _import_file(module_name) if is_file else importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"reward {name!r}: cannot import module {module_name!r} ({e}); install it or put its "
                           f"folder on PYTHONPATH") from None
@@ -169,6 +183,26 @@ def resolve_reward(name: str) -> RewardFn:
                           f"fn(completion, *, prompt, answer) -> float")
     _check_signature(name, obj)
     return obj
+
+
+def _import_file(path: str):
+    """The module of a Python file named by its path (`./rewards.py:fn`), imported once per process under a name
+    made from its absolute path; its own folder goes on sys.path so that its sibling imports work."""
+    file = Path(path).expanduser().resolve()
+    name = f"optsys_user_{file.stem}_{hashlib.sha1(str(file).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    if str(file.parent) not in sys.path:
+        sys.path.append(str(file.parent))
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def check_reward_names(names: list[str], weights: list[float] | None) -> None:
@@ -328,7 +362,8 @@ def score_completions(fns: list[tuple[str, RewardFn, float]], samples: list[tupl
     def fail(name: str, i: int, problem: str, counts: dict, cause: BaseException | None):
         detail = _describe(name, i, samples[i], problem)
         if on_error == "error":
-            raise RewardError(detail + "\n  pass on_error='zero' to score such calls 0.0 and count them") from cause
+            raise RewardError(detail + "\n  set rl.on_reward_error=zero to score such calls 0.0 and count them "
+                              "(reward/errors_<name>), or fix the function") from cause
         counts[name] = counts.get(name, 0) + 1
         failed.setdefault(name, []).append(i)
         if name not in _warned:

@@ -37,7 +37,7 @@ from optsys.checkpoint import (
     rewind_metrics,
     save_checkpoint,
 )
-from optsys.config import ConfigError, TrainConfig, drop_other_sections, dump_yaml, to_dict
+from optsys.config import ConfigError, TrainConfig, check_folder_creatable, drop_other_sections, dump_yaml, to_dict
 from optsys.parallel.dist import World, broadcast_object, rank0_mismatch
 from optsys.parallel.zero import EngineState
 from optsys.stages import stage_provenance
@@ -159,8 +159,11 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
         aside = move_aside(out)
         print(f"overwrite=true: moved the previous run in {out} to {aside}; this run starts in an empty folder "
               f"(delete {aside} when you no longer need it)", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    existing.write_text(dump_yaml(cfg))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        existing.write_text(dump_yaml(cfg))
+    except OSError as e:  # what check_output_dir cannot see without writing (a read-only or virtual filesystem)
+        raise ConfigError(f"output_dir {out} cannot be written: {e.strerror or e}; pick another output_dir") from None
     return out
 
 
@@ -197,8 +200,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
         return  # a new timestamped folder
     out = Path(cfg.output_dir)
     existing = out / "config.yaml"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} is a file; pick a folder (it is created if missing)")
+    check_folder_creatable(cfg.output_dir, "output_dir")
     if existing.exists():
         if not cfg.overwrite:
             same = existing.read_text() == dump_yaml(cfg)
@@ -206,7 +208,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
                 f"output_dir {out} already holds a {'run of this same config' if same else 'different run'} "
                 f"(see {existing}). Pick a new output_dir=..., or pass overwrite=true to replace it."
             )
-        if Path.cwd().resolve() in (out.resolve(), *out.resolve().parents):
+        if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):  # out holds the cwd
             raise ConfigError(f"overwrite=true would move {out} aside, but it holds the current directory; run "
                               "from elsewhere or pick another output_dir")
     elif (out / CHECKPOINTS).exists():

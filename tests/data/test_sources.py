@@ -111,6 +111,9 @@ def test_row_format():
         ({"completion": "a"}, "no 'prompt'"),
         ({"conversations": []}, "Rename 'conversations'"),
         ({"text": None}, "fields []"),
+        ({**ROWS[0], **PC_ROWS[0]}, "has 'messages' and ['prompt', 'completion']"),  # which one is the example?
+        ({**ROWS[0], "prompt": "q"}, "has 'messages' and ['prompt']"),
+        ({**PC_ROWS[0], "text": "t"}, "has 'prompt' and 'completion' and 'text'"),
     ],
 )
 def test_row_format_errors_name_source_row_and_fields(row, fragment):
@@ -119,3 +122,19 @@ def test_row_format_errors_name_source_row_and_fields(row, fragment):
     msg = str(e.value)
     assert "mydata.jsonl" in msg and "row 7" in msg and fragment in msg
     assert "'messages'" in msg and "'prompt'" in msg and "'text'" in msg
+
+
+def test_a_file_that_is_not_utf8_names_the_line_and_byte(tmp_path):
+    """A latin-1 byte in a jsonl file: `datasets` reads the file and pyarrow fails later with a UnicodeDecodeError
+    deep in to_list; the check names the file, the line and the byte first. Parquet stores UTF-8 by type."""
+    good = '{"text": "fine"}\n'.encode()
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        load_rows(str(path))
+    msg = str(e.value)
+    assert "latin1.jsonl" in msg and "line 2 is not UTF-8" in msg and "0xe9" in msg and "save the file as UTF-8" in msg
+    csv = tmp_path / "rows.csv"
+    csv.write_bytes(b"text\nok\n" + "na\u00efve\n".encode("latin-1"))
+    with pytest.raises(DataError, match="rows.csv': line 3 is not UTF-8"):
+        load_rows(str(csv))

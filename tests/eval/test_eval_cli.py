@@ -3,6 +3,7 @@ a function, two models compared, and the bad-input messages."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -105,6 +106,17 @@ def test_bad_input_is_refused_with_a_clear_message(tiny_path, tmp_path, capsys):
     tasks.write_text(f"bad:\n  dataset: {data}\n  promt_field: q\n")
     assert "did you mean 'prompt_field'" in fail(["--model", str(tiny_path), "--tasks", "bad", "--task-file",
                                                   str(tasks)], capsys)
+    msg = fail(["--model", str(tiny_path), "--tasks", "bad", "--task-file", str(tmp_path / "nope.yaml")], capsys)
+    assert "--task-file" in msg and "nope.yaml does not exist" in msg and "--config" not in msg
+    msg = fail(["--model", str(tiny_path), "--tasks", "arithmetic_mc", "--num", "5000"], capsys)
+    assert msg == ("config error: task arithmetic_mc has 1019 distinct test problems at difficulty 2; --num 5000 asks "
+                   "for more. Lower --num, or raise --difficulty")  # not training's data.num_eval
+    (tmp_path / "afile").write_text("")
+    msg = fail(["--model", str(tiny_path), "--num", "2", "--out", str(tmp_path / "afile" / "ev")], capsys)
+    assert "--out" in msg and "afile is a file" in msg
+    if Path("/proc/self").is_dir():  # a folder no user can create, root included: refused before a model loads
+        assert "--out /proc/no/such cannot be created" in fail(["--model", str(tiny_path), "--engine", "hf", "--num",
+                                                                "2", "--out", "/proc/no/such"], capsys)
 
 
 def test_every_eval_recipe_loads_and_validates():

@@ -105,7 +105,8 @@ def test_main_hands_vllm_the_built_argv_and_the_kv_cache_size(tiny_path, monkeyp
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     started = []
     monkeypatch.setattr(serve, "run_vllm_server", started.append)
-    assert serve.main(["--model", str(tiny_path), "--port", "9", "--kv-cache-gib", "2", "--", "--seed", "3"]) == 0
+    port = str(free_port())  # the port is checked free before vLLM starts
+    assert serve.main(["--model", str(tiny_path), "--port", port, "--kv-cache-gib", "2", "--", "--seed", "3"]) == 0
     (argv,) = started
     assert argv[argv.index("--served-model-name") + 1] == tiny_path.name and argv[-2:] == ["--seed", "3"]
     assert "--no-enable-chunked-prefill" in argv and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
@@ -410,3 +411,26 @@ def test_eval_through_the_endpoint_equals_the_in_process_eval(server_url, local_
                 assert a["methods"][method][key] == b["methods"][method][key], (method, key)
     for method in settings["methods"]:
         assert remote["methods"][method]["points"] == local["methods"][method]["points"]
+
+
+def test_bad_port_or_max_model_len_exits_2_before_vllm_starts(tiny_path, monkeypatch, capsys):
+    """vLLM fails on these with a traceback after loading the model; optsys.serve refuses them first: a port
+    outside 1..65535 and --max-model-len 0 before the model resolves (here a tiny: preset that does not exist), a
+    port in use after the model checks, just before vLLM would start."""
+    import socket
+
+    monkeypatch.setattr(serve, "run_vllm_server", lambda argv: pytest.fail("vLLM was started"))
+    for args, words in [(["--port", "70000"], "--port 70000 is not a TCP port; give one in 1..65535"),
+                        (["--port", "0"], "--port 0 is not a TCP port"),
+                        (["--max-model-len", "0"], "--max-model-len 0: give a positive number of tokens")]:
+        assert serve.main(["--model", "tiny:no-such-preset", *args]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "no tiny preset" not in err, err
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert serve.main(["--model", str(tiny_path), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"--port {port} on 127.0.0.1: cannot listen there (Address already in use)" in err, err
+    serve.check_port_free("127.0.0.1", port)  # free again once its listener closed

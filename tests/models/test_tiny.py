@@ -46,3 +46,19 @@ def test_unknown_preset():
 def test_presets_use_head_dim_64():
     for name, spec in PRESETS.items():
         assert spec.hidden_size // spec.num_heads == 64, name
+
+
+def test_a_cache_dir_that_is_a_file_is_a_config_error(tmp_path, monkeypatch):
+    """OPTSYS_CACHE_DIR pointing at a file (or below one) is named, not a NotADirectoryError from mkdir."""
+    from optsys.errors import ConfigError
+    from optsys.models.tiny import build_tiny, cache_root
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("OPTSYS_CACHE_DIR", str(tmp_path / "afile"))
+    with pytest.raises(ConfigError, match=r"OPTSYS_CACHE_DIR=.*afile is a file; point it at a folder"):
+        build_tiny("test")
+    monkeypatch.setenv("OPTSYS_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    with pytest.raises(ConfigError, match=r"OPTSYS_CACHE_DIR=.*cannot be created: .*afile is a file"):
+        cache_root()
+    monkeypatch.setenv("OPTSYS_CACHE_DIR", str(tmp_path / "new" / "cache"))
+    assert cache_root() == tmp_path / "new" / "cache"  # a folder that does not exist yet is fine

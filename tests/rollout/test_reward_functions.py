@@ -263,7 +263,8 @@ def test_raising_function_both_modes(capsys):
     with pytest.raises(RewardError) as e:
         score_completions([("flaky", flaky, 1.0)], samples, timeout_s=5, on_error="error")
     msg = str(e.value)
-    for w in ("reward 'flaky' on sample 1", "raised KeyError: 'no such thing'", "prompt: 'q1'", "'boom " + "c" * 195):
+    for w in ("reward 'flaky' on sample 1", "raised KeyError: 'no such thing'", "prompt: 'q1'", "'boom " + "c" * 195,
+              "set rl.on_reward_error=zero"):  # the config key, not the library argument
         assert w in msg, (w, msg)
     assert "c" * 196 not in msg and isinstance(e.value.__cause__, KeyError)
     capsys.readouterr()
@@ -354,3 +355,28 @@ def test_reward_model_function(tiny_path):
                                timeout_s=30, on_error="error")
     assert result.per_function[name] == pytest.approx(scores, abs=1e-5)  # one packed forward == one by one
     assert result.total == pytest.approx([0.5 * s for s in scores], abs=1e-5)
+
+
+def test_a_reward_in_a_python_file_is_named_by_its_path(tmp_path, monkeypatch):
+    """`./rewards.py:fn` (relative to the working directory) imports the file; a sibling module it imports is
+    found. A path without .py, or a file that is not there, is a ConfigError saying how to name it."""
+    (tmp_path / "helper_for_file_reward.py").write_text("BONUS = 0.25\n")
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        from helper_for_file_reward import BONUS
+
+        def shout(completion, *, prompt, answer):
+            return float(completion.isupper()) + BONUS
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    fn = resolve_reward("./my_rewards.py:shout")
+    assert fn("HI", prompt="p", answer=None) == 1.25 and fn("hi", prompt="p", answer=None) == 0.25
+    assert resolve_reward(f"{tmp_path / 'my_rewards.py'}:shout") is fn  # one module per file
+    check_reward_names(["./my_rewards.py:shout", "format"], [1.0, 0.5])
+    for name, words in [("./my_rewards:shout", "looks like a path; name a function in a Python file as "
+                                               "'path/to/file.py:function'"),
+                        ("./nope.py:shout", f"file './nope.py' does not exist (resolved to {tmp_path / 'nope.py'})"),
+                        ("./my_rewards.py:shuot", "has no attribute 'shuot'; did you mean 'shout'")]:
+        with pytest.raises(ConfigError) as e:
+            resolve_reward(name)
+        assert words in str(e.value), (words, str(e.value))
