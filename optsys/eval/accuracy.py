@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from optsys.data.tasks import Problem, Task
 from optsys.parallel.dist import World, all_gather_objects, local_steps, rank_share
+from optsys.telemetry.progress import progress_items
 
 
 def task_accuracy(model, tokenizer, task: Task, problems: list[Problem], *, max_new_tokens: int = 16,
-                  batch_size: int = 100, world: World | None = None) -> tuple[float, list[dict]]:
+                  batch_size: int = 100, world: World | None = None, show: bool = False
+                  ) -> tuple[float, list[dict]]:
     """Fraction of problems whose greedy completion is right, plus per-sample records.
 
     Under torchrun each rank generates its round-robin share, and every rank gets all the records in
     order. The ranks make the same number of `generate` calls (a rank one problem short repeats one and
     drops it), with synced_gpus, so FSDP's collectives stay in step while their sequences end at different
-    lengths."""
+    lengths. `show`: a progress bar over the batches of `batch_size` problems (every rank runs as many)."""
     from optsys.eval.generate import stop_token_ids
     from optsys.eval.scaling import MethodSettings, greedy
     from optsys.eval.tasks import Question
@@ -34,8 +36,12 @@ def task_accuracy(model, tokenizer, task: Task, problems: list[Problem], *, max_
     questions = [Question(f"{task.name}-{i}", tuple(task.messages(p.prompt)), p.answer) for i, p in enumerate(problems)]
 
     def run(qs):
-        samples, _, _ = greedy(engine, tokenizer, task.name, qs, settings, "exact")
-        return [(x[0].text, x[0].correct) for x in samples]
+        chunks = [qs[i:i + batch_size] for i in range(0, len(qs), batch_size)]
+        out = []
+        for chunk in progress_items(chunks, f"eval/accuracy ({len(qs)} problems)", enabled=show):
+            samples, _, _ = greedy(engine, tokenizer, task.name, chunk, settings, "exact")
+            out += [(x[0].text, x[0].correct) for x in samples]
+        return out
 
     if not distributed:
         scored = run(questions)

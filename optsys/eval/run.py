@@ -83,7 +83,7 @@ def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_mod
     from optsys.models.load import load_tokenizer
     from optsys.rollout.engine import resolve_engine_name
 
-    path = resolve(name, cfg.seed)
+    path = resolve(name, cfg.seed, dtype=cfg.dtype)
     tokenizer = load_tokenizer(path)
     if tokenizer.chat_template is None:
         from optsys.config import ConfigError
@@ -126,7 +126,7 @@ def open_endpoint(cfg: EvalRunConfig, tokenizer_source: str | None, resolve=loca
                             retries=cfg.endpoint_retries)
     source = tokenizer_source or engine.model
     try:
-        path = resolve(source, cfg.seed)
+        path = resolve(source, cfg.seed, dtype=cfg.dtype)
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--endpoint {cfg.endpoint}: the prompts are rendered here, so the served model's "
