@@ -78,15 +78,11 @@ def check_local_source(key: str, value: str) -> None:
 
 
 def source_context_length(value: str) -> int | None:
-    """The longest sequence the model of source `value` takes (max_position_embeddings; a GGUF's context_length),
-    read without loading it; None where that needs a download or a stage run (hub ids, stage:)."""
-    if value.startswith(STAGE_PREFIX):
+    """The longest sequence the model of source `value` was trained for (max_position_embeddings; a GGUF's
+    context_length), read without loading it; None where that needs a download or a stage run (hub ids, stage:)
+    and for tiny: presets, random-init models with no trained context (their rotary positions go on)."""
+    if value.startswith((STAGE_PREFIX, TINY_PREFIX)):
         return None
-    if value.startswith(TINY_PREFIX):
-        from optsys.models.tiny import PRESETS
-
-        spec = PRESETS.get(value[len(TINY_PREFIX):])
-        return spec.max_position_embeddings if spec else None
     if is_gguf_source(value):
         return inspect_gguf(gguf_path(value)).context_length
     config = Path(os.path.expanduser(value)) / "config.json"
