@@ -159,6 +159,8 @@ BAD = [
     ("rm_tiny", ["data.train_on_prompt=true"], ["data.train_on_prompt", "method=rm"]),
     ("dpo_tiny", ["data.packing=false"], ["data.packing=false", "method=sft only"]),
     ("quickstart", ["data.on_bad_pair=skip"], ["data.on_bad_pair", "method=sft"]),
+    ("dpo_tiny", ["eval.loss_max_rows=10"], ["eval.loss_max_rows", "method=dpo computes no eval/loss"]),
+    ("quickstart", ["eval.loss_max_rows=-1"], ["eval.loss_max_rows"]),
     ("quickstart", ["pref.beta=0.5"], ["pref.beta", "method=sft does not read the pref section"]),
     ("dpo_tiny", ["rm.margin=1"], ["rm.margin", "method=dpo"]),
     ("simpo_tiny", ["pref.reference=copy"], ["reference-free", "pref.reference=copy"]),
