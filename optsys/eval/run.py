@@ -108,6 +108,7 @@ def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_mod
             model = model if model is not None else load_hf_model(path, cfg.dtype)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             engine = HFEngine(model, pad_token_id=pad, greedy_batch=cfg.batch_size)
+        engine.show_progress = cfg.progress
         opened.engine, opened.engine_name = engine, engine_name
     opened.model = model
     opened.stop_ids = tuple(stop_token_ids(model if model is not None else _generation_config(path), tokenizer))

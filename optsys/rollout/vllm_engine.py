@@ -179,6 +179,7 @@ class VLLMEngine:
         if announce:
             print(f"vllm: engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
         self.max_model_len = max_model_len
+        self.show_progress = False  # vLLM's own bar (tqdm) over each generate call (python -m optsys.eval sets it)
         # what vLLM itself runs (not what was asked): the trainer's summary reports it
         self.tensor_parallel = int(self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size)
 
@@ -220,7 +221,7 @@ class VLLMEngine:
                                       max_tokens=sampling.max_new_tokens, logprobs=0, seed=s,
                                       stop_token_ids=list(sampling.stop_token_ids))
                   for s in seeds]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=self.show_progress,
                                  lora_request=self._lora_request())
         result = []
         for out in outs:
@@ -237,7 +238,7 @@ class VLLMEngine:
 
     def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False,
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=self.show_progress,
                                  lora_request=self._lora_request())
         # prompt_logprobs[i] is the dict for token i given tokens < i (entry 0 is None)
         return [[float(o.prompt_logprobs[i][seq[i]].logprob) for i in range(start, len(seq))]

@@ -43,3 +43,26 @@ def test_sft_shows_the_held_out_loss_and_accuracy_phases(tmp_path, tiny_path, ca
     assert "eval/loss: on the first 12 of 20 held-out rows (eval.loss_max_rows" in out
     assert "eval/loss (12 rows)" in out and "eval/accuracy (20 problems)" in out and "3/3" in out  # 20 in 8s
     assert summary["eval/loss_rows"] == 12
+
+
+def test_an_eval_engines_generation_shows_a_bar_and_the_same_completions(tiny_path, capsys):
+    """python -m optsys.eval sets engine.show_progress (eval's `progress=true`, the default): the HF engine counts
+    its batches (greedy) or prompts (sampling) with a bar; what it generates does not change."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optsys.rollout.engine import Sampling
+    from optsys.rollout.hf_engine import HFEngine
+
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32), pad_token_id=0,
+                      greedy_batch=2)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    runs = {}
+    for show in (False, True):
+        engine.show_progress = show
+        greedy = engine.generate(prompts, Sampling(temperature=0.0, max_new_tokens=3), [0, 1, 2])
+        sampled = engine.generate(prompts, Sampling(n=2, temperature=1.0, max_new_tokens=3), [0, 1, 2])
+        runs[show] = [[c.token_ids for c in g] for g in greedy + sampled]
+    assert runs[True] == runs[False]
+    out = capsys.readouterr().out
+    assert "generate (3 prompts, greedy)" in out and "2/2" in out and "generate (3 prompts x 2)" in out
