@@ -184,8 +184,8 @@ def test_reward_pooling_with_pad_equal_to_eos(real_model_2l):
 
 def test_lora_sft_bf16_storage_checkpointing_and_crash_resume(real_model_2l, tmp_path, monkeypatch):
     """LoRA by the Llama names (no target_modules given), bf16 storage with fp32 master weights, gradient
-    checkpointing, a held-out loss of eval.loss_max_rows rows; a run that dies at step 3 resumes from its step-2
-    checkpoint to the same final adapter as a run that was never interrupted."""
+    checkpointing, a held-out loss of eval.loss_max_rows rows; a run that dies in its last step (3) resumes from its
+    step-2 checkpoint to the same final adapter as a run that was never interrupted."""
     from safetensors.torch import load_file
 
     from optsys.trainers import common, sft
@@ -196,7 +196,7 @@ def test_lora_sft_bf16_storage_checkpointing_and_crash_resume(real_model_2l, tmp
             f"model.name_or_path={real_model_2l}", f"output_dir={out}", "model.dtype=bfloat16", "model.lora.r=8",
             "model.gradient_checkpointing=true", "model.lora.save_merged=true", "data.task=arithmetic",
             "data.num_train=64", "data.num_eval=10", "eval.loss_max_rows=4", "data.max_tokens=256",
-            "trainer.batch_tokens=256", "trainer.max_steps=4", "trainer.warmup_steps=1", "trainer.save_every=1",
+            "trainer.batch_tokens=256", "trainer.max_steps=3", "trainer.warmup_steps=1", "trainer.save_every=1",
             "trainer.log_every=1", "trainer.progress=false", "trainer.plots=false", "trainer.tensorboard=false",
             "eval.before=false", "eval.after=false", *extra])
 
