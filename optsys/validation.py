@@ -30,7 +30,7 @@ from optsys.config import (
 from optsys.data.tasks import TASKS, get_task
 from optsys.errors import ConfigError, did_you_mean
 from optsys.methods import RL_ALGORITHMS
-from optsys.models.sources import STAGE_PREFIX, check_local_source
+from optsys.models.sources import STAGE_PREFIX, check_local_source, source_context_length
 from optsys.parallel import zero
 from optsys.rollout.rewards import REWARD_MODEL_PREFIX, check_reward_names
 from optsys.telemetry.sinks import WANDB_INSTALL
@@ -178,6 +178,7 @@ def check_model_paths(cfg: TrainConfig) -> None:
     """tiny:<preset> must name a preset; a local path must exist and hold *.safetensors. Hub ids are
     checked when they load (optsys.models.load turns an unreachable id into a ConfigError)."""
     check_model_source("model.name_or_path", cfg.model.name_or_path, owner=cfg.recipe)
+    check_context(cfg.model.name_or_path, cfg.data.max_tokens)
     if cfg.pref.reference_model is not None:
         check_model_source("pref.reference_model", cfg.pref.reference_model, owner=cfg.recipe)
     if cfg.rl.teacher is not None:
@@ -190,6 +191,17 @@ def check_model_source(key: str, value: str, owner: str | None = None) -> None:
     check_local_source(key, value)
     if value.startswith(STAGE_PREFIX):
         check_stage_source(key, value, owner)
+
+
+def check_context(source: str, max_tokens: int) -> None:
+    """data.max_tokens is the longest sequence a run trains on (and RL's prompt + completion): not beyond the
+    model's context, whose positions past it were never trained (read from the folder's config.json or the GGUF
+    header, before anything loads)."""
+    context = source_context_length(source)
+    if context is not None and max_tokens > context:
+        raise ConfigError(f"data.max_tokens={max_tokens} is longer than the context of model.name_or_path="
+                          f"{source!r} ({context} tokens); a sequence (RL: prompt + completion) may be up to "
+                          f"data.max_tokens long, so set data.max_tokens <= {context}")
 
 
 def check_stage_reward(key: str, name: str, owner: str | None = None) -> None:

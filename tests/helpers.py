@@ -71,3 +71,26 @@ def train_losses(out: Path) -> dict[int, float]:
     """step -> train/loss, from a run folder's metrics.jsonl."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+# ---------------------------------------------------------------------------- the real model (SmolLM2-135M-Instruct)
+
+
+def truncated_model(src: Path, dst: Path, layers: int) -> Path:
+    """A copy of model folder `src` with only its first `layers` decoder layers: the same tokenizer, chat template,
+    vocabulary, head_dim, dtype and tied embeddings as the real model, many times faster to run."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.is_file():
+            shutil.copy(f, dst / f.name)
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (dst / "config.json").write_text(json.dumps(config, indent=1))
+    weights = load_file(src / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    save_file(kept, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst

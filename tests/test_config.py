@@ -168,6 +168,8 @@ BAD = [
     ("dpo_tiny", ["data.packing=false"], ["data.packing=false", "method=sft only"]),
     ("quickstart", ["data.on_bad_pair=skip"], ["data.on_bad_pair", "method=sft"]),
     ("quickstart", ["pref.beta=0.5"], ["pref.beta", "method=sft does not read the pref section", "pref.beta=null"]),
+    ("dpo_tiny", ["eval.loss_max_rows=10"], ["eval.loss_max_rows", "method=dpo computes no eval/loss"]),
+    ("quickstart", ["eval.loss_max_rows=-1"], ["eval.loss_max_rows"]),
     ("dpo_tiny", ["rm.margin=1"], ["rm.margin", "method=dpo"]),
     ("simpo_tiny", ["pref.reference=copy"], ["reference-free", "pref.reference=copy"]),
     ("quickstart", ["model.lora.save_merged=true"], ["model.lora.save_merged", "model.lora.r=0"]),

@@ -224,8 +224,11 @@ def _encode_messages(messages, tokenizer, where, field_name, train_on_prompt):
                 msgs, tokenize=False, add_generation_prompt=generation_prompt
             )
         except Exception as e:  # jinja errors raised by the template itself (e.g. role order checks)
+            roles = [m["role"] for m in msgs]
             raise DataError(
-                f"{where}: the chat template rejected field '{field_name}': {type(e).__name__}: {e}"
+                f"{where}: the model's chat template rejected field '{field_name}' (roles {roles}): "
+                f"{type(e).__name__}: {e}. Rewrite the row's turns in the order and roles the template accepts, "
+                f"or remove the row."
             ) from e
         return _encode(tokenizer, text, special=False)
 

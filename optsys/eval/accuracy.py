@@ -12,26 +12,27 @@ from optsys.data.tasks import Problem, Task
 from optsys.errors import DataError
 from optsys.eval.tasks import Question, default_match
 from optsys.parallel.dist import World, all_gather_objects, local_steps, rank_share
+from optsys.telemetry.progress import progress_items
 
 
 def task_accuracy(model, tokenizer, task: Task, problems: list[Problem], *, max_new_tokens: int = 16,
-                  batch_size: int = 100, world: World | None = None) -> tuple[float, list[dict]]:
+                  batch_size: int = 100, world: World | None = None, show: bool = False) -> tuple[float, list[dict]]:
     """Fraction of a built-in task's problems whose greedy completion is right by the task's match rule."""
     questions = [Question(f"{task.name}-{i}", tuple(task.messages(p.prompt)), p.answer) for i, p in enumerate(problems)]
     return questions_accuracy(model, tokenizer, questions, match=task.match, name=task.name,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size, world=world)
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, world=world, show=show)
 
 
 def questions_accuracy(model, tokenizer, questions: list[Question], *, match: str, name: str = "eval",
-                       max_new_tokens: int = 16, batch_size: int = 100,
-                       world: World | None = None) -> tuple[float, list[dict]]:
+                       max_new_tokens: int = 16, batch_size: int = 100, world: World | None = None,
+                       show: bool = False) -> tuple[float, list[dict]]:
     """Fraction of questions whose greedy completion is right (`match`: optsys.data.answers), plus per-sample
     records.
 
     Under torchrun each rank generates its round-robin share, and every rank gets all the records in
     order. The ranks make the same number of `generate` calls (a rank one question short repeats one and
     drops it), with synced_gpus, so FSDP's collectives stay in step while their sequences end at different
-    lengths."""
+    lengths. `show`: a progress bar over the batches of `batch_size` problems (every rank runs as many)."""
     from optsys.eval.generate import stop_token_ids
     from optsys.eval.scaling import MethodSettings, greedy
     from optsys.rollout.hf_engine import HFEngine
@@ -46,8 +47,12 @@ def questions_accuracy(model, tokenizer, questions: list[Question], *, match: st
                               max_model_len=10**9)
 
     def run(qs):
-        samples, _, _ = greedy(engine, tokenizer, name, qs, settings, match)
-        return [(x[0].text, x[0].correct) for x in samples]
+        chunks = [qs[i:i + batch_size] for i in range(0, len(qs), batch_size)]
+        out = []
+        for chunk in progress_items(chunks, f"eval/accuracy ({len(qs)} questions)", enabled=show):
+            samples, _, _ = greedy(engine, tokenizer, name, chunk, settings, match)
+            out += [(x[0].text, x[0].correct) for x in samples]
+        return out
 
     if not distributed:
         scored = run(questions)

@@ -53,6 +53,7 @@ class EvalRunConfig:
     resamples: int = 2000  # bootstrap resamples
     output_dir: str | None = None  # default: runs/eval-<timestamp>
     plots: bool = True
+    progress: bool = True  # a bar with an ETA over each method's generation (vLLM's own, or the HF engine's batches)
 
 
 def check(cfg: EvalRunConfig) -> None:

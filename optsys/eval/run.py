@@ -83,7 +83,7 @@ def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_mod
     from optsys.models.load import load_tokenizer
     from optsys.rollout.engine import resolve_engine_name
 
-    path = resolve(name, cfg.seed)
+    path = resolve(name, cfg.seed, dtype=cfg.dtype)
     tokenizer = load_tokenizer(path)
     if tokenizer.chat_template is None:
         from optsys.config import ConfigError
@@ -108,6 +108,7 @@ def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_mod
             model = model if model is not None else load_hf_model(path, cfg.dtype)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             engine = HFEngine(model, pad_token_id=pad, greedy_batch=cfg.batch_size)
+        engine.show_progress = cfg.progress
         opened.engine, opened.engine_name = engine, engine_name
     opened.model = model
     opened.stop_ids = tuple(stop_token_ids(model if model is not None else _generation_config(path), tokenizer))
@@ -126,7 +127,7 @@ def open_endpoint(cfg: EvalRunConfig, tokenizer_source: str | None, resolve=loca
                             retries=cfg.endpoint_retries, api_key=cfg.api_key)
     source = tokenizer_source or engine.model
     try:
-        path = resolve(source, cfg.seed)
+        path = resolve(source, cfg.seed, dtype=cfg.dtype)
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--endpoint {cfg.endpoint}: the prompts are rendered here, so the served model's "

@@ -52,10 +52,10 @@ def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code:
 
 def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device, seed: int = 0, resolve=local_source):
     """Weights are read from safetensors only; remote code runs only if the config allows it. `resolve(source,
-    seed)` gives the folder or hub id of cfg.name_or_path."""
+    seed, dtype=)` gives the folder or hub id of cfg.name_or_path (a GGUF source dequantized into cfg.dtype)."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve(cfg.name_or_path, seed)
+    path = resolve(cfg.name_or_path, seed, dtype=cfg.dtype)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
         raise ConfigError(
             f"model folder {path} holds no *.safetensors weights; optsys reads safetensors only "

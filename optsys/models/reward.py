@@ -32,7 +32,7 @@ def load_reward_model(cfg: ModelConfig, device: torch.device, seed: int = 0, res
     `resolve(source, seed)` gives the folder of cfg.name_or_path (optsys.models.load)."""
     from transformers import AutoModelForSequenceClassification
 
-    path = resolve(cfg.name_or_path, seed)
+    path = resolve(cfg.name_or_path, seed, dtype=cfg.dtype)
     tokenizer = load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     torch.manual_seed(seed)  # the fresh score head
     model = AutoModelForSequenceClassification.from_pretrained(

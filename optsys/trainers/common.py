@@ -184,7 +184,8 @@ def held_out_accuracy(*, model, tokenizer, cfg: TrainConfig, world: World, log,
         with phase("eval"), autocast_context(cfg.trainer.precision, world.device):  # in the training compute dtype
             acc, records = questions_accuracy(model, tokenizer, held.questions, match=held.match, name=held.source,
                                               max_new_tokens=cfg.eval.max_new_tokens,
-                                              batch_size=cfg.eval.batch_size, world=world)
+                                              batch_size=cfg.eval.batch_size, world=world,
+                                              show=cfg.trainer.progress and world.is_main)
         summary[f"eval/accuracy_{tag}"] = acc
         summary[f"time/eval_{tag}_s"] = time.time() - t0
         log.log(step, {f"eval/accuracy_{tag}": acc})

@@ -42,6 +42,7 @@ from optsys.data.preference import (
 )
 from optsys.losses import PREFERENCE_LOSSES
 from optsys.methods import METHODS, methods_of
+from optsys.models.gguf import is_gguf_source
 from optsys.models.load import load_model_and_tokenizer
 from optsys.models.lora import is_peft
 from optsys.models.packed import attach_forward_methods, packed_sequence_logps
@@ -58,7 +59,7 @@ from optsys.parallel.dist import (
 )
 from optsys.stages import is_stage
 from optsys.telemetry.nvtx import phase, step_phase, telemetry
-from optsys.telemetry.progress import StepProgress
+from optsys.telemetry.progress import StepProgress, progress_items
 from optsys.trainers.common import (
     MetricWindow,
     autocast_context,
@@ -126,7 +127,10 @@ def reference_fingerprint(cfg: TrainConfig, model, tokenizer, data: PreferenceDa
     are named by id and revision, `tiny:` presets by name (they are rebuilt deterministically)."""
 
     def stamp(source: str | None) -> str | None:
-        return weights_stamp(resolve(source, cfg.seed) if is_stage(source) else source)
+        if is_stage(source) or (source is not None and is_gguf_source(source)):
+            # the folder (a gguf: one is named by the file's sha256), stored as the policy is
+            source = resolve(source, cfg.seed, dtype=cfg.model.dtype)
+        return weights_stamp(source)
 
     return {
         "model.name_or_path": cfg.model.name_or_path,
@@ -144,15 +148,18 @@ def reference_fingerprint(cfg: TrainConfig, model, tokenizer, data: PreferenceDa
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[PreferencePair], *, max_tokens: int, average: bool, backend: str, device,
-                precision: str = "fp32", world: World | None = None, separate: bool = False) -> torch.Tensor:
+                precision: str = "fp32", world: World | None = None, separate: bool = False,
+                show: str | None = None) -> torch.Tensor:
     """[N, 2] (chosen, rejected) log-probs of every pair, in dataset order (eval mode, no grad).
 
-    Under torchrun each rank scores its share of the rows and the results are summed over ranks."""
+    Under torchrun each rank scores its share of the rows and the results are summed over ranks. `show`: the
+    label of a progress bar over the packed rows."""
     world = world or World(0, 1, 0, device)
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    for batch, real in shared_batches(packed_pair_batches(pairs, max_tokens, shuffle_seed=None), world):
+    rows = shared_batches(packed_pair_batches(pairs, max_tokens, shuffle_seed=None), world)
+    for batch, real in progress_items(rows, show or "", enabled=show is not None):
         with autocast_context(precision, device):
             c, r, _ = pair_logps(model, batch, average=average, backend=backend, device=device, separate=separate)
         if real:
@@ -294,7 +301,8 @@ def evaluate(model, pairs: list[PreferencePair], reference: Reference | None, *,
     rows = list(shared_batches(packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None), world))
     refs = [reference(batch, "eval") if reference is not None else None for batch, _ in rows]
     z0 = kto_z0(model, rows, refs, cfg=cfg, device=device, world=world) if method == "kto" else None  # the split's
-    for (batch, real), ref in zip(rows, refs):
+    show = cfg.trainer.progress and world.is_main
+    for (batch, real), ref in progress_items(list(zip(rows, refs)), f"eval ({len(pairs)} pairs)", enabled=show):
         batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter if real else None, z0=z0)
     model.train(was_training)
     return meter.all_reduce(world).means("eval/")
@@ -367,7 +375,9 @@ def build_reference(mode: str, cfg: TrainConfig, model, tokenizer, data: Prefere
     else:
         scorer = separate_reference() if cfg.pref.reference_model else model
         with phase("reference"):
-            cached = {split: score_pairs(scorer, pairs, max_tokens=cfg.data.max_tokens, world=world, **common)
+            show = cfg.trainer.progress and world.is_main
+            cached = {split: score_pairs(scorer, pairs, max_tokens=cfg.data.max_tokens, world=world, **common,
+                                         show=f"reference log-probs, {split} ({len(pairs)} pairs)" if show else None)
                       for split, pairs in (("train", data.train), ("eval", data.eval))}
         del scorer  # a separate reference leaves memory before training starts
         if world.is_main:

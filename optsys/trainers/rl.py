@@ -128,8 +128,9 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
 
     # ---- the engine, its sampling, the canary; multi-turn tasks' environment
     t0 = time.perf_counter()
-    engine = build_engine(rl, model, tokenizer, world, precision.storage, model_path=resolve(cfg.model.name_or_path,
-                          cfg.seed), lora_r=cfg.model.lora.r, seed=cfg.seed, max_tokens=cfg.data.max_tokens)
+    model_path = resolve(cfg.model.name_or_path, cfg.seed, dtype=cfg.model.dtype)
+    engine = build_engine(rl, model, tokenizer, world, precision.storage, model_path=model_path,
+                          lora_r=cfg.model.lora.r, seed=cfg.seed, max_tokens=cfg.data.max_tokens)
     summary["time/engine_start_s"] = time.perf_counter() - t0
     summary["rollout/engine"] = engine.name
     summary["rollout/tensor_parallel"] = getattr(engine, "tensor_parallel", 1)

@@ -29,7 +29,7 @@ from optsys.models.load import load_model_and_tokenizer
 from optsys.models.sources import local_source
 from optsys.parallel.dist import all_reduce_sum, shared_batches, torchrun_world
 from optsys.telemetry.nvtx import phase, step_phase, telemetry
-from optsys.telemetry.progress import StepProgress
+from optsys.telemetry.progress import StepProgress, progress_items
 from optsys.trainers.common import (
     MetricWindow,
     StepStream,
@@ -124,12 +124,21 @@ def micro_batch_loss_sum(model, batch: PackedBatch, *, packing: bool, pad_id: in
                                 attention_mask=padded["attention_mask"], backend=backend)
 
 
+def loss_rows(examples: list[TokenizedExample], max_rows: int) -> list[TokenizedExample]:
+    """The held-out rows eval/loss runs on: the first eval.loss_max_rows (0 = all)."""
+    return examples[:max_rows] if max_rows else examples
+
+
 @torch.no_grad()
-def eval_loss(model, examples: list[TokenizedExample], cfg: TrainConfig, pad_id: int, device) -> float:
+def eval_loss(model, examples: list[TokenizedExample], cfg: TrainConfig, pad_id: int, device,
+              show: bool = False) -> float:
+    """Token-mean cross-entropy on the held-out rows (already cut by loss_rows), packed like training rows;
+    `show`: a progress bar over the packed rows."""
     total, n = 0.0, 0
     model.eval()
+    batches = packed_batches(examples, cfg.data.max_tokens, shuffle_seed=None)
     with phase("eval"):
-        for batch in packed_batches(examples, cfg.data.max_tokens, shuffle_seed=None):
+        for batch in progress_items(batches, f"eval/loss ({len(examples)} rows)", enabled=show):
             with autocast_context(cfg.trainer.precision, device):
                 total += micro_batch_loss_sum(model, batch, packing=True, pad_id=pad_id,
                                               backend=cfg.trainer.kernel_backend, device=device).item()
@@ -187,6 +196,13 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
     groups = step_groups(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed, position=loop.position)
     progress = StepProgress(tc.max_steps, f"sft {cfg.recipe}", enabled=tc.progress and world.is_main)
     pad_id = tokenizer.pad_token_id
+    held_out = loss_rows(data.eval, cfg.eval.loss_max_rows)
+    if held_out and len(held_out) < len(data.eval):
+        summary["eval/loss_rows"] = len(held_out)
+        if world.is_main:
+            print(f"eval/loss: on the first {len(held_out)} of {len(data.eval)} held-out rows "
+                  "(eval.loss_max_rows; 0 = all)", flush=True)
+    show = tc.progress and world.is_main
 
     for step in range(start_step + 1, tc.max_steps + 1):
         with step_phase(step):
@@ -216,8 +232,8 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
             progress.update(step, f"loss {metrics['train/loss']:.4f}  {metrics['throughput/tokens_per_s']:.0f} tok/s")
             meter = MetricWindow(("loss",))
             clock.new_window()
-        if eval_due(tc, step) and data.eval:
-            log.log(step, {"eval/loss": eval_loss(net, data.eval, cfg, pad_id, device)})
+        if eval_due(tc, step) and held_out:
+            log.log(step, {"eval/loss": eval_loss(net, held_out, cfg, pad_id, device, show)})
         stop_if_not_finite(loss_value, step, progress, hint=f"lower trainer.lr or check the data (metrics so far "
                                                             f"are in {out_dir / 'metrics.jsonl'})")
         if checkpoint_due(tc, step):
@@ -227,8 +243,8 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                                      window=meter.summed_state(world))
     progress.close()
     summary.update(clock.totals(loss=loss_value, steps=tc.max_steps))
-    if data.eval:
-        summary["eval/loss"] = eval_loss(net, data.eval, cfg, pad_id, device)
+    if held_out:
+        summary["eval/loss"] = eval_loss(net, held_out, cfg, pad_id, device, show)
         log.log(step, {"eval/loss": summary["eval/loss"]})
     if cfg.eval.after:
         accuracy("after", step)
