@@ -41,7 +41,7 @@ def test_sft_shows_the_held_out_loss_and_accuracy_phases(tmp_path, tiny_path, ca
     summary = sft.train(load_config("quickstart", overrides=overrides))
     out = capsys.readouterr().out
     assert "eval/loss: on the first 12 of 20 held-out rows (eval.loss_max_rows" in out
-    assert "eval/loss (12 rows)" in out and "eval/accuracy (20 problems)" in out and "3/3" in out  # 20 in 8s
+    assert "eval/loss (12 rows)" in out and "eval/accuracy (20 questions)" in out and "3/3" in out  # 20 in 8s
     assert summary["eval/loss_rows"] == 12
 
 
