@@ -333,7 +333,12 @@ def evaluate(cfg: EvalRunConfig, name: str | None = None, resolve=local_source) 
             from optsys.rollout.engine import Sampling
 
             first = opened.tokenizer("1", add_special_tokens=False).input_ids[:1] or [0]
+            shown = getattr(opened.engine, "show_progress", None)
+            if shown is not None:
+                opened.engine.show_progress = False  # no bar for a 2-token warm-up
             opened.engine.generate([first], Sampling(temperature=0.0, max_new_tokens=2), [0])
+            if shown is not None:
+                opened.engine.show_progress = shown
         results = {}
         for task in tasks:
             if task.kind == "generate":
