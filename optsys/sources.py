@@ -29,6 +29,7 @@ from optsys.config import TrainConfig
 from optsys.errors import ConfigError
 from optsys.methods import METHODS
 from optsys.models.sources import local_source
+from optsys.models.tiny import folder_lock
 from optsys.parallel.dist import World, rank0_mismatch
 from optsys.stages import final_dir, is_complete, is_stage, stage_config, stage_name, stage_root
 
@@ -128,23 +129,12 @@ def _rng_kept():
 
 @contextlib.contextmanager
 def _lock(out: Path, enabled: bool):
-    """An exclusive flock on `<folder>.lock`: one process trains a stage, a second waits and then reuses it."""
+    """One process trains a stage, a second waits and then reuses it (rank 0 only under torchrun)."""
     if not enabled:
         yield
         return
-    import fcntl
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"stage: waiting for another process that is training {out}", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with folder_lock(out, f"stage: waiting for another process that is training {out}"):
+        yield
 
 
 def _rank_size() -> tuple[int, int]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optsys.errors import ConfigError
-from optsys.models.tiny import _atomic_dir, cache_root
+from optsys.models.tiny import _atomic_dir, cache_root, folder_lock
 
 GGUF_PREFIX = "gguf:"
 GGUF_MAGIC = b"GGUF"
@@ -169,7 +169,7 @@ def gguf_folder(value: str, dtype: str = "float32") -> Path:
     folder = cache_root() / "gguf" / f"{path.stem}-{digest[:16]}-{dtype}"
     if (folder / "config.json").exists():
         return folder
-    with _lock(folder):
+    with folder_lock(folder, f"gguf: waiting for another process that is dequantizing into {folder}"):
         if not (folder / "config.json").exists():
             print(f"gguf: dequantizing {path} ({info.architecture}, {', '.join(info.quantizations)}) into {folder} "
                   f"as {dtype} (once; later runs reuse it)", flush=True)
@@ -236,21 +236,3 @@ def _one_reader():
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = original, original_map
-
-
-@contextlib.contextmanager
-def _lock(folder: Path):
-    """An exclusive flock on `<folder>.lock`: a second process waits for the one dequantizing, then reuses it."""
-    import fcntl
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"gguf: waiting for another process that is dequantizing into {folder}", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

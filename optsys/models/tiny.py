@@ -10,6 +10,7 @@ head_dim is 64 because vLLM's CPU attention backend rejects small head sizes suc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -168,6 +169,25 @@ def _build_model(spec: TinySpec, tokenizer, seed: int):
 def _spec_key(spec: TinySpec, seed: int) -> str:
     blob = json.dumps({"spec": asdict(spec), "seed": seed, "tok": TOKENIZER_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, waiting: str):
+    """An exclusive flock on `<folder>.lock` (cached stage, GGUF and tiny folders): a second process prints
+    `waiting` and waits for the one building `folder`, then reuses it."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _atomic_dir(final: Path, write) -> Path:
