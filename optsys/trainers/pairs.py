@@ -129,9 +129,9 @@ def no_pair_error(counts: dict, cfg: TrainConfig, source: str) -> DataError:
         advice.append(f"sample more varied answers (raise pref.pair_temperature={p.pair_temperature}) or use harder "
                       "prompts (data.difficulty)")
     return DataError(f"pref.pairs=on_policy: none of the {n} training prompts of {source} gave a pair: {right} had "
-                     f"every sample correct, {wrong} had none correct ({counts['pair_samples_empty']} samples were "
-                     f"empty). A pair needs a correct and an incorrect sample of the same prompt. To get pairs: "
-                     + "; ".join(advice) + ".")
+                     f"every sample correct, {wrong} had none correct (empty samples, never paired: "
+                     f"{counts['pair_samples_empty']}). A pair needs a correct and an incorrect sample of the same "
+                     "prompt. To get pairs: " + "; ".join(advice) + ".")
 
 
 # ---------------------------------------------------------------------------- sampling

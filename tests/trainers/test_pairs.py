@@ -231,3 +231,19 @@ def test_dataset_without_answers_is_refused_before_the_model_loads(tmp_path, mon
 def test_on_policy_settings_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("dpo_tiny", overrides=overrides)
+
+
+def test_vllm_sampler_refusals(monkeypatch):
+    """pref.pair_engine=vllm where it would not sample the start model, or cannot run, is refused naming the key."""
+    import optsys.validation as validation
+
+    on = ["pref.pairs=on_policy", "pref.pair_engine=vllm"]
+    with pytest.raises(ConfigError, match="pref.pair_engine=vllm with model.lora.quantize=nf4: vLLM would sample"):
+        load_config("dpo_tiny", overrides=[*on, "model.lora.r=4", "model.lora.quantize=nf4",
+                                           "pref.reference=adapters_off"])
+    monkeypatch.setattr(validation, "vllm_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"pref.pair_engine=vllm but vLLM is not installed.*pref.pair_engine=hf"):
+        load_config("dpo_tiny", overrides=on)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="pref.pair_engine=vllm under torchrun is not supported"):
+        load_config("dpo_tiny", overrides=on)
