@@ -247,3 +247,25 @@ def test_vllm_sampler_refusals(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="pref.pair_engine=vllm under torchrun is not supported"):
         load_config("dpo_tiny", overrides=on)
+
+
+def test_given_pairs_replace_the_training_pairs_only(tok):
+    """build_preference_data(pair_rows=...): the given pairs train (KTO: each as a desirable and an undesirable
+    example), the task's test pairs stay the held-out ones, and a dataset run has none (its eval rows are questions)."""
+    from optsys.config import DataConfig
+    from optsys.data.preference import build_preference_data
+
+    given = [{"prompt": [{"role": "user", "content": f"{i}+1="}], "chosen": str(i + 1), "rejected": str(i)}
+             for i in range(10, 13)]
+    d = DataConfig(task="arithmetic", num_train=50, num_eval=7, max_tokens=256)
+    data = build_preference_data(d, tok, seed=0, kto=False, pair_rows=given, pair_source="run/pairs.jsonl")
+    assert len(data.train) == 3 and len(data.eval) == 7 and data.train_report.rows == 3
+    trained = [t for t in data.train[0].chosen.targets if t >= 0]
+    assert tok.decode(trained, skip_special_tokens=True) == "11"  # the given chosen answer is what trains
+    kto = build_preference_data(d, tok, seed=0, kto=True, pair_rows=given)
+    assert [p.label for p in kto.train] == [True, False] * 3 and len(kto.eval) == 14
+    ds = DataConfig(task=None, dataset="unused.jsonl", eval_dataset="questions.jsonl", max_tokens=256)
+    assert build_preference_data(ds, tok, seed=0, kto=False, pair_rows=given).eval == []
+    with pytest.raises(DataError, match="run/pairs.jsonl: row 1: field 'rejected' equals field 'chosen'"):
+        build_preference_data(d, tok, seed=0, kto=False, pair_rows=[given[0], {**given[1], "rejected": "12"}],
+                              pair_source="run/pairs.jsonl")
