@@ -154,6 +154,20 @@ class PreferenceConfig:
     # The reference checkpoint (hub id, folder, tiny:<preset>, stage:<recipe>) for precompute / copy; None = the
     # policy's initial weights. It must share the policy's tokenizer and architecture (checked at load).
     reference_model: str | None = None
+    # Where the training pairs come from: "task" = the data's own (a built-in task's correct answer vs a near miss,
+    # or a dataset's chosen/rejected rows); "on_policy" = the start model's own samples of each training prompt,
+    # checked against its answer by the task's match rule: a correct one is chosen, an incorrect one rejected
+    # (optsys.trainers.pairs; a built-in task, or data.dataset rows with `prompt` and `answer`). The pairs are
+    # written to <output_dir>/pairs.jsonl and reused on resume.
+    pairs: Literal["task", "on_policy"] = "task"
+    pair_samples: int = 8  # on_policy: completions per prompt (>= 2: a pair needs a correct and an incorrect one)
+    # on_policy: sampling temperature. 0.7 keeps samples near what the model decodes greedily (its real errors, not
+    # T=1 noise) while leaving enough spread that a prompt's samples disagree; raise it when most prompts come
+    # back all correct.
+    pair_temperature: float = 0.7
+    pair_max_new_tokens: Optional[int] = None  # on_policy: None = eval.max_new_tokens (the held-out answer budget)
+    # on_policy: the sampler. auto: vLLM in this process when installed (HF generate under torchrun or QLoRA)
+    pair_engine: Literal["auto", "vllm", "hf"] = "auto"
 
 
 @dataclass
@@ -304,6 +318,8 @@ RANGES = [
     ("pref.alpha", _at_least(0)),
     ("pref.desirable_weight", _at_least(0)),
     ("pref.undesirable_weight", _at_least(0)),
+    ("pref.pair_samples", _at_least(2)),
+    ("pref.pair_temperature", _positive()),
     ("rm.center_coef", _at_least(0)),
     ("rl.prompts_per_step", _positive()),
     ("rl.updates_per_batch", _positive()),
@@ -334,6 +350,8 @@ RANGE_HINTS = {
     "trainer.min_lr_ratio": " (the cosine schedule ends at lr * min_lr_ratio)",
     "pref.label_smoothing": " (the label-flip rate eps; 0.5 makes chosen and rejected interchangeable)",
     "pref.beta": " (beta = 0 makes every preference loss constant)",
+    "pref.pair_samples": " (a pair needs a correct and an incorrect sample of the same prompt)",
+    "pref.pair_temperature": " (at 0 every sample of a prompt is the same greedy answer: no pairs)",
     "model.lora.r": " (0 trains the full model)",
     "rl.canary_every": " (0 turns the sync check off)",
     "rl.log_completions": " (0 writes no completions.jsonl)",
@@ -457,6 +475,7 @@ def refuse_unused_settings(cfg: TrainConfig, method, methods) -> None:
 
 def _check_pref_keys(cfg: TrainConfig, method) -> None:
     m, p, defaults = cfg.method, cfg.pref, PreferenceConfig()
+    _check_pair_keys(cfg)
     if m == "kto" and p.desirable_weight == 0 and p.undesirable_weight == 0:
         raise ConfigError("pref.desirable_weight and pref.undesirable_weight are both 0, so the KTO loss is 0; "
                           "set at least one > 0")
@@ -473,6 +492,35 @@ def _check_pref_keys(cfg: TrainConfig, method) -> None:
     if p.reference_model is not None and p.reference == "adapters_off":
         raise ConfigError("pref.reference_model cannot be used with pref.reference=adapters_off (the "
                           "reference is the policy with its adapters disabled); use precompute or copy")
+
+
+PAIR_KEYS = ("pair_samples", "pair_temperature", "pair_max_new_tokens", "pair_engine")
+
+
+def _check_pair_keys(cfg: TrainConfig) -> None:
+    """pref.pair_* only with pref.pairs=on_policy, and a sampling budget that fits data.max_tokens."""
+    p, defaults = cfg.pref, PreferenceConfig()
+    if p.pairs != "on_policy":
+        changed = [f"pref.{k}={getattr(p, k)!r}" for k in PAIR_KEYS if getattr(p, k) != getattr(defaults, k)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} applies to pref.pairs=on_policy (pairs sampled from the start "
+                              f"model); pref.pairs={p.pairs} takes the data's own pairs. Drop it, or set "
+                              "pref.pairs=on_policy")
+        return
+    budget = p.pair_max_new_tokens or cfg.eval.max_new_tokens
+    if p.pair_max_new_tokens is not None and p.pair_max_new_tokens < 1:
+        raise ConfigError(f"pref.pair_max_new_tokens must be >= 1 (or null: eval.max_new_tokens), got "
+                          f"{p.pair_max_new_tokens}")
+    if budget >= cfg.data.max_tokens:
+        raise ConfigError(f"pref.pair_max_new_tokens={budget} leaves no room for the prompt in data.max_tokens="
+                          f"{cfg.data.max_tokens} (a sampled completion and its prompt must fit a sequence); raise "
+                          "data.max_tokens or lower pref.pair_max_new_tokens")
+    if p.pair_engine == "vllm" and launcher_world_size() > 1:
+        raise ConfigError("pref.pair_engine=vllm under torchrun is not supported (vLLM's shutdown after sampling would "
+                          "end the trainer's process group); use pref.pair_engine=hf or auto")
+    if p.pair_engine == "vllm" and cfg.model.lora.quantize != "none":
+        raise ConfigError(f"pref.pair_engine=vllm with model.lora.quantize={cfg.model.lora.quantize}: vLLM would "
+                          "sample the unquantized base, not the 4-bit start model; use pref.pair_engine=hf or auto")
 
 
 def check_lora(cfg: TrainConfig) -> None:

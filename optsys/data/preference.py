@@ -304,20 +304,31 @@ class PreferenceData:
     train_report: DataReport
 
 
-def build_preference_data(d: DataConfig, tokenizer, *, seed: int, kto: bool) -> PreferenceData:
+def build_preference_data(d: DataConfig, tokenizer, *, seed: int, kto: bool, pair_rows: list[dict] | None = None,
+                          pair_source: str = "on-policy pairs") -> PreferenceData:
     """Pairs from a built-in task (Task.preference_pairs, fixed train/test splits) or a dataset, tokenized; for KTO
-    (`kto`) each pair becomes an unpaired desirable and undesirable example."""
+    (`kto`) each pair becomes an unpaired desirable and undesirable example.
+
+    pair_rows: the training pairs given (pref.pairs=on_policy, named `pair_source` in errors) in place of the
+    task's or data.dataset's. The held-out pairs are then a task's test pairs as usual; with a dataset there are
+    none (data.eval_dataset holds {prompt, answer} questions for held-out accuracy, not pairs)."""
     if d.task is not None:
         task = get_task(d.task)
-        train_rows = task.preference_pairs("train", d.num_train, difficulty=d.difficulty, seed=seed)
+        train_rows = task.preference_pairs("train", d.num_train, difficulty=d.difficulty, seed=seed) \
+            if pair_rows is None else pair_rows
         eval_rows = task.preference_pairs("test", d.num_eval, difficulty=d.difficulty, seed=seed)
         if kto:
             train_rows, eval_rows = unpaired_rows(train_rows), unpaired_rows(eval_rows)
         train_name, eval_name = f"task:{d.task}/train", f"task:{d.task}/test"
+    elif pair_rows is not None:
+        train_rows, eval_rows = (unpaired_rows(pair_rows) if kto else pair_rows), []
+        train_name, eval_name = d.dataset, ""
     else:
         train_rows = load_rows(d.dataset, split=d.split)
         eval_rows = load_rows(d.eval_dataset, split=d.eval_split) if d.eval_dataset else []
         train_name, eval_name = d.dataset, d.eval_dataset or ""
+    if pair_rows is not None:
+        train_name = pair_source
     kw = dict(max_tokens=d.max_tokens, kto=kto, overlong=d.overlong, on_bad_pair=d.on_bad_pair)
     train, report = tokenize_pairs(train_rows, tokenizer, source=train_name, **kw)
     evals = tokenize_pairs(eval_rows, tokenizer, source=eval_name, **kw)[0] if eval_rows else []

@@ -9,6 +9,10 @@ of another prompt, and the partners' policy/reference log-ratio is the KL baseli
 whole optimizer step and all ranks by a no-grad pass over the step's partners before its micro-batches
 (`kto_z0`); the micro-batches then run forward and backward on the examples only.
 
+Pairs: the data's own (pref.pairs=task), or with pref.pairs=on_policy the start model's own samples of each training
+prompt, a correct one against an incorrect one (optsys.trainers.pairs), sampled before any update and kept in
+<output_dir>/pairs.jsonl.
+
 Reference log-probs (methods that need them): pref.reference=precompute scores the train and eval
 pairs once with the initial model and caches them, fingerprinted, in <output_dir>/ref_logps.safetensors;
 copy keeps a frozen in-memory copy; adapters_off runs the LoRA model with its adapters disabled.
@@ -73,6 +77,7 @@ from optsys.trainers.common import (
     save_final_model,
     warmup_cosine,
 )
+from optsys.trainers.pairs import PAIRS_FILE, on_policy_pairs, pair_engine_name, pair_questions
 from optsys.trainers.precision import Precision, frozen_for_compute, fsdp_param_dtype, to_master
 from optsys.trainers.run import (
     checkpoint_due,
@@ -402,10 +407,22 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
     run = start_run(cfg, world)
     method, tc, device, out_dir, precision = cfg.method, cfg.trainer, world.device, run.out_dir, run.precision
     spec = PREFERENCE_LOSSES[method]
+    on_policy = cfg.pref.pairs == "on_policy"
+    questions = pair_questions(cfg) if on_policy else None  # a dataset without answers fails before the model loads
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed, resolve=resolve)
     attach_forward_methods(to_master(model, precision))  # master weights before a reference copies them
-    data = build_preference_data(cfg.data, tokenizer, seed=cfg.seed, kto=not spec.paired)
-    summary: dict = {**data.train_report.metrics("data/"), "data/pairs": len(data.train),
+    pair_summary, pair_rows = {}, None
+    if on_policy:  # the start model samples its own pairs (before any update, any reference copy, any sharding)
+        t0 = time.time()
+        with phase("pairs"):
+            pair_rows, counts = on_policy_pairs(cfg, questions, model, tokenizer, world=world, out_dir=out_dir,
+                                                storage_dtype=precision.storage, resolve=resolve,
+                                                autocast=autocast_context(tc.precision, device))
+        pair_summary = {**{f"data/{k}": v for k, v in counts.items()}, "data/pair_engine": pair_engine_name(cfg, world),
+                        "time/pairs_s": time.time() - t0}
+    data = build_preference_data(cfg.data, tokenizer, seed=cfg.seed, kto=not spec.paired, pair_rows=pair_rows,
+                                 pair_source=str(out_dir / PAIRS_FILE))
+    summary: dict = {**pair_summary, **data.train_report.metrics("data/"), "data/pairs": len(data.train),
                      "data/eval_pairs": len(data.eval), **run_summary(run, model),
                      **describe_batches(pair_steps(data.train, cfg.data.max_tokens, tc.batch_tokens, cfg.seed), world,
                                         unit="pairs", count=lambda b: b.num_pairs, batch_tokens=tc.batch_tokens,
