@@ -3,9 +3,10 @@
     python bench/report.py [--e2e bench/results/e2e.json] [--other-machine] [--check]
 
 A number in a table cannot drift from its run: the tables between `<!-- report:NAME -->` and `<!-- /report:NAME -->`
-are written by this script only. A JSON from another machine (its `machine.id` differs from this one's: another
-processor, core count or host) is refused unless --other-machine is given, and then the table says where it was
-measured. --check exits 1 if a table differs from what the JSON gives (for CI or a pre-commit hook).
+in bench/README.md, and the README row that ends in `<!-- report:NAME -->`, are written by this script only. A JSON
+from another machine (its `machine.id` differs from this one's: another processor, core count or host) is refused
+unless --other-machine is given, and then the table says where it was measured. --check exits 1 if a table differs
+from what the JSON gives (for CI or a pre-commit hook).
 """
 
 from __future__ import annotations
@@ -105,6 +106,18 @@ def replace_block(text: str, name: str, body: str, path: Path) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
+def replace_row(text: str, name: str, row: str, path: Path) -> str:
+    """The table row that carries `<!-- report:NAME -->` after its last `|` (a comment line would end a markdown
+    table; an extra cell is ignored) becomes `row`, marker kept."""
+    marker = f"<!-- report:{name} -->"
+    lines = text.split("\n")
+    hits = [i for i, line in enumerate(lines) if line.startswith("|") and line.rstrip().endswith(marker)]
+    if len(hits) != 1:
+        raise ReportError(f"{path}: expected one table row ending in `{marker}`, found {len(hits)}")
+    lines[hits[0]] = f"{row} {marker}"
+    return "\n".join(lines)
+
+
 def render(args) -> dict[Path, str]:
     here = harness.machine(0)
     out: dict[Path, str] = {}
@@ -117,7 +130,7 @@ def render(args) -> dict[Path, str]:
     source = provenance(doc, here, args.other_machine, e2e)
     bench_readme, readme = Path(args.bench_readme), Path(args.readme)
     out[bench_readme] = replace_block(bench_readme.read_text(), "e2e", e2e_table(doc, source), bench_readme)
-    out[readme] = replace_block(readme.read_text(), "e2e", e2e_headline(doc), readme)
+    out[readme] = replace_row(readme.read_text(), "e2e", e2e_headline(doc), readme)
     return out
 
 

@@ -192,7 +192,7 @@ def fake_e2e_doc(machine_id: str | None = None) -> dict:
 def test_report_writes_tables_from_the_json_and_refuses_another_machine(tmp_path):
     block = "<!-- report:e2e -->\nold\n<!-- /report:e2e -->\n"
     (tmp_path / "bench.md").write_text("# B\n" + block)
-    (tmp_path / "readme.md").write_text("| a | b |\n" + block)
+    (tmp_path / "readme.md").write_text("| a | b |\n|---|---|\n| old | row | <!-- report:e2e -->\n| next | row |\n")
     (tmp_path / "e2e.json").write_text(json.dumps(fake_e2e_doc()))
     argv = ["--e2e", str(tmp_path / "e2e.json"), "--bench-readme", str(tmp_path / "bench.md"),
             "--readme", str(tmp_path / "readme.md")]
@@ -202,7 +202,9 @@ def test_report_writes_tables_from_the_json_and_refuses_another_machine(tmp_path
     run_script(ROOT / "bench" / "report.py", *argv)
     bench = (tmp_path / "bench.md").read_text()
     assert "old" not in bench and "| 2.34x | 2.50x |" in bench and "absent | TRL rows: `trl` is not installed" in bench
-    assert "SFT 2.34x TRL-best's speed (median of 3 interleaved repeats)" in (tmp_path / "readme.md").read_text()
+    readme = (tmp_path / "readme.md").read_text().splitlines()
+    assert "SFT 2.34x TRL-best's speed (median of 3 interleaved repeats)" in readme[2]
+    assert readme[2].endswith("| <!-- report:e2e -->") and "old" not in readme[2] and readme[3] == "| next | row |"
     run_script(ROOT / "bench" / "report.py", *argv, "--check")  # now up to date
     (tmp_path / "e2e.json").write_text(json.dumps(fake_e2e_doc(machine_id="0123456789ab")))
     res = subprocess.run([sys.executable, ROOT / "bench" / "report.py", *argv], capture_output=True, text=True)
