@@ -179,7 +179,9 @@ def test_settings_a_chosen_method_reads_are_accepted():
                   {"methods": ["best_of_n"], "scorer": "confidence", "n": [2]},
                   {"methods": ["self_correct"], "verifier": "format", "rounds": 1},
                   {"methods": ["budget"], "budgets": [8], "extend": 1}):
-        load_eval_config(flags={"model": "tiny:test", **flags})
+        cfg = load_eval_config(flags={"model": "tiny:test", **flags})
+        for key, value in flags.items():  # accepted, and kept as given (not dropped or reset)
+            assert getattr(cfg, key) == value, (key, getattr(cfg, key), value)
 
 
 def test_list_tasks_includes_the_task_files(tmp_path, capsys):
