@@ -97,7 +97,9 @@ class TrainerConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     kernel_backend: Literal["auto", "torch", "hybrid", "triton"] = "auto"
     log_every: int = 10
-    eval_every: int = 0  # steps between eval-loss runs; 0 = only at the end
+    # steps between held-out evals (SFT, preference, reward: eval/loss and the method's eval metrics; RL: greedy
+    # held-out accuracy eval/accuracy, or a multi-turn task's success rates); 0 = only at the end
+    eval_every: int = 0
     progress: bool = True
     # Telemetry besides metrics.jsonl (optsys/telemetry), all on rank 0: TensorBoard event files in
     # <output_dir>/tensorboard/ (the same metric names), PNG curves in <output_dir>/plots/ when the run ends, and a

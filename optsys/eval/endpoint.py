@@ -69,6 +69,18 @@ class EndpointEngine:
             self._models = list(self._request("GET", "/v1/models").get("data") or [])
         return self._models
 
+    def served_folder(self) -> str | None:
+        """The folder the served model was loaded from (vLLM's `root` in GET /v1/models; for a LoRA adapter its
+        `parent`, the base), when it is a folder on this machine: a local server's tokenizer. Else None."""
+        from pathlib import Path
+
+        by_id = {m.get("id"): m for m in self.served_models()}
+        entry = by_id.get(self.model) or {}
+        if entry.get("parent") in by_id:  # an adapter: the base model's folder holds the tokenizer
+            entry = by_id[entry["parent"]]
+        root = entry.get("root")
+        return root if isinstance(root, str) and Path(root).is_dir() else None
+
     def context_length(self) -> int | None:
         """The served model's max_model_len as GET /v1/models reports it (vLLM does), None when the server does
         not say. A model name the server does not serve is an EngineError naming the ones it does."""

@@ -117,7 +117,8 @@ def open_model(cfg: EvalRunConfig, name: str, *, need_generation: bool, need_mod
 
 def open_endpoint(cfg: EvalRunConfig, tokenizer_source: str | None, resolve=local_source) -> Opened:
     """The endpoint engine and a local tokenizer: from --model, else the served model's name when it is one
-    (`tiny:` / `stage:` / a folder path: optsys.serve names a tiny/stage model as given)."""
+    (`tiny:` / `stage:` / a folder path: optsys.serve names a tiny/stage model as given), else the folder the
+    server says it loaded (GET /v1/models `root`) when this machine has it: a server started here."""
     from optsys.config import ConfigError
     from optsys.eval.endpoint import EndpointEngine
     from optsys.eval.generate import stop_token_ids
@@ -127,8 +128,14 @@ def open_endpoint(cfg: EvalRunConfig, tokenizer_source: str | None, resolve=loca
                             retries=cfg.endpoint_retries, api_key=cfg.api_key)
     source = tokenizer_source or engine.model
     try:
-        path = resolve(source, cfg.seed, dtype=cfg.dtype)
-        tokenizer = load_tokenizer(path)
+        try:
+            path = resolve(source, cfg.seed, dtype=cfg.dtype)
+            tokenizer = load_tokenizer(path)
+        except (OSError, ValueError):
+            folder = None if tokenizer_source else engine.served_folder()
+            if folder is None:
+                raise
+            path, tokenizer = folder, load_tokenizer(folder)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--endpoint {cfg.endpoint}: the prompts are rendered here, so the served model's "
                           f"tokenizer is needed locally and {source!r} is not a loadable folder ({e}); pass "

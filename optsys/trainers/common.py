@@ -165,19 +165,21 @@ def held_out_questions(cfg: TrainConfig, world: World) -> HeldOut | None:
     return HeldOut(d.eval_dataset, questions, match)
 
 
-def held_out_accuracy(*, model, tokenizer, cfg: TrainConfig, world: World, log,
-                      summary: dict) -> Callable[[str, int], None]:
+def held_out_accuracy(*, model, tokenizer, cfg: TrainConfig, world: World, log, summary: dict,
+                      periodic: bool = False) -> Callable[[str, int], None]:
     """The trainers' accuracy(tag, step): greedy accuracy on the held-out questions (held_out_questions, loaded
     once here), as eval/accuracy_<tag> (summary and metrics.jsonl) and time/eval_<tag>_s; rank 0 prints one
     example. A no-op when there are no questions. Under torchrun every rank calls (each generates its share)."""
     from optsys.eval.accuracy import questions_accuracy
 
-    held = held_out_questions(cfg, world) if cfg.eval.before or cfg.eval.after else None
+    held = held_out_questions(cfg, world) if cfg.eval.before or cfg.eval.after or periodic else None
     if held is not None:
         summary["eval/accuracy_questions"] = len(held.questions)
         summary["eval/match"] = held.match
 
     def accuracy(tag: str, step: int) -> None:
+        """tag "before"/"after": eval/accuracy_<tag> in the summary too; "": eval/accuracy at this step (a curve
+        point, trainer.eval_every), in metrics.jsonl only."""
         if held is None:
             return
         t0 = time.time()
@@ -186,11 +188,14 @@ def held_out_accuracy(*, model, tokenizer, cfg: TrainConfig, world: World, log,
                                               max_new_tokens=cfg.eval.max_new_tokens,
                                               batch_size=cfg.eval.batch_size, world=world,
                                               show=cfg.trainer.progress and world.is_main)
-        summary[f"eval/accuracy_{tag}"] = acc
-        summary[f"time/eval_{tag}_s"] = time.time() - t0
-        log.log(step, {f"eval/accuracy_{tag}": acc})
+        key = f"eval/accuracy_{tag}" if tag else "eval/accuracy"
+        if tag:
+            summary[key] = acc
+            summary[f"time/eval_{tag}_s"] = time.time() - t0
+        log.log(step, {key: acc})
         if world.is_main:
-            print(f"eval/accuracy_{tag} = {acc:.3f}  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
+            print(f"{key} = {acc:.3f}" + (f" at step {step}" if not tag else "")
+                  + f"  (e.g. {records[0]['prompt']} -> {records[0]['completion']!r})")
 
     return accuracy
 

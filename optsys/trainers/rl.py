@@ -71,6 +71,7 @@ from optsys.trainers.rl_batch import (
 )
 from optsys.trainers.run import (
     checkpoint_due,
+    eval_due,
     finish_run,
     open_metrics,
     restore_run,
@@ -120,7 +121,7 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
     summary: dict = {**run_summary(run, model), **state["summary"]}
     log = open_metrics(cfg, out_dir, world, start_step=state["step"])
     accuracy = held_out_accuracy(model=model, tokenizer=tokenizer, cfg=cfg, world=world, log=log,
-                                 summary=summary)
+                                 summary=summary, periodic=bool(tc.eval_every))
     step = start_step = state["step"]
     if cfg.eval.before and run.resume_from is None:
         accuracy("before", step)
@@ -234,6 +235,13 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
             window = {}
             if world.is_main:  # a sample of what the policy writes, with its rewards (rl.log_completions)
                 write_completions(out_dir / "completions.jsonl", rollouts, step, rl.log_completions)
+        # ---- held-out accuracy (multi-turn: play) every trainer.eval_every steps, on the policy just synced
+        if eval_due(tc, step):
+            if env_task:
+                held_out_play("", step)
+            else:
+                accuracy("", step)
+                model.train()
         # ---- checkpoint
         if checkpoint_due(tc, step):
             save_training_checkpoint(out_dir, step, cfg, world, model=trained, optimizer=optimizer, scheduler=scheduler,
@@ -571,9 +579,10 @@ def play_eval(tag: str, at_step: int, *, engine, tokenizer, environment: str, ro
         with phase("eval"):
             result = evaluate_environment(environment, engine, tokenizer, rows, play, max_turns=max_turns,
                                           max_tokens=max_tokens)
-        named.update({f"{prefix}{k.removeprefix('eval/')}_{tag}": v for k, v in result.items()})
-    summary.update(named)
-    summary[f"time/eval_{tag}_s"] = time.perf_counter() - t
+        named.update({f"{prefix}{k.removeprefix('eval/')}" + (f"_{tag}" if tag else ""): v for k, v in result.items()})
+    if tag:  # "": a point of the curve at this step (trainer.eval_every), in metrics.jsonl only
+        summary.update(named)
+        summary[f"time/eval_{tag}_s"] = time.perf_counter() - t
     log.log(at_step, named)
     if world.is_main:
         print("  ".join(f"{k} = {v:.3f}" for k, v in named.items()))

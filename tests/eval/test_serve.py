@@ -110,6 +110,12 @@ def test_main_hands_vllm_the_built_argv_and_the_kv_cache_size(tiny_path, monkeyp
     (argv,) = started
     assert argv[argv.index("--served-model-name") + 1] == tiny_path.name and argv[-2:] == ["--seed", "3"]
     assert "--no-enable-chunked-prefill" in argv and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    # no --dtype: the one config.json states (vLLM's auto would serve this float32 model in bfloat16 on CPU)
+    assert json.loads((tiny_path / "config.json").read_text())["dtype"] == "float32"
+    assert argv[argv.index("--dtype") + 1] == "float32"
+    started.clear()
+    assert serve.main(["--model", str(tiny_path), "--port", port, "--dtype", "bfloat16"]) == 0
+    assert started[0][started[0].index("--dtype") + 1] == "bfloat16"
 
 
 def test_serve_cli_exits_2_without_a_traceback(tmp_path):
@@ -230,6 +236,34 @@ def test_api_key_429_retry_and_the_named_models_context(stub, monkeypatch):
     assert EndpointEngine(url, model="x").context_length() is None  # the server does not say: the config's
 
 
+def test_the_endpoints_tokenizer_comes_from_the_folder_the_server_loaded(stub, tiny_path, tmp_path):
+    """optsys.serve names a run's final-merged/ by its run ("sft"), which is no folder here: the tokenizer is then
+    read from the folder GET /v1/models says it loaded (`root`; an adapter's base through `parent`), when this
+    machine has it. A root that is not here keeps the error that asks for --model."""
+    from optsys.config import ConfigError
+    from optsys.eval.config import load_eval_config
+    from optsys.eval.run import open_endpoint
+
+    from pathlib import Path
+
+    def offline(value, seed, dtype):  # what a name that is no folder gets here, without the hub's timeouts
+        if not Path(value).is_dir():
+            raise OSError(f"cannot load model {value!r}: no such folder, and no hub")
+        return value
+
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    served = [{"id": "sft", "root": str(tiny_path), "parent": None, "max_model_len": 256},
+              {"id": "ad", "root": "/nowhere/adapter", "parent": "sft", "max_model_len": 256}]
+    for model in (None, "ad"):
+        stub.hits, stub.replies = 0, [(200, {"data": served})]
+        cfg = load_eval_config(flags={"endpoint": url, **({"endpoint_model": model} if model else {})})
+        opened = open_endpoint(cfg, None, resolve=offline)
+        assert opened.tokenizer.chat_template and opened.extra["max_model_len"] == 256
+    stub.hits, stub.replies = 0, [(200, {"data": [{"id": "sft", "root": str(tmp_path / "gone")}]})]
+    with pytest.raises(ConfigError, match="pass --model <the served model's folder>"):
+        open_endpoint(load_eval_config(flags={"endpoint": url}), None, resolve=offline)
+
+
 def test_the_api_key_is_never_written_and_endpoint_settings_need_an_endpoint():
     from optsys.config import ConfigError
     from optsys.eval.config import load_eval_config, to_dict
@@ -273,7 +307,7 @@ def server_proc(tiny_path, lora_adapter, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it (vLLM's default)
     cmd = [sys.executable, "-m", "optsys.serve", "--model", str(tiny_path), "--lora", f"ad={lora_adapter}",
-           "--port", str(port), "--max-model-len", "256", "--dtype", "float32"]
+           "--port", str(port), "--max-model-len", "256"]  # no --dtype: config.json's float32 (the default)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     proc.url, proc.log_path, proc.t0 = f"http://127.0.0.1:{port}", log_path, time.perf_counter()

@@ -369,6 +369,21 @@ def test_multi_turn_guessing_game_trains_on_model_tokens_only(tmp_path):
         assert r.n_trained == sum(t != -100 for t in ex.targets) < len(r.token_ids)
 
 
+def test_held_out_accuracy_every_eval_every_steps(tmp_path):
+    """trainer.eval_every in RL: greedy held-out accuracy (eval/accuracy) at steps 2 and 4 of 5, on the policy
+    of that step, with eval.before and eval.after off; a multi-turn task plays its held-out games instead. (The
+    setting was accepted and ignored by the RL trainer before.)"""
+    common = ["rl.engine=hf", "trainer.max_steps=5", "trainer.eval_every=2", "eval.before=false", "eval.after=false"]
+    summary, out = run(tmp_path, "grpo", *common)
+    assert [r["step"] for r in rows(out) if "eval/accuracy" in r] == [2, 4]
+    assert all(0 <= r["eval/accuracy"] <= 1 for r in rows(out) if "eval/accuracy" in r)
+    assert "eval/accuracy_before" not in summary and "eval/accuracy_after" not in summary  # curve points only
+    summary, out = run(tmp_path, "grpo", *common, "data.task=guess", "data.max_tokens=128", "rl.max_new_tokens=3",
+                       "rl.max_turns=2", "rl.rewards=[correct]", "trainer.max_steps=3", name="guess")
+    assert [r["step"] for r in rows(out) if "eval/success_rate" in r] == [2]
+    assert [r["step"] for r in rows(out) if "eval/sampled_success_rate" in r] == [2]
+
+
 def test_a_tokenizer_without_a_chat_template_is_a_data_error(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
