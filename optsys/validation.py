@@ -170,9 +170,6 @@ def check_rl(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.lora.quantize={cfg.model.lora.quantize} (QLoRA) with rl.engine={rl.engine}: vLLM "
                           "would sample from the unquantized base while the trainer scores with the 4-bit one, so "
                           "the sync check could never pass. Use rl.engine=hf with QLoRA, or plain LoRA")
-    if cfg.model.lora.save_merged:
-        raise ConfigError(f"model.lora.save_merged with method={cfg.method} is not supported yet; final/ holds the "
-                          "adapter. Drop model.lora.save_merged")
 
 
 def check_pairs(cfg: TrainConfig) -> None:

@@ -240,11 +240,11 @@ def test_the_endpoints_tokenizer_comes_from_the_folder_the_server_loaded(stub, t
     """optsys.serve names a run's final-merged/ by its run ("sft"), which is no folder here: the tokenizer is then
     read from the folder GET /v1/models says it loaded (`root`; an adapter's base through `parent`), when this
     machine has it. A root that is not here keeps the error that asks for --model."""
+    from pathlib import Path
+
     from optsys.config import ConfigError
     from optsys.eval.config import load_eval_config
     from optsys.eval.run import open_endpoint
-
-    from pathlib import Path
 
     def offline(value, seed, dtype):  # what a name that is no folder gets here, without the hub's timeouts
         if not Path(value).is_dir():

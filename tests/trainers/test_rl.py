@@ -564,3 +564,23 @@ def test_a_lora_policy_s_reference_is_its_base_with_the_adapters_off(tiny_path, 
         want = fwd.logps(attach_forward_methods(base).eval(), mb)[0].float()
     torch.testing.assert_close(rollouts[0].ref_logp, want, rtol=0, atol=1e-6)
     assert float((rollouts[0].old_logp - want).abs().max()) > 1e-3
+
+
+def test_a_lora_rl_run_saves_its_merged_model(tmp_path, tiny_path):
+    """model.lora.save_merged in RL (it was refused): final/ is the adapter, final-merged/ a plain model whose
+    logits equal the base with that adapter applied, the folder optsys.eval --compare and optsys.serve take."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    summary, out = run(tmp_path, "grpo", "rl.engine=hf", "model.lora.r=4", "model.lora.save_merged=true",
+                       "trainer.lr=5e-2", "eval.before=false", "eval.after=false")
+    assert (out / "final" / "adapter_config.json").exists()
+    assert not (out / "final-merged" / "adapter_config.json").exists()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(out / "final-merged", dtype=torch.float32)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+        plain = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, out / "final")(ids).logits
+    assert (adapted - plain).abs().max() > 1e-4  # the updates moved the adapter
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-4)
