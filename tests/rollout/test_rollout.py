@@ -227,3 +227,31 @@ def test_vllm_sleep_discards_the_weights_and_wakes_weights_then_kv_cache(monkeyp
             want["engine/host_copy_mb"] = 2 * 15 * 1024
         assert memory == want
         assert engine.wake() == {} and calls[-1] == "reset_prefix_cache"  # awake: nothing more to do
+
+
+def test_the_expected_reload_warnings_are_dropped_and_others_kept():
+    """vLLM warns "<layer>: Failed to load weights" at every sync for a tied lm_head and the rotary embedding (the
+    sync sends neither by design); those two are dropped, the same warning for any other layer still shows."""
+    import logging
+
+    from optsys.rollout.vllm_engine import quiet_expected_reload_warnings
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        quiet_expected_reload_warnings()
+        quiet_expected_reload_warnings()  # installed once
+        assert sum(type(f).__name__ == "_ExpectedReloadWarning" for f in logger.filters) == 1
+        for layer in ("ParallelLMHead", "RotaryEmbedding", "QKVParallelLinear"):
+            logger.warning("%s: Failed to load weights", layer)
+        logger.warning("%s: Delayed processing", "ParallelLMHead")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["QKVParallelLinear: Failed to load weights", "ParallelLMHead: Delayed processing"]
