@@ -586,8 +586,9 @@ def resume_checkpoint(out_dir) -> Path:
 
 
 def rewind_metrics(path, step: int) -> None:
-    """Keep only the metrics.jsonl rows with step <= `step` (rows a killed run wrote after its last
-    checkpoint are replaced by the resumed run's); written to a temp file and renamed, so atomic."""
+    """Keep only the rows with step <= `step` of a jsonl log (metrics.jsonl, completions.jsonl: rows a killed run
+    wrote after its last checkpoint are replaced by the resumed run's); written to a temp file and renamed, so
+    atomic."""
     path = Path(path)
     if not path.exists():
         return

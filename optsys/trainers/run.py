@@ -336,7 +336,8 @@ def restore_run(path: Path | None, out_dir: Path, world: World, *, model, optimi
     state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint,
                             saver=EngineState(engine) if engine is not None else None)
     if world.is_main:
-        rewind_metrics(out_dir / "metrics.jsonl", state["step"])
+        for log_file in ("metrics.jsonl", "completions.jsonl"):  # rows written after the checkpoint go
+            rewind_metrics(out_dir / log_file, state["step"])
         print(f"resuming {out_dir} from {path.name} (step {state['step']} of {max_steps})")
     return state
 

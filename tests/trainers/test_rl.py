@@ -322,6 +322,8 @@ def test_killed_rl_run_resumes_and_logs_what_an_uninterrupted_run_logs(tmp_path,
         time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the run ended on its own (rc {proc.returncode}) before the kill"
+    with open(killed / "completions.jsonl", "a") as f:  # what a run killed after logging step 4 had written
+        f.write(json.dumps({"step": 4, "completion": "written after the step-3 checkpoint"}) + "\n")
     resumed = subprocess.run(cli(killed, "resume=true"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
@@ -337,6 +339,8 @@ def test_killed_rl_run_resumes_and_logs_what_an_uninterrupted_run_logs(tmp_path,
             assert b[step][k] == pytest.approx(a[step][k], rel=1e-6, abs=1e-7), (step, k)
     wa, wb = load_file(full / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # completions.jsonl is rewound to the checkpoint like metrics.jsonl: no row twice, the same rows
+    assert (killed / "completions.jsonl").read_text() == (full / "completions.jsonl").read_text()
 
 
 def test_multi_turn_guessing_game_trains_on_model_tokens_only(tmp_path):
