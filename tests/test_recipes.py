@@ -94,7 +94,9 @@ def test_smol_grpo_and_its_sft_stage_keep_their_headers(tmp_path, monkeypatch):
     print({k: round(v, 3) for k, v in s.items() if isinstance(v, float) and k.startswith(("eval/", "time/"))})
     assert s["eval/match"] == "numeric" and s["eval/accuracy_questions"] == 100
     assert stage["eval/accuracy_before"] <= 0.2 and stage["eval/accuracy_after"] >= 0.6  # the SFT stage
-    assert s["eval/accuracy_before"] == stage["eval/accuracy_after"]  # GRPO starts where the stage ended
+    # GRPO starts where the stage ended (its merged weights vs the stage's adapter on top of the base: a question
+    # may flip on rounding)
+    assert abs(s["eval/accuracy_before"] - stage["eval/accuracy_after"]) <= 0.02
     assert s["eval/accuracy_after"] >= s["eval/accuracy_before"] + 0.05  # GRPO's own gain (header: +0.10)
     assert s["eval/accuracy_after"] >= stage["eval/accuracy_before"] + 0.20  # the goal, stages included
     assert (tmp_path / "grpo" / "final-merged" / "config.json").exists()  # what --compare and serve take
