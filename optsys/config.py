@@ -147,6 +147,10 @@ class PreferenceConfig:
     gamma: float = 1.0  # SimPO target reward margin
     lam: float = 0.1  # ORPO odds-ratio weight
     alpha: float = 1.0  # CPO NLL weight
+    # RPO (Pang et al. 2024; TRL's rpo_alpha): dpo | robust | ipo | simpo add rpo_alpha x the mean NLL per chosen
+    # token of each optimizer step (logged as train/nll_chosen). None = off. Keeps the chosen answers likely when
+    # DPO alone pushes both sides of near-miss pairs down. (orpo and cpo have their own NLL term.)
+    rpo_alpha: Optional[float] = None
     desirable_weight: float = 1.0  # KTO lambda_D
     undesirable_weight: float = 1.0  # KTO lambda_U
     # Methods with a reference model: "precompute" scores the training pairs once with the initial model
@@ -478,6 +482,7 @@ def refuse_unused_settings(cfg: TrainConfig, method, methods) -> None:
 def _check_pref_keys(cfg: TrainConfig, method) -> None:
     m, p, defaults = cfg.method, cfg.pref, PreferenceConfig()
     _check_pair_keys(cfg)
+    _check_rpo_alpha(cfg, method)
     if m == "kto" and p.desirable_weight == 0 and p.undesirable_weight == 0:
         raise ConfigError("pref.desirable_weight and pref.undesirable_weight are both 0, so the KTO loss is 0; "
                           "set at least one > 0")
@@ -494,6 +499,28 @@ def _check_pref_keys(cfg: TrainConfig, method) -> None:
     if p.reference_model is not None and p.reference == "adapters_off":
         raise ConfigError("pref.reference_model cannot be used with pref.reference=adapters_off (the "
                           "reference is the policy with its adapters disabled); use precompute or copy")
+
+
+def _check_rpo_alpha(cfg: TrainConfig, method) -> None:
+    """pref.rpo_alpha: a number > 0, with a paired loss that has no NLL term of its own."""
+    import math
+
+    from optsys.methods import METHODS
+
+    alpha, m = cfg.pref.rpo_alpha, cfg.method
+    if alpha is None:
+        return
+    if not method.rpo:
+        takers = ", ".join(n for n, spec in METHODS.items() if spec.rpo)
+        why = {"orpo": "method=orpo already has an NLL term on the chosen responses (its L_SFT, always on)",
+               "cpo": "method=cpo already has an NLL term on the chosen responses, weighted by pref.alpha (set that "
+                      "instead)",
+               "kto": "method=kto is unpaired: its rows have no chosen response"}.get(m, f"method={m} does not take it")
+        raise ConfigError(f"pref.rpo_alpha={alpha!r} (an NLL term on the chosen responses, for methods {takers}): "
+                          f"{why}. Drop pref.rpo_alpha (from the command line: pref.rpo_alpha=null)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(f"pref.rpo_alpha must be a finite number > 0, got {alpha!r} (null turns the NLL term off; "
+                          "1.0 is the RPO paper's)")
 
 
 PAIR_KEYS = ("pair_samples", "pair_temperature", "pair_max_new_tokens", "pair_engine")

@@ -17,6 +17,7 @@ class Method:
     section: str | None = None  # TrainConfig section of the method family's settings (None: no own section)
     hyper: tuple[str, ...] = ()  # keys of `section` that the method's loss takes, by name
     reference: bool = False  # scores against a reference model (pref.reference, pref.reference_model)
+    rpo: bool = False  # takes pref.rpo_alpha: the trainer adds an NLL term on the chosen responses (RPO)
 
 
 PREF = "optsys.trainers.preference"
@@ -24,10 +25,10 @@ RL = "optsys.trainers.rl"
 
 METHODS: dict[str, Method] = {
     "sft": Method("optsys.trainers.sft"),
-    "dpo": Method(PREF, "pref", ("beta", "label_smoothing"), reference=True),
-    "robust": Method(PREF, "pref", ("beta", "label_smoothing"), reference=True),
-    "ipo": Method(PREF, "pref", ("beta",), reference=True),
-    "simpo": Method(PREF, "pref", ("beta", "gamma", "label_smoothing")),
+    "dpo": Method(PREF, "pref", ("beta", "label_smoothing"), reference=True, rpo=True),
+    "robust": Method(PREF, "pref", ("beta", "label_smoothing"), reference=True, rpo=True),
+    "ipo": Method(PREF, "pref", ("beta",), reference=True, rpo=True),
+    "simpo": Method(PREF, "pref", ("beta", "gamma", "label_smoothing"), rpo=True),  # + NLL: CPO-SimPO
     "orpo": Method(PREF, "pref", ("lam",)),
     "cpo": Method(PREF, "pref", ("beta", "alpha", "label_smoothing")),
     "kto": Method(PREF, "pref", ("beta", "desirable_weight", "undesirable_weight"), reference=True),

@@ -146,6 +146,9 @@ BAD = [
     ("orpo_tiny", ["pref.lam=0"], ["pref.lam", "positive"]),
     ("dpo_tiny", ["method=cpo", "pref.alpha=-1"], ["pref.alpha", ">= 0"]),
     ("kto_tiny", ["pref.undesirable_weight=-1"], ["pref.undesirable_weight", ">= 0"]),
+    ("dpo_tiny", ["pref.rpo_alpha=0"], ["pref.rpo_alpha must be a finite number > 0", "null turns the NLL term off"]),
+    ("dpo_tiny", ["pref.rpo_alpha=-1"], ["pref.rpo_alpha must be a finite number > 0"]),
+    ("dpo_tiny", ["pref.rpo_alpha=inf"], ["pref.rpo_alpha must be a finite number"]),
     ("kto_tiny", ["pref.desirable_weight=0", "pref.undesirable_weight=0"], ["both 0"]),
     ("rm_tiny", ["rm.center_coef=-0.1"], ["rm.center_coef", ">= 0"]),
     ("rm_tiny", ["rm.margin=nan"], ["rm.margin", "finite"]),
@@ -163,6 +166,12 @@ BAD = [
      ["pref.label_smoothing=0.1", "method=ipo", "loss takes it: dpo, robust, simpo, cpo"]),
     ("orpo_tiny", ["pref.label_smoothing=0.1"], ["pref.label_smoothing", "method=orpo"]),
     ("kto_tiny", ["pref.label_smoothing=0.1"], ["pref.label_smoothing", "method=kto"]),
+    ("orpo_tiny", ["pref.rpo_alpha=1"], ["pref.rpo_alpha=1.0", "for methods dpo, robust, ipo, simpo",
+                                         "method=orpo already has an NLL term", "pref.rpo_alpha=null"]),
+    ("dpo_tiny", ["method=cpo", "pref.beta=0.1", "pref.rpo_alpha=1"],
+     ["method=cpo already has an NLL term", "weighted by pref.alpha", "pref.rpo_alpha=null"]),
+    ("kto_tiny", ["pref.rpo_alpha=1"], ["method=kto is unpaired", "pref.rpo_alpha=null"]),
+    ("quickstart", ["pref.rpo_alpha=1"], ["pref.rpo_alpha=1.0", "method=sft does not read the pref section"]),
     ("dpo_tiny", ["data.train_on_prompt=true"], ["data.train_on_prompt", "method=dpo"]),
     ("rm_tiny", ["data.train_on_prompt=true"], ["data.train_on_prompt", "method=rm"]),
     ("dpo_tiny", ["data.packing=false"], ["data.packing=false", "method=sft only"]),
@@ -209,6 +218,9 @@ def test_the_bounds_themselves_are_accepted():
     load_config("dpo_tiny", overrides=["pref.label_smoothing=0.49", "method=robust"])
     load_config("dpo_tiny", overrides=["method=cpo", "pref.label_smoothing=0.2", "pref.alpha=0"])
     load_config("kto_tiny", overrides=["pref.desirable_weight=0"])
+    for method in ("dpo", "robust", "ipo"):  # and simpo (simpo_tiny): the methods that take pref.rpo_alpha
+        assert load_config("dpo_tiny", overrides=[f"method={method}", "pref.rpo_alpha=1e-6"]).pref.rpo_alpha == 1e-6
+    assert load_config("simpo_tiny", overrides=["pref.rpo_alpha=2"]).pref.rpo_alpha == 2.0
 
 
 def test_cuda_without_a_gpu_is_refused():

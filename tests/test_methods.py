@@ -25,6 +25,8 @@ def test_every_preference_method_has_its_loss_and_the_loss_takes_its_hyper_param
         assert keyword & fields <= set(METHODS[name].hyper), name
     assert set(METHODS["rm"].hyper) <= set(RewardConfig.__dataclass_fields__)
     assert takes("label_smoothing") == ["dpo", "robust", "simpo", "cpo"]
+    # pref.rpo_alpha: the paired losses without an NLL term of their own (the trainer adds it)
+    assert [n for n, m in METHODS.items() if m.rpo] == ["dpo", "robust", "ipo", "simpo"]
 
 
 def test_sections_exist_and_trainers_import():

@@ -65,6 +65,11 @@ class PairBatch:
     def num_tokens(self) -> int:
         return self.packed.num_tokens
 
+    @property
+    def chosen_target_tokens(self) -> int:
+        """Target tokens of the row's chosen sequences (KTO: its examples)."""
+        return int((self.packed.targets[0, self.seq_ids() % 2 == 0] != IGNORE).sum())
+
     def seq_ids(self) -> torch.Tensor:
         """[T] sequence index of every position (2i = chosen of pair i in this row, 2i + 1 = rejected)."""
         lens = torch.tensor(self.packed.seq_lens)

@@ -1,6 +1,6 @@
 """Objectives as pure functions of tensors, each registered by name so a recipe picks one with a string.
 
-PREFERENCE_LOSSES: dpo, robust, ipo, simpo, orpo, cpo, kto (preference.py)
+PREFERENCE_LOSSES: dpo, robust, ipo, simpo, orpo, cpo, kto; chosen_nll, RPO's NLL term (preference.py)
 POLICY_LOSSES: ppo_clip, gspo, cispo; KL_ESTIMATORS: k1, k2, k3; ADVANTAGE_ESTIMATORS: grpo, rloo, reinforce_pp,
     reinforce_pp_token, gae; SAMPLER_CORRECTIONS: none, tis, mis_token, mis_seq; aggregation_weights,
     overlong_penalty, informative_groups (policy.py)
@@ -31,7 +31,7 @@ from .policy import (
     rloo_advantages,
     sampler_correction,
 )
-from .preference import PREFERENCE_LOSSES, PreferenceLoss, cpo, dpo, ipo, kto, orpo, robust, simpo
+from .preference import PREFERENCE_LOSSES, PreferenceLoss, chosen_nll, cpo, dpo, ipo, kto, orpo, robust, simpo
 from .sequence import sequence_logprobs
 from .value import value_loss
 
@@ -45,6 +45,7 @@ __all__ = [
     "SAMPLER_CORRECTIONS",
     "aggregate",
     "aggregation_weights",
+    "chosen_nll",
     "cispo",
     "cpo",
     "dpo",

@@ -165,6 +165,23 @@ def kto(policy_logps, ref_logps, kl_policy_logps, kl_ref_logps, labels, *,
                   "kl": z0}
 
 
+def chosen_nll(chosen_logp_sums: Tensor, num_tokens) -> Tensor:
+    """The NLL term RPO adds to DPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's
+    rpo_alpha, in TRL 1.16 loss_type [..., "sft"]): the mean cross-entropy per chosen token of the batch,
+
+        -sum_i log pi(y_w_i | x_i) / num_tokens,
+
+    chosen_logp_sums [B]: each pair's SUMMED chosen log-prob; num_tokens: the chosen tokens of the whole batch
+    (a token mean over the batch, as TRL computes it, not a mean of per-sequence means). A micro-batch passes
+    its own pairs and the whole optimizer step's token count, so the micro-batches' terms add up to the step's
+    mean. The caller weights it: loss = preference loss + rpo_alpha * chosen_nll.
+    """
+    _check_same_1d(chosen_logp_sums=chosen_logp_sums)
+    if not num_tokens > 0:
+        raise ValueError(f"num_tokens must be > 0 (the batch's chosen tokens), got {num_tokens!r}")
+    return -chosen_logp_sums.sum() / num_tokens
+
+
 @dataclass(frozen=True)
 class PreferenceLoss:
     """A registered loss and what it needs from the trainer."""

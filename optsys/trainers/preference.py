@@ -8,6 +8,8 @@ KTO rows hold (example_i, KL partner_i): the partner is the same prompt with the
 of another prompt, and the partners' policy/reference log-ratio is the KL baseline z0, estimated over the
 whole optimizer step and all ranks by a no-grad pass over the step's partners before its micro-batches
 (`kto_z0`); the micro-batches then run forward and backward on the examples only.
+pref.rpo_alpha (RPO) adds rpo_alpha x the step's mean NLL per chosen token, from the same fused forward: the
+chosen summed log-probs are the negated NLL sums (`chosen_nll`).
 
 Pairs: the data's own (pref.pairs=task), or with pref.pairs=on_policy the start model's own samples of each training
 prompt, a correct one against an incorrect one (optsys.trainers.pairs), sampled before any update and kept in
@@ -44,7 +46,7 @@ from optsys.data.preference import (
     packed_pair_batches,
     pairs_sha256,
 )
-from optsys.losses import PREFERENCE_LOSSES
+from optsys.losses import PREFERENCE_LOSSES, chosen_nll
 from optsys.methods import METHODS, methods_of
 from optsys.models.gguf import is_gguf_source
 from optsys.models.load import load_model_and_tokenizer
@@ -93,7 +95,7 @@ from optsys.trainers.run import (
 
 REF_CACHE = "ref_logps.safetensors"
 METRIC_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin", "logps_chosen",
-               "logps_rejected", "kl")  # kl: KTO's z0 only
+               "logps_rejected", "kl", "nll_chosen")  # kl: KTO's z0 only; nll_chosen: with pref.rpo_alpha only
 
 
 def row_logps(model, b: PackedBatch, *, average: bool, backend: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,9 +229,14 @@ def kto_z0(model, rows: list[tuple[PairBatch, bool]], refs: list[torch.Tensor], 
 
 
 def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str, cfg: TrainConfig,
-               device, meter: MetricWindow | None, z0: float | None = None) -> torch.Tensor:
+               device, meter: MetricWindow | None, z0: float | None = None,
+               step: tuple[int, int] | None = None) -> torch.Tensor:
     """Sum over the row's pairs of the per-pair loss; metrics go to `meter` (None: not counted, a
-    filler row). ref: [P, 2] or None. KTO: z0 from `kto_z0`; only the row's examples are run."""
+    filler row). ref: [P, 2] or None. KTO: z0 from `kto_z0`; only the row's examples are run.
+
+    pref.rpo_alpha: `step` = (pairs, chosen target tokens) of the whole optimizer step (or eval split) on all
+    ranks. The row adds its share of rpo_alpha x the step's mean NLL per chosen token, scaled by the step's
+    pairs, so that the trainer's mean over the step's pairs gives preference mean + rpo_alpha x NLL."""
     spec = PREFERENCE_LOSSES[method]
     hyper = {k: getattr(cfg.pref, k) for k in METHODS[method].hyper}
     meter = meter if meter is not None else MetricWindow(METRIC_KEYS)  # a filler's metrics are dropped
@@ -267,8 +274,22 @@ def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str
             meter.add(k, m[k])
         meter.add("logps_chosen", chosen)
         meter.add("logps_rejected", rejected)
+        if cfg.pref.rpo_alpha is not None:
+            # summed chosen log-probs (a length-averaged loss's means times their token counts)
+            sums = chosen * chosen_counts.to(chosen.dtype) if spec.average_logps else chosen
+            step_pairs, step_tokens = step
+            with phase("loss.rpo"):
+                total = loss.sum() + cfg.pref.rpo_alpha * step_pairs * chosen_nll(sums, step_tokens)
+            meter.add_total("nll_chosen", float(-sums.detach().sum()), int(chosen_counts.sum()))
+            meter.add_total("loss", float(total.detach()), len(loss))
+            return total
     meter.add("loss", loss)
     return loss.sum()
+
+
+def step_counts(batches: list[PairBatch]) -> tuple[int, int]:
+    """(pairs, chosen target tokens) of a whole step or split: the sizes of pref.rpo_alpha's token mean."""
+    return sum(b.num_pairs for b in batches), sum(b.chosen_target_tokens for b in batches)
 
 
 class Reference:
@@ -303,12 +324,15 @@ def evaluate(model, pairs: list[PreferencePair], reference: Reference | None, *,
     meter = MetricWindow(METRIC_KEYS)
     was_training = model.training
     model.eval()
-    rows = list(shared_batches(packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None), world))
+    batches = packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None)
+    split = step_counts(batches)  # all ranks': pref.rpo_alpha's NLL is the split's token mean
+    rows = list(shared_batches(batches, world))
     refs = [reference(batch, "eval") if reference is not None else None for batch, _ in rows]
     z0 = kto_z0(model, rows, refs, cfg=cfg, device=device, world=world) if method == "kto" else None  # the split's
     show = cfg.trainer.progress and world.is_main
     for (batch, real), ref in progress_items(list(zip(rows, refs)), f"eval ({len(pairs)} pairs)", enabled=show):
-        batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter if real else None, z0=z0)
+        batch_loss(model, batch, ref, method=method, cfg=cfg, device=device, meter=meter if real else None, z0=z0,
+                   step=split)
     model.train(was_training)
     return meter.all_reduce(world).means("eval/")
 
@@ -473,7 +497,7 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
             with phase("data"):
                 epoch, group = next(steps)  # every rank builds the same global step, then takes its share
                 rows = list(shared_batches(group, world))
-            n_pairs = sum(b.num_pairs for b in group)
+            n_pairs, n_chosen_tokens = step_counts(group)
             step_loss = 0.0
             with phase("reference"):
                 refs = [reference(batch, "train") if reference is not None else None for batch, _ in rows]
@@ -484,7 +508,7 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
             for (batch, real), ref in zip(rows, refs):
                 # forward, logprobs and loss.<method> ranges inside; the step's loss is the mean over its pairs
                 loss_sum = batch_loss(model, batch, ref, method=method, cfg=cfg, device=device,
-                                      meter=meter if real else None, z0=z0)
+                                      meter=meter if real else None, z0=z0, step=(n_pairs, n_chosen_tokens))
                 step_loss += backward_share(loss_sum, real, n_pairs, world)  # the backward range
             grad_norm = clip_and_step(model, optimizer, scheduler, tc.grad_clip)  # the optimizer range
         (step_loss,) = all_reduce_sum([step_loss], world)

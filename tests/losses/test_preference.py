@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from optsys.losses import PREFERENCE_LOSSES, cpo, dpo, ipo, kto, orpo, robust, simpo
+from optsys.losses import PREFERENCE_LOSSES, chosen_nll, cpo, dpo, ipo, kto, orpo, robust, simpo
 
 B = 7  # odd
 
@@ -153,6 +153,27 @@ def test_cpo_nll_per_token():
     loss, m = cpo(pw, pl, beta=0.1, chosen_num_tokens=n)
     torch.testing.assert_close(loss, -_logsig(0.1 * (pw - pl)) - pw / n)
     torch.testing.assert_close(m["nll"], (-pw / n).detach())
+
+
+def test_chosen_nll_is_the_token_mean_over_the_batch_and_splits_over_micro_batches():
+    """RPO's term: mean -log p over every chosen token of the batch (not a mean of per-sequence means); micro-batch
+    parts given the whole batch's token count add up to it, gradient included."""
+    g = torch.Generator().manual_seed(12)
+    lengths = [3, 1, 17, 8, 5]
+    per_token = [(-4 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_() for n in lengths]
+    want = -torch.cat(per_token).mean()
+    per_sequence_mean = -torch.stack([t.detach().mean() for t in per_token]).mean()
+    assert abs(float(want) - float(per_sequence_mean)) > 1e-3  # a different normalization would be seen
+    sums = torch.stack([t.sum() for t in per_token])
+    torch.testing.assert_close(chosen_nll(sums, sum(lengths)), want, rtol=1e-12, atol=1e-12)
+    parts = chosen_nll(sums[:2], sum(lengths)) + chosen_nll(sums[2:], sum(lengths))
+    torch.testing.assert_close(parts, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(parts, per_token), torch.autograd.grad(want, per_token)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="num_tokens must be > 0"):
+        chosen_nll(sums, 0)
+    with pytest.raises(ValueError, match="chosen_logp_sums must be 1-D"):
+        chosen_nll(sums[None], 5)
 
 
 def _kto_inputs(seed, kl_shift):

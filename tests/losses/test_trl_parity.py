@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from optsys.losses import PREFERENCE_LOSSES, cpo, kto, orpo, simpo
+from optsys.losses import PREFERENCE_LOSSES, chosen_nll, cpo, kto, orpo, simpo
 
 trl = pytest.importorskip("trl", reason="TRL parity needs trl (in the dev extra)")
 
@@ -91,6 +91,37 @@ def test_dpo_family_matches_trl_loss_and_gradient(loss_type, name, eps):
         assert float(metrics["rewards_chosen"].mean()) == pytest.approx(fake._metrics["train"]["rewards/chosen"][0])
         assert float(metrics["reward_accuracy"].mean()) == pytest.approx(
             fake._metrics["train"]["rewards/accuracies"][0])
+
+
+@pytest.mark.parametrize("loss_type,name,eps", [("sigmoid", "dpo", 0.0), ("robust", "robust", 0.1),
+                                                ("ipo", "ipo", 0.0)])
+def test_rpo_alpha_matches_trl_sft_term(loss_type, name, eps):
+    """pref.rpo_alpha = TRL 1.16's loss_type=[<loss>, "sft"] with loss_weights=[1, alpha] (the old rpo_alpha):
+    ours is the preference mean + alpha * chosen_nll(summed chosen log-probs, the batch's chosen tokens)."""
+    alpha = 0.7
+    mask, per_token, lengths = _completions(2 * B, seed=zlib.crc32(f"rpo-{loss_type}".encode()) % 1000)
+    ref = -30 * torch.rand(2 * B, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inputs = {"input_ids": torch.zeros(2 * B, L, dtype=torch.long), "attention_mask": torch.ones(2 * B, L),
+              "completion_mask": mask, "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:]}
+    fake = _self(_FakeLM({id(inputs["input_ids"]): per_token}), ld_alpha=None, f_divergence_type="reverse_kl",
+                 loss_types=[loss_type, "sft"], loss_weights=[1.0, alpha], beta=0.1, label_smoothing=eps,
+                 use_weighting=False)
+    trl_loss = trl.DPOTrainer._compute_loss(fake, fake.model, inputs, return_outputs=False)
+    (trl_grad,) = torch.autograd.grad(trl_loss, per_token)
+
+    ours_in = per_token.detach().clone().requires_grad_()
+    sums = ours_in.sum(1)
+    spec = PREFERENCE_LOSSES[name]
+    logps, ref_in = (sums / lengths, ref / lengths) if spec.average_logps else (sums, ref)
+    hyper = {"beta": 0.1} if name == "ipo" else {"beta": 0.1, "label_smoothing": eps}
+    pref, _ = spec(logps[:B], logps[B:], ref_in[:B], ref_in[B:], **hyper)
+    ours = pref.mean() + alpha * chosen_nll(sums[:B], int(lengths[:B].sum()))
+    (our_grad,) = torch.autograd.grad(ours, ours_in)
+    torch.testing.assert_close(ours, trl_loss, rtol=1e-10, atol=1e-12)
+    # on the completion tokens (TRL's "sft" term sends no gradient to the zeros outside them; our sums would)
+    on = mask[:, 1:].bool()
+    torch.testing.assert_close(our_grad[on], trl_grad[on], rtol=1e-10, atol=1e-12)
+    assert abs(float(trl_loss - pref.mean())) > 0.1  # the NLL term is a real part of what matched
 
 
 @pytest.mark.parametrize("kl_shift", [2.0, -3.0], ids=["kl_positive", "kl_clamped"])

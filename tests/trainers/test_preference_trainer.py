@@ -159,6 +159,79 @@ def test_other_methods_run_end_to_end(tmp_path, tiny_path, method, extra, capsys
     assert all(k in logged[-1] for k in METRICS)
 
 
+@pytest.mark.parametrize("method", ["dpo", "ipo"])  # summed and length-averaged log-probs
+def test_rpo_alpha_step_matches_a_plain_torch_reference(tiny_path, method):
+    """pref.rpo_alpha through the trainer's fused path, a step of several micro-batches: the step's loss, its
+    gradient and the logged nll_chosen equal a plain torch computation from the model's own logits, one sequence
+    at a time: mean preference loss over the step's pairs + alpha x mean NLL over ALL the step's chosen tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from optsys.data.preference import packed_pair_batches, tokenize_pairs
+    from optsys.data.tasks import get_task
+    from optsys.models.load import load_tokenizer
+    from optsys.parallel.dist import World
+    from optsys.trainers.common import MetricWindow, backward_share
+
+    cpu, alpha, beta = torch.device("cpu"), 0.6, 0.3
+    cfg = load_config("dpo_tiny", overrides=[f"model.name_or_path={tiny_path}", f"method={method}",
+                                             "trainer.kernel_backend=torch", f"pref.rpo_alpha={alpha}",
+                                             f"pref.beta={beta}"])
+    tok = load_tokenizer(str(tiny_path))
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
+    pairs, _ = tokenize_pairs(get_task("arithmetic").preference_pairs("train", 9, difficulty=2), tok, max_tokens=128)
+    group = packed_pair_batches(pairs, 100, shuffle_seed=None)
+    assert len(group) >= 3 and len({b.num_pairs for b in group} | {1}) >= 2  # several rows, not all the same
+    ref = -20 - 10 * torch.rand(len(pairs), 2, generator=torch.Generator().manual_seed(0))
+
+    n_pairs, n_tokens = preference.step_counts(group)
+    meter = MetricWindow(preference.METRIC_KEYS)
+    model.zero_grad()
+    total = sum(backward_share(preference.batch_loss(model, b, ref[torch.tensor(b.pair_index)], method=method,
+                                                     cfg=cfg, device=cpu, meter=meter, step=(n_pairs, n_tokens)),
+                               True, n_pairs, World(0, 1, 0, cpu)) for b in group) / n_pairs
+    ours = [p.grad.clone() for p in model.parameters()]
+
+    def token_logps(ex):  # [n] log-probs of the sequence's targets, from its own full logits
+        logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0].double()
+        t = torch.tensor(ex.targets)
+        keep = t != -100
+        return torch.log_softmax(logits[keep], -1).gather(1, t[keep, None])[:, 0]
+
+    model.zero_grad()
+    prefs, chosen_tokens = [], []
+    for i, p in enumerate(pairs):
+        c, r = token_logps(p.chosen), token_logps(p.rejected)
+        chosen_tokens.append(c)
+        if method == "dpo":  # Rafailov et al. eq. 7 on summed log-probs
+            prefs.append(-torch.nn.functional.logsigmoid(beta * ((c.sum() - ref[i, 0]) - (r.sum() - ref[i, 1]))))
+        else:  # IPO on length-averaged ones; the reference cache holds the same kind
+            prefs.append(((c.mean() - ref[i, 0]) - (r.mean() - ref[i, 1]) - 1 / (2 * beta)) ** 2)
+    nll = -torch.cat(chosen_tokens).mean()
+    want = torch.stack(prefs).mean() + alpha * nll
+    want.backward()
+    nll, want = nll.detach(), want.detach()
+    assert n_tokens == sum(len(c) for c in chosen_tokens) and n_pairs == len(pairs)
+    assert total == pytest.approx(float(want), rel=1e-5)
+    for a, (name, p) in zip(ours, model.named_parameters()):
+        torch.testing.assert_close(a, p.grad.float(), rtol=1e-4, atol=1e-6, msg=name)
+    m = meter.means("")
+    assert m["nll_chosen"] == pytest.approx(float(nll), rel=1e-5)
+    assert m["loss"] == pytest.approx(float(want), rel=1e-5)
+    assert float(alpha * nll) > 0.1 * float(want)  # the term is a real part of what matched
+
+
+def test_rpo_alpha_run_logs_nll_chosen(tmp_path, tiny_path):
+    """A short DPO run with pref.rpo_alpha logs train/ and eval/nll_chosen (none without it), and the NLL term
+    pulls the held-out chosen NLL down from the random-init model."""
+    out = tmp_path / "rpo"
+    summary = preference.train(pref_cfg(out, tiny_path, "pref.rpo_alpha=1.0", "eval.after=false"))
+    logged = [r for r in rows(out) if "train/loss" in r]
+    assert logged and all("train/nll_chosen" in r for r in logged)
+    assert summary["eval/nll_chosen"] < summary["eval/nll_chosen_before"] - 0.1
+    plain = preference.train(pref_cfg(tmp_path / "plain", tiny_path, "eval.before=false", "eval.after=false"))
+    assert "eval/nll_chosen" not in plain and all("train/nll_chosen" not in r for r in rows(tmp_path / "plain"))
+
+
 @pytest.mark.slow
 def test_dpo_on_sft_model_raises_heldout_reward_accuracy(tmp_path, quickstart_run):
     """DPO from the quickstart's SFT'd model (the shared session fixture) with the dpo_tiny recipe.
