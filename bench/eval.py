@@ -205,7 +205,8 @@ def main() -> None:
     print(harness.markdown_tables(json.loads(out.read_text())))
     print(f"wrote {out}")
     if seqs and seqs != {args.batch_seqs}:
-        print(f"note: vLLM ran up to {seqs} sequences at once, hf-batched {args.batch_seqs}: pass --batch-seqs to match")
+        print(f"note: vLLM ran up to {seqs} sequences at once, hf-batched {args.batch_seqs}: "
+              "pass --batch-seqs to match")
 
 
 if __name__ == "__main__":
