@@ -21,9 +21,14 @@ def run_script(*args):
 
 def test_kernel_bench_quick(tmp_path):
     out = tmp_path / "kernels.json"
-    run_script(ROOT / "bench" / "kernels.py", "--device", "cpu", "--quick", "--modes", "fwd+bwd-frozen-w",
-               "--json", out)
-    rows = json.loads(out.read_text())["rows"]
+    stdout = run_script(ROOT / "bench" / "kernels.py", "--device", "cpu", "--quick", "--modes", "fwd+bwd-frozen-w",
+                        "--rounds", "1", "--threads", "1", "--out", out)
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    # Liger is an absent row with its reason, not a crash; the table says what is timed (bench/harness.py)
+    assert doc["absent"] == {"liger": "Liger-Kernel is Triton-only (GPU): not run on CPU"}
+    assert "| liger: absent | Liger-Kernel is Triton-only" in stdout and "Timed: one call of the op" in stdout
+    assert doc["machine"]["threads"] == 1 and doc["script"] == "bench/kernels.py"
     assert {(r["op"], r["impl"]) for r in rows} == {(op, impl) for op in ("linear_ce", "logprobs")
                                                    for impl in ("naive", "fused")}
     for r in rows:
