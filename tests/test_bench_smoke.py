@@ -56,10 +56,11 @@ def test_preference_bench_quick(tmp_path):
     # The script itself exits 1 when the fused and naive steps disagree (loss, log-probs, grad norm).
     out = tmp_path / "preference.json"
     run_script(ROOT / "bench" / "preference.py", "--model", "quickstart", "--pairs", "2", "--steps", "1",
-               "--json", out)
+               "--repeats", "2", "--threads", "1", "--json", out)
     result = json.loads(out.read_text())
-    assert set(result["results"]) == {"naive", "fused"}
-    assert result["results"]["fused"]["slot_efficiency"] == 1.0  # packed: no padding slots
+    assert {name: len(reps) for name, reps in result["runs"].items()} == {"naive": 2, "fused": 2}
+    assert result["runs"]["fused"][0]["slot_efficiency"] == 1.0  # packed: no padding slots
+    assert result["problems"] == [] and result["machine"]["threads"] == 1
 
 
 @pytest.mark.slow
