@@ -69,12 +69,14 @@ def test_lora_sync_bench_quick(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra")
     out = tmp_path / "lora_sync.json"
     run_script(ROOT / "bench" / "lora_sync.py", "--preset", "test", "--rank", "8", "--syncs", "1", "--rounds", "1",
-               "--prompts", "2", "--new-tokens", "4", "--out", out)
+               "--prompts", "2", "--new-tokens", "4", "--repeats", "1", "--out", out)
     result = json.loads(out.read_text())
-    assert set(result["sync"]) == {"adapter-memory", "adapter-tmpfs", "merge-and-push"}
-    assert result["sync"]["adapter-memory"]["params"] == result["adapter_params"]
-    assert result["sync"]["merge-and-push"]["params"] == result["params"]
-    assert all(r["tokens"] == 2 * 4 for r in result["generation"].values())
+    assert {name: len(reps) for name, reps in result["runs"].items()} == {"lora": 1, "plain": 1}  # own processes
+    sync, gen = ({r["key"]: r for r in t["rows"]} for t in result["tables"])
+    assert set(sync) == {"adapter-memory", "adapter-tmpfs", "merge-and-push"}
+    assert sync["adapter-memory"]["mparams"] * 1e6 == result["adapter_params"]
+    assert sync["merge-and-push"]["mparams"] * 1e6 == result["params"]
+    assert all(r["tokens"] == 2 * 4 for r in gen.values()) and len(gen) == 3
 
 
 @pytest.mark.slow
