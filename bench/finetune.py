@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--qlora", action="store_true", help="also QLoRA (slow on CPU: bitsandbytes' fallback)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)

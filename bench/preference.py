@@ -278,7 +278,7 @@ def main() -> None:
     p.add_argument("--rtol", type=float, default=None, help="check tolerance (default 1e-4 fp32, 2e-2 bf16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="processes per variant, interleaved: min and median")
-    p.add_argument("--threads", type=int, default=2, help="torch / BLAS threads, pinned in every process")
+    p.add_argument("--threads", type=int, default=1, help="torch / BLAS threads, pinned in every process")
     p.add_argument("--json", default="bench/results/preference.json")
     p.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
