@@ -12,7 +12,8 @@ def rep(s, loss=0.7, chosen=(-5.0, -6.0), grad=2.0, peak=900.0):
 
 def test_preference_check_covers_every_repeat_and_rows_give_min_median():
     preference = load_bench("preference")
-    runs = {"naive": [rep(4.0), rep(5.0), rep(4.5)], "fused": [rep(2.0, peak=600.0), rep(1.0, peak=550.0), rep(3.0, peak=500.0)]}
+    runs = {"naive": [rep(4.0), rep(5.0), rep(4.5)],
+            "fused": [rep(2.0, peak=600.0), rep(1.0, peak=550.0), rep(3.0, peak=500.0)]}
     assert preference.compare(runs, rtol=1e-4, atol=1e-6) == []
     rows = {r["key"]: r for r in preference.summarize(runs)}
     assert rows["fused"]["s_per_step_median"] == 2.0 and rows["fused"]["s_per_step_min"] == 1.0

@@ -10,8 +10,8 @@ from helpers import load_bench
 
 BENCH_MD = ("# B\n<!-- report:eval -->\nold eval\n<!-- /report:eval -->\nhand-written text stays\n"
             "<!-- report:kernels -->\nold kernels\n<!-- /report:kernels -->\n")
-README = ("| job | command | result | wall | machine |\n|---|---|---|---|---|\n| old | eval | row | | | <!-- report:eval -->\n"
-          "| next | row | | | |\n")
+README = ("| job | command | result | wall | machine |\n|---|---|---|---|---|\n"
+          "| old | eval | row | | | <!-- report:eval -->\n| next | row | | | |\n")
 
 
 def fake_doc(script, tables, *, load=(0.1, 0.2), machine_id=None, **extra):
