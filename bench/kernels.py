@@ -35,16 +35,15 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402  (bench/harness.py)
-
-from optsys.kernels import (  # noqa: E402
+from optsys.kernels import (
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
     linear_token_logprobs,
     linear_token_logprobs_reference,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (bench/harness.py)
 
 SHAPES = {
     "cpu": [{"name": "cpu-32k", "n": 4096, "h": 512, "v": 32000, "dtype": "float32"}],
