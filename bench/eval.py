@@ -145,6 +145,15 @@ COLUMNS = [["method", "method", ""], ["variant", "variant", ""], ["tokens", "tok
            ["greedy_equal_to_vllm", "greedy answers equal to vLLM's", "d"]]
 
 
+def plan(skip: set[str]) -> tuple[list[str], dict[str, str]]:
+    """The variants to run, and the absent rows with their reasons (vLLM not installed: the HF rows still run)."""
+    absent = {}
+    why = harness.missing_module("vllm", "vLLM row")
+    if why and "vllm" not in skip:
+        absent[LABELS["vllm"]] = why
+    return [v for v in VARIANTS if v not in skip and not (v == "vllm" and why)], absent
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="stage:grpo_sft")
@@ -172,12 +181,7 @@ def main() -> None:
     if skip - set(VARIANTS):
         p.error(f"--skip: unknown variants {sorted(skip - set(VARIANTS))}; choose from {VARIANTS}")
     load_start, t_start = os.getloadavg(), time.time()
-    absent = {}
-    why = harness.missing_module("vllm", "vLLM row")
-    if why and "vllm" not in skip:
-        absent[LABELS["vllm"]] = why
-        skip.add("vllm")
-    names = [v for v in VARIANTS if v not in skip]
+    names, absent = plan(skip)
     env = harness.pinned_env(args.threads)
     child_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "skip", "out")]
 

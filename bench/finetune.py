@@ -114,6 +114,12 @@ def check_losses(runs: dict[str, list[dict]], rtol: float = 1e-5) -> list[str]:
     return bad
 
 
+def plan(qlora: bool) -> tuple[list[str], dict[str, str]]:
+    """The variants to run, and the absent rows with their reasons (QLoRA asked for without bitsandbytes)."""
+    why = harness.missing_module("bitsandbytes", "QLoRA") if qlora else None
+    return ["full", "lora"] + (["qlora"] if qlora and not why else []), ({LABELS["qlora"]: why} if why else {})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -135,14 +141,7 @@ def main() -> None:
         return
 
     load_start, t_start = os.getloadavg(), time.time()
-    names = ["full", "lora"]
-    absent = {}
-    if args.qlora:
-        why = harness.missing_module("bitsandbytes", "QLoRA")
-        if why:
-            absent[LABELS["qlora"]] = why
-        else:
-            names.append("qlora")
+    names, absent = plan(args.qlora)
     env = harness.pinned_env(args.threads)
 
     def run_one(name, rep):

@@ -72,3 +72,14 @@ def test_eval_bench_runs_each_variant_in_its_own_process(tmp_path):
     (row,) = [r for r in doc["tables"][0]["rows"] if r["key"] == "hf-batched" and r["method"] == "greedy"]
     assert row["vs_hf_batched_median"] == 1.0 and len(row["tokens_per_s"]["values"]) == 2
     assert "Timed:" in res.stdout and "| sample pool n=2 |" in res.stdout
+
+
+def test_a_missing_vllm_is_an_absent_row_and_the_hf_rows_still_run(monkeypatch):
+    bench_eval = load_bench("eval")
+    assert bench_eval.plan(set()) == (["vllm", "hf-batched", "hf-per-question"], {})
+    monkeypatch.setattr(bench_eval.harness, "missing_module",
+                        lambda module, what: f"{what}: `{module}` is not installed" if module == "vllm" else None)
+    names, absent = bench_eval.plan(set())
+    assert names == ["hf-batched", "hf-per-question"]
+    assert absent == {bench_eval.LABELS["vllm"]: "vLLM row: `vllm` is not installed"}
+    assert bench_eval.plan({"vllm"}) == (["hf-batched", "hf-per-question"], {})  # left out by hand: not absent

@@ -23,3 +23,13 @@ def test_finetune_rows_and_the_step0_loss_check():
     assert "lora (repeat 2) step-0 loss" in problem
     runs["qlora"] = [rep(4.0, 5.3)]  # nf4 rounding moves QLoRA's loss: reported, not checked
     assert len(finetune.check_losses(runs)) == 1
+
+
+def test_qlora_without_bitsandbytes_is_an_absent_row(monkeypatch):
+    finetune = load_bench("finetune")
+    monkeypatch.setattr(finetune.harness, "missing_module", lambda module, what: f"{what}: `{module}` is not installed")
+    assert finetune.plan(False) == (["full", "lora"], {})
+    names, absent = finetune.plan(True)
+    assert names == ["full", "lora"] and absent == {finetune.LABELS["qlora"]: "QLoRA: `bitsandbytes` is not installed"}
+    monkeypatch.setattr(finetune.harness, "missing_module", lambda module, what: None)
+    assert finetune.plan(True) == (["full", "lora", "qlora"], {})
