@@ -83,3 +83,9 @@ def test_a_missing_vllm_is_an_absent_row_and_the_hf_rows_still_run(monkeypatch):
     assert names == ["hf-batched", "hf-per-question"]
     assert absent == {bench_eval.LABELS["vllm"]: "vLLM row: `vllm` is not installed"}
     assert bench_eval.plan({"vllm"}) == (["hf-batched", "hf-per-question"], {})  # left out by hand: not absent
+
+
+def test_an_unknown_variant_to_skip_is_refused_naming_it():
+    res = subprocess.run([sys.executable, ROOT / "bench" / "eval.py", "--skip", "vllm,nope"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "--skip: unknown variants ['nope']" in res.stderr
