@@ -20,6 +20,7 @@ maj@n, and how many greedy answers equal vLLM's (fp32 greedy should agree nearly
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -61,7 +62,8 @@ def batched_hf_engine(model, pad_token_id: int, prompts_per_call: int, greedy_ba
 def timed_methods(engine, tok, task, questions, settings) -> dict:
     from optsys.eval.scaling import greedy, pool_curve, sample_pool
 
-    greedy(engine, tok, task.name, questions[:2], settings, task.match)  # warm-up (not timed)
+    greedy(engine, tok, task.name, questions[:2], settings, task.match)  # warm-ups (not timed)
+    sample_pool(engine, tok, task.name, questions[:2], settings, task.match)
     t0 = time.perf_counter()
     samples, points, _ = greedy(engine, tok, task.name, questions, settings, task.match)
     seconds = time.perf_counter() - t0
@@ -173,8 +175,6 @@ def main() -> None:
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        import json
-
         print(json.dumps(child(args.child, args)))
         return
     skip = {s for s in args.skip.split(",") if s}
@@ -193,7 +193,7 @@ def main() -> None:
     seqs = {r.get("max_num_seqs") for r in runs.get("vllm", [])} - {None}
     doc_tables = [{"title": None, "columns": COLUMNS, "rows": rows}]
     timed = ("one greedy call over every question, then one sample-pool call (n samples per question), after a "
-             "warm-up greedy call of 2 questions; tokens/s = generated tokens / wall seconds of the call")
+             "warm-up of each on 2 questions; tokens/s = generated tokens / wall seconds of the call")
     excluded = ("process start, model load, vLLM's engine start (inside the timed call, on both sides: rendering "
                 "the prompts and scoring the answers)")
     repeats_note = (f"Repeats: {args.repeats} per variant, interleaved, each in its own process, {args.threads} "
@@ -204,8 +204,6 @@ def main() -> None:
     out = harness.write_result(args.out, script="bench/eval.py", settings=vars(args), threads=args.threads,
                                load_start=load_start, t_start=t_start, runs=runs, tables=doc_tables, absent=absent,
                                timed=timed, excluded=excluded, repeats_note=repeats_note)
-    import json
-
     print(harness.markdown_tables(json.loads(out.read_text())))
     print(f"wrote {out}")
     if seqs and seqs != {args.batch_seqs}:
