@@ -62,7 +62,7 @@ def test_eval_bench_runs_each_variant_in_its_own_process(tmp_path):
     out = tmp_path / "eval.json"
     res = subprocess.run([sys.executable, ROOT / "bench" / "eval.py", "--model", "tiny:test", "--num", "3", "--n", "2",
                           "--max-new-tokens", "3", "--repeats", "2", "--skip", "vllm", "--out", out],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert set(doc["runs"]) == {"hf-batched", "hf-per-question"}
