@@ -137,3 +137,31 @@ def write_result(path: str | Path, *, script: str, settings: dict, threads: int,
            "date": time.strftime("%Y-%m-%d", time.gmtime(t_start)), "wall_s": time.time() - t_start, **payload}
     out.write_text(json.dumps(doc, indent=2) + "\n")
     return out
+
+
+def cell(value, fmt: str) -> str:
+    """One table cell: `format(value, fmt)`; '-' for None (a measure a row does not have)."""
+    if value is None:
+        return "-"
+    return format(value, fmt) if fmt else str(value)
+
+
+def markdown_tables(doc: dict) -> str:
+    """The tables of a JSON written by `write_result` with `tables=[{title, columns: [[key, header, fmt]], rows}]`,
+    its absent rows (`absent`: {row: reason}) and what was timed and excluded: what the script prints and what
+    bench/report.py writes into bench/README.md, from the same function."""
+    out = []
+    for i, table in enumerate(doc["tables"]):
+        if table.get("title"):
+            out += [table["title"], ""]
+        cols = table["columns"]
+        out.append("| " + " | ".join(h for _, h, _ in cols) + " |")
+        out.append("|" + "|".join("---" if not fmt else "---:" for _, _, fmt in cols) + "|")
+        for row in table["rows"]:
+            out.append("| " + " | ".join(cell(row.get(k), fmt) for k, _, fmt in cols) + " |")
+        if i == 0:  # absent rows belong to the first table: a row that could not run at all
+            for name, why in doc.get("absent", {}).items():
+                out.append(f"| {name}: absent | {why} |" + " |" * (len(cols) - 2))
+        out.append("")
+    out.append(f"Timed: {doc['timed']}. Excluded: {doc['excluded']}. {doc['repeats_note']}")
+    return "\n".join(out)

@@ -1,16 +1,24 @@
 """Fused linear cross-entropy / token log-probs vs naive torch (and Liger on CUDA): time and peak memory.
 
-    python bench/kernels.py [--device cpu|cuda] [--quick] [--rounds K] [--modes fwd,fwd+bwd] [--json PATH]
+    python bench/kernels.py [--device cpu|cuda] [--quick] [--rounds 3] [--repeats 3] [--threads 2]
+                            [--modes fwd,fwd+bwd] [--out PATH]
 
-Prints a table and writes bench/results/kernels-<device>.json. Every ratio is against the naive path
-(the reference in the op's file: materialize the logits, then F.cross_entropy / log_softmax.gather)
-measured in the same run. "fwd" runs under torch.no_grad(); "fwd+bwd" is a full training step for the
-loss (grads of hidden and weight); "fwd+bwd-frozen-w" the grad of hidden only (a frozen lm_head: LoRA).
-On CUDA the fused rows are each backend (hybrid = what "auto" takes, triton, torch). Peak extra memory
-is the peak above the inputs (workspace: less the outputs): torch.cuda.max_memory_allocated on CUDA;
-on CPU, each case runs in a fresh subprocess and reports the
-growth of its peak resident set (VmHWM) over one step, after a tiny warm-up of the same
-code path and with glibc's mmap threshold pinned so freed buffers go back to the OS.
+Prints a table and writes bench/results/kernels-<device>.json (bench/report.py puts the CPU one into
+bench/README.md). Every ratio is against the naive path (the reference in the op's file: materialize the
+logits, then F.cross_entropy / log_softmax.gather) measured in the same run. "fwd" runs under torch.no_grad();
+"fwd+bwd" is a full training step for the loss (grads of hidden and weight); "fwd+bwd-frozen-w" the grad of
+hidden only (a frozen lm_head: LoRA). On CUDA the fused rows are each backend (hybrid = what "auto" takes,
+triton, torch), and Liger's row is absent, with the reason, when it is not installed (on CPU always: it is
+Triton-only).
+
+Repeats (bench/harness.py): every impl of a case is measured `--rounds` times, interleaved (naive fused naive
+fused ...), each round the median of `--repeats` timed calls after a warm-up call; the table gives the min and
+the median over rounds. On CPU every round is its own process (threads pinned), so its peak RSS is its own.
+On CUDA the rounds run in this one process: a process per round would spend more on CUDA start-up and Triton
+compilation than on the op, and memory comes from the allocator's own counters, which a process does not share.
+Peak extra memory is the peak above the inputs (workspace: less the outputs): torch.cuda.max_memory_allocated
+on CUDA; on CPU the growth of the process's peak resident set (VmHWM) over one step, after a tiny warm-up of
+the same code path and with glibc's mmap threshold pinned so freed buffers go back to the OS.
 See bench/README.md.
 """
 
@@ -22,7 +30,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +41,9 @@ from optsys.kernels import (
     linear_token_logprobs,
     linear_token_logprobs_reference,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (bench/harness.py)
 
 SHAPES = {
     "cpu": [{"name": "cpu-32k", "n": 4096, "h": 512, "v": 32000, "dtype": "float32"}],
@@ -153,13 +163,11 @@ def run_case(op, impl, mode, shape, device, repeats) -> dict:
     return res
 
 
-def run_case_isolated(op, impl, mode, shape, device, repeats) -> dict:
-    """CPU: one fresh process per case, so its peak RSS belongs to that case alone."""
+def run_case_isolated(op, impl, mode, shape, device, repeats, threads) -> dict:
+    """CPU: one fresh process per case and round, threads pinned, so its peak RSS belongs to that case alone."""
     spec = json.dumps({"op": op, "impl": impl, "mode": mode, "shape": shape, "device": device, "repeats": repeats})
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # fixed threshold: big frees unmap at once
-    res = subprocess.run([sys.executable, __file__, "--case", spec], env=env, capture_output=True,
-                         text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    env = harness.pinned_env(threads, {"MALLOC_MMAP_THRESHOLD_": "65536"})  # fixed: big frees unmap at once
+    return harness.run_child([sys.executable, __file__, "--case", spec], f"{op} {impl} {mode}", env)
 
 
 def matmul_tflops(dtype=torch.bfloat16, size=8192, repeats=10) -> float:
@@ -174,60 +182,101 @@ def matmul_tflops(dtype=torch.bfloat16, size=8192, repeats=10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
+LIGER_ABSENT_CPU = "Liger-Kernel is Triton-only (GPU): not run on CPU"
+COLUMNS = [["shape", "shape", ""], ["op", "op", ""], ["mode", "mode", ""], ["impl", "impl", ""],
+           ["time_ms_min", "time (ms), min", ".0f"], ["time_ms", "time (ms), median", ".0f"],
+           ["time_vs_naive", "time / naive (median)", ".2f"], ["peak_extra_mb", "peak extra (MB)", ".0f"],
+           ["mem_vs_naive", "mem / naive", ".3f"], ["workspace_mb", "workspace (MB)", ".0f"]]
+
+
+def summarize_case(rounds: dict[str, list[dict]], shape: dict, op: str, mode: str) -> list[dict]:
+    """One row per impl: time min and median over rounds (each round's time is its own median of repeats), the
+    memory of the first round (it is deterministic), ratios to naive's median."""
+    rows = []
+    naive_ms = statistics.median(r["time_ms"] for r in rounds["naive"])
+    naive_mb = rounds["naive"][0]["peak_extra_mb"]
+    for impl, reps in rounds.items():
+        times = harness.spread([r["time_ms"] for r in reps])
+        row = {**reps[0], "shape": shape["name"], "op": op, "mode": mode, "impl": impl, "time_ms": times["median"],
+               "time_ms_min": times["min"], "time_ms_rounds": times["values"],
+               "time_vs_naive": times["median"] / naive_ms,
+               "mem_vs_naive": reps[0]["peak_extra_mb"] / max(naive_mb, 1e-9)}
+        rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="small shapes, fewer repeats")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="measure every impl of a case K times, interleaved, and keep each one's fastest "
-                         "round (a shared machine's load then hits naive and fused alike)")
+    ap.add_argument("--quick", action="store_true", help="small shapes, one timed call per round")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per round (median); default 3, quick 1")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure every impl of a case K times, interleaved; the table gives min and median")
+    ap.add_argument("--threads", type=int, default=2, help="torch / BLAS threads, pinned in every process")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
-    ap.add_argument("--json", help="where to write the results (default: bench/results/kernels-<device>.json)")
+    ap.add_argument("--out", "--json", dest="out",
+                    help="where to write the results (default: bench/results/kernels-<device>.json)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: one isolated CPU case
     args = ap.parse_args()
     if not set(args.modes.split(",")) <= set(MODES):
         ap.error(f"--modes: comma-separated, of {MODES}")
     if args.case:
+        harness.apply_threads_in_child()
         c = json.loads(args.case)
         print(json.dumps(run_case(c["op"], c["impl"], c["mode"], c["shape"], c["device"], c["repeats"])))
         return
 
+    load_start, t_start = os.getloadavg(), time.time()
     dev = args.device
+    if dev == "cuda":
+        torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     shapes = (QUICK if args.quick else SHAPES)[dev]
     meta = {"device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({os.cpu_count()} cores)",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats, "rounds": args.rounds}
+            "torch": torch.__version__, "threads": args.threads, "repeats": repeats, "rounds": args.rounds}
     if dev == "cuda":
         meta["bf16_matmul_tflops"] = matmul_tflops()
+    absent = {}
+    if dev == "cpu":
+        absent["liger"] = LIGER_ABSENT_CPU
+    elif _liger_loss() is None:
+        absent["liger"] = harness.missing_module("liger_kernel", "Liger-Kernel's fused linear CE") or "import failed"
     rows = []
     for shape in shapes:
         for op in ("linear_ce", "logprobs"):
             for mode in args.modes.split(","):
-                runner = run_case_isolated if dev == "cpu" else run_case
-                best = {}
-                for _ in range(args.rounds):
-                    for impl in impls(op, dev):
-                        r = runner(op, impl, mode, shape, dev, repeats)
-                        if impl not in best or r["time_ms"] < best[impl]["time_ms"]:
-                            best[impl] = r
-                        if dev == "cuda":
-                            torch.cuda.empty_cache()
-                base = best["naive"]
-                for impl, r in best.items():
-                    r.update(shape=shape["name"], op=op, mode=mode, impl=impl,
-                             time_vs_naive=r["time_ms"] / base["time_ms"],
-                             mem_vs_naive=r["peak_extra_mb"] / max(base["peak_extra_mb"], 1e-9))
+                def run_one(impl, rnd, op=op, mode=mode, shape=shape):
+                    if dev == "cpu":
+                        return run_case_isolated(op, impl, mode, shape, dev, repeats, args.threads)
+                    r = run_case(op, impl, mode, shape, dev, repeats)
+                    torch.cuda.empty_cache()
+                    return r
+
+                rounds = harness.interleaved(list(impls(op, dev)), args.rounds, run_one, log=lambda m: None)
+                for r in summarize_case(rounds, shape, op, mode):
                     if dev == "cuda":
                         flops = FLOPS_PER_NHV[mode] * shape["n"] * shape["h"] * shape["v"]
                         r["tflops"] = flops / (r["time_ms"] / 1e3) / 1e12
                         r["roofline_frac"] = r["tflops"] / meta["bf16_matmul_tflops"]
                     rows.append(r)
                     print_row(r, header=len(rows) == 1)
-    out = Path(args.json) if args.json else Path(__file__).parent / "results" / f"kernels-{dev}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "shapes": shapes, "rows": rows}, indent=2))
-    print(f"\n{json.dumps(meta)}\nwrote {out}")
+    columns = COLUMNS + ([["tflops", "TFLOP/s", ".1f"], ["roofline_frac", "of matmul rate", ".2f"]]
+                         if dev == "cuda" else [])
+    shapes_txt = "; ".join(f"{s['name']}: N {s['n']}, H {s['h']}, V {s['v']}, {s['dtype']}" for s in shapes)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernels-{dev}.json"
+    doc_path = harness.write_result(
+        out, script="bench/kernels.py", settings={**vars(args), "repeats": repeats}, threads=args.threads,
+        load_start=load_start, t_start=t_start, meta=meta, shapes=shapes, rows=rows, absent=absent,
+        tables=[{"title": None, "columns": columns, "rows": rows}],
+        timed=("one call of the op per timed repeat: `fwd` under no_grad, `fwd+bwd` the op and "
+               "`torch.autograd.grad` of hidden and weight (frozen W: hidden only); inputs made beforehand "
+               f"({shapes_txt})"),
+        excluded="making the inputs, a warm-up call at a tiny shape and one at the measured shape, process start",
+        repeats_note=(f"Rounds: {args.rounds} per impl, interleaved, "
+                      f"{'each in its own process' if dev == 'cpu' else 'in one process (CUDA)'}, "
+                      f"{args.threads} thread(s); a round's time is the median of {repeats} call(s)."))
+    print("\n" + harness.markdown_tables(json.loads(doc_path.read_text())))
+    print(f"\n{json.dumps(meta)}\nwrote {doc_path}")
 
 
 def print_row(r, header=False):

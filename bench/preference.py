@@ -1,6 +1,7 @@
 """One DPO training step, fused and padding-free (optsys) vs naive and padded (TRL-style), on the same pairs.
 
     python bench/preference.py [--model small] [--pairs 8] [--steps 3] [--task sorting] [--lengths long-tailed]
+                               [--repeats 3] [--threads 2] [--json bench/results/preference.json]
 
 Every step takes the same --pairs preference pairs in both variants, with the same reference log-probs
 (a fixed tensor), and runs forward + backward + AdamW:
@@ -12,10 +13,11 @@ Every step takes the same --pairs preference pairs in both variants, with the sa
   naive: what TRL-style code does. All 2 x pairs sequences are right-padded to the longest ([2B, L] +
          attention_mask), the HF model forward returns full logits [2B, L, V], log_softmax().gather() at the
          targets, masked and summed per sequence, then the same DPO loss.
-Both must give the same step-0 loss, per-sequence log-probs and gradient norm (checked; exit 1 if not).
-Tokens/s counts real (non-pad) tokens in both. Each variant runs in a fresh process so its peak memory is
-its own (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, VmHWM). Prints a table;
-writes --json (default bench/results/preference.json).
+Both must give the same step-0 loss, per-sequence log-probs and gradient norm, in every repeat (checked against
+naive's first; exit 1 if not). Tokens/s counts real (non-pad) tokens in both. Each variant runs `--repeats` times
+in a fresh process, interleaved (naive fused naive fused ...; bench/harness.py), threads pinned, so its peak memory
+is its own (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, VmHWM); the table gives min and
+median over repeats. Prints a table; writes --json (default bench/results/preference.json).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import resource
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -33,16 +35,19 @@ from pathlib import Path
 
 import torch
 
-from optsys.config import ModelConfig
-from optsys.data.packing import collate_padded
-from optsys.data.preference import PreferencePair, packed_pair_batches, tokenize_pairs
-from optsys.data.tasks import TASKS, get_task
-from optsys.data.tokenize import IGNORE
-from optsys.losses import PREFERENCE_LOSSES
-from optsys.models.load import load_model_and_tokenizer, load_tokenizer
-from optsys.sources import resolve_source
-from optsys.trainers.common import autocast_context, build_optimizer
-from optsys.trainers.preference import pair_logps
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (bench/harness.py)
+
+from optsys.config import ModelConfig  # noqa: E402
+from optsys.data.packing import collate_padded  # noqa: E402
+from optsys.data.preference import PreferencePair, packed_pair_batches, tokenize_pairs  # noqa: E402
+from optsys.data.tasks import TASKS, get_task  # noqa: E402
+from optsys.data.tokenize import IGNORE  # noqa: E402
+from optsys.losses import PREFERENCE_LOSSES  # noqa: E402
+from optsys.models.load import load_model_and_tokenizer, load_tokenizer  # noqa: E402
+from optsys.sources import resolve_source  # noqa: E402
+from optsys.trainers.common import autocast_context, build_optimizer  # noqa: E402
+from optsys.trainers.preference import pair_logps  # noqa: E402
 
 VARIANTS = ("naive", "fused")
 
@@ -202,23 +207,56 @@ def run_variant(name: str, args, device: torch.device) -> dict:
         "forwards_per_step": sum(len(x["rows"]) if name == "fused" else 1 for x in timed) / len(timed),
         "peak_mb": peak_mb, "base_mb": base_mb, "step_losses": losses, "check": check,
         "params": sum(p.numel() for p in model.parameters()), "vocab": vocab,
-        "attn_implementation": model.config._attn_implementation,
+        "attn_implementation": model.config._attn_implementation, "torch_threads": torch.get_num_threads(),
     }
 
 
-def compare(results: dict, rtol: float, atol: float) -> list[str]:
-    """Step-0 loss, per-sequence log-probs and grad norm of fused vs naive; returns the mismatches."""
-    a, b = results["fused"]["check"], results["naive"]["check"]
+def compare(runs: dict[str, list[dict]], rtol: float, atol: float) -> list[str]:
+    """Step-0 loss, per-sequence log-probs and grad norm of every repeat of every variant vs naive's first
+    repeat (same initial weights, same pairs); returns the mismatches."""
+    ref = runs["naive"][0]["check"]
     bad = []
     for key in ("loss", "chosen_logps", "rejected_logps", "grad_norm"):
-        x, y = torch.tensor(a[key], dtype=torch.float64), torch.tensor(b[key], dtype=torch.float64)
-        err = (x - y).abs() - (atol + rtol * y.abs())
-        worst = float(((x - y).abs() / y.abs().clamp(min=1e-12)).max())
-        status = "ok" if bool((err <= 0).all()) else "MISMATCH"
-        print(f"check {key:15} max rel diff {worst:.2e}  (rtol {rtol:g}) {status}")
-        if status != "ok":
-            bad.append(f"{key}: fused {a[key]} vs naive {b[key]}")
+        y = torch.tensor(ref[key], dtype=torch.float64)
+        worst = 0.0
+        for name, reps in runs.items():
+            for i, r in enumerate(reps):
+                x = torch.tensor(r["check"][key], dtype=torch.float64)
+                worst = max(worst, float(((x - y).abs() / y.abs().clamp(min=1e-12)).max()))
+                if not bool(((x - y).abs() <= atol + rtol * y.abs()).all()):
+                    bad.append(f"{key}: {name} (repeat {i + 1}) {r['check'][key]} vs naive {ref[key]}")
+        print(f"check {key:15} max rel diff {worst:.2e}  (rtol {rtol:g}) {'ok' if not bad else 'MISMATCH'}")
     return bad
+
+
+LABELS = {"naive": "naive (padded, full logits): the baseline", "fused": "fused (packed, optsys)"}
+COLUMNS = [["variant", "variant", ""], ["slot_efficiency", "slot efficiency", ".3f"],
+           ["real_tokens_per_step", "real tokens / step", ".0f"],
+           ["lm_head_rows_per_step", "lm_head rows / step", ".0f"],
+           ["s_per_step_min", "s / step, min", ".2f"], ["s_per_step_median", "s / step, median", ".2f"],
+           ["tokens_per_s_median", "real tokens/s (median)", ".0f"], ["speed_vs_naive", "vs naive (median)", ".2f"],
+           ["peak_mb", "peak MB", ".0f"], ["mem_vs_naive", "memory vs naive", ".2f"], ["base_mb", "base MB", ".0f"],
+           ["loss_step0", "step-0 loss", ".6f"]]
+
+
+def summarize(runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per variant: s/step min and median over repeats (each a process's mean step), ratios to naive's
+    medians, the largest peak memory over repeats."""
+    rows = []
+    for name, reps in runs.items():
+        s = harness.spread([r["s_per_step"] for r in reps])
+        tps = harness.spread([r["tokens_per_s"] for r in reps])
+        first = reps[0]
+        rows.append({"variant": LABELS[name], "key": name, **{k: first[k] for k in (
+            "slot_efficiency", "real_tokens_per_step", "lm_head_rows_per_step", "forwards_per_step", "base_mb")},
+            "s_per_step": s, "s_per_step_min": s["min"], "s_per_step_median": s["median"], "tokens_per_s": tps,
+            "tokens_per_s_median": tps["median"], "peak_mb": max(r["peak_mb"] for r in reps),
+            "loss_step0": first["check"]["loss"]})
+    naive = next(r for r in rows if r["key"] == "naive")
+    for r in rows:
+        r["speed_vs_naive"] = r["tokens_per_s_median"] / naive["tokens_per_s_median"]
+        r["mem_vs_naive"] = r["peak_mb"] / naive["peak_mb"]
+    return rows
 
 
 def main() -> None:
@@ -239,14 +277,18 @@ def main() -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="fused kernel backend")
     p.add_argument("--rtol", type=float, default=None, help="check tolerance (default 1e-4 fp32, 2e-2 bf16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="processes per variant, interleaved: min and median")
+    p.add_argument("--threads", type=int, default=1, help="torch / BLAS threads, pinned in every process")
     p.add_argument("--json", default="bench/results/preference.json")
     p.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     if args.only:  # child process: one variant, JSON on the last line of stdout
+        harness.apply_threads_in_child()
         print(json.dumps(run_variant(args.only, args, device)))
         return
 
+    load_start, t_start = os.getloadavg(), time.time()
     # Built (and cached) here so the children only load it. The parent stays small; the children's
     # memory is read from VmHWM, which does not inherit the parent's peak anyway.
     path = resolve_source(model_name(args.model))
@@ -256,54 +298,41 @@ def main() -> None:
     def pct(q: float) -> int:
         return lengths[min(len(lengths) - 1, int(len(lengths) * q))]
 
-    results = {}
-    for name in VARIANTS:  # each in a fresh process: its peak memory is its own
-        cmd = [sys.executable, __file__, "--only", name] + [
-            x for k, v in vars(args).items() if k not in ("only", "json") and v is not None
-            for x in (f"--{k.replace('_', '-')}", str(v))]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            raise SystemExit(f"variant {name} failed (exit {proc.returncode})")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    env = harness.pinned_env(args.threads)
+    child_args = [x for k, v in vars(args).items() if k not in ("only", "json", "repeats", "threads") and v is not None
+                  for x in (f"--{k.replace('_', '-')}", str(v))]
 
-    fused, naive = results["fused"], results["naive"]
+    def run_one(name, rep):
+        return harness.run_child([sys.executable, __file__, "--only", name, *child_args], name, env)
+
+    runs = harness.interleaved(list(VARIANTS), args.repeats, run_one)
+    fused, naive = runs["fused"][0], runs["naive"][0]
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     rtol = args.rtol if args.rtol is not None else (2e-2 if bf16 else 1e-4)
     print(f"step-0 loss: fused {fused['check']['loss']:.6f}  naive {naive['check']['loss']:.6f}")
-    bad = compare(results, rtol, atol=1e-6)
+    bad = compare(runs, rtol, atol=1e-6)
+    rows = summarize(runs)
+    seq = {"p50": pct(0.5), "p90": pct(0.9), "max": lengths[-1], "mean": sum(lengths) / len(lengths)}
+    doc_path = harness.write_result(
+        args.json, script="bench/preference.py", settings=vars(args), threads=args.threads, load_start=load_start,
+        t_start=t_start, device=str(device), check_rtol=rtol, sequence_lengths=seq, runs=runs, problems=bad,
+        absent={}, tables=[{"title": None, "columns": COLUMNS, "rows": rows}],
+        timed=(f"DPO steps 2..{args.steps + 1} of each process, {args.pairs} pairs a step (forward, DPO loss, "
+               f"backward, AdamW); model {args.model} ({fused['params'] / 1e6:.1f}M params, vocab {fused['vocab']}, "
+               f"attn {fused['attn_implementation']}), {args.precision} precision on {device.type}; task "
+               f"{args.task}, {args.lengths} lengths: {len(lengths)} sequences, p50 {seq['p50']}, p90 {seq['p90']}, "
+               f"max {seq['max']}, mean {seq['mean']:.0f}"),
+        excluded=("process start, model load, tokenizing, packing / padding the batches (a data loader's work), "
+                  "the reference log-probs (a fixed tensor), step 1 (warm-up; its loss, log-probs and grad norm are "
+                  "the check)"),
+        repeats_note=(f"Repeats: {args.repeats} per variant, interleaved, each in its own process, {args.threads} "
+                      f"thread(s). Step-0 loss, log-probs and grad norm equal in every repeat (rtol {rtol:g}). Peak "
+                      "MB: the largest over repeats (CUDA: max_memory_allocated; CPU: the process's peak RSS); base "
+                      "MB: after loading the model."))
+    print(harness.markdown_tables(json.loads(Path(doc_path).read_text())))
+    print(f"wrote {doc_path}")
     if bad:
         raise SystemExit("fused and naive DPO steps disagree:\n  " + "\n  ".join(bad))
-
-    ratios = {"tokens_per_s": fused["tokens_per_s"] / naive["tokens_per_s"],
-              "s_per_step": fused["s_per_step"] / naive["s_per_step"],
-              "peak_mb": fused["peak_mb"] / naive["peak_mb"],
-              "peak_above_base_mb": (fused["peak_mb"] - fused["base_mb"]) / (naive["peak_mb"] - naive["base_mb"])}
-    print(f"model {args.model} ({fused['params'] / 1e6:.1f}M params, vocab {fused['vocab']}, "
-          f"attn {fused['attn_implementation']}); device {device}; {args.pairs} pairs/step, {args.steps} timed steps")
-    print(f"data: task {args.task}, {args.lengths} difficulty (median {args.difficulty}); {len(lengths)} sequences, "
-          f"length p50={pct(0.5)} p90={pct(0.9)} max={lengths[-1]} mean={sum(lengths) / len(lengths):.0f}")
-    head = (f"{'variant':8} {'slot eff':>9} {'real tok/step':>14} {'lm_head rows':>13} {'s/step':>8} "
-            f"{'real tok/s':>11} {'vs naive':>9} {'peak MB':>8} {'vs naive':>9} {'base MB':>8}")
-    print(head)
-    for name in VARIANTS:
-        r = results[name]
-        print(f"{name:8} {r['slot_efficiency']:9.3f} {r['real_tokens_per_step']:14.0f} "
-              f"{r['lm_head_rows_per_step']:13.0f} {r['s_per_step']:8.2f} {r['tokens_per_s']:11.0f} "
-              f"{r['tokens_per_s'] / naive['tokens_per_s']:9.2f} {r['peak_mb']:8.0f} "
-              f"{r['peak_mb'] / naive['peak_mb']:9.2f} {r['base_mb']:8.0f}")
-    print(f"fused / naive: tokens/s {ratios['tokens_per_s']:.2f}x, peak memory {ratios['peak_mb']:.2f}x "
-          f"(above the loaded model: {ratios['peak_above_base_mb']:.2f}x)")
-    print("(peak MB: torch.cuda.max_memory_allocated on CUDA, the variant process's peak RSS on CPU; "
-          "base MB: after loading the model)")
-
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "device": str(device), "check_rtol": rtol,
-                               "sequence_lengths": {"p50": pct(0.5), "p90": pct(0.9), "max": lengths[-1],
-                                                    "mean": sum(lengths) / len(lengths)},
-                               "results": results, "fused_over_naive": ratios}, indent=2))
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Regenerate the benchmark tables in bench/README.md and README.md from the JSON the scripts wrote.
 
-    python bench/report.py [--e2e bench/results/e2e.json] [--other-machine] [--check]
+    python bench/report.py [--sections e2e,eval,...] [--e2e bench/results/e2e.json] [--json NAME=PATH ...]
+                           [--other-machine] [--check]
 
 A number in a table cannot drift from its run: the tables between `<!-- report:NAME -->` and `<!-- /report:NAME -->`
-in bench/README.md, and the README row that ends in `<!-- report:NAME -->`, are written by this script only. A JSON
-from another machine (its `machine.id` differs from this one's: another processor, core count or host) is refused
-unless --other-machine is given, and then the table says where it was measured. --check exits 1 if a table differs
-from what the JSON gives (for CI or a pre-commit hook).
+in bench/README.md, and the README row that ends in `<!-- report:NAME -->`, are written by this script only, one
+block per bench (SECTIONS: NAME, the script that writes its JSON, the JSON's default path). Without --sections,
+the sections given a JSON by --e2e / --json are written, or else every section whose JSON is here. A JSON from another
+machine (its `machine.id` differs from this one's: another processor, core count or host) is refused unless
+--other-machine is given, and then the table says where it was measured. A JSON whose script recorded a failed
+check (`problems`) is refused. A section whose default JSON is not here is left as it is (and said); one named by
+--sections, --e2e or --json must exist. A block measured under load (load average at start or end above half the
+cores) says so. --check exits 1 if a table differs from what the JSON gives (for CI or a pre-commit hook).
 """
 
 from __future__ import annotations
@@ -31,6 +36,17 @@ LABELS = {
     "trl-cb": "TRL, continuous batching",
 }
 SECTION_NAMES = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO"}
+# NAME: (the script whose JSON fills `<!-- report:NAME -->`, its default JSON under bench/results/)
+SECTIONS = {
+    "e2e": ("bench/e2e.py", "e2e.json"),
+    "kernels": ("bench/kernels.py", "kernels-cpu.json"),
+    "eval": ("bench/eval.py", "eval.json"),
+    "finetune": ("bench/finetune.py", "finetune-cpu.json"),
+    "preference": ("bench/preference.py", "preference.json"),
+    "lora_sync": ("bench/lora_sync.py", "lora_sync-cpu.json"),
+    "packing": ("bench/packing.py", "packing-cpu.json"),
+    "packing_csrc": ("bench/packing_csrc.py", "packing_csrc.json"),
+}
 
 
 class ReportError(SystemExit):
@@ -118,25 +134,138 @@ def replace_row(text: str, name: str, row: str, path: Path) -> str:
     return "\n".join(lines)
 
 
+def load_note(doc: dict) -> str:
+    """Whether the run shared the machine: the load average at start or end above half the cores."""
+    start, end = doc["load_average"]["start"][0], doc["load_average"]["end"][0]
+    if max(start, end) > doc["machine"]["cores"] / 2:
+        return (" **Loaded machine** (other jobs ran beside it): read the ratios, measured interleaved in the same "
+                "run, before the seconds.")
+    return " Quiet machine."
+
+
+def section_block(doc: dict, source: str, json_path: str) -> str:
+    """A harnessed bench's block: where and how it ran, then its tables (harness.markdown_tables, as printed)."""
+    head = f"Written by `bench/report.py` from `{json_path}`: {source}{load_note(doc)}"
+    return f"{head}\n\n{harness.markdown_tables(doc)}"
+
+
+def median_row(doc: dict, **match) -> dict:
+    (row,) = [r for t in doc["tables"] for r in t["rows"] if all(r.get(k) == v for k, v in match.items())]
+    return row
+
+
+def eval_headline(doc: dict) -> str:
+    """The README row of bench/eval.py: engine against engine at the same batching, and the eval's policy."""
+    st = doc["settings"]
+    parts = []
+    for method in ("greedy", f"sample pool n={st['n']}"):
+        r = median_row(doc, method=method, key="vllm")
+        parts.append(f"{method} {r['vs_hf_batched_median']:.2f}x")
+    claims = ("engine against engine at the same batching (HF generate batched as vLLM): vLLM " + ", ".join(parts)
+              + f" HF's tokens/s (median of {st['repeats']} interleaved repeats)")
+    pool = f"sample pool n={st['n']}"
+    per_q = [r for t in doc["tables"] for r in t["rows"] if r["method"] == pool and r["key"] == "hf-per-question"]
+    if per_q:
+        ratio = median_row(doc, method=pool, key="vllm")["tokens_per_s_median"] / per_q[0]["tokens_per_s_median"]
+        claims += (f"; against optsys.eval's HF policy (one seeded call per question, so samples do not depend on "
+                   f"batching) the pool is {ratio:.2f}x: a policy, not the engine")
+    g = median_row(doc, method="greedy", key="hf-batched")
+    if g.get("greedy_equal_to_vllm") is not None:
+        claims += f"; greedy answers equal {g['greedy_equal_to_vllm']}/{st['num']}"
+    m, load = doc["machine"], doc["load_average"]
+    return (f"| eval generation, vLLM in process vs HF generate, same model and prompts ({st['model']}, {st['num']} "
+            f"questions) | `{doc['command']}` | {claims} | {doc['wall_s'] / 60:.0f} min ({doc['date']}) "
+            f"| {m['cores']}-core CPU, {m['threads']} thread(s), load {load['start'][0]:.1f} |")
+
+
+def preference_headline(doc: dict) -> str:
+    """The README row of bench/preference.py: fused padding-free against naive padded, medians over repeats."""
+    st, r = doc["settings"], median_row(doc, key="fused")
+    m, load = doc["machine"], doc["load_average"]
+    return (f"| one DPO step, fused padding-free vs materialized logits + padded ({st['model']} model, "
+            f"{st['pairs']} long-tailed pairs a step) | `{doc['command']}` | {r['speed_vs_naive']:.2f}x tokens/s, "
+            f"{r['mem_vs_naive']:.2f}x peak memory (median of {st['repeats']} interleaved repeats; step-0 loss, "
+            f"log-probs and grad norm equal) | {doc['wall_s'] / 60:.0f} min ({doc['date']}) "
+            f"| {m['cores']}-core CPU, {m['threads']} thread(s), load {load['start'][0]:.1f} |")
+
+
+README_ROWS = {"e2e": e2e_headline, "eval": eval_headline, "preference": preference_headline}
+
+
+def load_doc(name: str, path: Path) -> dict:
+    doc = json.loads(path.read_text())
+    script = SECTIONS[name][0]
+    if doc.get("script") != script or "tables" not in doc:
+        raise ReportError(f"{path} was not written by {script}'s harness (its `script` is {doc.get('script')!r}, "
+                          "or it has no `tables`): re-run the script")
+    if doc.get("problems") and name != "e2e":
+        raise ReportError(f"{path}: {script} recorded failed checks, not published: {doc['problems']}")
+    return doc
+
+
+def json_paths(args) -> tuple[dict[str, Path], set[str]]:
+    """Each section's JSON and the sections asked for by name (whose JSON must exist)."""
+    paths = {name: ROOT / "bench" / "results" / default for name, (_, default) in SECTIONS.items()}
+    named = set(args.sections.split(",")) if args.sections else set()
+    if args.e2e:
+        paths["e2e"] = Path(args.e2e)
+        named.add("e2e")
+    for item in args.json or []:
+        name, _, path = item.partition("=")
+        if name not in SECTIONS or not path:
+            raise ReportError(f"--json {item!r}: expected NAME=PATH with NAME one of {', '.join(SECTIONS)}")
+        paths[name] = Path(path)
+        named.add(name)
+    unknown = named - set(SECTIONS)
+    if unknown:
+        raise ReportError(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    return paths, named
+
+
 def render(args) -> dict[Path, str]:
     here = harness.machine(0)
-    out: dict[Path, str] = {}
-    e2e = Path(args.e2e)
-    if not e2e.exists():
-        raise ReportError(f"{e2e} does not exist: run `python bench/e2e.py` first")
+    paths, named = json_paths(args)
+    # --sections picks; else the sections given a JSON by --e2e / --json; else every section whose JSON is here
+    wanted = set(args.sections.split(",")) if args.sections else (named or set(SECTIONS))
+    bench_readme, readme = Path(args.bench_readme), Path(args.readme)
+    texts = {bench_readme: bench_readme.read_text(), readme: readme.read_text()}
+    for name in SECTIONS:
+        path = paths[name]
+        if name not in wanted and name not in named:
+            continue
+        if not path.exists():
+            if name in named:
+                raise ReportError(f"{path} does not exist: run `python {SECTIONS[name][0]}` first")
+            print(f"kept {name}: no {path} here (run `python {SECTIONS[name][0]}` to regenerate it)")
+            continue
+        if name == "e2e":
+            texts.update(render_e2e(args, here, path, bench_readme, readme, texts))
+            continue
+        doc = load_doc(name, path)
+        source = provenance(doc, here, args.other_machine, path)
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+        texts[bench_readme] = replace_block(texts[bench_readme], name, section_block(doc, source, str(shown)),
+                                            bench_readme)
+        if name in README_ROWS:
+            texts[readme] = replace_row(texts[readme], name, README_ROWS[name](doc), readme)
+    return texts
+
+
+def render_e2e(args, here, e2e: Path, bench_readme: Path, readme: Path, texts: dict) -> dict[Path, str]:
     doc = json.loads(e2e.read_text())
     if doc.get("script") != "bench/e2e.py":
         raise ReportError(f"{e2e} was not written by bench/e2e.py's harness (no `script` field): re-run it")
     source = provenance(doc, here, args.other_machine, e2e)
-    bench_readme, readme = Path(args.bench_readme), Path(args.readme)
-    out[bench_readme] = replace_block(bench_readme.read_text(), "e2e", e2e_table(doc, source), bench_readme)
-    out[readme] = replace_row(readme.read_text(), "e2e", e2e_headline(doc), readme)
-    return out
+    return {bench_readme: replace_block(texts[bench_readme], "e2e", e2e_table(doc, source), bench_readme),
+            readme: replace_row(texts[readme], "e2e", e2e_headline(doc), readme)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--e2e", default=str(ROOT / "bench" / "results" / "e2e.json"))
+    p.add_argument("--sections", default=None, help=f"comma-separated, of {', '.join(SECTIONS)} (default: all "
+                   "whose JSON is here)")
+    p.add_argument("--e2e", default=None, help="bench/e2e.py's JSON (default bench/results/e2e.json)")
+    p.add_argument("--json", action="append", metavar="NAME=PATH", help="another section's JSON (repeatable)")
     p.add_argument("--bench-readme", default=str(ROOT / "bench" / "README.md"))
     p.add_argument("--readme", default=str(ROOT / "README.md"))
     p.add_argument("--other-machine", action="store_true", help="publish a JSON from another machine, labelled")

@@ -94,3 +94,15 @@ def truncated_model(src: Path, dst: Path, layers: int) -> Path:
     kept = {k: v for k, v in weights.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
     save_file(kept, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (by path: `eval` is also a folder name under tests/)."""
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))  # its `import harness`
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
