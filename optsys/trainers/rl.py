@@ -472,28 +472,28 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
     kw.update(kl_kw)
     kl = bool(kl_kw)
     device = fwd.device
-    loss_sum = kl_sum = 0.0
+    # (metric, value, multiplier, count) per micro-batch, the values left on the device and read back once after
+    # the loop: each float() of a device tensor would wait for the GPU (a host sync per metric per micro-batch)
+    pending: list[tuple[str, object, float, float]] = []
     for mb in mbs:
         logp, ent = fwd.logps(model, mb, entropy=fused_old)
         n = logp.shape[0]
         old = logp.detach().float() if fused_old else mb.per_token("old_logp").to(device)
         sampler = mb.per_token("sampler_logp").to(device)
         if fused_old and mb.real:  # the metrics the no-grad pass would have given
-            stats.add("train/logp_gap_mean", float((sampler - old).abs().sum()), n)
-            stats.add("train/entropy", float(ent.detach().sum()), n)
+            pending.append(("train/logp_gap_mean", (sampler - old).abs().sum(), 1, n))
+            pending.append(("train/entropy", ent.detach().sum(), 1, n))
         with phase("data"):
             adv = mb.per_token("advantage").to(device)
             seq_ids = mb.seq_ids().to(device)
             ref = mb.per_token("ref_logp").to(device) if kl else None
             weights = mb.weights.to(device)
+            every = torch.ones(n, dtype=torch.bool, device=device)
         with phase(f"loss.{method}"):
-            is_w, is_metrics = sampler_correction(old, sampler,
-                                                  torch.ones(n, dtype=torch.bool, device=device),
-                                                  mode=rl.sampler_correction, cap=rl.correction_cap,
-                                                  seq_ids=seq_ids, num_seqs=len(mb.rollouts))
-            loss, metrics = loss_fn(logp.float(), old, adv, torch.ones(n, dtype=torch.bool, device=device),
-                                    ref_logp=ref, seq_ids=seq_ids, num_seqs=len(mb.rollouts),
-                                    token_weights=weights, is_weights=is_w, **kw)
+            is_w, is_metrics = sampler_correction(old, sampler, every, mode=rl.sampler_correction,
+                                                  cap=rl.correction_cap, seq_ids=seq_ids, num_seqs=len(mb.rollouts))
+            loss, metrics = loss_fn(logp.float(), old, adv, every, ref_logp=ref, seq_ids=seq_ids,
+                                    num_seqs=len(mb.rollouts), token_weights=weights, is_weights=is_w, **kw)
         if critic is not None:
             values = fwd.values(critic, mb)  # the critic's forward range inside
             with phase("loss.value"):
@@ -504,12 +504,20 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
         # FSDP averages gradients over ranks; the weights already sum over all ranks' tokens
         with phase("backward"):
             (loss * world.size).backward()
-        loss_sum += float(loss.detach())
-        kl_sum += float(metrics.get("kl", 0.0))
+        pending.append(("loss", loss.detach(), 1, 0))
+        pending.append(("kl", metrics.get("kl", 0.0), 1, 0))
         if mb.real:
             for k, v in {**metrics, **is_metrics}.items():
                 if k not in ("pg_loss", "kl"):  # token-weighted means of the micro-batch metrics
-                    stats.add(f"train/{k}", float(v) * n, n)
+                    pending.append((f"train/{k}", v, n, n))
+    loss_sum = kl_sum = 0.0
+    for (name, _, times, count), value in zip(pending, host_floats([p[1] for p in pending])):
+        if name == "loss":
+            loss_sum += value
+        elif name == "kl":
+            kl_sum += value
+        else:
+            stats.add(name, value * times, count)  # x 1 is exact: sums go in as they are
     # the micro-batch losses of all ranks sum to the mini-batch's loss: each rank counts 1 / world_size. The KL
     # term is such a share too (aggregated with the loss's token weights), so it is summed the same way
     stats.add("train/loss", loss_sum, 1.0 / world.size)
@@ -521,6 +529,14 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
         stats.add("train/critic_grad_norm", float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm),
                   1.0 / world.size)
     return clip_and_step(model, optimizer, scheduler, grad_clip)
+
+
+def host_floats(values: list) -> list[float]:
+    """Each value as a Python float, in order, the tensors among them read back in one transfer (one host sync
+    instead of one per value). Exact: every value goes through float64, which holds any float32 or float64."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack([t.detach().reshape(()).double() for t in tensors]).tolist() if tensors else [])
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 # ---------------------------------------------------------------------------- sync + canary, held-out play, log

@@ -549,3 +549,18 @@ def test_a_lora_policy_s_reference_is_its_base_with_the_adapters_off(tiny_path, 
         want = fwd.logps(attach_forward_methods(base).eval(), mb)[0].float()
     torch.testing.assert_close(rollouts[0].ref_logp, want, rtol=0, atol=1e-6)
     assert float((rollouts[0].old_logp - want).abs().max()) > 1e-3
+
+
+def test_host_floats_reads_back_what_float_of_each_value_gives():
+    """The update's metrics are read back in one transfer after its micro-batches; each value must be exactly what
+    float() of it gave (float32 and float64 tensors, bools, Python numbers, in order)."""
+    from optsys.trainers.rl import host_floats
+
+    g = torch.Generator().manual_seed(0)
+    values = [torch.randn((), generator=g), 0.1, torch.randn((), generator=g, dtype=torch.float64),
+              torch.tensor(True), 3, torch.randn((1,), generator=g) * 1e-30, torch.tensor(float("nan"))]
+    got = host_floats(values)
+    want = [float(v) for v in values]
+    assert got[:-1] == want[:-1] and all(type(x) is float for x in got)
+    assert got[-1] != got[-1]  # NaN stays NaN
+    assert host_floats([]) == [] and host_floats([1.5]) == [1.5]
