@@ -154,7 +154,7 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                                       rows=[p.row for p in eval_prompts], sampling=sampling, max_turns=rl.max_turns,
                                       max_tokens=cfg.data.max_tokens, summary=summary, log=log, world=world)
     sync = functools.partial(sync_and_check, engine, model, canary, rl=rl, lora_r=cfg.model.lora.r,
-                             dtype=precision.storage)
+                             dtype=precision.storage, last_sync=tc.max_steps)
     adapter_sync = bool(cfg.model.lora.r) and rl.lora_sync == "adapter"
     start_stats = StepStats()
     try:  # the engine loaded the initial checkpoint: after a resume it gets the restored weights first
@@ -555,9 +555,9 @@ def sync_policy(engine, model, dtype: torch.dtype, *, lora_r: int, lora_sync: st
 
 
 def sync_and_check(engine, model, canary: Canary, stats: StepStats, n_sync: int, *, rl: RLConfig, lora_r: int,
-                   dtype: torch.dtype) -> None:
-    """Sync the policy into the engine (its weights awake), wake its KV cache (a no-op if awake); every
-    rl.canary_every-th sync, check the engine against the trainer."""
+                   dtype: torch.dtype, last_sync: int) -> None:
+    """Sync the policy into the engine (its weights awake), wake its KV cache (a no-op if awake); when
+    `canary_due`, check the engine against the trainer."""
     t = time.perf_counter()
     with phase("weight_sync"):
         report = sync_policy(engine, model, dtype, lora_r=lora_r, lora_sync=rl.lora_sync, bucket_mb=rl.sync_bucket_mb)
@@ -568,11 +568,19 @@ def sync_and_check(engine, model, canary: Canary, stats: StepStats, n_sync: int,
         for key, mb in engine.wake(("kv_cache",)).items():
             stats.add(key, mb)
     stats.add("time/sleep_wake_s", time.perf_counter() - t, 0.0)  # added to the step's one sleep/wake entry
-    if rl.canary_every and n_sync % rl.canary_every == 0:
+    if canary_due(n_sync, rl.canary_every, last_sync):
         t = time.perf_counter()
         with phase("canary"), eval_mode(model):  # engine vs trainer log-probs of a fixed completion (no dropout)
             stats.add("sync/canary_error", canary.check(engine, model))
         stats.add("time/canary_s", time.perf_counter() - t)
+
+
+def canary_due(n_sync: int, every: int, last_sync: int) -> bool:
+    """Whether sync `n_sync` (0: the one before the first rollout, s: after step s's update) is checked: the first
+    two (the engine loaded what the trainer holds; the first update's weights took), every `every`-th, and the last
+    (the weights the run ends with). every = 0: never. A sync that does not take (a parameter skipped or renamed, a
+    stale packed head) shows at the first sync after an update; the later checks catch what grows with training."""
+    return every > 0 and (n_sync <= 1 or n_sync % every == 0 or n_sync == last_sync)
 
 
 def play_eval(tag: str, at_step: int, *, engine, tokenizer, environment: str, rows: list[dict], sampling: Sampling,
