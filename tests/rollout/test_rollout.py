@@ -248,7 +248,7 @@ def test_position_logprobs_equals_the_per_token_loop_on_random_outputs(top_k):
     from optsys.rollout.vllm_engine import position_logprobs
 
     g = torch.Generator().manual_seed(0)
-    for trial in range(20):
+    for _ in range(20):
         n = int(torch.randint(1, 40, (1,), generator=g))
         tokens = torch.randint(0, 50, (n,), generator=g).tolist()
         values = (-torch.rand(n, top_k + 1, generator=g, dtype=torch.float64) * 5).tolist()
