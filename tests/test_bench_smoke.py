@@ -81,20 +81,25 @@ def test_lora_sync_bench_quick(tmp_path):
 
 @pytest.mark.slow
 def test_rl_bench_quick(tmp_path):
-    # Its optsys-vllm and trl-hf variants (and the check that TRL saw optsys's prompts) run in
-    # test_e2e_bench_quick, as bench/e2e.py's GRPO rows: skipped here to keep CI's time.
+    # Its optsys-vllm and trl-hf variants (and the check that TRL saw optsys's prompts) are bench/e2e.py's GRPO rows:
+    # skipped here to keep CI's time. optsys-floor (the step's floor, vLLM generation + forward and backward) runs.
     pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra")
     out = tmp_path / "rl.json"
     run_script(ROOT / "bench" / "rl.py", "--model", "test", "--steps", "2", "--prompts", "2", "--group", "2",
                "--max-new-tokens", "4", "--sync-repeats", "1", "--skip", "optsys-vllm,trl-hf", "--json", out)
     result = json.loads(out.read_text())
-    assert set(result["results"]) == {"optsys-hf"}
+    assert set(result["results"]) == {"optsys-hf", "optsys-floor"}
     for name, r in result["results"].items():
         assert [s["step"] for s in r["steps"]] == [1, 2], name
         timed = r["steps"][1]
         assert timed["step_s"] > 0 and timed["parts_s"]["generate"] > 0 and timed["completion_tokens"] > 0, name
         assert result["summary"][name]["s_per_step"] > 0
     assert result["results"]["optsys-hf"]["engine"] == "hf"
+    floor = result["results"]["optsys-floor"]
+    assert floor["engine"] == "vllm" and floor["engine_start_s"] > 0
+    for s in floor["steps"]:  # generation + one forward and backward, nothing else timed
+        assert set(s["parts_s"]) == {"generate", "forward_backward"} and min(s["parts_s"].values()) > 0
+        assert s["step_s"] == pytest.approx(sum(s["parts_s"].values())) and s["micro_batches"] >= 1
     assert result["sync"]["median_s"] > 0 and result["sync"]["s_per_m_params"] > 0
     assert result["sync"]["canary_error"] < 1e-4
     assert {"torch", "vllm", "trl", "transformers"} <= set(result["versions"])
@@ -146,6 +151,7 @@ def test_e2e_grpo_summary_and_checks():
                                                  "completion_tokens": 64}]}
 
     runs = {"optsys": [e2e.summarize("grpo", grpo(s, 1.0), floor_mb=400.0) for s in (2.0, 2.2, 4.0)],
+            "optsys-floor": [e2e.summarize("grpo", grpo(s, 1.0), floor_mb=400.0) for s in (1.6, 2.0, 1.8)],
             "trl-best": [e2e.summarize("grpo", grpo(s, 1.0), floor_mb=400.0) for s in (3.0, 3.3, 3.6)]}
     one = runs["optsys"][0]
     assert one["tokens_per_s"] == 32.0 and one["tokens_per_s_no_gen"] == 64.0  # step 1 left out
@@ -157,6 +163,11 @@ def test_e2e_grpo_summary_and_checks():
     assert rows["optsys"]["speed_vs_baseline_median"] == pytest.approx(3.3 / 2.2)
     assert rows["optsys"]["speed_vs_baseline_min"] == pytest.approx(3.0 / 2.0)
     assert rows["optsys"]["speed_vs_baseline_no_gen_median"] == pytest.approx(2.3 / 1.2)
+    # the step over its floor (generation + one packed forward and backward), from the same run's repeats
+    assert rows["optsys"]["over_floor_median"] == pytest.approx(2.2 / 1.8)
+    assert rows["optsys"]["over_floor_min"] == pytest.approx(2.0 / 1.6)
+    assert rows["trl-best"]["over_floor_median"] == pytest.approx(3.3 / 1.8)
+    assert rows["optsys-floor"]["over_floor_min"] == 1
     e2e.print_table(list(rows.values()), {"sft:trl-best": "TRL rows: `trl` is not installed"})
     assert e2e.check_same_computation("grpo", runs) == []
     sft = {"optsys": [{"loss_step1": 2.0, "grad_norm_step1": 1.0}],
@@ -192,6 +203,13 @@ def fake_e2e_doc(machine_id: str | None = None) -> dict:
                peak_over_floor_mb=10.0, mem_vs_optsys=1.0, loss_step1=2.0, grad_norm_step1=1.0)
     table = [dict(row, section="sft", variant="optsys", speed_vs_baseline_median=2.34, speed_vs_baseline_min=2.5),
              dict(row, section="sft", variant="trl-best", speed_vs_baseline_median=1.0, speed_vs_baseline_min=1.0)]
+    grpo = dict(row, section="grpo", s_per_step_no_gen_median=0.5, speed_vs_baseline_no_gen_median=1.1)
+    table += [dict(grpo, variant="optsys", speed_vs_baseline_median=0.8, speed_vs_baseline_min=0.9,
+                   over_floor_median=1.23, over_floor_min=1.2),
+              dict(grpo, variant="optsys-floor", speed_vs_baseline_median=1.2, speed_vs_baseline_min=1.2,
+                   over_floor_median=1.0, over_floor_min=1.0),
+              dict(grpo, variant="trl-best", speed_vs_baseline_median=1.0, speed_vs_baseline_min=1.0,
+                   over_floor_median=0.98, over_floor_min=0.97)]
     return {"script": "bench/e2e.py", "command": "python bench/e2e.py", "machine": m, "date": "2026-12-06",
             "load_average": {"start": [1.0, 1, 1], "end": [1.5, 1, 1]}, "wall_s": 600.0, "table": table,
             "absent": {"dpo:trl-best": "TRL rows: `trl` is not installed"}}
@@ -211,7 +229,11 @@ def test_report_writes_tables_from_the_json_and_refuses_another_machine(tmp_path
     bench = (tmp_path / "bench.md").read_text()
     assert "old" not in bench and "| 2.34x | 2.50x |" in bench and "absent | TRL rows: `trl` is not installed" in bench
     readme = (tmp_path / "readme.md").read_text().splitlines()
-    assert "SFT 2.34x TRL-best's speed (median of 3 interleaved repeats)" in readme[2]
+    assert "SFT 2.34x, GRPO 0.80x (1.23x its floor) TRL-best's speed (median of 3 interleaved repeats)" in readme[2]
+    # the floor row and every GRPO row's step over it, from the same JSON
+    assert "| GRPO | optsys's floor: its generation + one packed forward and backward of the same tokens |" in bench
+    assert ("the least a step must do; median of repeats): **optsys** (defaults: `attn_implementation=auto`) 1.23x "
+            "(min 1.20x); TRL best (gradient checkpointing off): the baseline 0.98x (min 0.97x).") in bench
     assert readme[2].endswith("| <!-- report:e2e -->") and "old" not in readme[2] and readme[3] == "| next | row |"
     run_script(ROOT / "bench" / "report.py", *argv, "--check")  # now up to date
     (tmp_path / "e2e.json").write_text(json.dumps(fake_e2e_doc(machine_id="0123456789ab")))

@@ -29,7 +29,7 @@ def block_diagonal_causal_mask(seq_lens: list[int], device, *, additive_dtype=No
     """
     lens = torch.as_tensor(seq_lens, device=device)
     seg = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), lens)
-    total = int(lens.sum())
+    total = sum(int(n) for n in seq_lens)  # from the host's lengths: lens.sum() on a GPU would wait for it
     causal = torch.ones(total, total, dtype=torch.bool, device=device).tril_()
     mask = (seg[:, None] == seg[None, :]) & causal
     if additive_dtype is not None:

@@ -90,6 +90,32 @@ def refresh_tied_head(model) -> bool:
     return True
 
 
+def position_logprobs(logprobs, token_ids, start: int = 0) -> list[float]:
+    """log p of token_ids[i] at each position i >= start, from vLLM's per-position log-probs: a FlatLogprobs (what
+    `flat_logprobs=True` gives) or a list of {token id: Logprob} dicts.
+
+    Flat with one entry per position, each the position's own token (logprobs=0, prompt_logprobs=0), the answer
+    is a slice of its `logprobs` list, taken once; else each position's entries are searched for its token."""
+    token_ids = list(token_ids)
+    if start >= len(token_ids):
+        return []
+    if getattr(logprobs, "start_indices", None) is None:  # a list of dicts
+        return [float(logprobs[i][token_ids[i]].logprob) for i in range(start, len(token_ids))]
+    starts, ends = logprobs.start_indices, logprobs.end_indices
+    first, m = starts[start], len(token_ids) - start
+    if (len(starts) == len(token_ids) and starts[start:] == list(range(first, first + m))
+            and ends[start:] == list(range(first + 1, first + m + 1))
+            and logprobs.token_ids[first:first + m] == token_ids[start:]):
+        return list(map(float, logprobs.logprobs[first:first + m]))
+    out = []
+    for i in range(start, len(token_ids)):
+        ids = logprobs.token_ids[starts[i]:ends[i]]
+        if token_ids[i] not in ids:
+            raise EngineError(f"vLLM returned no log-prob for token {token_ids[i]} at position {i} (it has {ids})")
+        out.append(float(logprobs.logprobs[starts[i] + ids.index(token_ids[i])]))
+    return out
+
+
 def vllm_max_lora_rank(rank: int) -> int:
     """The smallest max_lora_rank vLLM accepts that holds an adapter of `rank`."""
     for r in VLLM_LORA_RANKS:
@@ -241,10 +267,14 @@ class VLLMEngine:
 
     def _generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Completion]]:
         vllm = self._vllm
+        # flat_logprobs: vLLM keeps each request's log-probs as a few flat lists instead of a dict of Logprob
+        # objects per token; detokenize=False: no text (the trainer decodes the ids itself) and no decoding of
+        # every log-prob's token. Neither changes the tokens, their log-probs or the finish reason.
         params = [vllm.SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                       top_k=sampling.top_k if sampling.top_k > 0 else -1,
                                       max_tokens=sampling.max_new_tokens, logprobs=0, seed=s,
-                                      stop_token_ids=list(sampling.stop_token_ids))
+                                      stop_token_ids=list(sampling.stop_token_ids), flat_logprobs=True,
+                                      detokenize=False)
                   for s in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=self.show_progress,
                                  lora_request=self._lora_request())
@@ -252,7 +282,7 @@ class VLLMEngine:
         for out in outs:
             group = []
             for c in sorted(out.outputs, key=lambda c: c.index):
-                lps = tuple(float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids))
+                lps = tuple(position_logprobs(c.logprobs, c.token_ids))
                 group.append(Completion(tuple(c.token_ids), lps, "length" if c.finish_reason == "length" else "stop"))
             result.append(group)
         return result
@@ -262,12 +292,12 @@ class VLLMEngine:
         return self._as_group(self._token_logprobs, sequences, starts)
 
     def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
-        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, flat_logprobs=True,
+                                           detokenize=False)
         outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=self.show_progress,
                                  lora_request=self._lora_request())
-        # prompt_logprobs[i] is the dict for token i given tokens < i (entry 0 is None)
-        return [[float(o.prompt_logprobs[i][seq[i]].logprob) for i in range(start, len(seq))]
-                for o, seq, start in zip(outs, sequences, starts)]
+        # prompt_logprobs[i] holds token i given tokens < i (entry 0 is empty: the first token has no prefix)
+        return [position_logprobs(o.prompt_logprobs, seq, start) for o, seq, start in zip(outs, sequences, starts)]
 
     def load_weights(self, named_tensors) -> int:
         """Reload weights in place from an iterator of (HF name, tensor); returns how many the engine consumed."""

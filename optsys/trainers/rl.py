@@ -155,7 +155,7 @@ def _train(cfg: TrainConfig, world, resolve) -> dict | None:
                                       rows=[p.row for p in eval_prompts], sampling=sampling, max_turns=rl.max_turns,
                                       max_tokens=cfg.data.max_tokens, summary=summary, log=log, world=world)
     sync = functools.partial(sync_and_check, engine, model, canary, rl=rl, lora_r=cfg.model.lora.r,
-                             dtype=precision.storage)
+                             dtype=precision.storage, last_sync=tc.max_steps)
     adapter_sync = bool(cfg.model.lora.r) and rl.lora_sync == "adapter"
     start_stats = StepStats()
     try:  # the engine loaded the initial checkpoint: after a resume it gets the restored weights first
@@ -480,28 +480,28 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
     kw.update(kl_kw)
     kl = bool(kl_kw)
     device = fwd.device
-    loss_sum = kl_sum = 0.0
+    # (metric, value, multiplier, count) per micro-batch, the values left on the device and read back once after
+    # the loop: each float() of a device tensor would wait for the GPU (a host sync per metric per micro-batch)
+    pending: list[tuple[str, object, float, float]] = []
     for mb in mbs:
         logp, ent = fwd.logps(model, mb, entropy=fused_old)
         n = logp.shape[0]
         old = logp.detach().float() if fused_old else mb.per_token("old_logp").to(device)
         sampler = mb.per_token("sampler_logp").to(device)
         if fused_old and mb.real:  # the metrics the no-grad pass would have given
-            stats.add("train/logp_gap_mean", float((sampler - old).abs().sum()), n)
-            stats.add("train/entropy", float(ent.detach().sum()), n)
+            pending.append(("train/logp_gap_mean", (sampler - old).abs().sum(), 1, n))
+            pending.append(("train/entropy", ent.detach().sum(), 1, n))
         with phase("data"):
             adv = mb.per_token("advantage").to(device)
             seq_ids = mb.seq_ids().to(device)
             ref = mb.per_token("ref_logp").to(device) if kl else None
             weights = mb.weights.to(device)
+            every = torch.ones(n, dtype=torch.bool, device=device)
         with phase(f"loss.{method}"):
-            is_w, is_metrics = sampler_correction(old, sampler,
-                                                  torch.ones(n, dtype=torch.bool, device=device),
-                                                  mode=rl.sampler_correction, cap=rl.correction_cap,
-                                                  seq_ids=seq_ids, num_seqs=len(mb.rollouts))
-            loss, metrics = loss_fn(logp.float(), old, adv, torch.ones(n, dtype=torch.bool, device=device),
-                                    ref_logp=ref, seq_ids=seq_ids, num_seqs=len(mb.rollouts),
-                                    token_weights=weights, is_weights=is_w, **kw)
+            is_w, is_metrics = sampler_correction(old, sampler, every, mode=rl.sampler_correction,
+                                                  cap=rl.correction_cap, seq_ids=seq_ids, num_seqs=len(mb.rollouts))
+            loss, metrics = loss_fn(logp.float(), old, adv, every, ref_logp=ref, seq_ids=seq_ids,
+                                    num_seqs=len(mb.rollouts), token_weights=weights, is_weights=is_w, **kw)
         if critic is not None:
             values = fwd.values(critic, mb)  # the critic's forward range inside
             with phase("loss.value"):
@@ -512,12 +512,20 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
         # FSDP averages gradients over ranks; the weights already sum over all ranks' tokens
         with phase("backward"):
             (loss * world.size).backward()
-        loss_sum += float(loss.detach())
-        kl_sum += float(metrics.get("kl", 0.0))
+        pending.append(("loss", loss.detach(), 1, 0))
+        pending.append(("kl", metrics.get("kl", 0.0), 1, 0))
         if mb.real:
             for k, v in {**metrics, **is_metrics}.items():
                 if k not in ("pg_loss", "kl"):  # token-weighted means of the micro-batch metrics
-                    stats.add(f"train/{k}", float(v) * n, n)
+                    pending.append((f"train/{k}", v, n, n))
+    loss_sum = kl_sum = 0.0
+    for (name, _, times, count), value in zip(pending, host_floats([p[1] for p in pending])):
+        if name == "loss":
+            loss_sum += value
+        elif name == "kl":
+            kl_sum += value
+        else:
+            stats.add(name, value * times, count)  # x 1 is exact: sums go in as they are
     # the micro-batch losses of all ranks sum to the mini-batch's loss: each rank counts 1 / world_size. The KL
     # term is such a share too (aggregated with the loss's token weights), so it is summed the same way
     stats.add("train/loss", loss_sum, 1.0 / world.size)
@@ -529,6 +537,14 @@ def update(model, optimizer, scheduler, mbs: list[MicroBatch], *, fwd: Forward, 
         stats.add("train/critic_grad_norm", float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm),
                   1.0 / world.size)
     return clip_and_step(model, optimizer, scheduler, grad_clip)
+
+
+def host_floats(values: list) -> list[float]:
+    """Each value as a Python float, in order, the tensors among them read back in one transfer (one host sync
+    instead of one per value). Exact: every value goes through float64, which holds any float32 or float64."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack([t.detach().reshape(()).double() for t in tensors]).tolist() if tensors else [])
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 # ---------------------------------------------------------------------------- sync + canary, held-out play, log
@@ -547,9 +563,9 @@ def sync_policy(engine, model, dtype: torch.dtype, *, lora_r: int, lora_sync: st
 
 
 def sync_and_check(engine, model, canary: Canary, stats: StepStats, n_sync: int, *, rl: RLConfig, lora_r: int,
-                   dtype: torch.dtype) -> None:
-    """Sync the policy into the engine (its weights awake), wake its KV cache (a no-op if awake); every
-    rl.canary_every-th sync, check the engine against the trainer."""
+                   dtype: torch.dtype, last_sync: int) -> None:
+    """Sync the policy into the engine (its weights awake), wake its KV cache (a no-op if awake); when
+    `canary_due`, check the engine against the trainer."""
     t = time.perf_counter()
     with phase("weight_sync"):
         report = sync_policy(engine, model, dtype, lora_r=lora_r, lora_sync=rl.lora_sync, bucket_mb=rl.sync_bucket_mb)
@@ -560,11 +576,19 @@ def sync_and_check(engine, model, canary: Canary, stats: StepStats, n_sync: int,
         for key, mb in engine.wake(("kv_cache",)).items():
             stats.add(key, mb)
     stats.add("time/sleep_wake_s", time.perf_counter() - t, 0.0)  # added to the step's one sleep/wake entry
-    if rl.canary_every and n_sync % rl.canary_every == 0:
+    if canary_due(n_sync, rl.canary_every, last_sync):
         t = time.perf_counter()
         with phase("canary"), eval_mode(model):  # engine vs trainer log-probs of a fixed completion (no dropout)
             stats.add("sync/canary_error", canary.check(engine, model))
         stats.add("time/canary_s", time.perf_counter() - t)
+
+
+def canary_due(n_sync: int, every: int, last_sync: int) -> bool:
+    """Whether sync `n_sync` (0: the one before the first rollout, s: after step s's update) is checked: the first
+    two (the engine loaded what the trainer holds; the first update's weights took), every `every`-th, and the last
+    (the weights the run ends with). every = 0: never. A sync that does not take (a parameter skipped or renamed, a
+    stale packed head) shows at the first sync after an update; the later checks catch what grows with training."""
+    return every > 0 and (n_sync <= 1 or n_sync % every == 0 or n_sync == last_sync)
 
 
 def play_eval(tag: str, at_step: int, *, engine, tokenizer, environment: str, rows: list[dict], sampling: Sampling,

@@ -255,3 +255,62 @@ def test_the_expected_reload_warnings_are_dropped_and_others_kept():
     finally:
         logger.removeHandler(handler)
     assert seen == ["QKVParallelLinear: Failed to load weights", "ParallelLMHead: Delayed processing"]
+
+
+def _old_sample_loop(logprobs, token_ids):
+    """The per-token extraction VLLMEngine used before flat_logprobs (the reference the fast path must equal)."""
+    return [float(step[t].logprob) for step, t in zip(logprobs, token_ids)]
+
+
+def _old_prompt_loop(prompt_logprobs, seq, start):
+    return [float(prompt_logprobs[i][seq[i]].logprob) for i in range(start, len(seq))]
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_position_logprobs_equals_the_per_token_loop_on_random_outputs(top_k):
+    """vLLM's flat log-probs (one slice taken once) give what the old per-token dict loop gave, for sampled tokens
+    and prompt log-probs, with and without extra top-k entries (then each position is searched for its token)."""
+    pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra; the README test command installs it")
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from optsys.rollout.vllm_engine import position_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        tokens = torch.randint(0, 50, (n,), generator=g).tolist()
+        values = (-torch.rand(n, top_k + 1, generator=g, dtype=torch.float64) * 5).tolist()
+        dicts, flat = [], FlatLogprobs()
+        for t, vs in zip(tokens, values):
+            # the sampled token first (as vLLM's sampler puts it), then top-k others, which may repeat it
+            others = torch.randint(0, 50, (top_k,), generator=g).tolist()
+            entry = {o: Logprob(v, rank=r + 1) for r, (o, v) in enumerate(zip(others, vs[1:]))}
+            entry[t] = Logprob(vs[0], rank=0)
+            dicts.append(entry)
+            flat.append(entry)
+        want = _old_sample_loop(dicts, tokens)
+        assert position_logprobs(dicts, tokens) == want
+        assert position_logprobs(flat, tokens) == want
+        # prompt log-probs: position 0 has none; the canary scores from `start` on
+        prompt_flat, prompt_dicts = FlatLogprobs(), [None] + dicts[1:]
+        for entry in prompt_dicts:
+            prompt_flat.append(entry)
+        start = int(torch.randint(1, n + 1, (1,), generator=g)) if n > 1 else 1
+        want = _old_prompt_loop(prompt_dicts, tokens, start) if start < n else []
+        assert position_logprobs(prompt_flat, tokens, start) == want
+        assert position_logprobs(prompt_dicts, tokens, start) == want
+
+
+def test_position_logprobs_names_a_token_vllm_did_not_score():
+    pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra; the README test command installs it")
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from optsys.rollout.engine import EngineError
+    from optsys.rollout.vllm_engine import position_logprobs
+
+    flat = FlatLogprobs()
+    flat.append({3: Logprob(-1.0)})
+    flat.append({4: Logprob(-2.0)})
+    assert position_logprobs(flat, [3, 4]) == [-1.0, -2.0]
+    with pytest.raises(EngineError, match="no log-prob for token 5 at position 1"):
+        position_logprobs(flat, [3, 5])

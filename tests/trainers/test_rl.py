@@ -588,3 +588,30 @@ def test_a_lora_rl_run_saves_its_merged_model(tmp_path, tiny_path):
         adapted = PeftModel.from_pretrained(base, out / "final")(ids).logits
     assert (adapted - plain).abs().max() > 1e-4  # the updates moved the adapter
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-4)
+
+
+def test_host_floats_reads_back_what_float_of_each_value_gives():
+    """The update's metrics are read back in one transfer after its micro-batches; each value must be exactly what
+    float() of it gave (float32 and float64 tensors, bools, Python numbers, in order)."""
+    from optsys.trainers.rl import host_floats
+
+    g = torch.Generator().manual_seed(0)
+    values = [torch.randn((), generator=g), 0.1, torch.randn((), generator=g, dtype=torch.float64),
+              torch.tensor(True), 3, torch.randn((1,), generator=g) * 1e-30, torch.tensor(float("nan"))]
+    got = host_floats(values)
+    want = [float(v) for v in values]
+    assert got[:-1] == want[:-1] and all(type(x) is float for x in got)
+    assert got[-1] != got[-1]  # NaN stays NaN
+    assert host_floats([]) == [] and host_floats([1.5]) == [1.5]
+
+
+def test_canary_checks_the_start_the_first_update_every_nth_and_the_last_sync(tmp_path):
+    from optsys.trainers.rl import canary_due
+
+    assert [n for n in range(26) if canary_due(n, 10, 25)] == [0, 1, 10, 20, 25]
+    assert [n for n in range(8) if canary_due(n, 3, 7)] == [0, 1, 3, 6, 7]
+    assert all(canary_due(n, 1, 5) for n in range(6)) and not any(canary_due(n, 0, 5) for n in range(6))
+    # in the trainer: the steps whose metrics carry the check (log_every=1), and the start's in the summary
+    summary, out = run(tmp_path, "grpo", "rl.engine=hf", "trainer.max_steps=4", "rl.canary_every=3")
+    assert [r["step"] for r in rows(out) if "sync/canary_error" in r] == [1, 3, 4]
+    assert summary["sync/canary_error_start"] < 1e-5
