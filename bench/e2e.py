@@ -1,14 +1,25 @@
 """End to end: an SFT, a DPO and a GRPO step, optsys vs TRL 1.16 at its defaults and at its best settings here.
 
     python bench/e2e.py [--model small] [--steps 3] [--repeats 3] [--threads 2] [--sft-seqs 32] [--dpo-pairs 16]
-                        [--grpo-model stage:grpo_sft] [--with-gc] [--sections sft,dpo,grpo]
-                        [--skip sft:optsys-varlen,...] [--out bench/results/e2e.json]
+                        [--lora 0] [--grpo-model stage:grpo_sft] [--grpo-task arithmetic] [--grpo-new-tokens 32]
+                        [--with-gc] [--sections sft,dpo,grpo] [--skip sft:optsys-varlen,...]
+                        [--out bench/results/e2e.json]
+    python bench/e2e.py --model smollm2-135m-instruct --lora 16 --grpo-new-tokens 64 ...   (the real model)
 
 Every row of a section does the same work: the same model folder (`tiny:small`: 50.9M parameters, vocab 32000,
 fp32), the same token ids, the same sequences in every optimizer step, the same loss, AdamW (betas 0.9/0.999, no
 weight decay), grad clip 1.0, a constant learning rate. Each variant runs in its own fresh process (bench/harness.py),
 --repeats times, interleaved (A B C A B C ...), with --threads threads pinned in every process; the table shows the
 min and the median over the repeats of each process's mean step time over steps 2.. (step 1 is warm-up).
+
+The real model (--model smollm2-135m-instruct: SmolLM2-135M-Instruct from the `real` extra, dequantized to fp32 once;
+or gguf:<file>, or a model folder) runs every section the same way; its GRPO section then starts from the model
+itself (not a stage) on word_problems prompts (variable-length worked answers; --grpo-task, --grpo-new-tokens).
+LoRA (--lora r > 0) trains a rank-r adapter on both sides instead of every weight: optsys model.lora.r / alpha
+(--lora-alpha, default 2r) / dropout 0 / target_modules, TRL the same through peft's LoraConfig as the trainers'
+`peft_config`, on the attention and MLP projections (q k v o gate up down). peft draws each adapter's A from the
+torch RNG: TRL's trainer is built right after torch.manual_seed(--seed), so its A equals optsys's and step 1's grad
+norm (of the adapters' B) is compared like a full model's.
 
 Data (SFT, DPO): chat rows whose prompt and completion lengths are drawn from log-normals (long-tailed, as real
 chat data is: median 48 / 96 words, sigma 0.9, capped), of words from the tiny tokenizer's own corpus. optsys

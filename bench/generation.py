@@ -25,9 +25,11 @@ merged into the base weights.
            (`PeftModel`, unmerged: each projection runs x W + (x A) B).
 With --lora 0 the only weights are the base model's (`base`).
 
-Each variant runs in its own fresh process (bench/harness.py), --repeats times, interleaved (A B C A B C ...), with
---threads threads pinned; in each process, one short warm-up call, then --rounds timed calls of the whole batch
-(engine start and model load are timed apart: setup). The table shows min and median over the repeats of each
+Each engine and weights runs in its own fresh process (bench/harness.py), --repeats times, interleaved (A B C A B C
+...), with --threads threads pinned; a process measures every mode in --modes on its one engine (engine start is
+most of a process's time on a real model, minutes on a loaded 2-core machine), the modes' order reversed every other
+repeat; per mode, one short warm-up call, then --rounds timed calls of the whole batch (engine start, model load and
+adapter load are timed apart: setup). The table shows min and median over the repeats of each
 process's tokens/s; vLLM's speed over HF's for the same mode and weights; and each engine's adapter row over its
 merged row. Greedy rows also say how many completions equal the first greedy row's (HF vs vLLM, adapter vs merged:
 fp32 kernels differ in summation order, so a few near-ties may flip). Writes --out (JSON: every process's numbers,
@@ -62,9 +64,27 @@ def model_name(model: str) -> str:
     return f"tiny:{model}"
 
 
-def variant_names(engines: list[str], modes: list[str], lora: int) -> list[str]:
+def process_names(engines: list[str], lora: int) -> list[str]:
+    """One process a engine and weights ("vllm:adapter"); it measures every mode."""
     weights = ("merged", "adapter") if lora else ("base",)
-    return [f"{e}:{m}:{w}" for m in modes for w in weights for e in engines]
+    return [f"{e}:{w}" for w in weights for e in engines]
+
+
+def variant_names(engines: list[str], modes: list[str], lora: int) -> list[str]:
+    """The table's rows: "engine:mode:weights"."""
+    return [f"{n.split(':')[0]}:{m}:{n.split(':')[1]}" for m in modes for n in process_names(engines, lora)]
+
+
+def by_variant(raw: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Processes' results ("engine:weights" -> [{setup_s, modes: {mode: ...}}]) as the table's rows ("engine:mode:
+    weights" -> [{setup_s, rounds, token_ids}] a repeat each)."""
+    out: dict[str, list[dict]] = {}
+    for name, reps in raw.items():
+        engine, weights = name.split(":")
+        for rep in reps:
+            for mode, m in rep["modes"].items():
+                out.setdefault(f"{engine}:{mode}:{weights}", []).append({"setup_s": rep["setup_s"], **m})
+    return out
 
 
 def parse_list(value: str, allowed: tuple[str, ...], flag: str, p: argparse.ArgumentParser) -> list[str]:
@@ -170,15 +190,10 @@ def batch_of(args, mode: str, work: dict):
     return prompts, sampling, [stable_seed(args.seed, i) for i in range(len(prompts))]
 
 
-def run_variant(args, name: str) -> dict:
+def time_mode(args, eng, mode: str, work: dict) -> dict:
+    """One warm-up call, then --rounds timed calls of the whole batch in `mode`."""
     from optsys.rollout.engine import Sampling
 
-    engine, mode, weights = name.split(":")
-    work = json.loads(Path(args.work).read_text())
-    folders = json.loads(Path(args.folders).read_text())
-    t0 = time.perf_counter()
-    eng = start_engine(args, engine, weights, work, folders)
-    setup_s = time.perf_counter() - t0
     prompts, sampling, seeds = batch_of(args, mode, work)
     warm = Sampling(n=sampling.n, temperature=sampling.temperature, max_new_tokens=4,
                     stop_token_ids=sampling.stop_token_ids)
@@ -192,9 +207,21 @@ def run_variant(args, name: str) -> dict:
         rounds.append({"seconds": seconds, "tokens": sum(len(c.token_ids) for c in comps),
                        "sequences": len(comps), "stopped": sum(c.finish_reason == "stop" for c in comps)})
         ids = ids or [list(c.token_ids) for c in comps]
+    return {"rounds": rounds, "token_ids": ids if mode == "greedy" else None}
+
+
+def run_process(args, name: str) -> dict:
+    """One engine and weights ("vllm:adapter"): set up once, then every mode of --modes, in --order."""
+    engine, weights = name.split(":")
+    work = json.loads(Path(args.work).read_text())
+    folders = json.loads(Path(args.folders).read_text())
+    t0 = time.perf_counter()
+    eng = start_engine(args, engine, weights, work, folders)
+    setup_s = time.perf_counter() - t0
+    modes = {mode: time_mode(args, eng, mode, work) for mode in args.order.split(",")}
     if hasattr(eng, "close"):
         eng.close()
-    return {"setup_s": setup_s, "rounds": rounds, "token_ids": ids if mode == "greedy" else None}
+    return {"setup_s": setup_s, "modes": modes}
 
 
 # ---------------------------------------------------------------------------- parent: summary, table
@@ -259,8 +286,10 @@ def print_table(rows: list[dict], absent: dict) -> None:
           "that ended at a stop token; greedy same: completions equal to the first greedy row's)")
 
 
-def child(name: str, args, work: Path, folders: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--folders", str(folders)]
+def child(name: str, rep: int, modes: list[str], args, work: Path, folders: Path) -> dict:
+    order = modes if rep % 2 == 0 else modes[::-1]  # neither mode always runs first in its process
+    cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--folders", str(folders),
+           "--order", ",".join(order)]
     for k in ("model", "prompts", "group", "max_new_tokens", "temperature", "lora", "lora_alpha", "rounds", "seed",
               "difficulty"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
@@ -290,6 +319,7 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--folders", help=argparse.SUPPRESS)
+    p.add_argument("--order", help=argparse.SUPPRESS)
     args = p.parse_args()
     engines = parse_list(args.engines, ENGINES, "--engines", p)
     modes = parse_list(args.modes, MODES, "--modes", p)
@@ -307,7 +337,7 @@ def main() -> None:
     args.lora_alpha = 2 * args.lora if args.lora_alpha is None else args.lora_alpha
     if args.child:  # child process: one variant, JSON on the last line of stdout
         harness.apply_threads_in_child()
-        print(json.dumps(run_variant(args, args.child)))
+        print(json.dumps(run_process(args, args.child)))
         return
 
     load_start, t_start = os.getloadavg(), time.time()
@@ -319,7 +349,7 @@ def main() -> None:
             engines = [e for e in engines if e != "vllm"]
     if not engines:
         raise SystemExit(f"nothing to run: {next(iter(absent.values()))}")
-    names = variant_names(engines, modes, args.lora)
+    names = process_names(engines, args.lora)
     from optsys.sources import resolve_source
 
     path = resolve_source(model_name(args.model), seed=args.seed)  # built or dequantized (and cached) once, here
@@ -336,10 +366,13 @@ def main() -> None:
         (tmp / "work.json").write_text(json.dumps(work))
         (tmp / "folders.json").write_text(json.dumps(folders))
         raw = harness.interleaved(names, args.repeats,
-                                  lambda name, rep: child(name, args, tmp / "work.json", tmp / "folders.json"),
+                                  lambda name, rep: child(name, rep, modes, args, tmp / "work.json",
+                                                          tmp / "folders.json"),
                                   log=lambda m: print(m, flush=True))
-    summary = summarize(raw)
-    rows = table_rows(summary, greedy_agreement(raw))
+    variants = by_variant(raw)
+    variants = {n: variants[n] for n in variant_names(engines, modes, args.lora)}  # rows: mode, weights, engine
+    summary = summarize(variants)
+    rows = table_rows(summary, greedy_agreement(variants))
     load_end = os.getloadavg()
     lengths = [len(x) for x in work["prompts"]]
     print(f"\nmodel {model_name(args.model)}; {args.prompts} word problems (prompt tokens {min(lengths)}-"
@@ -349,7 +382,7 @@ def main() -> None:
           f"{args.rounds} timed call(s) a process, {args.repeats} interleaved repeats; {args.threads} threads on "
           f"{os.cpu_count()} cores, load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
     print_table(rows, absent)
-    settings = {"args": vars(args), "variants": names, "task": "word_problems", "stop_token_ids": work["stop_token_ids"],
+    settings = {"args": vars(args), "processes": names, "variants": list(variants), "task": "word_problems", "stop_token_ids": work["stop_token_ids"],
                 "prompt_tokens": lengths, "dtype": "float32", "adapter_params": adapter_params,
                 "lora_targets": LORA_TARGETS if args.lora else None,
                 "engines": {"vllm": "optsys.rollout.vllm_engine.VLLMEngine (vLLM LLM in this process)",

@@ -1,11 +1,14 @@
 """Regenerate the benchmark tables in bench/README.md and README.md from the JSON the scripts wrote.
 
-    python bench/report.py [--e2e bench/results/e2e.json] [--other-machine] [--check]
+    python bench/report.py [--e2e bench/results/e2e.json] [--e2e-real bench/results/e2e_smollm2.json]
+                           [--generation bench/results/generation.json] [--other-machine] [--check]
 
 A number in a table cannot drift from its run: the tables between `<!-- report:NAME -->` and `<!-- /report:NAME -->`
 in bench/README.md, and the README row that ends in `<!-- report:NAME -->`, are written by this script only. A JSON
 from another machine (its `machine.id` differs from this one's: another processor, core count or host) is refused
-unless --other-machine is given, and then the table says where it was measured. --check exits 1 if a table differs
+unless --other-machine is given, and then the table says where it was measured. The e2e block is always filled; the
+real-model e2e block (`e2e-smollm2`, bench/e2e.py --model smollm2-135m-instruct) and the `generation` block
+(bench/generation.py) are filled when bench/README.md has them, from their own JSON. --check exits 1 if a table differs
 from what the JSON gives (for CI or a pre-commit hook).
 """
 
@@ -99,6 +102,66 @@ def e2e_headline(doc: dict) -> str:
             f"({doc['date']}) | {m['cores']}-core CPU, {m['threads']} threads, load {load['start'][0]:.1f} |")
 
 
+GEN_WEIGHTS = {"merged": "merged weights (no adapter)", "adapter": "LoRA adapter active", "base": "base model"}
+GEN_ENGINES = {"vllm": "vLLM (in process)", "hf": "HF generate"}
+
+
+def generation_table(doc: dict, source: str) -> str:
+    """bench/generation.py's table: tokens/s of each engine, mode and weights, with vLLM over HF and adapter over
+    merged from the medians."""
+    f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
+    s = doc["settings"]
+    a = s["args"]
+    lora = f"LoRA r={a['lora']}, alpha {a['lora_alpha']} ({s['adapter_params'] / 1e6:.2f}M params, random)" \
+        if a["lora"] else "no adapter"
+    lines = [source, "",
+             f"{a['prompts']} word problems (prompt tokens {min(s['prompt_tokens'])}-{max(s['prompt_tokens'])}); "
+             f"greedy: {a['prompts']} x 1; sampled: {a['prompts'] // a['group']} x {a['group']} at "
+             f"T={a['temperature']}; <= {a['max_new_tokens']} new tokens, ending at the stop token; {lora}; fp32.", "",
+             "| engine | mode | weights | tokens / call | tokens/s, min | tokens/s, median | vLLM / HF (median) "
+             "| adapter / merged (median) | setup (s) | ended at stop | greedy same as first row |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in doc["table"]:
+        lines.append(f"| {GEN_ENGINES.get(r['engine'], r['engine'])} | {r['mode']} "
+                     f"| {GEN_WEIGHTS.get(r['weights'], r['weights'])} | {r['tokens_per_call']:.0f} "
+                     f"| {r['tokens_per_s_min']:.1f} | {r['tokens_per_s_median']:.1f} "
+                     f"| {f(r['vllm_over_hf'], '.2f')}{'x' if r['vllm_over_hf'] is not None else ''} "
+                     f"| {f(r['vs_merged'], '.2f')}{'x' if r['vs_merged'] is not None else ''} "
+                     f"| {r['setup_s_median']:.1f} | {r['stopped_fraction']:.2f} "
+                     f"| {f(r['greedy_same_as_first'], '.2f')} |")
+    for name, why in doc.get("absent", {}).items():
+        lines.append(f"| {name}: absent | {why} | | | | | | | | | |")
+    reps = {r["repeats"] for r in doc["table"]}
+    lines += ["", f"Repeats per variant: {', '.join(map(str, sorted(reps)))}, interleaved, each in its own process, "
+              f"{a['rounds']} timed call(s) after a warm-up call; tokens/s = generated tokens (stop token included) "
+              "over the calls' wall time; setup (model load, engine start, adapter load) is not timed."]
+    return "\n".join(lines)
+
+
+def load_doc(path: Path, script: str, how: str) -> dict:
+    if not path.exists():
+        raise ReportError(f"{path} does not exist: run `{how}` first")
+    doc = json.loads(path.read_text())
+    if doc.get("script") != script:
+        raise ReportError(f"{path} was not written by {script}'s harness (its `script` is {doc.get('script')!r}): "
+                          "re-run it")
+    return doc
+
+
+def optional_blocks(text: str, args, here: dict, path: Path) -> str:
+    """The blocks bench/README.md may hold beside e2e: each filled from its own JSON when the block is there."""
+    blocks = (("e2e-smollm2", Path(args.e2e_real), "bench/e2e.py",
+               "python bench/e2e.py --model smollm2-135m-instruct --out bench/results/e2e_smollm2.json", e2e_table),
+              ("generation", Path(args.generation), "bench/generation.py", "python bench/generation.py",
+               generation_table))
+    for name, json_path, script, how, table in blocks:
+        if f"<!-- report:{name} -->" not in text:
+            continue
+        doc = load_doc(json_path, script, how)
+        text = replace_block(text, name, table(doc, provenance(doc, here, args.other_machine, json_path)), path)
+    return text
+
+
 def replace_block(text: str, name: str, body: str, path: Path) -> str:
     pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(\n<!-- /report:{name} -->)", re.S)
     if not pattern.search(text):
@@ -129,7 +192,8 @@ def render(args) -> dict[Path, str]:
         raise ReportError(f"{e2e} was not written by bench/e2e.py's harness (no `script` field): re-run it")
     source = provenance(doc, here, args.other_machine, e2e)
     bench_readme, readme = Path(args.bench_readme), Path(args.readme)
-    out[bench_readme] = replace_block(bench_readme.read_text(), "e2e", e2e_table(doc, source), bench_readme)
+    text = replace_block(bench_readme.read_text(), "e2e", e2e_table(doc, source), bench_readme)
+    out[bench_readme] = optional_blocks(text, args, here, bench_readme)
     out[readme] = replace_row(readme.read_text(), "e2e", e2e_headline(doc), readme)
     return out
 
@@ -137,6 +201,10 @@ def render(args) -> dict[Path, str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--e2e", default=str(ROOT / "bench" / "results" / "e2e.json"))
+    p.add_argument("--e2e-real", default=str(ROOT / "bench" / "results" / "e2e_smollm2.json"),
+                   help="bench/e2e.py on the real model (the `e2e-smollm2` block)")
+    p.add_argument("--generation", default=str(ROOT / "bench" / "results" / "generation.json"),
+                   help="bench/generation.py's JSON (the `generation` block)")
     p.add_argument("--bench-readme", default=str(ROOT / "bench" / "README.md"))
     p.add_argument("--readme", default=str(ROOT / "README.md"))
     p.add_argument("--other-machine", action="store_true", help="publish a JSON from another machine, labelled")

@@ -211,3 +211,70 @@ def test_report_writes_tables_from_the_json_and_refuses_another_machine(tmp_path
     assert res.returncode == 1 and "measured on another machine" in res.stderr and "--other-machine" in res.stderr
     run_script(ROOT / "bench" / "report.py", *argv, "--other-machine")
     assert "**another machine**" in (tmp_path / "bench.md").read_text()
+
+
+def bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    return __import__(name)
+
+
+def test_e2e_real_model_defaults_and_lora_settings_match_on_both_sides():
+    """--model picks GRPO's start and prompts; --lora gives optsys and TRL (peft) the same adapter."""
+    import argparse
+
+    e2e, rl = bench_module("e2e"), bench_module("rl")
+    assert rl.model_name("smollm2-135m-instruct") == "smollm2-135m-instruct"  # a named real model, not tiny:
+    assert rl.model_name("gguf:/x/m.gguf") == "gguf:/x/m.gguf" and rl.model_name("small") == "tiny:small"
+
+    def resolved(**kw):
+        args = argparse.Namespace(**{"grpo_model": None, "grpo_task": None, "lora": 0, "lora_alpha": None, **kw})
+        e2e.resolve_defaults(args)
+        return args
+
+    real = resolved(model="smollm2-135m-instruct", lora=16)
+    assert (real.grpo_model, real.grpo_task, real.lora_alpha) == ("smollm2-135m-instruct", "word_problems", 32)
+    tiny = resolved(model="small")
+    assert (tiny.grpo_model, tiny.grpo_task, tiny.lora_alpha) == ("stage:grpo_sft", "arithmetic", 0)
+    given = resolved(model="smollm2-135m-instruct", grpo_model="stage:x", grpo_task="arithmetic", lora=8, lora_alpha=8)
+    assert (given.grpo_model, given.grpo_task, given.lora_alpha) == ("stage:x", "arithmetic", 8)
+
+    assert rl.lora_overrides(0, 0) == [] and rl.peft_lora_config(0, 0) is None  # full fine-tuning
+    over = dict(o.split("=", 1) for o in rl.lora_overrides(8, 16))
+    peft = rl.peft_lora_config(8, 16)
+    assert (int(over["model.lora.r"]), int(over["model.lora.alpha"]), float(over["model.lora.dropout"])) == \
+        (peft.r, peft.lora_alpha, peft.lora_dropout) == (8, 16, 0.0)
+    assert over["model.lora.target_modules"].strip("[]").split(",") == sorted(peft.target_modules, key=rl.LORA_TARGETS.index)
+    grpo = rl.optsys_overrides(argparse.Namespace(model="smollm2-135m-instruct", steps=2, prompts=2, group=2,
+                                                  max_new_tokens=64, lr=1e-5, max_tokens=1024, seed=0,
+                                                  task="word_problems", lora=8, lora_alpha=16), "vllm", Path("/x"))
+    assert "data.task=word_problems" in grpo and "rl.max_new_tokens=64" in grpo and "model.lora.r=8" in grpo
+    assert "model.name_or_path=smollm2-135m-instruct" in grpo
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lora", "-1"], "--lora must be >= 0"),
+    (["--grpo-task", "sorting"], "invalid choice"),
+])
+def test_e2e_refuses_bad_lora_and_grpo_task(argv, message):
+    res = subprocess.run([sys.executable, ROOT / "bench" / "e2e.py", *argv], capture_output=True, text=True, env=ENV)
+    assert res.returncode == 2 and message in res.stderr
+
+
+@pytest.mark.slow
+def test_e2e_bench_lora_quick(tmp_path):
+    # LoRA on both sides: the script exits 1 unless step 1's loss and grad norm (of the adapters) agree.
+    pytest.importorskip("trl", reason="TRL is the baseline of bench/e2e.py")
+    out = tmp_path / "e2e.json"
+    run_script(ROOT / "bench" / "e2e.py", "--model", "test", "--lora", "4", "--steps", "2", "--repeats", "1",
+               "--threads", "1", "--sft-seqs", "8", "--prompt-words", "6", "--completion-words", "12",
+               "--max-words", "40", "--max-tokens", "256", "--sections", "sft",
+               "--skip", "sft:optsys-varlen,sft:trl-default", "--out", out)
+    result = json.loads(out.read_text())
+    assert result["problems"] == [] and set(result["summary"]["sft"]) == {"optsys", "trl-best"}
+    assert result["settings"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0,
+                                          "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]}
+    trl = result["results"]["sft"]["trl-best"][0]
+    assert 0 < trl["trainable_params"] < trl["params"] / 10  # TRL trained the adapters only
+    summ = result["summary"]["sft"]
+    assert summ["trl-best"]["grad_norm_step1"] == pytest.approx(summ["optsys"]["grad_norm_step1"], rel=1e-3)
