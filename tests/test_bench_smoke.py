@@ -278,3 +278,125 @@ def test_e2e_bench_lora_quick(tmp_path):
     assert 0 < trl["trainable_params"] < trl["params"] / 10  # TRL trained the adapters only
     summ = result["summary"]["sft"]
     assert summ["trl-best"]["grad_norm_step1"] == pytest.approx(summ["optsys"]["grad_norm_step1"], rel=1e-3)
+
+
+def fake_generation_processes() -> dict:
+    """bench/generation.py's process results (engine:weights, a repeat each) with made-up timings."""
+    def proc(setup, greedy_s, sampled_s, ids):
+        return {"setup_s": setup, "modes": {
+            "greedy": {"rounds": [{"seconds": greedy_s, "tokens": 40, "sequences": 4, "stopped": 3}], "token_ids": ids},
+            "sampled": {"rounds": [{"seconds": sampled_s, "tokens": 60, "sequences": 4, "stopped": 4}],
+                        "token_ids": None}}}
+
+    same, other = [[1, 2], [3], [4, 5], [6]], [[1, 2], [3], [9], [6]]
+    return {"vllm:merged": [proc(30.0, 1.0, 2.0, same), proc(32.0, 2.0, 3.0, same)],
+            "hf:merged": [proc(5.0, 4.0, 6.0, same), proc(6.0, 4.0, 6.0, other)],
+            "vllm:adapter": [proc(35.0, 2.0, 4.0, other), proc(36.0, 2.0, 4.0, other)],
+            "hf:adapter": [proc(7.0, 5.0, 10.0, same), proc(8.0, 5.0, 10.0, same)]}
+
+
+def test_generation_rows_ratios_and_greedy_agreement():
+    """bench/generation.py's summary on made-up process results: tokens/s per process, min and median over repeats,
+    vLLM over HF, adapter over merged, and greedy completions compared with the first greedy row's."""
+    gen = bench_module("generation")
+    assert gen.process_names(["vllm", "hf"], 16) == ["vllm:merged", "hf:merged", "vllm:adapter", "hf:adapter"]
+    assert gen.process_names(["hf"], 0) == ["hf:base"]
+    names = gen.variant_names(["vllm", "hf"], ["greedy", "sampled"], 16)
+    variants = gen.by_variant(fake_generation_processes())
+    assert set(variants) == set(names) and len(names) == 8
+    assert variants["vllm:sampled:adapter"][1] == {"setup_s": 36.0, "rounds": [
+        {"seconds": 4.0, "tokens": 60, "sequences": 4, "stopped": 4}], "token_ids": None}
+    variants = {n: variants[n] for n in names}
+    summary = gen.summarize(variants)
+    assert summary["vllm:greedy:merged"]["tokens_per_s"] == {"min": 20.0, "median": 30.0, "values": [40.0, 20.0]}
+    assert summary["vllm:greedy:merged"]["stopped_fraction"] == 0.75
+    agreement = gen.greedy_agreement(variants)  # the first greedy row is vllm:greedy:merged (repeat 1)
+    assert agreement == {"vllm:greedy:merged": 1.0, "hf:greedy:merged": 1.0, "vllm:greedy:adapter": 0.75,
+                         "hf:greedy:adapter": 1.0}
+    rows = {r["variant"]: r for r in gen.table_rows(summary, agreement)}
+    assert rows["vllm:greedy:merged"]["vllm_over_hf"] == pytest.approx(30.0 / 10.0)
+    assert rows["hf:greedy:merged"]["vllm_over_hf"] is None and rows["hf:greedy:merged"]["vs_merged"] is None
+    assert rows["hf:sampled:adapter"]["vs_merged"] == pytest.approx(6.0 / 10.0)
+    assert rows["vllm:sampled:adapter"]["vllm_over_hf"] == pytest.approx(15.0 / 6.0)
+    assert rows["vllm:greedy:adapter"]["greedy_same_as_first"] == 0.75
+    gen.print_table(list(rows.values()), {"vllm:greedy:base": "vLLM rows: `vllm` is not installed"})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--engines", "vllm,trt"], "--engines: ['trt'] given"),
+    (["--modes", ""], "--modes: nothing given"),
+    (["--prompts", "6", "--group", "4"], "must be a multiple of --group"),
+    (["--lora", "-2"], "--lora must be >= 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_generation_refuses_bad_arguments(argv, message):
+    res = subprocess.run([sys.executable, ROOT / "bench" / "generation.py", *argv], capture_output=True, text=True,
+                         env=ENV)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_generation_bench_quick(tmp_path):
+    # Every process of the product engines x weights runs and writes its rows (numbers not checked).
+    pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra")
+    out = tmp_path / "generation.json"
+    run_script(ROOT / "bench" / "generation.py", "--model", "test", "--prompts", "2", "--group", "2",
+               "--max-new-tokens", "3", "--lora", "8", "--repeats", "1", "--threads", "1", "--out", out)
+    doc = json.loads(out.read_text())
+    assert doc["script"] == "bench/generation.py" and doc["absent"] == {}
+    assert [r["variant"] for r in doc["table"]] == [f"{e}:{m}:{w}" for m in ("greedy", "sampled")
+                                                     for w in ("merged", "adapter") for e in ("vllm", "hf")]
+    for r in doc["table"]:
+        assert r["tokens_per_call"] > 0 and r["tokens_per_s_median"] > 0 and r["setup_s_median"] > 0
+        assert (r["vllm_over_hf"] is not None) == (r["engine"] == "vllm")
+        assert (r["vs_merged"] is not None) == (r["weights"] == "adapter")
+        assert (r["greedy_same_as_first"] is not None) == (r["mode"] == "greedy")
+    assert doc["settings"]["adapter_params"] > 0 and doc["settings"]["stop_token_ids"]
+
+
+def fake_generation_doc() -> dict:
+    gen, harness = bench_module("generation"), bench_module("harness")
+    variants = gen.by_variant(fake_generation_processes())
+    variants = {n: variants[n] for n in gen.variant_names(["vllm", "hf"], ["greedy", "sampled"], 16)}
+    summary = gen.summarize(variants)
+    args = {"prompts": 4, "group": 2, "temperature": 0.7, "max_new_tokens": 48, "lora": 16, "lora_alpha": 32,
+            "rounds": 1}
+    return {"script": "bench/generation.py", "command": "python bench/generation.py", "machine": harness.machine(1),
+            "date": "2026-12-06", "load_average": {"start": [6.0, 1, 1], "end": [7.0, 1, 1]}, "wall_s": 540.0,
+            "settings": {"args": args, "adapter_params": 3_000_000, "prompt_tokens": [90, 120]},
+            "table": gen.table_rows(summary, gen.greedy_agreement(variants)), "absent": {}}
+
+
+def test_report_fills_the_generation_and_real_model_blocks_when_the_readme_has_them(tmp_path):
+    e2e_block = "<!-- report:e2e -->\nold\n<!-- /report:e2e -->\n"
+    (tmp_path / "readme.md").write_text("| a | b |\n|---|---|\n| old | row | <!-- report:e2e -->\n")
+    (tmp_path / "e2e.json").write_text(json.dumps(fake_e2e_doc()))
+    argv = ["--e2e", tmp_path / "e2e.json", "--bench-readme", tmp_path / "bench.md", "--readme",
+            tmp_path / "readme.md", "--generation", tmp_path / "generation.json", "--e2e-real", tmp_path / "real.json"]
+    (tmp_path / "bench.md").write_text("# B\n" + e2e_block)
+    run_script(ROOT / "bench" / "report.py", *argv)  # no generation block: its JSON is not needed
+    gen_block = "<!-- report:generation -->\nold\n<!-- /report:generation -->\n"
+    (tmp_path / "bench.md").write_text("# B\n" + e2e_block + gen_block)
+    res = subprocess.run([sys.executable, ROOT / "bench" / "report.py", *argv], capture_output=True, text=True)
+    assert res.returncode == 1 and "generation.json does not exist: run `python bench/generation.py` first" in \
+        res.stderr
+    (tmp_path / "generation.json").write_text(json.dumps(fake_generation_doc()))
+    run_script(ROOT / "bench" / "report.py", *argv)
+    assert "| 3.00x |" in (tmp_path / "bench.md").read_text()
+    (tmp_path / "bench.md").write_text("# B\n" + e2e_block + gen_block + "<!-- report:e2e-smollm2 -->\nold\n"
+                                       "<!-- /report:e2e-smollm2 -->\n")
+    (tmp_path / "real.json").write_text(json.dumps(fake_generation_doc()))  # the wrong script's JSON
+    res = subprocess.run([sys.executable, ROOT / "bench" / "report.py", *argv], capture_output=True, text=True)
+    assert res.returncode == 1 and "real.json was not written by bench/e2e.py" in res.stderr
+    (tmp_path / "real.json").write_text(json.dumps(dict(fake_e2e_doc(), command="python bench/e2e.py --lora 16")))
+    run_script(ROOT / "bench" / "report.py", *argv)
+    bench = (tmp_path / "bench.md").read_text()
+    assert "old" not in bench and "`python bench/e2e.py --lora 16`" in bench
+    gen_rows = [line for line in bench.splitlines() if line.startswith("| vLLM") or line.startswith("| HF")]
+    assert len(gen_rows) == 8
+    assert gen_rows[0].startswith("| vLLM (in process) | greedy | merged weights (no adapter) | 40 | 20.0 | 30.0 "
+                                  "| 3.00x | - |")
+    assert "| HF generate | sampled | LoRA adapter active | 60 | 6.0 | 6.0 | - | 0.60x |" in bench
+    assert "greedy: 4 x 1; sampled: 2 x 2 at T=0.7; <= 48 new tokens" in bench and "LoRA r=16, alpha 32" in bench
+    run_script(ROOT / "bench" / "report.py", *argv, "--check")
