@@ -382,7 +382,8 @@ def main() -> None:
           f"{args.rounds} timed call(s) a process, {args.repeats} interleaved repeats; {args.threads} threads on "
           f"{os.cpu_count()} cores, load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
     print_table(rows, absent)
-    settings = {"args": vars(args), "processes": names, "variants": list(variants), "task": "word_problems", "stop_token_ids": work["stop_token_ids"],
+    settings = {"args": vars(args), "processes": names, "variants": list(variants), "task": "word_problems",
+                "stop_token_ids": work["stop_token_ids"],
                 "prompt_tokens": lengths, "dtype": "float32", "adapter_params": adapter_params,
                 "lora_targets": LORA_TARGETS if args.lora else None,
                 "engines": {"vllm": "optsys.rollout.vllm_engine.VLLMEngine (vLLM LLM in this process)",
