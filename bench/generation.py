@@ -293,7 +293,12 @@ def child(name: str, rep: int, modes: list[str], args, work: Path, folders: Path
     for k in ("model", "prompts", "group", "max_new_tokens", "temperature", "lora", "lora_alpha", "rounds", "seed",
               "difficulty"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    return harness.run_child(cmd, name, harness.pinned_env(args.threads, {"VLLM_CPU_KVCACHE_SPACE": "1"}))
+    result = harness.run_child(cmd, name, harness.pinned_env(args.threads, {"VLLM_CPU_KVCACHE_SPACE": "1"}))
+    speeds = ", ".join(f"{mode} {sum(r['tokens'] for r in m['rounds']) / sum(r['seconds'] for r in m['rounds']):.1f}"
+                       for mode, m in result["modes"].items())
+    print(f"  {name}: {result['process_s']:.0f} s in all, setup {result['setup_s']:.0f} s; tokens/s {speeds}",
+          flush=True)
+    return result
 
 
 def main() -> None:
