@@ -14,7 +14,9 @@ tokens, fp32 on CPU.
            seed per prompt (HF: optsys draws one prompt's group per `generate` call, so a prompt's samples depend
            on its seed alone: that is HF's sampled path in optsys, not a batched one).
 Both modes generate --prompts sequences a call; completions end at a stop token, so their lengths vary, and
-tokens/s counts the tokens generated (the stop token included) over the call's wall time.
+tokens/s counts the tokens generated (the stop token included) over the call's wall time, and tokens per CPU-second
+over the process's CPU time in the call (with --threads 1: the speed on a core of its own, steady on a shared
+machine, where wall time also counts the waits for a core).
 
 LoRA (--lora r > 0): a rank-r adapter on the attention and MLP projections, its A and B drawn at random (seeded, std
 --lora-std, so that it changes the model's outputs), made once in the parent and saved beside the same adapter
@@ -200,11 +202,11 @@ def time_mode(args, eng, mode: str, work: dict) -> dict:
     eng.generate(prompts[:2], warm, seeds[:2])  # first-call costs (kernels, caches) off the clock
     rounds, ids = [], None
     for _ in range(args.rounds):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         outs = eng.generate(prompts, sampling, seeds)
-        seconds = time.perf_counter() - t
+        seconds, cpu_s = time.perf_counter() - t, time.process_time() - cpu
         comps = [c for group in outs for c in group]
-        rounds.append({"seconds": seconds, "tokens": sum(len(c.token_ids) for c in comps),
+        rounds.append({"seconds": seconds, "cpu_s": cpu_s, "tokens": sum(len(c.token_ids) for c in comps),
                        "sequences": len(comps), "stopped": sum(c.finish_reason == "stop" for c in comps)})
         ids = ids or [list(c.token_ids) for c in comps]
     return {"rounds": rounds, "token_ids": ids if mode == "greedy" else None}
@@ -232,8 +234,13 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     out = {}
     for name, reps in runs.items():
         tps = [sum(r["tokens"] for r in rep["rounds"]) / sum(r["seconds"] for r in rep["rounds"]) for rep in reps]
+        # tokens per CPU second of the process (all its threads): with --threads 1, what the wall time gives on a
+        # core of its own; on a machine shared with other jobs, far steadier than tokens/s (which counts the time
+        # the process waited for a core)
+        tpc = [sum(r["tokens"] for r in rep["rounds"]) / sum(r["cpu_s"] for r in rep["rounds"]) for rep in reps]
         per_call = [sum(r["tokens"] for r in rep["rounds"]) / len(rep["rounds"]) for rep in reps]
         out[name] = {"repeats": len(reps), "tokens_per_s": harness.spread(tps),
+                     "tokens_per_cpu_s": harness.spread(tpc),
                      "tokens_per_call": harness.spread(per_call)["median"],
                      "setup_s": harness.spread([rep["setup_s"] for rep in reps]),
                      "stopped_fraction": sum(r["stopped"] for rep in reps for r in rep["rounds"])
@@ -252,36 +259,44 @@ def greedy_agreement(runs: dict[str, list[dict]]) -> dict[str, float]:
 
 def table_rows(summary: dict, agreement: dict) -> list[dict]:
     """One row a variant; `vllm_over_hf`: vLLM's median tokens/s over HF's for the same mode and weights (on the
-    vLLM row); `vs_merged`: the row's median tokens/s over the same engine and mode's merged row (adapter rows)."""
+    vLLM row); `vs_merged`: the row's median tokens/s over the same engine and mode's merged row (adapter rows);
+    the `_cpu` twins: the same from tokens per CPU second."""
+    def ratio(row: dict, other: dict | None, key: str, when: bool):
+        return row[key]["median"] / other[key]["median"] if when and other else None
+
     rows = []
     for name, s in summary.items():
         engine, mode, weights = name.split(":")
-        med = s["tokens_per_s"]["median"]
         hf = summary.get(f"hf:{mode}:{weights}")
         merged = summary.get(f"{engine}:{mode}:merged")
         rows.append({"variant": name, "engine": engine, "mode": mode, "weights": weights, "repeats": s["repeats"],
                      "tokens_per_call": s["tokens_per_call"], "tokens_per_s_min": s["tokens_per_s"]["min"],
-                     "tokens_per_s_median": med, "setup_s_median": s["setup_s"]["median"],
-                     "stopped_fraction": s["stopped_fraction"],
-                     "vllm_over_hf": med / hf["tokens_per_s"]["median"] if engine == "vllm" and hf else None,
-                     "vs_merged": med / merged["tokens_per_s"]["median"] if weights == "adapter" and merged
-                     else None,
+                     "tokens_per_s_median": s["tokens_per_s"]["median"],
+                     "tokens_per_cpu_s_median": s["tokens_per_cpu_s"]["median"],
+                     "setup_s_median": s["setup_s"]["median"], "stopped_fraction": s["stopped_fraction"],
+                     "vllm_over_hf": ratio(s, hf, "tokens_per_s", engine == "vllm"),
+                     "vllm_over_hf_cpu": ratio(s, hf, "tokens_per_cpu_s", engine == "vllm"),
+                     "vs_merged": ratio(s, merged, "tokens_per_s", weights == "adapter"),
+                     "vs_merged_cpu": ratio(s, merged, "tokens_per_cpu_s", weights == "adapter"),
                      "greedy_same_as_first": agreement.get(name)})
     return rows
 
 
 def print_table(rows: list[dict], absent: dict) -> None:
     f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
-    print(f"\n{'variant':22} {'tok/call':>8} {'tok/s min':>9} {'median':>7} {'vLLM/HF':>7} {'vs merged':>9} "
-          f"{'setup s':>7} {'stopped':>7} {'greedy same':>11}")
+    print(f"\n{'variant':22} {'tok/call':>8} {'tok/s min':>9} {'median':>7} {'tok/cpu-s':>9} {'vLLM/HF':>7} "
+          f"{'(cpu)':>6} {'vs merged':>9} {'(cpu)':>6} {'setup s':>7} {'stopped':>7} {'greedy same':>11}")
     for r in rows:
         print(f"{r['variant']:22} {r['tokens_per_call']:8.0f} {r['tokens_per_s_min']:9.1f} "
-              f"{r['tokens_per_s_median']:7.1f} {f(r['vllm_over_hf'], '7.2f'):>7} {f(r['vs_merged'], '9.2f'):>9} "
+              f"{r['tokens_per_s_median']:7.1f} {r['tokens_per_cpu_s_median']:9.1f} "
+              f"{f(r['vllm_over_hf'], '7.2f'):>7} {f(r['vllm_over_hf_cpu'], '6.2f'):>6} "
+              f"{f(r['vs_merged'], '9.2f'):>9} {f(r['vs_merged_cpu'], '6.2f'):>6} "
               f"{r['setup_s_median']:7.1f} {r['stopped_fraction']:7.2f} {f(r['greedy_same_as_first'], '11.2f'):>11}")
     for name, why in absent.items():
         print(f"absent: {name}: {why}")
     print("(tokens/s: generated tokens over the timed calls' wall time, min and median over the repeats (a process "
-          "each); vLLM/HF: the medians for the same mode and weights; vs merged: the adapter row's median over its "
+          "each); tok/cpu-s: over the process's CPU time in those calls (median; the (cpu) ratios use it); "
+          "vLLM/HF: the medians for the same mode and weights; vs merged: the adapter row's median over its "
           "engine's merged row; setup: model load + engine start + adapter load, untimed; stopped: completions "
           "that ended at a stop token; greedy same: completions equal to the first greedy row's)")
 
@@ -295,7 +310,8 @@ def child(name: str, rep: int, modes: list[str], args, work: Path, folders: Path
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     result = harness.run_child(cmd, name, harness.pinned_env(args.threads, {"VLLM_CPU_KVCACHE_SPACE": "1"}))
     speeds = ", ".join(f"{mode} {sum(r['tokens'] for r in m['rounds']) / sum(r['seconds'] for r in m['rounds']):.1f}"
-                       for mode, m in result["modes"].items())
+                       f" ({sum(r['tokens'] for r in m['rounds']) / sum(r['cpu_s'] for r in m['rounds']):.1f} per "
+                       "CPU-s)" for mode, m in result["modes"].items())
     print(f"  {name}: {result['process_s']:.0f} s in all, setup {result['setup_s']:.0f} s; tokens/s {speeds}",
           flush=True)
     return result

@@ -118,23 +118,26 @@ def generation_table(doc: dict, source: str) -> str:
              f"{a['prompts']} word problems (prompt tokens {min(s['prompt_tokens'])}-{max(s['prompt_tokens'])}); "
              f"greedy: {a['prompts']} x 1; sampled: {a['prompts'] // a['group']} x {a['group']} at "
              f"T={a['temperature']}; <= {a['max_new_tokens']} new tokens, ending at the stop token; {lora}; fp32.", "",
-             "| engine | mode | weights | tokens / call | tokens/s, min | tokens/s, median | vLLM / HF (median) "
-             "| adapter / merged (median) | setup (s) | ended at stop | greedy same as first row |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| engine | mode | weights | tokens / call | tokens/s, min | tokens/s, median | tokens / CPU-s, median "
+             "| vLLM / HF | (CPU) | adapter / merged | (CPU) | setup (s) | ended at stop | greedy same as first row |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    x = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
     for r in doc["table"]:
         lines.append(f"| {GEN_ENGINES.get(r['engine'], r['engine'])} | {r['mode']} "
                      f"| {GEN_WEIGHTS.get(r['weights'], r['weights'])} | {r['tokens_per_call']:.0f} "
                      f"| {r['tokens_per_s_min']:.1f} | {r['tokens_per_s_median']:.1f} "
-                     f"| {f(r['vllm_over_hf'], '.2f')}{'x' if r['vllm_over_hf'] is not None else ''} "
-                     f"| {f(r['vs_merged'], '.2f')}{'x' if r['vs_merged'] is not None else ''} "
+                     f"| {r['tokens_per_cpu_s_median']:.1f} | {x(r['vllm_over_hf'])} | {x(r['vllm_over_hf_cpu'])} "
+                     f"| {x(r['vs_merged'])} | {x(r['vs_merged_cpu'])} "
                      f"| {r['setup_s_median']:.1f} | {r['stopped_fraction']:.2f} "
                      f"| {f(r['greedy_same_as_first'], '.2f')} |")
     for name, why in doc.get("absent", {}).items():
-        lines.append(f"| {name}: absent | {why} | | | | | | | | | |")
+        lines.append(f"| {name}: absent | {why} | | | | | | | | | | | | |")
     reps = {r["repeats"] for r in doc["table"]}
     lines += ["", f"Repeats per variant: {', '.join(map(str, sorted(reps)))}, interleaved, each in its own process, "
               f"{a['rounds']} timed call(s) after a warm-up call; tokens/s = generated tokens (stop token included) "
-              "over the calls' wall time; setup (model load, engine start, adapter load) is not timed."]
+              "over the calls' wall time; tokens / CPU-s = the same over the process's CPU time in those calls (with "
+              "1 thread, the speed on a core of its own: far steadier than wall time on a shared machine); ratios "
+              "from the medians; setup (model load, engine start, adapter load) is not timed."]
     return "\n".join(lines)
 
 

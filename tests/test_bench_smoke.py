@@ -283,11 +283,12 @@ def test_e2e_bench_lora_quick(tmp_path):
 
 def fake_generation_processes() -> dict:
     """bench/generation.py's process results (engine:weights, a repeat each) with made-up timings."""
-    def proc(setup, greedy_s, sampled_s, ids):
+    def proc(setup, greedy_s, sampled_s, ids):  # CPU time: half the wall time (a machine shared with one job)
         return {"setup_s": setup, "modes": {
-            "greedy": {"rounds": [{"seconds": greedy_s, "tokens": 40, "sequences": 4, "stopped": 3}], "token_ids": ids},
-            "sampled": {"rounds": [{"seconds": sampled_s, "tokens": 60, "sequences": 4, "stopped": 4}],
-                        "token_ids": None}}}
+            "greedy": {"rounds": [{"seconds": greedy_s, "cpu_s": greedy_s / 2, "tokens": 40, "sequences": 4,
+                                   "stopped": 3}], "token_ids": ids},
+            "sampled": {"rounds": [{"seconds": sampled_s, "cpu_s": sampled_s / 2, "tokens": 60, "sequences": 4,
+                                    "stopped": 4}], "token_ids": None}}}
 
     same, other = [[1, 2], [3], [4, 5], [6]], [[1, 2], [3], [9], [6]]
     return {"vllm:merged": [proc(30.0, 1.0, 2.0, same), proc(32.0, 2.0, 3.0, same)],
@@ -306,10 +307,11 @@ def test_generation_rows_ratios_and_greedy_agreement():
     variants = gen.by_variant(fake_generation_processes())
     assert set(variants) == set(names) and len(names) == 8
     assert variants["vllm:sampled:adapter"][1] == {"setup_s": 36.0, "rounds": [
-        {"seconds": 4.0, "tokens": 60, "sequences": 4, "stopped": 4}], "token_ids": None}
+        {"seconds": 4.0, "cpu_s": 2.0, "tokens": 60, "sequences": 4, "stopped": 4}], "token_ids": None}
     variants = {n: variants[n] for n in names}
     summary = gen.summarize(variants)
     assert summary["vllm:greedy:merged"]["tokens_per_s"] == {"min": 20.0, "median": 30.0, "values": [40.0, 20.0]}
+    assert summary["vllm:greedy:merged"]["tokens_per_cpu_s"]["values"] == [80.0, 40.0]
     assert summary["vllm:greedy:merged"]["stopped_fraction"] == 0.75
     agreement = gen.greedy_agreement(variants)  # the first greedy row is vllm:greedy:merged (repeat 1)
     assert agreement == {"vllm:greedy:merged": 1.0, "hf:greedy:merged": 1.0, "vllm:greedy:adapter": 0.75,
@@ -318,6 +320,9 @@ def test_generation_rows_ratios_and_greedy_agreement():
     assert rows["vllm:greedy:merged"]["vllm_over_hf"] == pytest.approx(30.0 / 10.0)
     assert rows["hf:greedy:merged"]["vllm_over_hf"] is None and rows["hf:greedy:merged"]["vs_merged"] is None
     assert rows["hf:sampled:adapter"]["vs_merged"] == pytest.approx(6.0 / 10.0)
+    assert rows["hf:sampled:adapter"]["vs_merged_cpu"] == pytest.approx(12.0 / 20.0)
+    assert rows["vllm:greedy:merged"]["vllm_over_hf_cpu"] == pytest.approx(60.0 / 20.0)
+    assert rows["hf:greedy:merged"]["vllm_over_hf_cpu"] is None
     assert rows["vllm:sampled:adapter"]["vllm_over_hf"] == pytest.approx(15.0 / 6.0)
     assert rows["vllm:greedy:adapter"]["greedy_same_as_first"] == 0.75
     gen.print_table(list(rows.values()), {"vllm:greedy:base": "vLLM rows: `vllm` is not installed"})
@@ -397,7 +402,7 @@ def test_report_fills_the_generation_and_real_model_blocks_when_the_readme_has_t
     gen_rows = [line for line in bench.splitlines() if line.startswith("| vLLM") or line.startswith("| HF")]
     assert len(gen_rows) == 8
     assert gen_rows[0].startswith("| vLLM (in process) | greedy | merged weights (no adapter) | 40 | 20.0 | 30.0 "
-                                  "| 3.00x | - |")
-    assert "| HF generate | sampled | LoRA adapter active | 60 | 6.0 | 6.0 | - | 0.60x |" in bench
+                                  "| 60.0 | 3.00x | 3.00x | - | - |")
+    assert "| HF generate | sampled | LoRA adapter active | 60 | 6.0 | 6.0 | 12.0 | - | - | 0.60x | 0.60x |" in bench
     assert "greedy: 4 x 1; sampled: 2 x 2 at T=0.7; <= 48 new tokens" in bench and "LoRA r=16, alpha 32" in bench
     run_script(ROOT / "bench" / "report.py", *argv, "--check")
