@@ -1,14 +1,25 @@
 """End to end: an SFT, a DPO and a GRPO step, optsys vs TRL 1.16 at its defaults and at its best settings here.
 
     python bench/e2e.py [--model small] [--steps 3] [--repeats 3] [--threads 2] [--sft-seqs 32] [--dpo-pairs 16]
-                        [--grpo-model stage:grpo_sft] [--with-gc] [--sections sft,dpo,grpo]
-                        [--skip sft:optsys-varlen,...] [--out bench/results/e2e.json]
+                        [--lora 0] [--grpo-model stage:grpo_sft] [--grpo-task arithmetic] [--grpo-new-tokens 32]
+                        [--with-gc] [--sections sft,dpo,grpo] [--skip sft:optsys-varlen,...]
+                        [--out bench/results/e2e.json]
+    python bench/e2e.py --model smollm2-135m-instruct --lora 16 --grpo-new-tokens 64 ...   (the real model)
 
 Every row of a section does the same work: the same model folder (`tiny:small`: 50.9M parameters, vocab 32000,
 fp32), the same token ids, the same sequences in every optimizer step, the same loss, AdamW (betas 0.9/0.999, no
 weight decay), grad clip 1.0, a constant learning rate. Each variant runs in its own fresh process (bench/harness.py),
 --repeats times, interleaved (A B C A B C ...), with --threads threads pinned in every process; the table shows the
 min and the median over the repeats of each process's mean step time over steps 2.. (step 1 is warm-up).
+
+The real model (--model smollm2-135m-instruct: SmolLM2-135M-Instruct from the `real` extra, dequantized to fp32 once;
+or gguf:<file>, or a model folder) runs every section the same way; its GRPO section then starts from the model
+itself (not a stage) on word_problems prompts (variable-length worked answers; --grpo-task, --grpo-new-tokens).
+LoRA (--lora r > 0) trains a rank-r adapter on both sides instead of every weight: optsys model.lora.r / alpha
+(--lora-alpha, default 2r) / dropout 0 / target_modules, TRL the same through peft's LoraConfig as the trainers'
+`peft_config`, on the attention and MLP projections (q k v o gate up down). peft draws each adapter's A from the
+torch RNG: TRL's trainer is built right after torch.manual_seed(--seed), so its A equals optsys's and step 1's grad
+norm (of the adapters' B) is compared like a full model's.
 
 Data (SFT, DPO): chat rows whose prompt and completion lengths are drawn from log-normals (long-tailed, as real
 chat data is: median 48 / 96 words, sigma 0.9, capped), of words from the tiny tokenizer's own corpus. optsys
@@ -189,6 +200,7 @@ def run_optsys(args, section: str, variant: str, data: dict, tmp: Path) -> dict:
     ]
     if section == "dpo":
         overrides += ["pref.beta=0.1", "pref.reference=precompute"]
+    overrides += rl_bench.lora_overrides(args.lora, args.lora_alpha)
     # optsys (and optsys-gc): the default attention (auto: sdpa under the dense block-diagonal mask here);
     # optsys-varlen: the opt-in sdpa once per packed sequence
     overrides += [f"model.attn_implementation={'sdpa_varlen' if variant == 'optsys-varlen' else 'auto'}",
@@ -244,7 +256,8 @@ def trl_result(timer, trainer, tokens: int, setup_s: float) -> dict:
                   grad_norm=timer.logs.get(s["step"], {}).get("grad_norm"),
                   logs=timer.logs.get(s["step"], {})) for s in timer.steps]
     return {"steps": steps, "tokens_per_step": tokens, "setup_s": setup_s,
-            "params": sum(p.numel() for p in trainer.model.parameters())}
+            "params": sum(p.numel() for p in trainer.model.parameters()),
+            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
 
 
 def load_hf(args):
@@ -259,6 +272,7 @@ def load_hf(args):
 
 
 def run_trl_sft(args, variant: str, data: dict, tmp: Path) -> dict:
+    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
     from trl.data_utils import pack_dataset
@@ -280,7 +294,9 @@ def run_trl_sft(args, variant: str, data: dict, tmp: Path) -> dict:
     targs = SFTConfig(**trl_common(args, tmp, variant), completion_only_loss=True, **extra)
     timer = step_timer()
     t0 = time.perf_counter()
-    trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tok, callbacks=[timer])
+    torch.manual_seed(args.seed)  # LoRA: peft draws the adapters' A at the same RNG state as optsys's load does
+    trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tok, callbacks=[timer],
+                         peft_config=rl_bench.peft_lora_config(args.lora, args.lora_alpha))
     setup_s = time.perf_counter() - t0
     trainer.train()
     out = trl_result(timer, trainer, tokens, setup_s)
@@ -290,6 +306,7 @@ def run_trl_sft(args, variant: str, data: dict, tmp: Path) -> dict:
 
 
 def run_trl_dpo(args, variant: str, data: dict, tmp: Path) -> dict:
+    import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -310,7 +327,9 @@ def run_trl_dpo(args, variant: str, data: dict, tmp: Path) -> dict:
     targs = DPOConfig(**trl_common(args, tmp, variant), beta=0.1, loss_type=["sigmoid"], **extra)
     timer = step_timer()
     t0 = time.perf_counter()
-    trainer = PreTokenized(model=model, args=targs, train_dataset=dataset, processing_class=tok, callbacks=[timer])
+    torch.manual_seed(args.seed)  # LoRA: see run_trl_sft
+    trainer = PreTokenized(model=model, args=targs, train_dataset=dataset, processing_class=tok, callbacks=[timer],
+                           peft_config=rl_bench.peft_lora_config(args.lora, args.lora_alpha))
     setup_s = time.perf_counter() - t0  # includes the reference precompute for trl-best
     trainer.train()
     out = trl_result(timer, trainer, tokens, setup_s)
@@ -322,7 +341,7 @@ def run_trl_dpo(args, variant: str, data: dict, tmp: Path) -> dict:
 def rl_args(args) -> argparse.Namespace:
     return argparse.Namespace(model=args.grpo_model, steps=args.steps, prompts=args.grpo_prompts, group=args.grpo_group,
                               max_new_tokens=args.grpo_new_tokens, lr=args.lr, max_tokens=args.max_tokens,
-                              seed=args.seed)
+                              seed=args.seed, task=args.grpo_task, lora=args.lora, lora_alpha=args.lora_alpha)
 
 
 def run_grpo(args, variant: str) -> dict:
@@ -478,9 +497,31 @@ def print_table(rows: list[dict], absent: dict) -> None:
           "same tokens: the least a step must do), min and median)")
 
 
+def is_real(model: str) -> bool:
+    """A pretrained model (a GGUF source such as smollm2-135m-instruct, or a folder), not a tiny preset."""
+    return not rl_bench.model_name(model).startswith("tiny:")
+
+
+def resolve_defaults(args) -> None:
+    """The settings whose default depends on --model: GRPO's start and prompts, LoRA's alpha."""
+    real = is_real(args.model)
+    if args.grpo_model is None:
+        args.grpo_model = args.model if real else "stage:grpo_sft"
+    if args.grpo_task is None:
+        args.grpo_task = "word_problems" if real else "arithmetic"
+    if args.lora_alpha is None:
+        args.lora_alpha = 2 * args.lora
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small", help="tiny preset (small: 50.9M, vocab 32000) or a model folder")
+    p.add_argument("--model", default="small",
+                   help="tiny preset (small: 50.9M, vocab 32000), a real model (smollm2-135m-instruct, gguf:<file>) "
+                        "or a model folder")
+    p.add_argument("--lora", type=int, default=0,
+                   help="LoRA rank on both sides (0: full fine-tuning); optsys model.lora.*, TRL peft_config: the "
+                        "attention and MLP projections, dropout 0")
+    p.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default 2 x --lora)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per process; step 1 is warm-up")
     p.add_argument("--repeats", type=int, default=3, help="processes per variant, interleaved (A B A B A B)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP/MKL/torch threads in every process")
@@ -491,8 +532,11 @@ def main() -> None:
     p.add_argument("--max-words", type=int, default=600, help="cap on a row's words (prompt + completion)")
     p.add_argument("--max-tokens", type=int, default=2048, help="packed row length (optsys data.max_tokens, "
                                                                 "TRL max_length)")
-    p.add_argument("--grpo-model", default="stage:grpo_sft",
-                   help="GRPO's start: a trained one (variable-length, partly correct completions), not --model")
+    p.add_argument("--grpo-model", default=None,
+                   help="GRPO's start (default: stage:grpo_sft for a tiny --model, a trained one with variable-length, "
+                        "partly correct completions; --model itself for a real model)")
+    p.add_argument("--grpo-task", default=None, choices=("arithmetic", "word_problems"),
+                   help="GRPO's prompts (default: arithmetic for a tiny --model, word_problems for a real one)")
     p.add_argument("--grpo-prompts", type=int, default=8)
     p.add_argument("--grpo-group", type=int, default=4)
     p.add_argument("--grpo-new-tokens", type=int, default=32)
@@ -513,6 +557,9 @@ def main() -> None:
         p.error("--steps must be >= 2 (step 1 is warm-up)")
     if args.repeats < 1 or args.threads < 1:
         p.error("--repeats and --threads must be >= 1")
+    if args.lora < 0:
+        p.error("--lora must be >= 0 (0: full fine-tuning)")
+    resolve_defaults(args)
     sections = [s for s in args.sections.split(",") if s]
     skip = {s for s in args.skip.split(",") if s}
     bad_skip = sorted(skip - {f"{sec}:{v}" for sec, vs in SECTIONS.items() for v in vs if v != "optsys"})
@@ -578,14 +625,18 @@ def main() -> None:
     print(f"\nmodel {rl_bench.model_name(args.model)} ({floor['params'] / 1e6:.1f}M params); "
           f"SFT {len(lengths)} sequences/step "
           f"(tokens: median {lengths[len(lengths) // 2]}, max {lengths[-1]}, total {sum(lengths)}); DPO "
-          f"{len(data['dpo'])} pairs/step; GRPO from {rl_bench.model_name(args.grpo_model)}, {args.grpo_prompts} "
-          f"prompts x {args.grpo_group}, <= {args.grpo_new_tokens} new tokens; {args.steps} steps per process "
+          f"{len(data['dpo'])} pairs/step; GRPO from {rl_bench.model_name(args.grpo_model)} on {args.grpo_task}, "
+          f"{args.grpo_prompts} prompts x {args.grpo_group}, <= {args.grpo_new_tokens} new tokens; "
+          f"{f'LoRA r={args.lora} alpha={args.lora_alpha}' if args.lora else 'full fine-tuning'}; "
+          f"{args.steps} steps per process "
           f"(means over 2..{args.steps}), {args.repeats} interleaved repeats; {args.threads} threads on "
           f"{os.cpu_count()} cores, load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; "
           f"floor {floor['peak_rss_mb']:.0f} MB")
     rows = ratio_rows(summary)
     print_table(rows, absent)
     settings = {"args": vars(args), "variants": names, "baseline": BASELINE,
+                "lora": {"r": args.lora, "alpha": args.lora_alpha, "dropout": 0.0,
+                         "target_modules": rl_bench.LORA_TARGETS} if args.lora else None,
                 "optsys": {"attention": {"optsys": "auto", "optsys-varlen": "sdpa_varlen", "optsys-gc": "auto"},
                            "gradient_checkpointing": {"optsys-gc": True, "else": False}},
                 "trl": {"gradient_checkpointing": {"trl-default": "TRL's default (on)", "trl-best": False,

@@ -47,6 +47,9 @@ SECTIONS = {
     "lora_sync": ("bench/lora_sync.py", "lora_sync-cpu.json"),
     "packing": ("bench/packing.py", "packing-cpu.json"),
     "packing_csrc": ("bench/packing_csrc.py", "packing_csrc.json"),
+    # bench/e2e.py --model smollm2-135m-instruct --out bench/results/e2e_smollm2.json: the real model's e2e block
+    "e2e-smollm2": ("bench/e2e.py", "e2e_smollm2.json"),
+    "generation": ("bench/generation.py", "generation.json"),
 }
 
 
@@ -204,6 +207,45 @@ def preference_headline(doc: dict) -> str:
             f"| {m['cores']}-core CPU, {m['threads']} thread(s), load {load['start'][0]:.1f} |")
 
 
+GEN_WEIGHTS = {"merged": "merged weights (no adapter)", "adapter": "LoRA adapter active", "base": "base model"}
+GEN_ENGINES = {"vllm": "vLLM (in process)", "hf": "HF generate"}
+
+
+def generation_table(doc: dict, source: str) -> str:
+    """bench/generation.py's table: tokens/s of each engine, mode and weights, with vLLM over HF and adapter over
+    merged from the medians."""
+    f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
+    s = doc["settings"]
+    a = s["args"]
+    lora = f"LoRA r={a['lora']}, alpha {a['lora_alpha']} ({s['adapter_params'] / 1e6:.2f}M params, random)" \
+        if a["lora"] else "no adapter"
+    lines = [source, "",
+             f"{a['prompts']} word problems (prompt tokens {min(s['prompt_tokens'])}-{max(s['prompt_tokens'])}); "
+             f"greedy: {a['prompts']} x 1; sampled: {a['prompts'] // a['group']} x {a['group']} at "
+             f"T={a['temperature']}; <= {a['max_new_tokens']} new tokens, ending at the stop token; {lora}; fp32.", "",
+             "| engine | mode | weights | tokens / call | tokens/s, min | tokens/s, median | tokens / CPU-s, median "
+             "| vLLM / HF | (CPU) | adapter / merged | (CPU) | setup (s) | ended at stop | greedy same as first row |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    x = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
+    for r in doc["table"]:
+        lines.append(f"| {GEN_ENGINES.get(r['engine'], r['engine'])} | {r['mode']} "
+                     f"| {GEN_WEIGHTS.get(r['weights'], r['weights'])} | {r['tokens_per_call']:.0f} "
+                     f"| {r['tokens_per_s_min']:.1f} | {r['tokens_per_s_median']:.1f} "
+                     f"| {r['tokens_per_cpu_s_median']:.1f} | {x(r['vllm_over_hf'])} | {x(r['vllm_over_hf_cpu'])} "
+                     f"| {x(r['vs_merged'])} | {x(r['vs_merged_cpu'])} "
+                     f"| {r['setup_s_median']:.1f} | {r['stopped_fraction']:.2f} "
+                     f"| {f(r['greedy_same_as_first'], '.2f')} |")
+    for name, why in doc.get("absent", {}).items():
+        lines.append(f"| {name}: absent | {why} | | | | | | | | | | | | |")
+    reps = {r["repeats"] for r in doc["table"]}
+    lines += ["", f"Repeats per variant: {', '.join(map(str, sorted(reps)))}, interleaved, each in its own process, "
+              f"{a['rounds']} timed call(s) after a warm-up call; tokens/s = generated tokens (stop token included) "
+              "over the calls' wall time; tokens / CPU-s = the same over the process's CPU time in those calls (with "
+              "1 thread, the speed on a core of its own: far steadier than wall time on a shared machine); ratios "
+              "from the medians; setup (model load, engine start, adapter load) is not timed."]
+    return "\n".join(lines)
+
+
 README_ROWS = {"e2e": e2e_headline, "eval": eval_headline, "preference": preference_headline}
 
 
@@ -255,6 +297,15 @@ def render(args) -> dict[Path, str]:
             continue
         if name == "e2e":
             texts.update(render_e2e(args, here, path, bench_readme, readme, texts))
+            continue
+        if name in ("e2e-smollm2", "generation"):  # their own tables (no harness `tables`); no README row
+            doc = json.loads(path.read_text())
+            if doc.get("script") != SECTIONS[name][0]:
+                raise ReportError(f"{path} was not written by {SECTIONS[name][0]}'s harness (its `script` is "
+                                  f"{doc.get('script')!r}): re-run it")
+            table = e2e_table if name == "e2e-smollm2" else generation_table
+            body = table(doc, provenance(doc, here, args.other_machine, path))
+            texts[bench_readme] = replace_block(texts[bench_readme], name, body, bench_readme)
             continue
         doc = load_doc(name, path)
         source = provenance(doc, here, args.other_machine, path)

@@ -55,12 +55,39 @@ def length_reward(completion: str, *, prompt: str, answer: str | None) -> float:
 
 
 def model_name(model: str) -> str:
-    return model if "/" in model or model.startswith(("tiny:", "stage:")) else f"tiny:{model}"
+    """A tiny preset's short name (`small`) -> `tiny:small`; any other source (`stage:`, `gguf:`, a named real model
+    such as `smollm2-135m-instruct`, a folder) as it is."""
+    from optsys.models.gguf import is_gguf_source
+
+    if "/" in model or model.startswith(("tiny:", "stage:")) or is_gguf_source(model):
+        return model
+    return f"tiny:{model}"
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_overrides(r: int, alpha: int) -> list[str]:
+    """optsys's LoRA settings (r = 0: full fine-tuning); TRL gets the same through `peft_lora_config`."""
+    if not r:
+        return []
+    return [f"model.lora.r={r}", f"model.lora.alpha={alpha}", "model.lora.dropout=0.0",
+            f"model.lora.target_modules=[{','.join(LORA_TARGETS)}]"]
+
+
+def peft_lora_config(r: int, alpha: int):
+    """peft's LoraConfig for a TRL trainer's `peft_config`, the same adapter as `lora_overrides` (None: full)."""
+    if not r:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+                      task_type="CAUSAL_LM")
 
 
 def optsys_overrides(args, engine: str, out_dir: Path) -> list[str]:
     return [
-        "method=grpo", f"model.name_or_path={model_name(args.model)}", f"data.task={TASK}",
+        "method=grpo", f"model.name_or_path={model_name(args.model)}", f"data.task={getattr(args, 'task', TASK)}",
         f"data.num_train={args.steps * args.prompts}", "data.num_eval=4", f"data.max_tokens={args.max_tokens}",
         f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}", "trainer.warmup_steps=0", "trainer.log_every=1",
         "trainer.progress=false", "trainer.weight_decay=0.0", "trainer.grad_clip=1.0", f"rl.engine={engine}",
@@ -68,7 +95,7 @@ def optsys_overrides(args, engine: str, out_dir: Path) -> list[str]:
         f"rl.max_new_tokens={args.max_new_tokens}",
         "rl.temperature=1.0", "rl.updates_per_batch=1", "rl.kl_coef=0.0", "rl.rewards=[correct,rl:length_reward]",
         "eval.before=false", "eval.after=false", f"seed={args.seed}", f"output_dir={out_dir}",
-    ]
+    ] + lora_overrides(getattr(args, "lora", 0), getattr(args, "lora_alpha", 0))
 
 
 def optsys_config(args, engine: str, out_dir: Path):
@@ -256,7 +283,8 @@ def run_trl(args, extra: dict | None = None) -> dict:
     )
     t0 = time.perf_counter()
     trainer = GRPOTrainer(model=model, reward_funcs=[correct_reward, length_bonus], args=targs,
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()],
+                          peft_config=peft_lora_config(getattr(args, "lora", 0), getattr(args, "lora_alpha", 0)))
     setup_s = time.perf_counter() - t0
     trainer.train()
     by_step = {r["step"]: r for r in logged if "completions/mean_length" in r}

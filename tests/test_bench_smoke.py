@@ -241,3 +241,197 @@ def test_report_writes_tables_from_the_json_and_refuses_another_machine(tmp_path
     assert res.returncode == 1 and "measured on another machine" in res.stderr and "--other-machine" in res.stderr
     run_script(ROOT / "bench" / "report.py", *argv, "--other-machine")
     assert "**another machine**" in (tmp_path / "bench.md").read_text()
+
+
+def bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    return __import__(name)
+
+
+def test_e2e_real_model_defaults_and_lora_settings_match_on_both_sides():
+    """--model picks GRPO's start and prompts; --lora gives optsys and TRL (peft) the same adapter."""
+    import argparse
+
+    e2e, rl = bench_module("e2e"), bench_module("rl")
+    assert rl.model_name("smollm2-135m-instruct") == "smollm2-135m-instruct"  # a named real model, not tiny:
+    assert rl.model_name("gguf:/x/m.gguf") == "gguf:/x/m.gguf" and rl.model_name("small") == "tiny:small"
+
+    def resolved(**kw):
+        args = argparse.Namespace(**{"grpo_model": None, "grpo_task": None, "lora": 0, "lora_alpha": None, **kw})
+        e2e.resolve_defaults(args)
+        return args
+
+    real = resolved(model="smollm2-135m-instruct", lora=16)
+    assert (real.grpo_model, real.grpo_task, real.lora_alpha) == ("smollm2-135m-instruct", "word_problems", 32)
+    tiny = resolved(model="small")
+    assert (tiny.grpo_model, tiny.grpo_task, tiny.lora_alpha) == ("stage:grpo_sft", "arithmetic", 0)
+    given = resolved(model="smollm2-135m-instruct", grpo_model="stage:x", grpo_task="arithmetic", lora=8, lora_alpha=8)
+    assert (given.grpo_model, given.grpo_task, given.lora_alpha) == ("stage:x", "arithmetic", 8)
+
+    assert rl.lora_overrides(0, 0) == [] and rl.peft_lora_config(0, 0) is None  # full fine-tuning
+    over = dict(o.split("=", 1) for o in rl.lora_overrides(8, 16))
+    peft = rl.peft_lora_config(8, 16)
+    assert (int(over["model.lora.r"]), int(over["model.lora.alpha"]), float(over["model.lora.dropout"])) == \
+        (peft.r, peft.lora_alpha, peft.lora_dropout) == (8, 16, 0.0)
+    targets = over["model.lora.target_modules"].strip("[]").split(",")
+    assert targets == rl.LORA_TARGETS and set(peft.target_modules) == set(targets)
+    grpo = rl.optsys_overrides(argparse.Namespace(model="smollm2-135m-instruct", steps=2, prompts=2, group=2,
+                                                  max_new_tokens=64, lr=1e-5, max_tokens=1024, seed=0,
+                                                  task="word_problems", lora=8, lora_alpha=16), "vllm", Path("/x"))
+    assert "data.task=word_problems" in grpo and "rl.max_new_tokens=64" in grpo and "model.lora.r=8" in grpo
+    assert "model.name_or_path=smollm2-135m-instruct" in grpo
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lora", "-1"], "--lora must be >= 0"),
+    (["--grpo-task", "sorting"], "invalid choice"),
+])
+def test_e2e_refuses_bad_lora_and_grpo_task(argv, message):
+    res = subprocess.run([sys.executable, ROOT / "bench" / "e2e.py", *argv], capture_output=True, text=True, env=ENV)
+    assert res.returncode == 2 and message in res.stderr
+
+
+@pytest.mark.slow
+def test_e2e_bench_lora_quick(tmp_path):
+    # LoRA on both sides: the script exits 1 unless step 1's loss and grad norm (of the adapters) agree.
+    pytest.importorskip("trl", reason="TRL is the baseline of bench/e2e.py")
+    out = tmp_path / "e2e.json"
+    run_script(ROOT / "bench" / "e2e.py", "--model", "test", "--lora", "4", "--steps", "2", "--repeats", "1",
+               "--threads", "1", "--sft-seqs", "8", "--prompt-words", "6", "--completion-words", "12",
+               "--max-words", "40", "--max-tokens", "256", "--sections", "sft",
+               "--skip", "sft:optsys-varlen,sft:trl-default", "--out", out)
+    result = json.loads(out.read_text())
+    assert result["problems"] == [] and set(result["summary"]["sft"]) == {"optsys", "trl-best"}
+    assert result["settings"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0,
+                                          "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]}
+    trl = result["results"]["sft"]["trl-best"][0]
+    assert 0 < trl["trainable_params"] < trl["params"] / 10  # TRL trained the adapters only
+    summ = result["summary"]["sft"]
+    assert summ["trl-best"]["grad_norm_step1"] == pytest.approx(summ["optsys"]["grad_norm_step1"], rel=1e-3)
+
+
+def fake_generation_processes() -> dict:
+    """bench/generation.py's process results (engine:weights, a repeat each) with made-up timings."""
+    def proc(setup, greedy_s, sampled_s, ids):  # CPU time: half the wall time (a machine shared with one job)
+        return {"setup_s": setup, "modes": {
+            "greedy": {"rounds": [{"seconds": greedy_s, "cpu_s": greedy_s / 2, "tokens": 40, "sequences": 4,
+                                   "stopped": 3}], "token_ids": ids},
+            "sampled": {"rounds": [{"seconds": sampled_s, "cpu_s": sampled_s / 2, "tokens": 60, "sequences": 4,
+                                    "stopped": 4}], "token_ids": None}}}
+
+    same, other = [[1, 2], [3], [4, 5], [6]], [[1, 2], [3], [9], [6]]
+    return {"vllm:merged": [proc(30.0, 1.0, 2.0, same), proc(32.0, 2.0, 3.0, same)],
+            "hf:merged": [proc(5.0, 4.0, 6.0, same), proc(6.0, 4.0, 6.0, other)],
+            "vllm:adapter": [proc(35.0, 2.0, 4.0, other), proc(36.0, 2.0, 4.0, other)],
+            "hf:adapter": [proc(7.0, 5.0, 10.0, same), proc(8.0, 5.0, 10.0, same)]}
+
+
+def test_generation_rows_ratios_and_greedy_agreement():
+    """bench/generation.py's summary on made-up process results: tokens/s per process, min and median over repeats,
+    vLLM over HF, adapter over merged, and greedy completions compared with the first greedy row's."""
+    gen = bench_module("generation")
+    assert gen.process_names(["vllm", "hf"], 16) == ["vllm:merged", "hf:merged", "vllm:adapter", "hf:adapter"]
+    assert gen.process_names(["hf"], 0) == ["hf:base"]
+    names = gen.variant_names(["vllm", "hf"], ["greedy", "sampled"], 16)
+    variants = gen.by_variant(fake_generation_processes())
+    assert set(variants) == set(names) and len(names) == 8
+    assert variants["vllm:sampled:adapter"][1] == {"setup_s": 36.0, "rounds": [
+        {"seconds": 4.0, "cpu_s": 2.0, "tokens": 60, "sequences": 4, "stopped": 4}], "token_ids": None}
+    variants = {n: variants[n] for n in names}
+    summary = gen.summarize(variants)
+    assert summary["vllm:greedy:merged"]["tokens_per_s"] == {"min": 20.0, "median": 30.0, "values": [40.0, 20.0]}
+    assert summary["vllm:greedy:merged"]["tokens_per_cpu_s"]["values"] == [80.0, 40.0]
+    assert summary["vllm:greedy:merged"]["stopped_fraction"] == 0.75
+    agreement = gen.greedy_agreement(variants)  # the first greedy row is vllm:greedy:merged (repeat 1)
+    assert agreement == {"vllm:greedy:merged": 1.0, "hf:greedy:merged": 1.0, "vllm:greedy:adapter": 0.75,
+                         "hf:greedy:adapter": 1.0}
+    rows = {r["variant"]: r for r in gen.table_rows(summary, agreement)}
+    assert rows["vllm:greedy:merged"]["vllm_over_hf"] == pytest.approx(30.0 / 10.0)
+    assert rows["hf:greedy:merged"]["vllm_over_hf"] is None and rows["hf:greedy:merged"]["vs_merged"] is None
+    assert rows["hf:sampled:adapter"]["vs_merged"] == pytest.approx(6.0 / 10.0)
+    assert rows["hf:sampled:adapter"]["vs_merged_cpu"] == pytest.approx(12.0 / 20.0)
+    assert rows["vllm:greedy:merged"]["vllm_over_hf_cpu"] == pytest.approx(60.0 / 20.0)
+    assert rows["hf:greedy:merged"]["vllm_over_hf_cpu"] is None
+    assert rows["vllm:sampled:adapter"]["vllm_over_hf"] == pytest.approx(15.0 / 6.0)
+    assert rows["vllm:greedy:adapter"]["greedy_same_as_first"] == 0.75
+    gen.print_table(list(rows.values()), {"vllm:greedy:base": "vLLM rows: `vllm` is not installed"})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--engines", "vllm,trt"], "--engines: ['trt'] given"),
+    (["--modes", ""], "--modes: nothing given"),
+    (["--prompts", "6", "--group", "4"], "must be a multiple of --group"),
+    (["--lora", "-2"], "--lora must be >= 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_generation_refuses_bad_arguments(argv, message):
+    res = subprocess.run([sys.executable, ROOT / "bench" / "generation.py", *argv], capture_output=True, text=True,
+                         env=ENV)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_generation_bench_quick(tmp_path):
+    # Every process of the product engines x weights runs and writes its rows (numbers not checked).
+    pytest.importorskip("vllm", reason="vLLM is the `cpu`/`gpu` extra")
+    out = tmp_path / "generation.json"
+    run_script(ROOT / "bench" / "generation.py", "--model", "test", "--prompts", "2", "--group", "2",
+               "--max-new-tokens", "3", "--lora", "8", "--repeats", "1", "--threads", "1", "--out", out)
+    doc = json.loads(out.read_text())
+    assert doc["script"] == "bench/generation.py" and doc["absent"] == {}
+    assert [r["variant"] for r in doc["table"]] == [f"{e}:{m}:{w}" for m in ("greedy", "sampled")
+                                                     for w in ("merged", "adapter") for e in ("vllm", "hf")]
+    for r in doc["table"]:
+        assert r["tokens_per_call"] > 0 and r["tokens_per_s_median"] > 0 and r["setup_s_median"] > 0
+        assert (r["vllm_over_hf"] is not None) == (r["engine"] == "vllm")
+        assert (r["vs_merged"] is not None) == (r["weights"] == "adapter")
+        assert (r["greedy_same_as_first"] is not None) == (r["mode"] == "greedy")
+    assert doc["settings"]["adapter_params"] > 0 and doc["settings"]["stop_token_ids"]
+
+
+def fake_generation_doc() -> dict:
+    gen, harness = bench_module("generation"), bench_module("harness")
+    variants = gen.by_variant(fake_generation_processes())
+    variants = {n: variants[n] for n in gen.variant_names(["vllm", "hf"], ["greedy", "sampled"], 16)}
+    summary = gen.summarize(variants)
+    args = {"prompts": 4, "group": 2, "temperature": 0.7, "max_new_tokens": 48, "lora": 16, "lora_alpha": 32,
+            "rounds": 1}
+    return {"script": "bench/generation.py", "command": "python bench/generation.py", "machine": harness.machine(1),
+            "date": "2026-12-06", "load_average": {"start": [6.0, 1, 1], "end": [7.0, 1, 1]}, "wall_s": 540.0,
+            "settings": {"args": args, "adapter_params": 3_000_000, "prompt_tokens": [90, 120]},
+            "table": gen.table_rows(summary, gen.greedy_agreement(variants)), "absent": {}}
+
+
+def test_report_fills_the_generation_and_real_model_blocks_from_their_json(tmp_path):
+    e2e_block = "<!-- report:e2e -->\nold\n<!-- /report:e2e -->\n"
+    (tmp_path / "readme.md").write_text("| a | b |\n|---|---|\n| old | row | <!-- report:e2e -->\n")
+    (tmp_path / "e2e.json").write_text(json.dumps(fake_e2e_doc()))
+    argv = ["--e2e", tmp_path / "e2e.json", "--bench-readme", tmp_path / "bench.md", "--readme",
+            tmp_path / "readme.md", "--json", f"generation={tmp_path / 'generation.json'}"]
+    gen_block = "<!-- report:generation -->\nold\n<!-- /report:generation -->\n"
+    (tmp_path / "bench.md").write_text("# B\n" + e2e_block + gen_block)
+    res = subprocess.run([sys.executable, ROOT / "bench" / "report.py", *argv], capture_output=True, text=True)
+    assert res.returncode == 1 and "generation.json does not exist: run `python bench/generation.py` first" in \
+        res.stderr
+    (tmp_path / "generation.json").write_text(json.dumps(fake_generation_doc()))
+    run_script(ROOT / "bench" / "report.py", *argv)
+    assert "| 3.00x |" in (tmp_path / "bench.md").read_text()
+    (tmp_path / "bench.md").write_text("# B\n" + e2e_block + gen_block + "<!-- report:e2e-smollm2 -->\nold\n"
+                                       "<!-- /report:e2e-smollm2 -->\n")
+    argv += ["--json", f"e2e-smollm2={tmp_path / 'real.json'}"]
+    (tmp_path / "real.json").write_text(json.dumps(fake_generation_doc()))  # the wrong script's JSON
+    res = subprocess.run([sys.executable, ROOT / "bench" / "report.py", *argv], capture_output=True, text=True)
+    assert res.returncode == 1 and "real.json was not written by bench/e2e.py" in res.stderr
+    (tmp_path / "real.json").write_text(json.dumps(dict(fake_e2e_doc(), command="python bench/e2e.py --lora 16")))
+    run_script(ROOT / "bench" / "report.py", *argv)
+    bench = (tmp_path / "bench.md").read_text()
+    assert "old" not in bench and "`python bench/e2e.py --lora 16`" in bench
+    gen_rows = [line for line in bench.splitlines() if line.startswith("| vLLM") or line.startswith("| HF")]
+    assert len(gen_rows) == 8
+    assert gen_rows[0].startswith("| vLLM (in process) | greedy | merged weights (no adapter) | 40 | 20.0 | 30.0 "
+                                  "| 60.0 | 3.00x | 3.00x | - | - |")
+    assert "| HF generate | sampled | LoRA adapter active | 60 | 6.0 | 6.0 | 12.0 | - | - | 0.60x | 0.60x |" in bench
+    assert "greedy: 4 x 1; sampled: 2 x 2 at T=0.7; <= 48 new tokens" in bench and "LoRA r=16, alpha 32" in bench
+    run_script(ROOT / "bench" / "report.py", *argv, "--check")
