@@ -245,6 +245,10 @@ def test_the_expected_reload_warnings_are_dropped_and_others_kept():
 
     handler = Keep()
     logger.addHandler(handler)
+    # earlier tests' logging setup (vLLM's, a dictConfig) may have disabled this logger or raised its level
+    was = logger.disabled, logger.level
+    logger.disabled = False
+    logger.setLevel(logging.DEBUG)
     try:
         quiet_expected_reload_warnings()
         quiet_expected_reload_warnings()  # installed once
@@ -254,6 +258,8 @@ def test_the_expected_reload_warnings_are_dropped_and_others_kept():
         logger.warning("%s: Delayed processing", "ParallelLMHead")
     finally:
         logger.removeHandler(handler)
+        logger.disabled, _ = was
+        logger.setLevel(was[1])
     assert seen == ["QKVParallelLinear: Failed to load weights", "ParallelLMHead: Delayed processing"]
 
 

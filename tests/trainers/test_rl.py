@@ -262,7 +262,7 @@ def test_grpo_on_two_ranks_matches_one_process(tmp_path, engine):
     if engine == "vllm":
         pytest.importorskip("vllm")
     shapes = ((1, 1), (2, 1), (2, 2)) if engine == "vllm" else ((1, 1), (2, 1))
-    outs = runs_on_ranks(tmp_path, shapes, "grpo", f"rl.engine={engine}")
+    outs = runs_on_ranks(tmp_path, shapes, "grpo", f"rl.engine={engine}", "rl.canary_every=1")  # every sync checked
     one = outs.pop((1, 1))
     for (n, tp), many in outs.items():
         for step in (1, 2, 3):
