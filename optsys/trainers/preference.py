@@ -287,9 +287,11 @@ def batch_loss(model, batch: PairBatch, ref: torch.Tensor | None, *, method: str
     return loss.sum()
 
 
-def step_counts(batches: list[PairBatch]) -> tuple[int, int]:
-    """(pairs, chosen target tokens) of a whole step or split: the sizes of pref.rpo_alpha's token mean."""
-    return sum(b.num_pairs for b in batches), sum(b.chosen_target_tokens for b in batches)
+def step_counts(batches: list[PairBatch], chosen_tokens: bool = True) -> tuple[int, int]:
+    """(pairs, chosen target tokens) of a whole step or split: the sizes of pref.rpo_alpha's token mean. Without
+    `chosen_tokens` (rpo_alpha off) the tokens are not counted (0): a pass over every row's targets each step."""
+    tokens = sum(b.chosen_target_tokens for b in batches) if chosen_tokens else 0
+    return sum(b.num_pairs for b in batches), tokens
 
 
 class Reference:
@@ -325,7 +327,7 @@ def evaluate(model, pairs: list[PreferencePair], reference: Reference | None, *,
     was_training = model.training
     model.eval()
     batches = packed_pair_batches(pairs, cfg.data.max_tokens, shuffle_seed=None)
-    split = step_counts(batches)  # all ranks': pref.rpo_alpha's NLL is the split's token mean
+    split = step_counts(batches, cfg.pref.rpo_alpha is not None)  # all ranks': rpo_alpha's NLL is the split's mean
     rows = list(shared_batches(batches, world))
     refs = [reference(batch, "eval") if reference is not None else None for batch, _ in rows]
     z0 = kto_z0(model, rows, refs, cfg=cfg, device=device, world=world) if method == "kto" else None  # the split's
@@ -497,7 +499,7 @@ def _train(cfg: TrainConfig, world: World, resolve) -> dict | None:
             with phase("data"):
                 epoch, group = next(steps)  # every rank builds the same global step, then takes its share
                 rows = list(shared_batches(group, world))
-            n_pairs, n_chosen_tokens = step_counts(group)
+            n_pairs, n_chosen_tokens = step_counts(group, cfg.pref.rpo_alpha is not None)
             step_loss = 0.0
             with phase("reference"):
                 refs = [reference(batch, "train") if reference is not None else None for batch, _ in rows]
