@@ -56,6 +56,9 @@ recomputation on both sides (optsys-gc, trl-best-gc).
                      pairs; TRL 1.16's padding_free is disabled: "temporarily unavailable"); gradient checkpointing off.
   grpo optsys        bench/rl.py's optsys-vllm from --grpo-model (default stage:grpo_sft: a trained start, so
                      completions vary in length and correctness): vLLM in the process, in-place weight sync + canary.
+                     With --lora, the default rl.lora_sync=merged (the merged weights pushed every step).
+       optsys-adapter (--lora only) the same with rl.lora_sync=adapter: the adapter alone synced, and vLLM
+                     generating through its LoRA path.
        optsys-floor  bench/rl.py's optsys-floor: the least a step must do, the same generation (engine, prompts,
                      seeds) and one packed forward and backward of the same tokens; no rewards, optimizer step,
                      sync or canary. Every GRPO row also gives its s/step over the floor's ('/ floor').
@@ -97,7 +100,7 @@ import rl as rl_bench  # noqa: E402  (bench/rl.py: the GRPO variants)
 
 SECTIONS = {"sft": ("optsys", "optsys-varlen", "trl-default", "trl-best", "optsys-gc", "trl-best-gc"),
             "dpo": ("optsys", "optsys-varlen", "trl-default", "trl-best", "optsys-gc", "trl-best-gc"),
-            "grpo": ("optsys", "optsys-floor", "trl-best", "trl-cb")}
+            "grpo": ("optsys", "optsys-adapter", "optsys-floor", "trl-best", "trl-cb")}
 OPT_IN = {"optsys-gc", "trl-best-gc", "trl-cb"}  # rows run only when asked for (--with-gc, --grpo-trl-cb)
 BASELINE = {"sft": "trl-best", "dpo": "trl-best", "grpo": "trl-best"}  # the ratio's denominator in each section
 LOSS_RTOL = 1e-3
@@ -345,8 +348,10 @@ def rl_args(args) -> argparse.Namespace:
 
 
 def run_grpo(args, variant: str) -> dict:
-    if variant == "optsys":
-        return rl_bench.run_optsys(rl_args(args), "vllm")
+    if variant in ("optsys", "optsys-adapter"):
+        ns = rl_args(args)
+        ns.lora_sync = "adapter" if variant == "optsys-adapter" else None  # None: optsys's default (merged)
+        return rl_bench.run_optsys(ns, "vllm")
     if variant == "optsys-floor":
         return rl_bench.run_floor(rl_args(args))
     extra = {"use_transformers_continuous_batching": True} if variant == "trl-cb" else None
@@ -584,6 +589,9 @@ def main() -> None:
             name = f"{section}:{variant}"
             if name in skip or (variant in OPT_IN and variant not in opted):
                 continue
+            if variant == "optsys-adapter" and not args.lora:
+                absent[name] = "full fine-tuning (--lora 0): no adapter to sync"
+                continue
             if variant.startswith("trl") and trl_missing:
                 absent[name] = trl_missing
                 continue
@@ -638,6 +646,7 @@ def main() -> None:
                 "lora": {"r": args.lora, "alpha": args.lora_alpha, "dropout": 0.0,
                          "target_modules": rl_bench.LORA_TARGETS} if args.lora else None,
                 "optsys": {"attention": {"optsys": "auto", "optsys-varlen": "sdpa_varlen", "optsys-gc": "auto"},
+                           "rl.lora_sync": {"optsys": "merged (the default)", "optsys-adapter": "adapter"},
                            "gradient_checkpointing": {"optsys-gc": True, "else": False}},
                 "trl": {"gradient_checkpointing": {"trl-default": "TRL's default (on)", "trl-best": False,
                                                    "trl-best-gc": True},

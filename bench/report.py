@@ -34,6 +34,7 @@ LABELS = {
     "trl-best": "TRL best (gradient checkpointing off): the baseline",
     "trl-best-gc": "TRL best, gradient checkpointing on",
     "trl-cb": "TRL, continuous batching",
+    "optsys-adapter": "optsys, `rl.lora_sync=adapter` (vLLM's LoRA path)",
     "optsys-floor": "optsys's floor: its generation + one packed forward and backward of the same tokens",
 }
 SECTION_NAMES = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO"}

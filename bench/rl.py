@@ -95,7 +95,8 @@ def optsys_overrides(args, engine: str, out_dir: Path) -> list[str]:
         f"rl.max_new_tokens={args.max_new_tokens}",
         "rl.temperature=1.0", "rl.updates_per_batch=1", "rl.kl_coef=0.0", "rl.rewards=[correct,rl:length_reward]",
         "eval.before=false", "eval.after=false", f"seed={args.seed}", f"output_dir={out_dir}",
-    ] + lora_overrides(getattr(args, "lora", 0), getattr(args, "lora_alpha", 0))
+    ] + lora_overrides(getattr(args, "lora", 0), getattr(args, "lora_alpha", 0)) + (
+        [f"rl.lora_sync={args.lora_sync}"] if getattr(args, "lora_sync", None) else [])
 
 
 def optsys_config(args, engine: str, out_dir: Path):

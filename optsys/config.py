@@ -239,9 +239,11 @@ class RLConfig:
     # vLLM engines split over this many consecutive ranks (tensor parallel); each group of ranks generates its
     # ranks' prompts together. 1: an engine per rank holding the whole policy
     engine_tensor_parallel: int = 1
-    # LoRA: "adapter" syncs only the adapter into vLLM (in memory, in place); "merged" merges it into the base
-    # weights and streams those (no LoRA kernels in generation: faster rollouts on CPU, see bench/README.md)
-    lora_sync: Literal["adapter", "merged"] = "adapter"
+    # LoRA: "merged" folds the adapter into the base weights and streams those, a full-weight sync a step, so vLLM
+    # generates with no LoRA kernels (3x faster on CPU, bench/README.md "Generation"; vLLM's LoRA path costs
+    # ~1.35x per output token on GPUs; TRL also merges before its vLLM sync). "adapter" syncs only the adapter
+    # (a few MB, in memory, in place): for a policy too large to re-sync every step
+    lora_sync: Literal["adapter", "merged"] = "merged"
     max_turns: int = 4  # multi-turn tasks (data.task=guess): model turns per episode before it is cut (counted)
     # method=ppo: the critic (a copy of the policy with a value head) and GAE; rl.kl_coef goes into the reward
     critic_lr: Optional[float] = None  # None: trainer.lr

@@ -280,6 +280,12 @@ def test_e2e_real_model_defaults_and_lora_settings_match_on_both_sides():
                                                   task="word_problems", lora=8, lora_alpha=16), "vllm", Path("/x"))
     assert "data.task=word_problems" in grpo and "rl.max_new_tokens=64" in grpo and "model.lora.r=8" in grpo
     assert "model.name_or_path=smollm2-135m-instruct" in grpo
+    assert not any(o.startswith("rl.lora_sync=") for o in grpo)  # the optsys row: optsys's default (merged)
+    adapter = rl.optsys_overrides(argparse.Namespace(model="smollm2-135m-instruct", steps=2, prompts=2, group=2,
+                                                     max_new_tokens=64, lr=1e-5, max_tokens=1024, seed=0,
+                                                     task="word_problems", lora=8, lora_alpha=16,
+                                                     lora_sync="adapter"), "vllm", Path("/x"))
+    assert adapter == grpo + ["rl.lora_sync=adapter"]  # the optsys-adapter row differs in that alone
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -170,7 +170,7 @@ def test_a_sync_that_skips_a_parameter_stops_the_run(tmp_path, monkeypatch):
     (["trainer.batch_tokens=8192"], "trainer.batch_tokens"),
     (["rl.top_p=0"], "rl.top_p"),
     (["model.lora.r=8", "model.lora.quantize=nf4", "rl.engine=vllm"], "QLoRA"),
-    (["rl.lora_sync=merged"], "rl.lora_sync applies to LoRA"),
+    (["rl.lora_sync=adapter"], "rl.lora_sync applies to LoRA"),
     (["pref.beta=0.5"], "pref"),
     (["rl.clip_eps=0.3", "method=cispo"], "rl.clip_eps"),
     (["rl.teacher=tiny:test"], "rl.teacher"),
@@ -199,7 +199,7 @@ def test_multi_turn_settings_are_checked(overrides, world, match, monkeypatch):
     (["rl.engine_tensor_parallel=2", "rl.engine=hf"], "2", "needs the vLLM engine"),
     (["rl.engine_tensor_parallel=0"], "1", "rl.engine_tensor_parallel"),
     (["rl.engine_tensor_parallel=2", "data.task=guess", "rl.rewards=[correct]"], "2", "lock step"),
-    (["rl.engine_tensor_parallel=2", "model.lora.r=8"], "2", "rl.lora_sync=merged"),
+    (["rl.engine_tensor_parallel=2", "model.lora.r=8", "rl.lora_sync=adapter"], "2", "rl.lora_sync=merged"),
 ])
 def test_tensor_parallel_engine_settings_are_checked(overrides, world, match, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", world)
