@@ -240,7 +240,7 @@ class RLConfig:
     # ranks' prompts together. 1: an engine per rank holding the whole policy
     engine_tensor_parallel: int = 1
     # LoRA: "merged" folds the adapter into the base weights and streams those, a full-weight sync a step, so vLLM
-    # generates with no LoRA kernels (3x faster on CPU, bench/README.md "Generation"; vLLM's LoRA path costs
+    # generates with no LoRA kernels (2.5x faster on CPU, bench/README.md "Generation"; vLLM's LoRA path costs
     # ~1.35x per output token on GPUs; TRL also merges before its vLLM sync). "adapter" syncs only the adapter
     # (a few MB, in memory, in place): for a policy too large to re-sync every step
     lora_sync: Literal["adapter", "merged"] = "merged"

@@ -248,6 +248,19 @@ def bench_module(name: str):
     return __import__(name)
 
 
+@pytest.mark.parametrize("start, end, threads, loaded", [
+    (1.35, 1.08, 1, False),  # a 1-thread run alone on 2 cores: its own load
+    (2.98, 3.06, 1, True),  # the same with a 2-thread job beside it
+    (1.40, 2.10, 2, False),  # a 2-thread run alone
+    (3.06, 3.75, 2, True),
+    (1.35, 1.08, 0, True),  # no threads recorded: nothing subtracted
+])
+def test_report_calls_a_machine_loaded_by_the_load_beyond_the_benchmark_s_own_threads(start, end, threads, loaded):
+    report = bench_module("report")
+    doc = {"load_average": {"start": [start, 1, 1], "end": [end, 1, 1]}, "machine": {"cores": 2, "threads": threads}}
+    assert ("Loaded machine" in report.load_note(doc)) is loaded
+
+
 def test_e2e_real_model_defaults_and_lora_settings_match_on_both_sides():
     """--model picks GRPO's start and prompts; --lora gives optsys and TRL (peft) the same adapter."""
     import argparse
@@ -427,6 +440,8 @@ def test_report_fills_the_generation_and_real_model_blocks_from_their_json(tmp_p
     (tmp_path / "bench.md").write_text("# B\n" + e2e_block + gen_block + "<!-- report:e2e-smollm2 -->\nold\n"
                                        "<!-- /report:e2e-smollm2 -->\n")
     argv += ["--json", f"e2e-smollm2={tmp_path / 'real.json'}"]
+    (tmp_path / "readme.md").write_text("| a | b |\n|---|---|\n| old | row | <!-- report:e2e -->\n"
+                                        "| old | real | <!-- report:e2e-smollm2 -->\n")
     (tmp_path / "real.json").write_text(json.dumps(fake_generation_doc()))  # the wrong script's JSON
     res = subprocess.run([sys.executable, ROOT / "bench" / "report.py", *argv], capture_output=True, text=True)
     assert res.returncode == 1 and "real.json was not written by bench/e2e.py" in res.stderr
@@ -434,6 +449,9 @@ def test_report_fills_the_generation_and_real_model_blocks_from_their_json(tmp_p
     run_script(ROOT / "bench" / "report.py", *argv)
     bench = (tmp_path / "bench.md").read_text()
     assert "old" not in bench and "`python bench/e2e.py --lora 16`" in bench
+    real_row = (tmp_path / "readme.md").read_text().splitlines()[3]  # the README row from the same JSON
+    assert real_row.startswith("| the same on the real model") and "`python bench/e2e.py --lora 16`" in real_row
+    assert real_row.endswith("<!-- report:e2e-smollm2 -->")
     gen_rows = [line for line in bench.splitlines() if line.startswith("| vLLM") or line.startswith("| HF")]
     assert len(gen_rows) == 8
     assert gen_rows[0].startswith("| vLLM (in process) | greedy | merged weights (no adapter) | 40 | 20.0 | 30.0 "
