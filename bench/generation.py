@@ -50,22 +50,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402  (bench/harness.py: processes, repeats, threads, JSON)
+import rl as rl_bench  # noqa: E402  (bench/rl.py: model names, the LoRA adapter both benches train)
 
 ENGINES = ("vllm", "hf")
 MODES = ("greedy", "sampled")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def model_name(model: str) -> str:
-    """A tiny preset's short name (`test`) -> `tiny:test`; other sources (a named real model, `gguf:`, a folder) as
-    they are."""
-    from optsys.models.gguf import is_gguf_source
-
-    if "/" in model or model.startswith(("tiny:", "stage:")) or is_gguf_source(model):
-        return model
-    return f"tiny:{model}"
-
-
 def process_names(engines: list[str], lora: int) -> list[str]:
     """One process a engine and weights ("vllm:adapter"); it measures every mode."""
     weights = ("merged", "adapter") if lora else ("base",)
@@ -123,12 +111,11 @@ def build_work(args, path: str) -> dict:
 def make_adapter(args, path: str, out: Path) -> dict:
     """A random rank --lora adapter on `path` (saved to out/adapter) and the same merged into it (out/merged)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                             target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
+    model = get_peft_model(model, rl_bench.peft_lora_config(args.lora, args.lora_alpha))
     g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():  # B = 0 at init would make the adapter a no-op: draw both A and B
         for name, p in model.named_parameters():
@@ -373,7 +360,7 @@ def main() -> None:
     names = process_names(engines, args.lora)
     from optsys.sources import resolve_source
 
-    path = resolve_source(model_name(args.model), seed=args.seed)  # built or dequantized (and cached) once, here
+    path = resolve_source(rl_bench.model_name(args.model), seed=args.seed)  # built or dequantized (cached) once
     work = build_work(args, path)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -396,7 +383,7 @@ def main() -> None:
     rows = table_rows(summary, greedy_agreement(variants))
     load_end = os.getloadavg()
     lengths = [len(x) for x in work["prompts"]]
-    print(f"\nmodel {model_name(args.model)}; {args.prompts} word problems (prompt tokens {min(lengths)}-"
+    print(f"\nmodel {rl_bench.model_name(args.model)}; {args.prompts} word problems (prompt tokens {min(lengths)}-"
           f"{max(lengths)}), greedy: {args.prompts} x 1, sampled: {args.prompts // args.group} x {args.group} at "
           f"T={args.temperature}; <= {args.max_new_tokens} new tokens; "
           f"{f'LoRA r={args.lora} ({adapter_params / 1e6:.2f}M params)' if args.lora else 'no adapter'}; "
@@ -406,7 +393,7 @@ def main() -> None:
     settings = {"args": vars(args), "processes": names, "variants": list(variants), "task": "word_problems",
                 "stop_token_ids": work["stop_token_ids"],
                 "prompt_tokens": lengths, "dtype": "float32", "adapter_params": adapter_params,
-                "lora_targets": LORA_TARGETS if args.lora else None,
+                "lora_targets": rl_bench.LORA_TARGETS if args.lora else None,
                 "engines": {"vllm": "optsys.rollout.vllm_engine.VLLMEngine (vLLM LLM in this process)",
                             "hf": "optsys.rollout.hf_engine.HFEngine (model.generate)"}}
     out = harness.write_result(args.out, script="bench/generation.py", settings=settings, threads=args.threads,
